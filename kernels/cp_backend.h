@@ -1,0 +1,147 @@
+/* cp_backend.h - the compute backend interface: one opaque handle, one call
+ * per operation. Every pointer argument is memory of the backend's device
+ * (host memory for the CPU backend), borrowed for the call only. Calls are
+ * ordered on the backend's stream; cp_backend_synchronize waits for them.
+ * Activations are fp32; weights may be any cp_dtype the backend supports. */
+#ifndef CP_BACKEND_H
+#define CP_BACKEND_H
+
+#include "cp_common.h"
+#include "cp_tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_backend *cp_backend_t;
+
+typedef enum cp_copy_kind {
+    CP_COPY_HOST_TO_DEVICE = 0,
+    CP_COPY_DEVICE_TO_HOST = 1,
+    CP_COPY_DEVICE_TO_DEVICE = 2,
+} cp_copy_kind;
+
+typedef enum cp_rope_mode {
+    CP_ROPE_INTERLEAVED = 0, /* rotate pairs (2i, 2i+1): GGUF llama-family weights */
+    CP_ROPE_HALF = 1,        /* rotate pairs (i, i + rot_dim/2): Hugging Face / NeoX */
+} cp_rope_mode;
+
+typedef struct cp_rope_params {
+    cp_rope_mode mode;
+    int head_dim;               /* elements per head */
+    int rot_dim;                /* leading elements of each head that rotate (<= head_dim, even) */
+    float theta;                /* frequency base, e.g. 10000 or 500000 */
+    float freq_scale;           /* linear position scaling (1 = none) */
+    const float *freq_factors;  /* optional [rot_dim/2]: angle_i /= freq_factors[i] (Llama 3.1
+                                   scaling); device memory; NULL for none */
+} cp_rope_params;
+
+/* Causal attention of a batch of query tokens over a paged KV cache.
+ * Cache layout per layer: [n_blocks][block_size][n_head_kv][head_dim] of
+ * kv_dtype (F32 or F16). Token t of the batch belongs to sequence
+ * seq_of_tok[t] (a row of block_tables) and sits at position pos_of_tok[t];
+ * it attends to cache positions 0..pos_of_tok[t] of its sequence, so the
+ * batch's own keys and values must be stored (cp_backend_kv_store) first.
+ * Query head h reads KV head h / (n_head / n_head_kv) (grouped-query). */
+typedef struct cp_attn_params {
+    int n_tok;
+    int n_head;
+    int n_head_kv;
+    int head_dim;
+    int block_size;
+    int max_blocks;             /* row length of block_tables */
+    float scale;                /* softmax scale, usually 1/sqrt(head_dim) */
+    cp_dtype kv_dtype;
+    const int32_t *seq_of_tok;  /* [n_tok] */
+    const int32_t *pos_of_tok;  /* [n_tok] */
+    const int32_t *block_tables;/* [n_seq][max_blocks] physical block ids */
+} cp_attn_params;
+
+typedef struct cp_sample_params {
+    float temperature;  /* <= 0: greedy (argmax, lowest index on ties) */
+    int top_k;          /* <= 0: off */
+    float top_p;        /* >= 1: off */
+    float min_p;        /* <= 0: off */
+} cp_sample_params;
+
+/* The CPU backend with n_threads workers (<= 0: the number of online cores).
+ * The fast paths (AVX2, AVX-512) are chosen from the CPU's features at run
+ * time; CP_CPU_FORCE_REF=1 in the environment selects the fp32 references. */
+cp_status cp_backend_cpu_init(int n_threads, cp_backend_t *out);
+
+/* Frees the backend and everything it allocated internally. NULL is a no-op. */
+void cp_backend_free(cp_backend_t be);
+
+const char *cp_backend_name(cp_backend_t be);
+cp_device cp_backend_device(cp_backend_t be);
+int cp_backend_n_threads(cp_backend_t be);
+
+/* Device memory. cp_backend_dealloc(be, NULL) is a no-op. */
+cp_status cp_backend_alloc(cp_backend_t be, size_t bytes, void **out);
+void cp_backend_dealloc(cp_backend_t be, void *p);
+cp_status cp_backend_copy(cp_backend_t be, void *dst, const void *src, size_t bytes, cp_copy_kind kind);
+cp_status cp_backend_memset(cp_backend_t be, void *dst, int value, size_t bytes);
+cp_status cp_backend_synchronize(cp_backend_t be);
+
+/* True when matmul/embed/dequantize accept weights of this dtype. */
+bool cp_backend_supports(cp_backend_t be, cp_dtype t);
+
+/* y[n][m] = x[n][k] . W^T (+ bias[m] when bias != NULL), W a 2-D tensor of
+ * m rows of k elements (w->ne[1] = m, w->ne[0] = k). x, y fp32, row-major,
+ * must not overlap. Quantized weights are used in place (activations are
+ * quantized to the matching 8-bit type for the dot products). */
+cp_status cp_backend_matmul(cp_backend_t be, const cp_tensor *w, const float *x, int n, float *y,
+                            const float *bias);
+
+/* out[i][:] = x[i][:] / rms(x[i][:]) * w[:], i < n, rows of dim. out may equal x. */
+cp_status cp_backend_rmsnorm(cp_backend_t be, float *out, const float *x, const float *w, int n,
+                             int dim, float eps);
+
+/* Rotates x[n_tok][n_head][head_dim] in place at positions pos[n_tok]. */
+cp_status cp_backend_rope(cp_backend_t be, float *x, const int32_t *pos, int n_tok, int n_head,
+                          const cp_rope_params *rp);
+
+/* Writes k, v ([n_tok][n_head_kv*head_dim] fp32) into the cache slots of
+ * their tokens (block_tables[seq][pos / block_size], pos % block_size). */
+cp_status cp_backend_kv_store(cp_backend_t be, const cp_attn_params *p, const float *k,
+                              const float *v, void *k_cache, void *v_cache);
+
+/* out[n_tok][n_head*head_dim] = softmax(q k^T * scale, causal) v. See cp_attn_params. */
+cp_status cp_backend_attention(cp_backend_t be, const cp_attn_params *p, const float *q,
+                               const void *k_cache, const void *v_cache, float *out);
+
+/* y = a + b, n elements. y may equal a or b. */
+cp_status cp_backend_add(cp_backend_t be, float *y, const float *a, const float *b, size_t n);
+
+/* out = silu(gate) * up, n elements. out may equal gate or up. */
+cp_status cp_backend_swiglu(cp_backend_t be, float *out, const float *gate, const float *up,
+                            size_t n);
+
+/* In-place softmax of n rows of dim. */
+cp_status cp_backend_softmax(cp_backend_t be, float *x, int n, int dim);
+
+/* out[i][:] = table row ids[i] as fp32 (table: 2-D, any supported dtype).
+ * Ids outside [0, rows) are CP_ERR_INVALID_ARG. */
+cp_status cp_backend_embed(cp_backend_t be, const cp_tensor *table, const int32_t *ids, int n,
+                           float *out);
+
+/* out[nrows][cols] = rows row0 .. row0+nrows-1 of w as fp32. */
+cp_status cp_backend_dequantize(cp_backend_t be, const cp_tensor *w, int64_t row0, int64_t nrows,
+                                float *out);
+
+/* Packs nrows rows of cols fp32 into dtype t (cols a multiple of its block). */
+cp_status cp_backend_quantize(cp_backend_t be, cp_dtype t, const float *x, int64_t nrows,
+                              int64_t cols, void *out);
+
+/* Picks one token per row of logits[n][vocab]; u[n] are uniform random
+ * numbers in [0, 1) (host memory), one per row, so the caller owns seeding;
+ * out[n] is host memory.
+ * Filters apply in the order top-k, top-p, min-p, after temperature. */
+cp_status cp_backend_sample(cp_backend_t be, const float *logits, int n, int vocab,
+                            const cp_sample_params *sp, const float *u, int32_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_BACKEND_H */

@@ -1,0 +1,93 @@
+/* cp_dtype.h - element types of tensors, including the GGUF block-quantized
+ * types, with their block geometry and scalar conversions. The numeric values
+ * equal GGUF's (ggml_type) so a GGUF tensor type maps to a cp_dtype as is. */
+#ifndef CP_DTYPE_H
+#define CP_DTYPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum cp_dtype {
+    CP_DTYPE_F32 = 0,
+    CP_DTYPE_F16 = 1,
+    CP_DTYPE_Q4_0 = 2,
+    CP_DTYPE_Q4_1 = 3,
+    CP_DTYPE_Q5_0 = 6,
+    CP_DTYPE_Q5_1 = 7,
+    CP_DTYPE_Q8_0 = 8,
+    CP_DTYPE_Q8_1 = 9,   /* activations only (dot products with Q4_1) */
+    CP_DTYPE_Q2_K = 10,
+    CP_DTYPE_Q3_K = 11,
+    CP_DTYPE_Q4_K = 12,
+    CP_DTYPE_Q5_K = 13,
+    CP_DTYPE_Q6_K = 14,
+    CP_DTYPE_Q8_K = 15,  /* activations only (dot products with K-quants) */
+    CP_DTYPE_I8 = 24,
+    CP_DTYPE_I16 = 25,
+    CP_DTYPE_I32 = 26,
+    CP_DTYPE_I64 = 27,
+    CP_DTYPE_F64 = 28,
+    CP_DTYPE_BF16 = 30,
+    CP_DTYPE_COUNT = 40, /* upper bound of the numeric values, not a type */
+} cp_dtype;
+
+#define CP_QK4_0 32
+#define CP_QK4_1 32
+#define CP_QK8_0 32
+#define CP_QK8_1 32
+#define CP_QK_K 256
+#define CP_K_SCALE_SIZE 12
+
+typedef uint16_t cp_fp16_t;
+typedef uint16_t cp_bf16_t;
+
+/* Block layouts, byte-identical to GGUF. */
+typedef struct { cp_fp16_t d; uint8_t qs[CP_QK4_0 / 2]; } cp_block_q4_0;          /* 18 B */
+typedef struct { cp_fp16_t d, m; uint8_t qs[CP_QK4_1 / 2]; } cp_block_q4_1;       /* 20 B */
+typedef struct { cp_fp16_t d; int8_t qs[CP_QK8_0]; } cp_block_q8_0;               /* 34 B */
+typedef struct { cp_fp16_t d, s; int8_t qs[CP_QK8_1]; } cp_block_q8_1;            /* 36 B; s = d*sum(qs) */
+typedef struct {
+    cp_fp16_t d, dmin;
+    uint8_t scales[CP_K_SCALE_SIZE]; /* 8 x (6-bit scale, 6-bit min) */
+    uint8_t qs[CP_QK_K / 2];
+} cp_block_q4_K;                                                                 /* 144 B */
+typedef struct {
+    uint8_t ql[CP_QK_K / 2];      /* low 4 bits */
+    uint8_t qh[CP_QK_K / 4];      /* high 2 bits */
+    int8_t scales[CP_QK_K / 16];  /* 8-bit scales of 16-element groups */
+    cp_fp16_t d;
+} cp_block_q6_K;                                                                 /* 210 B */
+typedef struct {
+    float d;
+    int8_t qs[CP_QK_K];
+    int16_t bsums[CP_QK_K / 16];  /* sums of groups of 16 */
+} cp_block_q8_K;                                                                 /* 292 B */
+
+/* Name as GGUF writes it ("F32", "Q4_K", ...) or NULL for an unknown value. */
+const char *cp_dtype_name(cp_dtype t);
+/* true when the value names a type this build knows the geometry of. */
+bool cp_dtype_known(int t);
+/* Elements per block (1 for scalar types), bytes per block. 0 if unknown. */
+int64_t cp_dtype_block_size(cp_dtype t);
+size_t cp_dtype_type_size(cp_dtype t);
+/* Bytes of a row of n elements; n must be a multiple of the block size. */
+size_t cp_dtype_row_size(cp_dtype t, int64_t n);
+/* true for the block-quantized types. */
+bool cp_dtype_is_quantized(cp_dtype t);
+
+/* fp16 / bf16 scalar conversions (round to nearest even). */
+float cp_fp16_to_fp32(cp_fp16_t h);
+cp_fp16_t cp_fp32_to_fp16(float f);
+float cp_bf16_to_fp32(cp_bf16_t h);
+cp_bf16_t cp_fp32_to_bf16(float f);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_DTYPE_H */

@@ -1,0 +1,852 @@
+/* backend_cpu.c - the CPU backend: its context (thread pool, workspace,
+ * vector primitives), the operation table and the threaded fast paths. Each
+ * op has a readable twin in ops_ref.c, used instead when CP_CPU_FORCE_REF=1.
+ * Calls on one backend must come from one thread at a time (one stream). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../cp_backend_impl.h"
+#include "cpu_quants.h"
+#include "cpu_ref.h"
+#include "threadpool.h"
+
+typedef struct cpu_backend {
+    struct cp_backend base; /* first: cp_backend_t points here */
+    int n_threads;
+    bool force_ref;
+    cp_threadpool *pool;
+    const cp_cpu_vec_ops *vec;
+    /* Scratch shared by the ops (quantized activations, per-thread
+     * attention/rope/sampling buffers). It only grows, so a steady decode
+     * loop allocates nothing after its first step. */
+    void *ws;
+    size_t ws_size;
+} cpu_backend;
+
+static cpu_backend *cpu_of(cp_backend_t be) { return (cpu_backend *)be; }
+
+static cp_status ws_reserve(cpu_backend *cpu, size_t bytes, void **out) {
+    if (bytes > cpu->ws_size) {
+        /* Round up so that slowly growing requests do not reallocate often. */
+        size_t want = bytes + bytes / 4 + 4096;
+        void *p = NULL;
+        CP_CHECK(cp_aligned_alloc(&p, want));
+        cp_aligned_free(cpu->ws);
+        cpu->ws = p;
+        cpu->ws_size = want;
+    }
+    *out = cpu->ws;
+    return CP_OK;
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* ---- portable vector primitives (used when AVX2 is not available) ------ */
+
+static float gen_dot_f32(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+static float gen_dot_f16(const float *a, const cp_fp16_t *b, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * cp_fp16_to_fp32(b[i]);
+    return s;
+}
+static void gen_axpy_f32(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+static void gen_axpy_f16(float *y, float a, const cp_fp16_t *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * cp_fp16_to_fp32(x[i]);
+}
+static void gen_scale(float *y, float a, int n) {
+    for (int i = 0; i < n; i++) y[i] *= a;
+}
+static float gen_sumsq(const float *x, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+static void gen_mul_scaled(float *out, const float *x, float s, const float *w, int n) {
+    for (int i = 0; i < n; i++) out[i] = x[i] * s * w[i];
+}
+static float gen_max(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > m) m = x[i];
+    return m;
+}
+static float gen_exp_sum(float *x, float m, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        s += x[i];
+    }
+    return s;
+}
+static void gen_add(float *y, const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+static void gen_swiglu(float *out, const float *gate, const float *up, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+static void gen_f32_to_f16(cp_fp16_t *dst, const float *src, int n) {
+    for (int i = 0; i < n; i++) dst[i] = cp_fp32_to_fp16(src[i]);
+}
+
+static const cp_cpu_vec_ops generic_ops = {
+    /* .name = */ "scalar",
+    /* .dot_f32 = */ gen_dot_f32,
+    /* .dot_f16 = */ gen_dot_f16,
+    /* .axpy_f32 = */ gen_axpy_f32,
+    /* .axpy_f16 = */ gen_axpy_f16,
+    /* .scale = */ gen_scale,
+    /* .sumsq = */ gen_sumsq,
+    /* .mul_scaled = */ gen_mul_scaled,
+    /* .max = */ gen_max,
+    /* .exp_sum = */ gen_exp_sum,
+    /* .add = */ gen_add,
+    /* .swiglu = */ gen_swiglu,
+    /* .f32_to_f16 = */ gen_f32_to_f16,
+};
+
+/* ---- splitting a range of work over the pool --------------------------- */
+
+typedef void (*range_fn)(void *ctx, size_t i0, size_t i1, int thread);
+
+struct range_job {
+    range_fn fn;
+    void *ctx;
+    size_t n, chunk;
+};
+
+static void range_task(void *vctx, int task, int thread) {
+    struct range_job *j = vctx;
+    size_t i0 = (size_t)task * j->chunk;
+    size_t i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
+    j->fn(j->ctx, i0, i1, thread);
+}
+
+/* Runs fn over [0, n) in chunks of at least min_chunk items, about four
+ * chunks per thread so that uneven threads still balance. Runs inline when
+ * the work is too small to be worth a hand-off. */
+static void parallel_range(cpu_backend *cpu, size_t n, size_t min_chunk, range_fn fn, void *ctx) {
+    if (n == 0) return;
+    size_t chunk = (n + (size_t)cpu->n_threads * 4 - 1) / ((size_t)cpu->n_threads * 4);
+    if (chunk < min_chunk) chunk = min_chunk;
+    if (cpu->n_threads == 1 || chunk >= n) {
+        fn(ctx, 0, n, 0);
+        return;
+    }
+    struct range_job j = {fn, ctx, n, chunk};
+    cp_threadpool_parallel_for(cpu->pool, (int)((n + chunk - 1) / chunk), range_task, &j);
+}
+
+/* ---- backend basics ----------------------------------------------------- */
+
+static void cpu_free(cp_backend_t be) {
+    cpu_backend *cpu = cpu_of(be);
+    cp_threadpool_free(cpu->pool);
+    cp_aligned_free(cpu->ws);
+    free(cpu);
+}
+
+static bool cpu_supports(cp_backend_t be, cp_dtype t) {
+    (void)be;
+    return cp_cpu_supports(t);
+}
+
+static cp_status cpu_alloc(cp_backend_t be, size_t bytes, void **out) {
+    (void)be;
+    return cp_aligned_alloc(out, bytes);
+}
+
+static void cpu_dealloc(cp_backend_t be, void *p) {
+    (void)be;
+    cp_aligned_free(p);
+}
+
+static cp_status cpu_copy(cp_backend_t be, void *dst, const void *src, size_t bytes,
+                          cp_copy_kind kind) {
+    (void)be;
+    (void)kind; /* host memory on both sides whatever the kind */
+    memmove(dst, src, bytes);
+    return CP_OK;
+}
+
+static cp_status cpu_memset(cp_backend_t be, void *dst, int value, size_t bytes) {
+    (void)be;
+    memset(dst, value, bytes);
+    return CP_OK;
+}
+
+static cp_status cpu_synchronize(cp_backend_t be) {
+    (void)be; /* every op has finished when it returns */
+    return CP_OK;
+}
+
+static int cpu_n_threads(cp_backend_t be) { return cpu_of(be)->n_threads; }
+
+/* ---- matmul ------------------------------------------------------------- */
+
+/* Weight rows per tile: a tile stays in L2 while every activation row of the
+ * batch is dotted with it (16 rows of a 4096-wide Q4_1 matrix are 40 KiB). */
+#define MM_TILE_ROWS 16
+
+struct mm_job {
+    cp_vec_dot_fn vec_dot;
+    const char *w;    /* [m] rows of w_stride bytes */
+    size_t w_stride;
+    const char *xq;   /* [n] activation rows of xq_stride bytes (vec_dot_type) */
+    size_t xq_stride;
+    int n;
+    int64_t k, m;
+    float *y;         /* [n][m] */
+    const float *bias;
+    const cp_cpu_type_traits *xtr; /* activation quantizer (quantize step) */
+    const float *x;
+    char *xq_out;
+};
+
+/* Every y[i][r] is one vec_dot of a fixed pair of rows, so the result does
+ * not depend on how rows are split over threads. */
+static void mm_rows(void *vctx, size_t r0, size_t r1, int thread) {
+    (void)thread;
+    const struct mm_job *j = vctx;
+    for (size_t t0 = r0; t0 < r1; t0 += MM_TILE_ROWS) {
+        size_t t1 = t0 + MM_TILE_ROWS < r1 ? t0 + MM_TILE_ROWS : r1;
+        for (int i = 0; i < j->n; i++) {
+            const char *xi = j->xq + (size_t)i * j->xq_stride;
+            float *yi = j->y + (size_t)i * (size_t)j->m;
+            for (size_t r = t0; r < t1; r++) {
+                float s;
+                j->vec_dot(j->k, &s, j->w + r * j->w_stride, xi);
+                yi[r] = j->bias ? s + j->bias[r] : s;
+            }
+        }
+    }
+}
+
+static void mm_quantize_rows(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct mm_job *j = vctx;
+    for (size_t i = i0; i < i1; i++)
+        j->xtr->from_float(j->x + i * (size_t)j->k, j->xq_out + i * j->xq_stride, j->k);
+}
+
+static cp_status cpu_matmul(cp_backend_t be, const cp_tensor *w, const float *x, int n, float *y,
+                            const float *bias) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_matmul_ref(w, x, n, y, bias);
+    const cp_cpu_type_traits *tr = cp_cpu_get_type_traits(w->dtype);
+    struct mm_job j;
+    j.vec_dot = tr->vec_dot;
+    j.w = w->data;
+    j.w_stride = w->nb[1];
+    j.n = n;
+    j.k = w->ne[0];
+    j.m = w->ne[1];
+    j.y = y;
+    j.bias = bias;
+    j.x = x;
+    if (tr->vec_dot_type == CP_DTYPE_F32) {
+        j.xq = (const char *)x;
+        j.xq_stride = (size_t)j.k * sizeof(float);
+    } else {
+        /* Quantize each activation row once; every weight row reuses it. */
+        j.xtr = cp_cpu_get_type_traits(tr->vec_dot_type);
+        if (!j.xtr || !j.xtr->from_float)
+            return CP_ERROR(CP_ERR_INTERNAL, "matmul: no quantizer for %s activations",
+                            cp_dtype_name(tr->vec_dot_type));
+        j.xq_stride = cp_dtype_row_size(tr->vec_dot_type, j.k);
+        if (j.xq_stride == 0)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "matmul: row length %lld does not fit %s blocks",
+                            (long long)j.k, cp_dtype_name(tr->vec_dot_type));
+        void *ws;
+        CP_CHECK(ws_reserve(cpu, j.xq_stride * (size_t)n, &ws));
+        j.xq_out = ws;
+        j.xq = ws;
+        parallel_range(cpu, (size_t)n, 4, mm_quantize_rows, &j);
+    }
+    /* Hand off only when a thread gets at least ~32k multiply-adds. */
+    size_t min_rows = (size_t)(32768 / ((int64_t)n * j.k) + 1);
+    parallel_range(cpu, (size_t)j.m, min_rows, mm_rows, &j);
+    return CP_OK;
+}
+
+/* ---- rmsnorm, softmax, add, swiglu --------------------------------------- */
+
+struct rows_job {
+    const cp_cpu_vec_ops *vec;
+    float *out;
+    const float *x, *w;
+    int dim;
+    float eps;
+};
+
+/* Sum of squares in fp32 (8-lane partial sums, so its error is far below
+ * the fp32 rounding of the output for any realistic dim). */
+static void rmsnorm_rows(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct rows_job *j = vctx;
+    for (size_t i = i0; i < i1; i++) {
+        const float *xi = j->x + i * (size_t)j->dim;
+        float ss = j->vec->sumsq(xi, j->dim);
+        float s = 1.0f / sqrtf(ss / (float)j->dim + j->eps);
+        j->vec->mul_scaled(j->out + i * (size_t)j->dim, xi, s, j->w, j->dim);
+    }
+}
+
+static cp_status cpu_rmsnorm(cp_backend_t be, float *out, const float *x, const float *w, int n,
+                             int dim, float eps) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_rmsnorm_ref(out, x, w, n, dim, eps);
+    struct rows_job j = {cpu->vec, out, x, w, dim, eps};
+    parallel_range(cpu, (size_t)n, (size_t)(16384 / dim + 1), rmsnorm_rows, &j);
+    return CP_OK;
+}
+
+static void softmax_rows(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct rows_job *j = vctx;
+    const int dim = j->dim;
+    for (size_t i = i0; i < i1; i++) {
+        float *xi = j->out + i * (size_t)dim;
+        float m = j->vec->max(xi, dim);
+        if (m == -INFINITY) { /* all -inf: the limit of equal logits */
+            for (int d = 0; d < dim; d++) xi[d] = 1.0f / (float)dim;
+            continue;
+        }
+        float sum = j->vec->exp_sum(xi, m, dim);
+        j->vec->scale(xi, 1.0f / sum, dim);
+    }
+}
+
+static cp_status cpu_softmax(cp_backend_t be, float *x, int n, int dim) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_softmax_ref(x, n, dim);
+    struct rows_job j = {cpu->vec, x, NULL, NULL, dim, 0.0f};
+    parallel_range(cpu, (size_t)n, (size_t)(16384 / dim + 1), softmax_rows, &j);
+    return CP_OK;
+}
+
+struct elem_job {
+    const cp_cpu_vec_ops *vec;
+    float *y;
+    const float *a, *b;
+};
+
+static void add_range(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct elem_job *j = vctx;
+    j->vec->add(j->y + i0, j->a + i0, j->b + i0, i1 - i0);
+}
+
+static void swiglu_range(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct elem_job *j = vctx;
+    j->vec->swiglu(j->y + i0, j->a + i0, j->b + i0, i1 - i0);
+}
+
+/* Element-wise ops are memory bound: split only large arrays. */
+#define ELEM_MIN_CHUNK 16384
+
+static cp_status cpu_add(cp_backend_t be, float *y, const float *a, const float *b, size_t n) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_add_ref(y, a, b, n);
+    struct elem_job j = {cpu->vec, y, a, b};
+    parallel_range(cpu, n, ELEM_MIN_CHUNK, add_range, &j);
+    return CP_OK;
+}
+
+static cp_status cpu_swiglu(cp_backend_t be, float *out, const float *gate, const float *up,
+                            size_t n) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_swiglu_ref(out, gate, up, n);
+    struct elem_job j = {cpu->vec, out, gate, up};
+    parallel_range(cpu, n, ELEM_MIN_CHUNK / 4, swiglu_range, &j);
+    return CP_OK;
+}
+
+/* ---- rope --------------------------------------------------------------- */
+
+struct rope_job {
+    float *x;
+    const int32_t *pos;
+    int n_head;
+    const cp_rope_params *rp;
+    const double *inv_freq; /* [rot_dim/2], freq_scale and freq_factors folded in */
+    float *cs;              /* per thread: [rot_dim/2] cos then [rot_dim/2] sin */
+    size_t cs_stride;       /* floats per thread */
+};
+
+/* Angles and their sin/cos in double (see cp_rope_ref), computed once per
+ * token and shared by its heads; the rotation itself is fp32. */
+static void rope_tokens(void *vctx, size_t t0, size_t t1, int thread) {
+    const struct rope_job *j = vctx;
+    const cp_rope_params *rp = j->rp;
+    const int half = rp->rot_dim / 2, hd = rp->head_dim;
+    float *c = j->cs + (size_t)thread * j->cs_stride, *s = c + half;
+    const int stride_a = rp->mode == CP_ROPE_INTERLEAVED ? 2 : 1;
+    const int off_b = rp->mode == CP_ROPE_INTERLEAVED ? 1 : half;
+    for (size_t t = t0; t < t1; t++) {
+        for (int i = 0; i < half; i++) {
+            double a = (double)j->pos[t] * j->inv_freq[i];
+            c[i] = (float)cos(a);
+            s[i] = (float)sin(a);
+        }
+        for (int h = 0; h < j->n_head; h++) {
+            float *xh = j->x + (t * (size_t)j->n_head + (size_t)h) * (size_t)hd;
+            for (int i = 0; i < half; i++) {
+                float *pa = xh + i * stride_a, *pb = pa + off_b;
+                float a = *pa, b = *pb;
+                *pa = a * c[i] - b * s[i];
+                *pb = a * s[i] + b * c[i];
+            }
+        }
+    }
+}
+
+static cp_status cpu_rope(cp_backend_t be, float *x, const int32_t *pos, int n_tok, int n_head,
+                          const cp_rope_params *rp) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_rope_ref(x, pos, n_tok, n_head, rp);
+    const int half = rp->rot_dim / 2;
+    struct rope_job j = {x, pos, n_head, rp, NULL, NULL, 0};
+    j.cs_stride = align64((size_t)2 * (size_t)half * sizeof(float)) / sizeof(float);
+    size_t if_bytes = align64((size_t)half * sizeof(double));
+    void *ws;
+    CP_CHECK(ws_reserve(cpu, if_bytes + (size_t)cpu->n_threads * j.cs_stride * sizeof(float), &ws));
+    double *inv_freq = ws;
+    for (int i = 0; i < half; i++) {
+        inv_freq[i] = (double)rp->freq_scale * pow((double)rp->theta, -2.0 * i / rp->rot_dim);
+        if (rp->freq_factors) inv_freq[i] /= rp->freq_factors[i];
+    }
+    j.inv_freq = inv_freq;
+    j.cs = (float *)((char *)ws + if_bytes);
+    parallel_range(cpu, (size_t)n_tok, (size_t)(4096 / ((size_t)n_head * (size_t)rp->head_dim) + 1),
+                   rope_tokens, &j);
+    return CP_OK;
+}
+
+/* ---- KV cache and attention --------------------------------------------- */
+
+/* Element offset of the cache row of (sequence seq, position pos, kv head). */
+static size_t kv_offset(const cp_attn_params *p, int seq, int pos, int kvh) {
+    int block = p->block_tables[(size_t)seq * (size_t)p->max_blocks + (size_t)(pos / p->block_size)];
+    size_t slot = (size_t)block * (size_t)p->block_size + (size_t)(pos % p->block_size);
+    return (slot * (size_t)p->n_head_kv + (size_t)kvh) * (size_t)p->head_dim;
+}
+
+static cp_status cpu_kv_store(cp_backend_t be, const cp_attn_params *p, const float *k,
+                              const float *v, void *k_cache, void *v_cache) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_kv_store_ref(p, k, v, k_cache, v_cache);
+    CP_CHECK(cp_cpu_check_tokens(p, "kv_store"));
+    const int hd = p->head_dim;
+    const size_t kv_dim = (size_t)p->n_head_kv * (size_t)hd;
+    for (int t = 0; t < p->n_tok; t++) {
+        /* The heads of one slot are contiguous in the cache as in k and v. */
+        size_t off = kv_offset(p, p->seq_of_tok[t], p->pos_of_tok[t], 0);
+        const float *kt = k + (size_t)t * kv_dim, *vt = v + (size_t)t * kv_dim;
+        if (p->kv_dtype == CP_DTYPE_F16) {
+            cpu->vec->f32_to_f16((cp_fp16_t *)k_cache + off, kt, (int)kv_dim);
+            cpu->vec->f32_to_f16((cp_fp16_t *)v_cache + off, vt, (int)kv_dim);
+        } else {
+            memcpy((float *)k_cache + off, kt, kv_dim * sizeof(float));
+            memcpy((float *)v_cache + off, vt, kv_dim * sizeof(float));
+        }
+    }
+    return CP_OK;
+}
+
+/* Keys scored per step of the streaming softmax: one rescale of the
+ * accumulators per chunk instead of per key, and exp over a whole chunk. */
+#define ATTN_CHUNK 64
+
+struct attn_job {
+    const cp_attn_params *p;
+    const cp_cpu_vec_ops *vec;
+    const float *q;
+    const void *k_cache, *v_cache;
+    float *out;
+    int n_rep;
+    float *scratch;          /* per thread: acc[n_rep][head_dim], s[n_rep][ATTN_CHUNK], m, l */
+    size_t scratch_stride;   /* floats per thread */
+};
+
+/* One task = one token and one KV head with the n_rep query heads that share
+ * it, so each key and value row is read once for the whole group. Streaming
+ * softmax in fp32: running max m, running sum l, accumulator rescaled by
+ * exp(m_old - m_new) when the max grows. */
+static void attn_task(void *vctx, int task, int thread) {
+    const struct attn_job *j = vctx;
+    const cp_attn_params *p = j->p;
+    const cp_cpu_vec_ops *vec = j->vec;
+    const int hd = p->head_dim, n_rep = j->n_rep;
+    const int t = task / p->n_head_kv, kvh = task % p->n_head_kv;
+    const int seq = p->seq_of_tok[t], n_ctx = p->pos_of_tok[t] + 1;
+    const bool f16 = p->kv_dtype == CP_DTYPE_F16;
+
+    float *acc = j->scratch + (size_t)thread * j->scratch_stride;
+    float *sc = acc + (size_t)n_rep * (size_t)hd;
+    float *mx = sc + (size_t)n_rep * ATTN_CHUNK;
+    float *sum = mx + n_rep;
+    const float *qg = j->q + ((size_t)t * (size_t)p->n_head + (size_t)kvh * (size_t)n_rep) * (size_t)hd;
+
+    memset(acc, 0, (size_t)n_rep * (size_t)hd * sizeof(float));
+    for (int r = 0; r < n_rep; r++) {
+        mx[r] = -INFINITY;
+        sum[r] = 0.0f;
+    }
+    for (int j0 = 0; j0 < n_ctx; j0 += ATTN_CHUNK) {
+        const int jn = n_ctx - j0 < ATTN_CHUNK ? n_ctx - j0 : ATTN_CHUNK;
+        for (int jj = 0; jj < jn; jj++) {
+            size_t off = kv_offset(p, seq, j0 + jj, kvh);
+            for (int r = 0; r < n_rep; r++) {
+                const float *qr = qg + (size_t)r * (size_t)hd;
+                float d = f16 ? vec->dot_f16(qr, (const cp_fp16_t *)j->k_cache + off, hd)
+                              : vec->dot_f32(qr, (const float *)j->k_cache + off, hd);
+                sc[r * ATTN_CHUNK + jj] = d * p->scale;
+            }
+        }
+        for (int r = 0; r < n_rep; r++) {
+            float *sr = sc + r * ATTN_CHUNK;
+            float cm = vec->max(sr, jn);
+            if (cm > mx[r]) {
+                /* exp(-inf) = 0 on the first chunk: acc and sum are 0 anyway. */
+                float corr = expf(mx[r] - cm);
+                if (corr != 1.0f) {
+                    vec->scale(acc + (size_t)r * (size_t)hd, corr, hd);
+                    sum[r] *= corr;
+                }
+                mx[r] = cm;
+            }
+            sum[r] += vec->exp_sum(sr, mx[r], jn);
+        }
+        for (int jj = 0; jj < jn; jj++) {
+            size_t off = kv_offset(p, seq, j0 + jj, kvh);
+            for (int r = 0; r < n_rep; r++) {
+                float *ar = acc + (size_t)r * (size_t)hd;
+                float w = sc[r * ATTN_CHUNK + jj];
+                if (f16) vec->axpy_f16(ar, w, (const cp_fp16_t *)j->v_cache + off, hd);
+                else vec->axpy_f32(ar, w, (const float *)j->v_cache + off, hd);
+            }
+        }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        float *o = j->out + ((size_t)t * (size_t)p->n_head + (size_t)kvh * (size_t)n_rep + (size_t)r) *
+                                (size_t)hd;
+        const float inv = 1.0f / sum[r];
+        const float *ar = acc + (size_t)r * (size_t)hd;
+        for (int d = 0; d < hd; d++) o[d] = ar[d] * inv;
+    }
+}
+
+static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const float *q,
+                               const void *k_cache, const void *v_cache, float *out) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_attention_ref(p, q, k_cache, v_cache, out);
+    CP_CHECK(cp_cpu_check_tokens(p, "attention"));
+    struct attn_job j;
+    j.p = p;
+    j.vec = cpu->vec;
+    j.q = q;
+    j.k_cache = k_cache;
+    j.v_cache = v_cache;
+    j.out = out;
+    j.n_rep = p->n_head / p->n_head_kv;
+    size_t floats = (size_t)j.n_rep * ((size_t)p->head_dim + ATTN_CHUNK + 2);
+    j.scratch_stride = align64(floats * sizeof(float)) / sizeof(float);
+    void *ws;
+    CP_CHECK(ws_reserve(cpu, (size_t)cpu->n_threads * j.scratch_stride * sizeof(float), &ws));
+    j.scratch = ws;
+    cp_threadpool_parallel_for(cpu->pool, p->n_tok * p->n_head_kv, attn_task, &j);
+    return CP_OK;
+}
+
+/* ---- embed, dequantize, quantize ----------------------------------------- */
+
+struct conv_job {
+    const cp_cpu_type_traits *tr;
+    const char *src;
+    size_t src_stride;
+    const int32_t *ids; /* NULL: rows row0 + i */
+    int64_t row0, cols;
+    float *out;
+    const float *in;
+    char *qout;
+    size_t qstride;
+};
+
+static void to_float_rows(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct conv_job *j = vctx;
+    for (size_t i = i0; i < i1; i++) {
+        int64_t row = j->ids ? j->ids[i] : j->row0 + (int64_t)i;
+        j->tr->to_float(j->src + (size_t)row * j->src_stride, j->out + i * (size_t)j->cols, j->cols);
+    }
+}
+
+static void from_float_rows(void *vctx, size_t i0, size_t i1, int thread) {
+    (void)thread;
+    const struct conv_job *j = vctx;
+    for (size_t i = i0; i < i1; i++)
+        j->tr->from_float_ref(j->in + i * (size_t)j->cols, j->qout + i * j->qstride, j->cols);
+}
+
+static cp_status cpu_embed(cp_backend_t be, const cp_tensor *table, const int32_t *ids, int n,
+                           float *out) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_embed_ref(table, ids, n, out);
+    CP_CHECK(cp_cpu_check_ids(table, ids, n));
+    struct conv_job j = {cp_cpu_get_type_traits(table->dtype), table->data, table->nb[1], ids, 0,
+                         table->ne[0], out, NULL, NULL, 0};
+    parallel_range(cpu, (size_t)n, (size_t)(65536 / j.cols + 1), to_float_rows, &j);
+    return CP_OK;
+}
+
+static cp_status cpu_dequantize(cp_backend_t be, const cp_tensor *w, int64_t row0, int64_t nrows,
+                                float *out) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_dequantize_ref(w, row0, nrows, out);
+    struct conv_job j = {cp_cpu_get_type_traits(w->dtype), w->data, w->nb[1], NULL, row0,
+                         w->ne[0], out, NULL, NULL, 0};
+    parallel_range(cpu, (size_t)nrows, (size_t)(65536 / j.cols + 1), to_float_rows, &j);
+    return CP_OK;
+}
+
+static cp_status cpu_quantize(cp_backend_t be, cp_dtype t, const float *x, int64_t nrows,
+                              int64_t cols, void *out) {
+    cpu_backend *cpu = cpu_of(be);
+    const cp_cpu_type_traits *tr = cp_cpu_get_type_traits(t);
+    if (cpu->force_ref || !tr || !tr->from_float_ref)
+        return cp_quantize_ref(t, x, nrows, cols, out); /* also reports the missing quantizer */
+    struct conv_job j = {tr, NULL, 0, NULL, 0, cols, NULL, x, out, cp_dtype_row_size(t, cols)};
+    parallel_range(cpu, (size_t)nrows, (size_t)(16384 / cols + 1), from_float_rows, &j);
+    return CP_OK;
+}
+
+/* ---- sampling ------------------------------------------------------------ */
+
+struct sample_job {
+    const float *logits;
+    int vocab;
+    const cp_sample_params *sp;
+    const float *u;
+    int32_t *out;
+    const cp_cpu_vec_ops *vec;
+    char *scratch;
+    size_t scratch_stride; /* bytes per thread */
+};
+
+/* Candidate a ranks before b: larger scaled logit, lower id on ties. */
+static bool ranks_before(const float *z, int32_t a, int32_t b) {
+    return z[a] > z[b] || (z[a] == z[b] && a < b);
+}
+
+/* Binary heap over id[0..n) (with prob[] moved alongside). first_on_top:
+ * the best-ranked candidate at the root (max-heap) or the worst (min-heap). */
+static void sift_down(int32_t *id, float *prob, int n, int i, const float *z, bool best_on_top) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, top = i;
+        if (best_on_top) {
+            if (l < n && ranks_before(z, id[l], id[top])) top = l;
+            if (r < n && ranks_before(z, id[r], id[top])) top = r;
+        } else {
+            if (l < n && ranks_before(z, id[top], id[l])) top = l;
+            if (r < n && ranks_before(z, id[top], id[r])) top = r;
+        }
+        if (top == i) return;
+        int32_t ti = id[i];
+        id[i] = id[top];
+        id[top] = ti;
+        if (prob) {
+            float tp = prob[i];
+            prob[i] = prob[top];
+            prob[top] = tp;
+        }
+        i = top;
+    }
+}
+
+static int32_t argmax_lowest(const cp_cpu_vec_ops *vec, const float *x, int n) {
+    float m = vec->max(x, n);
+    for (int i = 0; i < n; i++)
+        if (x[i] == m) return i;
+    return 0; /* only NaNs */
+}
+
+/* Same decisions as cp_sample_ref without sorting the vocabulary: top-k by a
+ * bounded min-heap (O(V log k)), then a max-heap over the candidates popped
+ * only as far as top-p, min-p or the draw needs (heap sort in place: the
+ * i-th best ends up at id[n-1-i]). */
+static void sample_row(void *vctx, int row, int thread) {
+    const struct sample_job *j = vctx;
+    const cp_sample_params *sp = j->sp;
+    const int V = j->vocab;
+    const float *l = j->logits + (size_t)row * (size_t)V;
+    if (sp->temperature <= 0.0f) {
+        j->out[row] = argmax_lowest(j->vec, l, V);
+        return;
+    }
+    char *base = j->scratch + (size_t)thread * j->scratch_stride;
+    float *z = (float *)base;
+    int32_t *id = (int32_t *)(base + align64((size_t)V * sizeof(float)));
+    float *prob = (float *)((char *)id + align64((size_t)V * sizeof(int32_t)));
+
+    for (int i = 0; i < V; i++) z[i] = l[i] / sp->temperature;
+    int n = V;
+    if (sp->top_k > 0 && sp->top_k < V) {
+        n = sp->top_k;
+        for (int i = 0; i < n; i++) id[i] = i;
+        for (int i = n / 2 - 1; i >= 0; i--) sift_down(id, NULL, n, i, z, false);
+        for (int i = n; i < V; i++) {
+            if (ranks_before(z, i, id[0])) {
+                id[0] = i;
+                sift_down(id, NULL, n, 0, z, false);
+            }
+        }
+    } else {
+        for (int i = 0; i < V; i++) id[i] = i;
+    }
+    int32_t best = id[0];
+    for (int i = 1; i < n; i++)
+        if (ranks_before(z, id[i], best)) best = id[i];
+    const float zmax = z[best];
+    if (!(zmax > -INFINITY) || zmax == INFINITY) { /* no finite distribution */
+        j->out[row] = best;
+        return;
+    }
+    /* Probabilities relative to the largest (which is exactly 1). */
+    double total = 0.0;
+    for (int i = 0; i < n; i++) {
+        prob[i] = expf(z[id[i]] - zmax);
+        total += prob[i];
+    }
+    for (int i = n / 2 - 1; i >= 0; i--) sift_down(id, prob, n, i, z, true);
+
+    const bool top_p = sp->top_p < 1.0f, min_p = sp->min_p > 0.0f;
+    int heap = n, kept = 0;
+    double cum = 0.0;
+    /* Pops the best remaining candidate to position n-1-kept. */
+#define POP()                                                                                      \
+    do {                                                                                           \
+        heap--;                                                                                    \
+        int32_t ti = id[0];                                                                        \
+        float tp = prob[0];                                                                        \
+        id[0] = id[heap];                                                                          \
+        prob[0] = prob[heap];                                                                      \
+        id[heap] = ti;                                                                             \
+        prob[heap] = tp;                                                                           \
+        sift_down(id, prob, heap, 0, z, true);                                                     \
+        kept++;                                                                                    \
+    } while (0)
+    if (top_p || min_p) {
+        const double need = (double)sp->top_p * total;
+        while (heap > 0) {
+            if (min_p && kept > 0 && prob[0] < sp->min_p) break;
+            POP();
+            cum += prob[n - kept];
+            if (top_p && cum >= need) break;
+        }
+        const double target = (double)j->u[row] * cum;
+        double c = 0.0;
+        int pick = kept - 1;
+        for (int i = 0; i < kept; i++) {
+            c += prob[n - 1 - i];
+            if (c > target) {
+                pick = i;
+                break;
+            }
+        }
+        j->out[row] = id[n - 1 - pick];
+    } else {
+        const double target = (double)j->u[row] * total;
+        while (heap > 0) {
+            POP();
+            cum += prob[n - kept];
+            if (cum > target) break;
+        }
+        j->out[row] = id[n - kept];
+    }
+#undef POP
+}
+
+static cp_status cpu_sample(cp_backend_t be, const float *logits, int n, int vocab,
+                            const cp_sample_params *sp, const float *u, int32_t *out) {
+    cpu_backend *cpu = cpu_of(be);
+    if (cpu->force_ref) return cp_sample_ref(logits, n, vocab, sp, u, out);
+    struct sample_job j = {logits, vocab, sp, u, out, cpu->vec, NULL, 0};
+    if (sp->temperature > 0.0f) {
+        j.scratch_stride = align64((size_t)vocab * 4) * 3;
+        int threads = n < cpu->n_threads ? n : cpu->n_threads;
+        void *ws;
+        CP_CHECK(ws_reserve(cpu, (size_t)threads * j.scratch_stride, &ws));
+        j.scratch = ws;
+    }
+    /* Rows are independent; a row of a large vocabulary is ~1 ms of work. */
+    if (n == 1) sample_row(&j, 0, 0);
+    else cp_threadpool_parallel_for(cpu->pool, n, sample_row, &j);
+    return CP_OK;
+}
+
+/* ---- construction ------------------------------------------------------- */
+
+static const struct cp_backend_i cpu_iface = {
+    /* .name = */ "cpu",
+    /* .device = */ CP_DEVICE_CPU,
+    /* .free = */ cpu_free,
+    /* .supports = */ cpu_supports,
+    /* .alloc = */ cpu_alloc,
+    /* .dealloc = */ cpu_dealloc,
+    /* .copy = */ cpu_copy,
+    /* .memset = */ cpu_memset,
+    /* .synchronize = */ cpu_synchronize,
+    /* .matmul = */ cpu_matmul,
+    /* .rmsnorm = */ cpu_rmsnorm,
+    /* .rope = */ cpu_rope,
+    /* .kv_store = */ cpu_kv_store,
+    /* .attention = */ cpu_attention,
+    /* .add = */ cpu_add,
+    /* .swiglu = */ cpu_swiglu,
+    /* .softmax = */ cpu_softmax,
+    /* .embed = */ cpu_embed,
+    /* .dequantize = */ cpu_dequantize,
+    /* .quantize = */ cpu_quantize,
+    /* .sample = */ cpu_sample,
+    /* .n_threads = */ cpu_n_threads,
+};
+
+/* Upper bound on the thread count, far above any socket's core count; it
+ * only guards against nonsense such as a negative sysconf result cast. */
+#define MAX_THREADS 1024
+
+cp_status cp_backend_cpu_init(int n_threads, cp_backend_t *out) {
+    cp_status st = CP_OK;
+    if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cpu backend: out is NULL");
+    *out = NULL;
+    if (n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (int)(n < MAX_THREADS ? n : MAX_THREADS) : 1;
+    }
+    if (n_threads > MAX_THREADS)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cpu backend: %d threads is more than the limit of %d",
+                        n_threads, MAX_THREADS);
+    cpu_backend *cpu = calloc(1, sizeof *cpu);
+    if (!cpu) return CP_ERROR(CP_ERR_OOM, "cpu backend: out of memory");
+    cpu->base.iface = cpu_iface;
+    cpu->n_threads = n_threads;
+    const char *env = getenv("CP_CPU_FORCE_REF");
+    cpu->force_ref = env && strcmp(env, "1") == 0;
+    cpu->vec = cp_cpu_vec_ops_avx2();
+    if (!cpu->vec || cpu->force_ref) cpu->vec = &generic_ops;
+    CP_CHECK_GOTO(cp_threadpool_init(n_threads, &cpu->pool), st, fail);
+    *out = &cpu->base;
+    return CP_OK;
+fail:
+    cpu_free(&cpu->base);
+    return st;
+}

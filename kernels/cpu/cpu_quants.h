@@ -1,0 +1,46 @@
+/* cpu_quants.h - per-dtype CPU routines: row conversion to and from fp32 and
+ * the dot product of a weight row with an activation row that was quantized
+ * to the weight type's partner (vec_dot_type), as GGUF engines do. Each
+ * routine has a readable reference (*_ref, no intrinsics) and a fast variant
+ * chosen once at start-up from the CPU's features (AVX2+FMA+F16C, AVX-512). */
+#ifndef CP_CPU_QUANTS_H
+#define CP_CPU_QUANTS_H
+
+#include "../cp_dtype.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* dst[0..n) = src row as fp32; n is a multiple of the block size. */
+typedef void (*cp_to_float_fn)(const void *src, float *dst, int64_t n);
+/* Packs n fp32 values into blocks of the type; n a multiple of the block size. */
+typedef void (*cp_from_float_fn)(const float *src, void *dst, int64_t n);
+/* *s = dot(x row of the weight type, y row of its vec_dot_type), n elements. */
+typedef void (*cp_vec_dot_fn)(int64_t n, float *s, const void *x, const void *y);
+
+typedef struct cp_cpu_type_traits {
+    cp_dtype type;
+    cp_dtype vec_dot_type;      /* the type activations are converted to: F32 for F32,
+                                   F16 for F16, BF16 for BF16, Q8_0 for Q4_0/Q8_0,
+                                   Q8_1 for Q4_1, Q8_K for Q4_K/Q6_K */
+    cp_to_float_fn to_float;    /* NULL for activation-only types */
+    cp_from_float_fn from_float_ref;
+    cp_from_float_fn from_float; /* fast variant (may equal the reference) */
+    cp_vec_dot_fn vec_dot_ref;   /* NULL for activation-only types */
+    cp_vec_dot_fn vec_dot;       /* fast variant */
+} cp_cpu_type_traits;
+
+/* The traits of t, or NULL when the CPU backend has no routines for it.
+ * Thread-safe; the first call detects the CPU features. With
+ * CP_CPU_FORCE_REF=1 in the environment the fast slots hold the references. */
+const cp_cpu_type_traits *cp_cpu_get_type_traits(cp_dtype t);
+
+/* The SIMD level in use: "avx512", "avx2" or "scalar". */
+const char *cp_cpu_simd_level(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_CPU_QUANTS_H */

@@ -1,0 +1,64 @@
+/* quants_simd.h - private to the CPU backend: the block layouts cp_dtype.h
+ * does not spell out (byte-identical to GGUF) and the SIMD variants of the
+ * quantization routines, which quants.c installs in the traits at run time. */
+#ifndef CP_CPU_QUANTS_SIMD_H
+#define CP_CPU_QUANTS_SIMD_H
+
+#include "cpu_quants.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    cp_fp16_t d;
+    uint8_t qh[4];
+    uint8_t qs[16];
+} cp_block_q5_0; /* 22 B */
+typedef struct {
+    cp_fp16_t d, m;
+    uint8_t qh[4];
+    uint8_t qs[16];
+} cp_block_q5_1; /* 24 B */
+typedef struct {
+    uint8_t scales[CP_QK_K / 16]; /* low nibble scale, high nibble min, per 16 */
+    uint8_t qs[CP_QK_K / 4];      /* 2-bit quants */
+    cp_fp16_t d, dmin;
+} cp_block_q2_K; /* 84 B */
+typedef struct {
+    uint8_t hmask[CP_QK_K / 8]; /* high bit of each quant (set: no -4 offset) */
+    uint8_t qs[CP_QK_K / 4];    /* low 2 bits */
+    uint8_t scales[12];         /* 16 x 6-bit scales, biased by 32 */
+    cp_fp16_t d;
+} cp_block_q3_K; /* 110 B */
+typedef struct {
+    cp_fp16_t d, dmin;
+    uint8_t scales[CP_K_SCALE_SIZE]; /* packed like Q4_K */
+    uint8_t qh[CP_QK_K / 8];         /* 5th bits */
+    uint8_t qs[CP_QK_K / 2];         /* low 4 bits */
+} cp_block_q5_K;                     /* 176 B */
+
+#ifdef CP_X86
+/* AVX2 + FMA + F16C variants (quants_avx2.c); same contracts as the slots of
+ * cp_cpu_type_traits. Call only when the CPU reports those features. */
+void cp_cpu_vec_dot_f32_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_f16_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_bf16_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q4_0_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q4_1_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q5_0_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q5_1_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q8_0_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q4_K_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q5_K_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_q6_K_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_quantize_q8_0_avx2(const float *x, void *y, int64_t n);
+void cp_cpu_quantize_q8_1_avx2(const float *x, void *y, int64_t n);
+void cp_cpu_quantize_q8_K_avx2(const float *x, void *y, int64_t n);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_CPU_QUANTS_SIMD_H */

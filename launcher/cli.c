@@ -1,0 +1,124 @@
+/* cli.c - option parsing for the cparallel subcommands. */
+#include "cli.h"
+
+#include "cp_common.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void cli_print_help(const char *cmd, const char *usage, const cli_opt *opts) {
+    printf("usage: cparallel %s %s\n\noptions:\n", cmd, usage);
+    for (const cli_opt *o = opts; o->name; o++) {
+        char left[64];
+        if (o->short_name)
+            snprintf(left, sizeof(left), "-%c, --%s%s%s", o->short_name, o->name, o->meta ? " " : "",
+                     o->meta ? o->meta : "");
+        else
+            snprintf(left, sizeof(left), "    --%s%s%s", o->name, o->meta ? " " : "", o->meta ? o->meta : "");
+        printf("  %-28s %s\n", left, o->help);
+    }
+    printf("  %-28s %s\n", "-h, --help", "show this help and exit");
+}
+
+static const cli_opt *find(const cli_opt *opts, const char *arg, const char **inline_val) {
+    *inline_val = NULL;
+    if (arg[0] == '-' && arg[1] == '-') {
+        const char *name = arg + 2;
+        const char *eq = strchr(name, '=');
+        size_t n = eq ? (size_t)(eq - name) : strlen(name);
+        for (const cli_opt *o = opts; o->name; o++)
+            if (strlen(o->name) == n && !strncmp(o->name, name, n)) {
+                if (eq) *inline_val = eq + 1;
+                return o;
+            }
+        return NULL;
+    }
+    if (arg[0] == '-' && arg[1] && !arg[2])
+        for (const cli_opt *o = opts; o->name; o++)
+            if (o->short_name == arg[1]) return o;
+    return NULL;
+}
+
+static int bad(const char *cmd, const char *fmt, const char *a, const char *b) {
+    fprintf(stderr, "cparallel %s: error: ", cmd);
+    fprintf(stderr, fmt, a, b);
+    fprintf(stderr, " (see 'cparallel %s --help')\n", cmd);
+    return 2;
+}
+
+int cli_parse(const char *cmd, const char *usage, const cli_opt *opts, int argc, char **argv,
+              int first) {
+    for (int i = first; i < argc; i++) {
+        const char *arg = argv[i];
+        if (!strcmp(arg, "-h") || !strcmp(arg, "--help")) {
+            cli_print_help(cmd, usage, opts);
+            return 1;
+        }
+        const char *val;
+        const cli_opt *o = find(opts, arg, &val);
+        if (!o) {
+            if (arg[0] == '-') return bad(cmd, "unknown option '%s'%s", arg, "");
+            return bad(cmd, "unexpected argument '%s'%s", arg, "");
+        }
+        if (o->kind == CLI_FLAG) {
+            if (val) return bad(cmd, "option '--%s' takes no value%s", o->name, "");
+            *(bool *)o->dst = true;
+            if (o->seen) *o->seen = true;
+            continue;
+        }
+        if (!val) {
+            if (i + 1 >= argc) return bad(cmd, "option '%s' needs a value%s", arg, "");
+            val = argv[++i];
+        }
+        char *end = NULL;
+        errno = 0;
+        switch (o->kind) {
+        case CLI_STR:
+            *(const char **)o->dst = val;
+            break;
+        case CLI_INT: {
+            long v = strtol(val, &end, 10);
+            if (!*val || *end || errno || (o->min <= o->max && (v < o->min || v > o->max)))
+                goto bad_value;
+            *(int *)o->dst = (int)v;
+            break;
+        }
+        case CLI_U64: {
+            if (*val == '-') goto bad_value;
+            unsigned long long v = strtoull(val, &end, 10);
+            if (!*val || *end || errno) goto bad_value;
+            *(uint64_t *)o->dst = (uint64_t)v;
+            break;
+        }
+        case CLI_FLOAT: {
+            double v = strtod(val, &end);
+            if (!*val || *end || errno || !isfinite(v) || (o->min <= o->max && (v < o->min || v > o->max)))
+                goto bad_value;
+            *(float *)o->dst = (float)v;
+            break;
+        }
+        default: break;
+        }
+        if (o->seen) *o->seen = true;
+        continue;
+    bad_value: {
+        char range[96] = "";
+        if (o->kind != CLI_STR && o->min <= o->max)
+            snprintf(range, sizeof(range), " (expected %s from %g to %g)",
+                     o->kind == CLI_FLOAT ? "a number" : "an integer", o->min, o->max);
+        else if (o->kind == CLI_U64)
+            snprintf(range, sizeof(range), " (expected a non-negative integer)");
+        fprintf(stderr, "cparallel %s: error: invalid value '%s' for --%s%s\n", cmd, val, o->name, range);
+        return 2;
+    }
+    }
+    return 0;
+}
+
+void cli_report_error(const char *what) {
+    const char *d = cp_last_error_detail();
+    fprintf(stderr, "cparallel: error: %s%s%s\n", what ? what : "", what && *d ? ": " : "", d);
+}

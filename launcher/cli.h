@@ -1,0 +1,35 @@
+/* cli.h - table-driven option parsing shared by the subcommands: long and
+ * short options, typed values with range checks, and --help text generated
+ * from the same table, so an unknown option or a bad value is always one
+ * clear line and exit code 2. */
+#ifndef CP_CLI_H
+#define CP_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef enum cli_kind { CLI_FLAG, CLI_STR, CLI_INT, CLI_FLOAT, CLI_U64 } cli_kind;
+
+typedef struct cli_opt {
+    const char *name;   /* long name without "--" */
+    char short_name;    /* 0 for none */
+    cli_kind kind;
+    void *dst;          /* bool*, const char**, int*, float*, uint64_t* */
+    double min, max;    /* inclusive range for numbers (ignored when min > max) */
+    const char *meta;   /* value placeholder in help, e.g. "N" */
+    const char *help;
+    bool *seen;         /* optional: set when the option was given */
+} cli_opt;
+
+/* Parses argv[first..argc) against opts (terminated by a zeroed entry).
+ * Returns 0 on success, 1 when --help was printed, 2 on a usage error
+ * (message already printed to stderr). Positional arguments are errors. */
+int cli_parse(const char *cmd, const char *usage, const cli_opt *opts, int argc, char **argv,
+              int first);
+
+void cli_print_help(const char *cmd, const char *usage, const cli_opt *opts);
+
+/* Prints "cparallel: error: <detail of the last runtime error>" to stderr. */
+void cli_report_error(const char *what);
+
+#endif /* CP_CLI_H */

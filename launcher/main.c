@@ -1,0 +1,321 @@
+/* main.c - the cparallel command line: parses the subcommand and its
+ * options, builds the engine through the runtime API, and turns statuses
+ * into exit codes (0 ok, 1 runtime error, 2 usage error). */
+#include "cli.h"
+#include "cp_gguf.h"
+#include "cp_runtime.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CP_MAX_PROMPT_FILE (64u << 20)
+
+static const char *VERSION = "0.1.0";
+
+/* ---- load progress on stderr ------------------------------------------- */
+
+typedef struct progress_state {
+    bool tty;
+    int last;
+} progress_state;
+
+static void on_progress(void *user, size_t done, size_t total) {
+    progress_state *p = user;
+    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
+    if (p->tty) {
+        if (pct != p->last) fprintf(stderr, "\rloading model: %3d%% (%.1f / %.1f MB)", pct, done / 1e6, total / 1e6);
+        if (pct >= 100 && p->last < 100) fputc('\n', stderr);
+    } else if (pct / 25 != p->last / 25 || (pct >= 100 && p->last < 100)) {
+        fprintf(stderr, "loading model: %d%% (%.1f / %.1f MB)\n", pct, done / 1e6, total / 1e6);
+    }
+    p->last = pct;
+}
+
+static int read_file(const char *path, char **out) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "cparallel: error: cannot open prompt file '%s'\n", path);
+        return 1;
+    }
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (!buf) break;
+        if (n + 1 >= cap) {
+            if (cap >= CP_MAX_PROMPT_FILE) {
+                fprintf(stderr, "cparallel: error: prompt file '%s' is larger than %u MB\n", path,
+                        CP_MAX_PROMPT_FILE >> 20);
+                free(buf);
+                fclose(f);
+                return 1;
+            }
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) { free(buf); buf = NULL; break; }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t r = fread(buf + n, 1, cap - 1 - n, f);
+        n += r;
+        if (r == 0) break;
+    }
+    fclose(f);
+    if (!buf) {
+        fprintf(stderr, "cparallel: error: out of memory reading '%s'\n", path);
+        return 1;
+    }
+    buf[n] = '\0';
+    *out = buf;
+    return 0;
+}
+
+/* ---- generate ----------------------------------------------------------- */
+
+static bool print_token(void *user, int32_t token, const char *piece, size_t len) {
+    (void)user;
+    (void)token;
+    fwrite(piece, 1, len, stdout);
+    fflush(stdout);
+    return true;
+}
+
+static int cmd_generate(int argc, char **argv) {
+    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL;
+    bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
+    bool template_system = false;
+    int n = 256, threads = 0, ctx = 0, top_k = 40;
+    float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
+    uint64_t seed = 0;
+    const cli_opt opts[] = {
+        {"model", 'm', CLI_STR, &model, 0, -1, "PATH", "GGUF file or Hugging Face model directory (required)", NULL},
+        {"prompt", 'p', CLI_STR, &prompt, 0, -1, "TEXT", "prompt text", NULL},
+        {"prompt-file", 'f', CLI_STR, &prompt_file, 0, -1, "FILE", "read the prompt from FILE", NULL},
+        {"chat", 0, CLI_FLAG, &chat, 0, -1, NULL, "wrap the prompt as a user message in the model's chat template", NULL},
+        {"system", 0, CLI_STR, &system, 0, -1, "TEXT", "system message for --chat", NULL},
+        {"template-system", 0, CLI_FLAG, &template_system, 0, -1, NULL,
+         "with --chat and no --system, insert the default system message the template contains", NULL},
+        {"n-predict", 'n', CLI_INT, &n, 0, 1 << 20, "N", "tokens to generate (default 256; 0 = until end or context full)", NULL},
+        {"temperature", 't', CLI_FLOAT, &temperature, 0, 100, "T", "sampling temperature, 0 = greedy (default 0.8)", NULL},
+        {"top-k", 0, CLI_INT, &top_k, 0, 1 << 24, "K", "keep the K most likely tokens, 0 = off (default 40)", NULL},
+        {"top-p", 0, CLI_FLOAT, &top_p, 0, 1, "P", "nucleus sampling mass, 1 = off (default 0.95)", NULL},
+        {"min-p", 0, CLI_FLOAT, &min_p, 0, 1, "P", "drop tokens below P x the top probability, 0 = off (default 0.05)", NULL},
+        {"seed", 's', CLI_U64, &seed, 0, -1, "S", "random seed (default: from the system)", &seed_seen},
+        {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads (default: all cores)", NULL},
+        {"ctx-size", 'c', CLI_INT, &ctx, 1, 1 << 24, "N", "context length in tokens (default: min(model's, 4096))", NULL},
+        {"ignore-eos", 0, CLI_FLAG, &ignore_eos, 0, -1, NULL, "keep generating past end-of-text tokens (benchmarks)", NULL},
+        {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
+        {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
+        {0},
+    };
+    const char *usage = "--model PATH (--prompt TEXT | --prompt-file FILE) [options]";
+    int rc = cli_parse("generate", usage, opts, argc, argv, 2);
+    if (rc) return rc == 1 ? 0 : rc;
+    if (!model) {
+        fprintf(stderr, "cparallel generate: error: --model is required (see 'cparallel generate --help')\n");
+        return 2;
+    }
+    if (!prompt == !prompt_file) {
+        fprintf(stderr, "cparallel generate: error: give exactly one of --prompt and --prompt-file\n");
+        return 2;
+    }
+    if ((system || template_system) && !chat) {
+        fprintf(stderr, "cparallel generate: error: --%s needs --chat\n", system ? "system" : "template-system");
+        return 2;
+    }
+    char *file_text = NULL;
+    if (prompt_file) {
+        if (read_file(prompt_file, &file_text)) return 1;
+        prompt = file_text;
+    }
+    if (!seed_seen) {
+        FILE *r = fopen("/dev/urandom", "rb");
+        if (!r || fread(&seed, sizeof(seed), 1, r) != 1) seed = (uint64_t)(cp_time_now() * 1e9);
+        if (r) fclose(r);
+    }
+
+    progress_state ps = {isatty(2), -1};
+    cp_engine_opts eo = {
+        .model_path = model,
+        .n_threads = threads,
+        .n_ctx = ctx,
+        .n_seq = 1,
+        .kv_f32 = kv_f32,
+        .progress = no_progress ? NULL : on_progress,
+        .progress_user = &ps,
+    };
+    cp_engine_t e = NULL;
+    char *text = NULL;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    rc = 1;
+    if (cp_engine_init(&eo, &e) != CP_OK) {
+        cli_report_error("cannot load the model");
+        goto out;
+    }
+    cp_tokenizer_t tok = cp_engine_tokenizer(e);
+    const char *input = prompt;
+    if (chat) {
+        cp_chat_msg msgs[2];
+        size_t nm = 0;
+        if (system) msgs[nm++] = (cp_chat_msg){"system", system};
+        msgs[nm++] = (cp_chat_msg){"user", prompt};
+        unsigned flags = CP_CHAT_GENERATION_PROMPT | (template_system ? CP_CHAT_TEMPLATE_SYSTEM : 0u);
+        if (cp_tokenizer_apply_chat(tok, msgs, nm, flags, &text) != CP_OK) {
+            cli_report_error("cannot apply the chat template");
+            goto out;
+        }
+        input = text;
+    }
+    /* special tokens in the text are parsed only for the template's own markup */
+    if (cp_tokenizer_encode(tok, input, strlen(input), true, chat, &ids, &n_ids) != CP_OK) {
+        cli_report_error("cannot tokenize the prompt");
+        goto out;
+    }
+    cp_gen_params gp = {
+        .sample = {.temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = min_p},
+        .seed = seed,
+        .max_tokens = n,
+        .ignore_eos = ignore_eos,
+    };
+    cp_gen_stats gs;
+    if (!chat) fwrite(prompt, 1, strlen(prompt), stdout);
+    fflush(stdout);
+    if (cp_engine_generate(e, ids, (int)n_ids, &gp, print_token, NULL, &gs) != CP_OK) {
+        fputc('\n', stdout);
+        cli_report_error("generation failed");
+        goto out;
+    }
+    fputc('\n', stdout);
+    fflush(stdout);
+    int n_dec = gs.n_gen > 0 ? gs.n_gen - 1 : 0; /* the first token comes from the prefill */
+    fprintf(stderr,
+            "cparallel: prefill %d tokens in %.2f ms (%.2f tok/s), decode %d tokens in %.2f ms "
+            "(%.2f tok/s)\n",
+            gs.n_prompt, gs.prefill_s * 1e3, gs.prefill_s > 0 ? gs.n_prompt / gs.prefill_s : 0.0, n_dec,
+            gs.decode_s * 1e3, gs.decode_s > 0 ? n_dec / gs.decode_s : 0.0);
+    rc = 0;
+out:
+    free(ids);
+    free(text);
+    free(file_text);
+    cp_engine_free(e);
+    return rc;
+}
+
+/* ---- inspect ------------------------------------------------------------ */
+
+static int cmd_inspect(int argc, char **argv) {
+    const char *model = NULL;
+    bool tensors = false;
+    const cli_opt opts[] = {
+        {"model", 'm', CLI_STR, &model, 0, -1, "PATH", "GGUF file or Hugging Face model directory (required)", NULL},
+        {"tensors", 0, CLI_FLAG, &tensors, 0, -1, NULL, "also list every tensor", NULL},
+        {0},
+    };
+    int rc = cli_parse("inspect", "--model PATH [--tensors]", opts, argc, argv, 2);
+    if (rc) return rc == 1 ? 0 : rc;
+    if (!model) {
+        fprintf(stderr, "cparallel inspect: error: --model is required (see 'cparallel inspect --help')\n");
+        return 2;
+    }
+    cp_backend_t be = NULL;
+    cp_model_t m = NULL;
+    cp_tokenizer_t tok = NULL;
+    rc = 1;
+    if (cp_backend_cpu_init(1, &be) != CP_OK) {
+        cli_report_error(NULL);
+        goto out;
+    }
+    cp_model_load_opts lo = {.backend = be};
+    if (cp_model_load(model, &lo, &m) != CP_OK) {
+        cli_report_error("cannot load the model");
+        goto out;
+    }
+    const cp_model_config *c = cp_model_get_config(m);
+    cp_model_stats s;
+    cp_model_get_stats(m, &s);
+    printf("model:           %s\n", model);
+    printf("name:            %s\n", c->name[0] ? c->name : "(none)");
+    printf("architecture:    %s\n", c->arch);
+    printf("parameters:      %lld (%.1f M)\n", (long long)s.n_params, s.n_params / 1e6);
+    printf("weight bytes:    %zu (%.1f MB, %.2f bits per weight)\n", s.weight_bytes, s.weight_bytes / 1e6,
+           s.n_params ? 8.0 * (double)s.weight_bytes / (double)s.n_params : 0.0);
+    printf("layers:          %d\n", c->n_layer);
+    printf("hidden size:     %d\n", c->dim);
+    printf("heads:           %d query, %d key/value, head size %d\n", c->n_head, c->n_head_kv, c->head_dim);
+    printf("ffn size:        %d\n", c->ffn_dim);
+    printf("vocabulary:      %d\n", c->n_vocab);
+    printf("context length:  %d\n", c->ctx_train);
+    printf("rope:            %s, theta %g, %d dims, scale %g%s\n",
+           c->rope_mode == CP_ROPE_HALF ? "half-split" : "interleaved", (double)c->rope_theta, c->rot_dim,
+           (double)c->rope_freq_scale, c->rope_llama3_factor > 0 ? ", llama3 scaling" : "");
+    printf("rms epsilon:     %g\n", (double)c->norm_eps);
+    printf("tied embeddings: %s\n", c->tied_embeddings ? "yes" : "no");
+    printf("qkv bias:        %s\n", c->qkv_bias ? "yes" : "no");
+    printf("tensor types:\n");
+    for (int t = 0; t < CP_DTYPE_COUNT; t++)
+        if (s.count_by_dtype[t])
+            printf("  %-6s %4lld tensors %12zu bytes\n", cp_dtype_name((cp_dtype)t),
+                   (long long)s.count_by_dtype[t], s.bytes_by_dtype[t]);
+    cp_gguf_t g = cp_model_gguf(m);
+    if (g) {
+        printf("file:            GGUF v%u, %zu bytes, %lld tensors, %lld metadata keys\n", cp_gguf_version(g),
+               cp_gguf_file_size(g), (long long)cp_gguf_n_tensors(g), (long long)cp_gguf_n_kv(g));
+        if (cp_tokenizer_init_gguf(g, &tok) == CP_OK) {
+            char tm[32] = "?";
+            cp_gguf_get_str_buf(g, "tokenizer.ggml.model", tm, sizeof(tm));
+            printf("tokenizer:       %s, %d tokens, bos %d, eos %d\n", tm, cp_tokenizer_n_vocab(tok),
+                   cp_tokenizer_bos(tok), cp_tokenizer_eos(tok));
+        } else {
+            printf("tokenizer:       unusable (%s)\n", cp_last_error_detail());
+        }
+        if (tensors)
+            for (int64_t i = 0; i < cp_gguf_n_tensors(g); i++) {
+                const cp_weight_info *w = cp_gguf_tensor(g, i);
+                printf("  %-32s %-5s [%lld, %lld, %lld, %lld] %zu bytes\n", w->name, cp_dtype_name(w->dtype),
+                       (long long)w->ne[0], (long long)w->ne[1], (long long)w->ne[2], (long long)w->ne[3],
+                       w->nbytes);
+            }
+    }
+    rc = 0;
+out:
+    cp_tokenizer_free(tok);
+    cp_model_free(m);
+    cp_backend_free(be);
+    return rc;
+}
+
+/* ---- main --------------------------------------------------------------- */
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "cparallel %s - serve and run large language models across ranks\n\n"
+            "usage: cparallel <command> [options]\n\n"
+            "commands:\n"
+            "  generate   generate text from a prompt\n"
+            "  inspect    print a model's architecture, size and tensor types\n"
+            "  version    print the version\n\n"
+            "'cparallel <command> --help' describes each command's options.\n",
+            VERSION);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
+    if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
+        printf("cparallel %s\n", VERSION);
+        return 0;
+    }
+    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "cparallel: error: unknown command '%s' (see 'cparallel --help')\n", cmd);
+    return 2;
+}

@@ -1,0 +1,103 @@
+/* cp_model.h - a Llama-family model bound to a backend: its configuration,
+ * its weights (borrowed from the mapped file when the backend is the CPU,
+ * copied to device memory otherwise), the paged KV cache and the forward
+ * pass over a batch of tokens from many sequences. */
+#ifndef CP_MODEL_H
+#define CP_MODEL_H
+
+#include "cp_backend.h"
+#include "cp_model_config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_model *cp_model_t;
+typedef struct cp_kv_cache *cp_kv_cache_t;
+
+typedef struct cp_model_load_opts {
+    cp_backend_t backend;     /* borrowed; must outlive the model */
+    /* Called with (bytes done, bytes total) while weights are read; NULL ok. */
+    void (*progress)(void *user, size_t done, size_t total);
+    void *progress_user;
+} cp_model_load_opts;
+
+/* Loads a model from a GGUF file or from a Hugging Face directory
+ * (config.json + *.safetensors). Weight shapes are checked against the
+ * configuration; the message names the first offending tensor.
+ * Errors: CP_ERR_IO, CP_ERR_FORMAT, CP_ERR_UNSUPPORTED, CP_ERR_OOM. */
+cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_model_t *out);
+void cp_model_free(cp_model_t m);
+
+const cp_model_config *cp_model_get_config(cp_model_t m);
+cp_backend_t cp_model_backend(cp_model_t m);
+/* The GGUF handle when the model came from a GGUF file, else NULL (borrowed). */
+struct cp_gguf *cp_model_gguf(cp_model_t m);
+/* Path the model was loaded from (borrowed). */
+const char *cp_model_path(cp_model_t m);
+
+typedef struct cp_model_stats {
+    int64_t n_params;            /* elements of all weight tensors */
+    size_t weight_bytes;         /* bytes of all weight tensors as stored */
+    int64_t count_by_dtype[CP_DTYPE_COUNT];   /* tensors per dtype */
+    size_t bytes_by_dtype[CP_DTYPE_COUNT];
+} cp_model_stats;
+void cp_model_get_stats(cp_model_t m, cp_model_stats *s);
+
+/* ---- paged KV cache -------------------------------------------------- */
+
+typedef struct cp_kv_cache_opts {
+    int n_blocks;      /* physical blocks of block_size tokens (all layers) */
+    int block_size;    /* tokens per block, e.g. 16 */
+    cp_dtype dtype;    /* CP_DTYPE_F32 or CP_DTYPE_F16 */
+} cp_kv_cache_opts;
+
+/* Allocates K and V for every layer on the model's backend. */
+cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *opts, cp_kv_cache_t *out);
+void cp_kv_cache_free(cp_kv_cache_t kv);
+int cp_kv_cache_block_size(cp_kv_cache_t kv);
+int cp_kv_cache_n_blocks(cp_kv_cache_t kv);
+int cp_kv_cache_n_free(cp_kv_cache_t kv);
+size_t cp_kv_cache_bytes(cp_kv_cache_t kv);
+/* Takes n free blocks (ids written to out); CP_ERR_OOM when fewer are free,
+ * in which case nothing is taken. */
+cp_status cp_kv_cache_alloc_blocks(cp_kv_cache_t kv, int n, int32_t *out);
+/* Takes one more reference to a block (prefix sharing). */
+void cp_kv_cache_retain_block(cp_kv_cache_t kv, int32_t id);
+/* Drops a reference; the block is free again when none remain. */
+void cp_kv_cache_release_blocks(cp_kv_cache_t kv, const int32_t *ids, int n);
+
+/* ---- forward pass ----------------------------------------------------- */
+
+/* A batch of tokens, each of some sequence at some position. All arrays are
+ * host memory, borrowed for the call. Every position 0..pos[t] of token t's
+ * sequence must already be in the cache or in this batch, and the blocks
+ * covering pos[t] must be in its block-table row. */
+typedef struct cp_batch {
+    int n_tok;
+    const int32_t *tokens;       /* [n_tok] */
+    const int32_t *pos;          /* [n_tok] */
+    const int32_t *seq;          /* [n_tok] row of block_tables */
+    const int32_t *block_tables; /* [n_seq][max_blocks] */
+    int n_seq;
+    int max_blocks;
+    /* Rows whose logits are wanted, ascending indices into the batch. */
+    const int32_t *logit_rows;
+    int n_logits;
+} cp_batch;
+
+/* Runs the batch through every layer, writes K/V into the cache and the
+ * logits of the requested rows to logits[n_logits][n_vocab] (host memory).
+ * Batches larger than the model's scratch capacity are processed in chunks.
+ * Errors: CP_ERR_INVALID_ARG for a token id, position or block id out of
+ * range (named in the message). */
+cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits);
+
+/* Largest number of tokens one internal chunk of cp_model_forward takes. */
+int cp_model_max_batch(cp_model_t m);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_MODEL_H */

@@ -1,0 +1,90 @@
+/* cp_runtime.h - the runtime's public API for front ends (the CLI, the HTTP
+ * server): an engine owns a backend, a model, its tokenizer and a paged KV
+ * cache, and generates text for a prompt with seeded sampling. */
+#ifndef CP_RUNTIME_H
+#define CP_RUNTIME_H
+
+#include "cp_backend.h"
+#include "cp_model.h"
+#include "cp_tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_engine *cp_engine_t;
+
+typedef struct cp_engine_opts {
+    const char *model_path;    /* GGUF file or Hugging Face directory */
+    int n_threads;             /* CPU threads; <= 0: all online cores */
+    int n_ctx;                 /* tokens of context per sequence; <= 0: min(training context, 4096) */
+    int n_seq;                 /* sequences the KV cache is sized for (>= 1) */
+    int kv_block_size;         /* tokens per KV block; <= 0: 16 */
+    bool kv_f32;               /* store K/V in fp32 instead of the default fp16 */
+    void (*progress)(void *user, size_t done, size_t total);
+    void *progress_user;
+} cp_engine_opts;
+
+/* Loads the model and tokenizer, allocates the KV cache. Errors as
+ * cp_model_load, plus CP_ERR_INVALID_ARG for bad options. */
+cp_status cp_engine_init(const cp_engine_opts *opts, cp_engine_t *out);
+void cp_engine_free(cp_engine_t e);
+
+cp_model_t cp_engine_model(cp_engine_t e);
+cp_tokenizer_t cp_engine_tokenizer(cp_engine_t e);
+cp_backend_t cp_engine_backend(cp_engine_t e);
+int cp_engine_n_ctx(cp_engine_t e);
+
+/* A small, fast, seedable generator (xoshiro256**) for sampling. */
+typedef struct cp_rng {
+    uint64_t s[4];
+} cp_rng;
+void cp_rng_seed(cp_rng *r, uint64_t seed);
+uint64_t cp_rng_next(cp_rng *r);
+/* Uniform in [0, 1) with 24 random bits. */
+float cp_rng_uniform(cp_rng *r);
+
+typedef enum cp_stop_reason {
+    CP_STOP_NONE = 0,
+    CP_STOP_EOS,        /* the model produced an end-of-generation token */
+    CP_STOP_LENGTH,     /* max_tokens reached */
+    CP_STOP_CONTEXT,    /* the context is full */
+    CP_STOP_CALLBACK,   /* the token callback asked to stop */
+} cp_stop_reason;
+
+typedef struct cp_gen_params {
+    cp_sample_params sample;
+    uint64_t seed;
+    int max_tokens;     /* tokens to generate; <= 0: until EOS or the context is full */
+    bool ignore_eos;    /* keep going past end-of-generation tokens (benchmarks) */
+} cp_gen_params;
+
+typedef struct cp_gen_stats {
+    int n_prompt;
+    int n_gen;
+    double prefill_s;   /* seconds from start to the first token's logits */
+    double decode_s;    /* seconds spent on the following decode steps */
+    cp_stop_reason stop;
+} cp_gen_stats;
+
+/* Called for each generated token with its text (bytes; a multi-byte UTF-8
+ * character may be split across calls). Return false to stop. */
+typedef bool (*cp_token_cb)(void *user, int32_t token, const char *piece, size_t len);
+
+/* Generates a continuation of prompt[n_prompt] (token ids) for one
+ * sequence. End-of-generation tokens are not passed to cb.
+ * Errors: CP_ERR_INVALID_ARG when the prompt is empty or longer than the
+ * context (the message gives both lengths), backend errors. */
+cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
+                             const cp_gen_params *p, cp_token_cb cb, void *user,
+                             cp_gen_stats *stats);
+
+/* Runs prompt[n] through the model and writes the logits of every position
+ * to logits[n][n_vocab] (host memory), for evaluation and tests. */
+cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_RUNTIME_H */

@@ -1,0 +1,87 @@
+/* model_impl.h - the layout of cp_model and cp_kv_cache shared by the
+ * loader (model.c), the KV cache (kv_cache.c) and the forward pass
+ * (forward.c). Private to runtime/. */
+#ifndef CP_MODEL_IMPL_H
+#define CP_MODEL_IMPL_H
+
+#include "cp_gguf.h"
+#include "cp_model.h"
+
+#define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend */
+
+typedef struct cp_layer_weights {
+    float *attn_norm;           /* [dim] */
+    cp_tensor wq, wk, wv, wo;   /* [q_dim][dim], [kv_dim][dim] x2, [dim][q_dim] */
+    float *bq, *bk, *bv;        /* [q_dim], [kv_dim], [kv_dim] or NULL */
+    float *ffn_norm;            /* [dim] */
+    cp_tensor w_gate, w_up;     /* [ffn][dim] */
+    cp_tensor w_down;           /* [dim][ffn] */
+} cp_layer_weights;
+
+typedef struct cp_model_weights {
+    cp_tensor tok_embd;         /* [vocab][dim] */
+    cp_tensor output;           /* [vocab][dim]; equals tok_embd when tied */
+    float *out_norm;            /* [dim] */
+    float *rope_freqs;          /* [rot_dim/2] or NULL */
+    cp_layer_weights *layers;   /* [n_layer] */
+} cp_model_weights;
+
+/* Activations of one chunk of at most max_batch tokens, carved from one
+ * backend allocation. */
+typedef struct cp_scratch {
+    float *x;      /* [T][dim] residual stream */
+    float *xb;     /* [T][dim] normed input */
+    float *q;      /* [T][q_dim] */
+    float *k, *v;  /* [T][kv_dim] */
+    float *att;    /* [T][max(q_dim, ffn)] attention output, then gate */
+    float *up;     /* [T][ffn] */
+    float *proj;   /* [T][dim] */
+    int32_t *tokens, *pos, *seq, *rows; /* [T] device copies of the batch */
+} cp_scratch;
+
+struct cp_model {
+    cp_backend_t be;
+    char *path;
+    cp_model_config cfg;
+    cp_model_weights w;
+    cp_model_stats stats;
+    cp_gguf_t gguf;
+    /* non-GGUF sources: lookup by GGUF-convention name */
+    const cp_weight_info *(*find)(void *ctx, const char *name);
+    void *find_ctx;
+    void (*hf_close)(void *ctx);
+    void **owned;       /* device allocations made for weights */
+    int n_owned, cap_owned;
+    size_t total_bytes, loaded_bytes;
+    int max_batch;
+    void *scratch;
+    size_t scratch_bytes;
+    cp_scratch s;
+    void *tables;       /* device copy of the block tables (device backends) */
+    size_t tables_bytes;
+    float *logits;      /* [LOGIT_CHUNK][vocab] (device backends) */
+};
+
+struct cp_kv_cache {
+    cp_model_t model;
+    int n_blocks, block_size;
+    cp_dtype dtype;
+    size_t layer_bytes;   /* bytes of K (or V) of one layer */
+    void *mem;            /* one allocation: K of every layer, then V of every layer */
+    int32_t *refs;        /* [n_blocks] reference counts (host) */
+    int32_t *free_list;   /* [n_blocks] stack of free ids (host) */
+    int n_free;
+};
+
+/* Opens a Hugging Face model directory (config.json + safetensors) and sets
+ * m->cfg, m->find, m->find_ctx, m->hf_close and m->total_bytes. */
+cp_status cp_model_open_hf(cp_model_t m, const char *dir);
+
+static inline void *cp_kv_layer_k(cp_kv_cache_t kv, int l) {
+    return (char *)kv->mem + (size_t)l * kv->layer_bytes;
+}
+static inline void *cp_kv_layer_v(cp_kv_cache_t kv, int l) {
+    return (char *)kv->mem + ((size_t)kv->model->cfg.n_layer + (size_t)l) * kv->layer_bytes;
+}
+
+#endif /* CP_MODEL_IMPL_H */

@@ -1,0 +1,185 @@
+// test_cli.cc - the cparallel executable as a user runs it: the real model
+// answers a question, inspect describes it, and bad options or bad files
+// give one clear line and a non-zero exit code, never a crash.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <regex>
+#include <string>
+
+namespace {
+
+struct Result {
+    int code = -1;      // exit code, or 128 + signal
+    std::string out, err;
+};
+
+std::string slurp(const std::string &path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// Runs cparallel with args (a shell-quoted string).
+Result run(const std::string &args) {
+    const char *bin = getenv("CP_CPARALLEL");
+    std::string exe = bin ? bin : std::string(CP_BINARY_DIR) + "/cparallel";
+    // per-process names: ctest runs tests of this file concurrently
+    std::string dir = ::testing::TempDir() + "cli_" + std::to_string(getpid()) + "_";
+    std::string out = dir + "out.txt", err = dir + "err.txt";
+    std::string cmd = exe + " " + args + " >" + out + " 2>" + err + " </dev/null";
+    int st = system(cmd.c_str());
+    Result r;
+    if (WIFEXITED(st)) r.code = WEXITSTATUS(st);
+    else if (WIFSIGNALED(st)) r.code = 128 + WTERMSIG(st);
+    r.out = slurp(out);
+    r.err = slurp(err);
+    return r;
+}
+
+std::string model() {
+    const char *m = getenv("CP_TEST_MODEL");
+    return m ? m : "";
+}
+
+bool have_model() {
+    std::ifstream f(model());
+    return f.good();
+}
+
+int count_lines(const std::string &s) {
+    int n = 0;
+    for (char c : s) n += c == '\n';
+    return n;
+}
+
+TEST(Cli, HelpAndVersion) {
+    Result r = run("--help");
+    EXPECT_EQ(r.code, 0);
+    EXPECT_NE(r.out.find("generate"), std::string::npos);
+    r = run("generate --help");
+    EXPECT_EQ(r.code, 0);
+    EXPECT_NE(r.out.find("--temperature"), std::string::npos);
+    EXPECT_NE(r.out.find("--top-p"), std::string::npos);
+    r = run("inspect --help");
+    EXPECT_EQ(r.code, 0);
+    r = run("version");
+    EXPECT_EQ(r.code, 0);
+    EXPECT_NE(r.out.find("cparallel"), std::string::npos);
+}
+
+TEST(Cli, UsageErrorsAreOneClearLine) {
+    struct {
+        const char *args, *expect;
+    } cases[] = {
+        {"", "usage"},
+        {"frobnicate", "unknown command 'frobnicate'"},
+        {"generate --bogus", "unknown option '--bogus'"},
+        {"generate --prompt hi", "--model is required"},
+        {"generate --model m.gguf", "exactly one of --prompt and --prompt-file"},
+        {"generate --model m.gguf --prompt hi --temperature abc", "invalid value 'abc' for --temperature"},
+        {"generate --model m.gguf --prompt hi --temperature -1", "invalid value '-1' for --temperature"},
+        {"generate --model m.gguf --prompt hi --top-p 1.5", "invalid value '1.5' for --top-p"},
+        {"generate --model m.gguf --prompt hi -n 12x", "invalid value '12x' for --n-predict"},
+        {"generate --model m.gguf --prompt hi --threads 0", "invalid value '0' for --threads"},
+        {"generate --model m.gguf --prompt hi --seed -3", "invalid value '-3' for --seed"},
+        {"generate --model m.gguf --prompt hi --system x", "--system needs --chat"},
+        {"generate --model m.gguf --prompt", "needs a value"},
+        {"generate --model m.gguf --prompt hi --chat=yes", "takes no value"},
+        {"inspect", "--model is required"},
+        {"inspect --model m.gguf extra", "unexpected argument 'extra'"},
+    };
+    for (auto &c : cases) {
+        Result r = run(c.args);
+        EXPECT_EQ(r.code, 2) << c.args << "\n" << r.err;
+        EXPECT_NE(r.err.find(c.expect), std::string::npos) << c.args << "\nstderr: " << r.err;
+        if (*c.args) EXPECT_EQ(count_lines(r.err), 1) << c.args << "\nstderr: " << r.err;
+    }
+}
+
+TEST(Cli, BadModelFilesFailCleanly) {
+    std::string dir = ::testing::TempDir() + std::to_string(getpid()) + "_";
+    {
+        Result r = run("generate --model /nonexistent/x.gguf --prompt hi");
+        EXPECT_EQ(r.code, 1);
+        EXPECT_NE(r.err.find("cannot open model file '/nonexistent/x.gguf'"), std::string::npos) << r.err;
+    }
+    {
+        std::string p = dir + "text.gguf";
+        std::ofstream(p) << "this is not a model file, just some text that is long enough\n";
+        Result r = run("inspect --model " + p);
+        EXPECT_EQ(r.code, 1);
+        EXPECT_NE(r.err.find("not a GGUF file"), std::string::npos) << r.err;
+    }
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    // every cut of the real file is reported, never a crash
+    std::string full = slurp(model());
+    for (size_t cut : {size_t(10), size_t(4096), size_t(3 << 20), full.size() / 2, full.size() - 1}) {
+        std::string p = dir + "cut.gguf";
+        std::ofstream(p, std::ios::binary).write(full.data(), (std::streamsize)cut);
+        Result r = run("generate --no-progress --model " + p + " --prompt hi");
+        EXPECT_EQ(r.code, 1) << "cut at " << cut << ": " << r.err;
+        EXPECT_TRUE(r.err.find("truncated") != std::string::npos ||
+                    r.err.find("not a GGUF file") != std::string::npos)
+            << "cut at " << cut << ": " << r.err;
+        EXPECT_EQ(count_lines(r.err), 1) << r.err;
+    }
+}
+
+TEST(Cli, PromptLongerThanContextIsAnError) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result r = run("generate --no-progress --model " + model() +
+                   " --ctx-size 16 --prompt 'one two three four five six seven eight nine ten eleven twelve "
+                   "thirteen fourteen fifteen sixteen seventeen eighteen'");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("context holds 16"), std::string::npos) << r.err;
+}
+
+TEST(Cli, InspectDescribesTheDefaultModel) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result r = run("inspect --model " + model());
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_NE(r.out.find("architecture:    llama"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("layers:          30"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("9 query, 3 key/value"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("Q4_1"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("Q8_0"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("tokenizer:       gpt2, 49152 tokens"), std::string::npos) << r.out;
+    // 134.5 M parameters in SmolLM2-135M
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(r.out, m, std::regex("parameters:\\s+(\\d+)")));
+    EXPECT_EQ(std::stoll(m[1]), 134515008);
+}
+
+TEST(Cli, ChatAnswersTheCapitalOfFrance) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result r = run("generate --model " + model() +
+                   " --chat --prompt 'What is the capital of France?' --temperature 0 -n 24 --threads 2");
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_NE(r.out.find("Paris"), std::string::npos) << r.out;
+    EXPECT_NE(r.err.find("loading model: 100%"), std::string::npos) << r.err;
+    std::regex stats("cparallel: prefill (\\d+) tokens in [0-9.]+ ms \\([0-9.]+ tok/s\\), decode (\\d+) tokens in "
+                     "[0-9.]+ ms \\([0-9.]+ tok/s\\)");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(r.err, m, stats)) << r.err;
+    EXPECT_EQ(std::stoi(m[1]), 16);  // <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
+}
+
+TEST(Cli, SeededSamplingIsReproducible) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    std::string args = "generate --no-progress --model " + model() +
+                       " --prompt 'Once upon a time' --temperature 0.9 --top-k 50 --top-p 0.9 --seed 1234 -n 24";
+    Result a = run(args), b = run(args);
+    ASSERT_EQ(a.code, 0) << a.err;
+    ASSERT_EQ(b.code, 0) << b.err;
+    EXPECT_EQ(a.out, b.out);
+    Result c = run("generate --no-progress --model " + model() +
+                   " --prompt 'Once upon a time' --temperature 0.9 --top-k 50 --top-p 0.9 --seed 99 -n 24");
+    ASSERT_EQ(c.code, 0);
+    EXPECT_NE(a.out, c.out) << "different seeds gave the same 24 sampled tokens";
+}
+
+}  // namespace
