@@ -2,7 +2,10 @@
  * per operation. Every pointer argument is memory of the backend's device
  * (host memory for the CPU backend), borrowed for the call only. Calls are
  * ordered on the backend's stream; cp_backend_synchronize waits for them.
- * Activations are fp32; weights may be any cp_dtype the backend supports. */
+ * Activations are fp32; weights may be any cp_dtype the backend supports.
+ * A backend is not thread-safe: its workspace is shared by all operations,
+ * so one backend is called from one thread at a time (each engine owns its
+ * own). */
 #ifndef CP_BACKEND_H
 #define CP_BACKEND_H
 

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #define CP_MAX_PROMPT_FILE (64u << 20)
@@ -70,6 +71,18 @@ static int read_file(const char *path, char **out) {
     return 0;
 }
 
+/* A weight type by its GGUF name, any case. */
+static bool parse_dtype(const char *s, cp_dtype *out) {
+    static const cp_dtype ok[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q8_0,
+                                  CP_DTYPE_Q4_0, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K};
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+        if (!strcasecmp(s, cp_dtype_name(ok[i]))) {
+            *out = ok[i];
+            return true;
+        }
+    return false;
+}
+
 /* ---- generate ----------------------------------------------------------- */
 
 static bool print_token(void *user, int32_t token, const char *piece, size_t len) {
@@ -81,7 +94,7 @@ static bool print_token(void *user, int32_t token, const char *piece, size_t len
 }
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL;
+    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false;
     int n = 256, threads = 0, ctx = 0, top_k = 40;
@@ -105,6 +118,7 @@ static int cmd_generate(int argc, char **argv) {
         {"ctx-size", 'c', CLI_INT, &ctx, 1, 1 << 24, "N", "context length in tokens (default: min(model's, 4096))", NULL},
         {"ignore-eos", 0, CLI_FLAG, &ignore_eos, 0, -1, NULL, "keep generating past end-of-text tokens (benchmarks)", NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
+        {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", "convert weights at load to f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k", NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
         {0},
     };
@@ -121,6 +135,11 @@ static int cmd_generate(int argc, char **argv) {
     }
     if ((system || template_system) && !chat) {
         fprintf(stderr, "cparallel generate: error: --%s needs --chat\n", system ? "system" : "template-system");
+        return 2;
+    }
+    cp_dtype convert_dtype = CP_DTYPE_F32;
+    if (convert && !parse_dtype(convert, &convert_dtype)) {
+        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --convert (expected f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k)\n", convert);
         return 2;
     }
     char *file_text = NULL;
@@ -141,6 +160,8 @@ static int cmd_generate(int argc, char **argv) {
         .n_ctx = ctx,
         .n_seq = 1,
         .kv_f32 = kv_f32,
+        .convert_weights = convert != NULL,
+        .weight_dtype = convert_dtype,
         .progress = no_progress ? NULL : on_progress,
         .progress_user = &ps,
     };

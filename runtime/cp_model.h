@@ -17,6 +17,11 @@ typedef struct cp_kv_cache *cp_kv_cache_t;
 
 typedef struct cp_model_load_opts {
     cp_backend_t backend;     /* borrowed; must outlive the model */
+    /* When convert is set, every matrix weight is converted at load time to
+     * convert_dtype (F32, F16, BF16 or a block type the backend can write),
+     * e.g. to run a quantized file unquantized. */
+    bool convert;
+    cp_dtype convert_dtype;
     /* Called with (bytes done, bytes total) while weights are read; NULL ok. */
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;

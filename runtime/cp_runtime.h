@@ -21,6 +21,8 @@ typedef struct cp_engine_opts {
     int n_seq;                 /* sequences the KV cache is sized for (>= 1) */
     int kv_block_size;         /* tokens per KV block; <= 0: 16 */
     bool kv_f32;               /* store K/V in fp32 instead of the default fp16 */
+    bool convert_weights;      /* convert every matrix weight to weight_dtype at load */
+    cp_dtype weight_dtype;
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;
 } cp_engine_opts;

@@ -77,7 +77,11 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
     if (!e) return CP_ERROR(CP_ERR_OOM, "out of memory");
     cp_status st;
     CP_CHECK_GOTO(cp_backend_cpu_init(o->n_threads, &e->be), st, fail);
-    cp_model_load_opts lo = {.backend = e->be, .progress = o->progress, .progress_user = o->progress_user};
+    cp_model_load_opts lo = {.backend = e->be,
+                             .convert = o->convert_weights,
+                             .convert_dtype = o->weight_dtype,
+                             .progress = o->progress,
+                             .progress_user = o->progress_user};
     CP_CHECK_GOTO(cp_model_load(o->model_path, &lo, &e->model), st, fail);
     CP_CHECK_GOTO(load_tokenizer(e, o->model_path), st, fail);
     const cp_model_config *c = cp_model_get_config(e->model);

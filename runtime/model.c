@@ -79,6 +79,46 @@ static void progress(cp_model_t m, const cp_model_load_opts *o, size_t add) {
     if (o && o->progress) o->progress(o->progress_user, m->loaded_bytes, m->total_bytes);
 }
 
+/* Converts a [rows][cols] weight to dtype t row by row through fp32 on the
+ * host (the CPU backend's dequantize/quantize), placing the result on the
+ * model's backend. */
+static cp_status convert_matrix(cp_model_t m, const cp_weight_info *w, const char *name, int64_t rows,
+                                int64_t cols, cp_dtype t, cp_tensor *out) {
+    if (cols % cp_dtype_block_size(t) != 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cannot convert '%s' to %s: %lld columns are not whole blocks", name,
+                        cp_dtype_name(t), (long long)cols);
+    cp_backend_t host = NULL;
+    float *row = NULL;
+    void *dst = NULL;
+    cp_status st;
+    size_t row_bytes = cp_dtype_row_size(t, cols);
+    CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, fail);
+    if (!cp_backend_supports(host, t) || !cp_backend_supports(host, w->dtype)) {
+        st = CP_ERROR(CP_ERR_UNSUPPORTED, "cannot convert '%s' from %s to %s", name, cp_dtype_name(w->dtype),
+                      cp_dtype_name(t));
+        goto fail;
+    }
+    row = malloc((size_t)cols * sizeof(float));
+    dst = malloc(row_bytes * (size_t)rows);
+    if (!row || !dst) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
+        goto fail;
+    }
+    cp_tensor src = cp_tensor_2d(w->dtype, rows, cols, (void *)w->data);
+    for (int64_t r = 0; r < rows; r++) {
+        CP_CHECK_GOTO(cp_backend_dequantize(host, &src, r, 1, row), st, fail);
+        CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, cols, (char *)dst + (size_t)r * row_bytes), st, fail);
+    }
+    *out = cp_tensor_2d(t, rows, cols, NULL);
+    CP_CHECK_GOTO(place(m, dst, row_bytes * (size_t)rows, &out->data), st, fail);
+    out->device = cp_backend_device(m->be);
+fail:
+    free(row);
+    free(dst);
+    cp_backend_free(host);
+    return st;
+}
+
 /* A matrix weight of shape [rows][cols] in its stored dtype. */
 static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const char *name,
                             int64_t rows, int64_t cols, bool optional, cp_tensor *out) {
@@ -98,6 +138,11 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
         return CP_ERROR(CP_ERR_UNSUPPORTED, "tensor '%s' has type %s, which the %s backend cannot use",
                         name, cp_dtype_name(w->dtype), cp_backend_name(m->be));
     account(m, w);
+    if (o && o->convert && o->convert_dtype != w->dtype) {
+        CP_CHECK(convert_matrix(m, w, name, rows, cols, o->convert_dtype, out));
+        progress(m, o, w->nbytes);
+        return CP_OK;
+    }
     *out = cp_tensor_2d(w->dtype, rows, cols, (void *)w->data);
     /* files with unpadded headers can leave data unaligned: kernels get an
      * aligned copy rather than misaligned typed loads */

@@ -25,7 +25,9 @@ typedef struct cpu_backend {
     size_t ws_size;
 } cpu_backend;
 
-static cpu_backend *cpu_of(cp_backend_t be) { return (cpu_backend *)be; }
+static cpu_backend *cpu_of(cp_backend_t be) {
+    return (cpu_backend *)be;
+}
 
 static cp_status ws_reserve(cpu_backend *cpu, size_t bytes, void **out) {
     if (bytes > cpu->ws_size) {
@@ -41,36 +43,45 @@ static cp_status ws_reserve(cpu_backend *cpu, size_t bytes, void **out) {
     return CP_OK;
 }
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+static size_t align64(size_t n) {
+    return (n + 63) & ~(size_t)63;
+}
 
 /* ---- portable vector primitives (used when AVX2 is not available) ------ */
 
 static float gen_dot_f32(const float *a, const float *b, int n) {
     float s = 0.0f;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    for (int i = 0; i < n; i++)
+        s += a[i] * b[i];
     return s;
 }
 static float gen_dot_f16(const float *a, const cp_fp16_t *b, int n) {
     float s = 0.0f;
-    for (int i = 0; i < n; i++) s += a[i] * cp_fp16_to_fp32(b[i]);
+    for (int i = 0; i < n; i++)
+        s += a[i] * cp_fp16_to_fp32(b[i]);
     return s;
 }
 static void gen_axpy_f32(float *y, float a, const float *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
+    for (int i = 0; i < n; i++)
+        y[i] += a * x[i];
 }
 static void gen_axpy_f16(float *y, float a, const cp_fp16_t *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * cp_fp16_to_fp32(x[i]);
+    for (int i = 0; i < n; i++)
+        y[i] += a * cp_fp16_to_fp32(x[i]);
 }
 static void gen_scale(float *y, float a, int n) {
-    for (int i = 0; i < n; i++) y[i] *= a;
+    for (int i = 0; i < n; i++)
+        y[i] *= a;
 }
 static float gen_sumsq(const float *x, int n) {
     float s = 0.0f;
-    for (int i = 0; i < n; i++) s += x[i] * x[i];
+    for (int i = 0; i < n; i++)
+        s += x[i] * x[i];
     return s;
 }
 static void gen_mul_scaled(float *out, const float *x, float s, const float *w, int n) {
-    for (int i = 0; i < n; i++) out[i] = x[i] * s * w[i];
+    for (int i = 0; i < n; i++)
+        out[i] = x[i] * s * w[i];
 }
 static float gen_max(const float *x, int n) {
     float m = x[0];
@@ -87,13 +98,26 @@ static float gen_exp_sum(float *x, float m, int n) {
     return s;
 }
 static void gen_add(float *y, const float *a, const float *b, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+    for (size_t i = 0; i < n; i++)
+        y[i] = a[i] + b[i];
 }
 static void gen_swiglu(float *out, const float *gate, const float *up, size_t n) {
-    for (size_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    for (size_t i = 0; i < n; i++)
+        out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 static void gen_f32_to_f16(cp_fp16_t *dst, const float *src, int n) {
-    for (int i = 0; i < n; i++) dst[i] = cp_fp32_to_fp16(src[i]);
+    for (int i = 0; i < n; i++)
+        dst[i] = cp_fp32_to_fp16(src[i]);
+}
+
+static void gen_div(float *y, const float *x, float d, int n) {
+    for (int i = 0; i < n; i++)
+        y[i] = x[i] / d;
+}
+static int gen_first_greater(const float *x, int n, float t) {
+    for (int i = 0; i < n; i++)
+        if (x[i] > t) return i;
+    return n;
 }
 
 static const cp_cpu_vec_ops generic_ops = {
@@ -110,7 +134,13 @@ static const cp_cpu_vec_ops generic_ops = {
     /* .add = */ gen_add,
     /* .swiglu = */ gen_swiglu,
     /* .f32_to_f16 = */ gen_f32_to_f16,
+    /* .div = */ gen_div,
+    /* .first_greater = */ gen_first_greater,
 };
+
+const cp_cpu_vec_ops *cp_cpu_vec_ops_generic(void) {
+    return &generic_ops;
+}
 
 /* ---- splitting a range of work over the pool --------------------------- */
 
@@ -187,7 +217,9 @@ static cp_status cpu_synchronize(cp_backend_t be) {
     return CP_OK;
 }
 
-static int cpu_n_threads(cp_backend_t be) { return cpu_of(be)->n_threads; }
+static int cpu_n_threads(cp_backend_t be) {
+    return cpu_of(be)->n_threads;
+}
 
 /* ---- matmul ------------------------------------------------------------- */
 
@@ -197,13 +229,13 @@ static int cpu_n_threads(cp_backend_t be) { return cpu_of(be)->n_threads; }
 
 struct mm_job {
     cp_vec_dot_fn vec_dot;
-    const char *w;    /* [m] rows of w_stride bytes */
+    const char *w; /* [m] rows of w_stride bytes */
     size_t w_stride;
-    const char *xq;   /* [n] activation rows of xq_stride bytes (vec_dot_type) */
+    const char *xq; /* [n] activation rows of xq_stride bytes (vec_dot_type) */
     size_t xq_stride;
     int n;
     int64_t k, m;
-    float *y;         /* [n][m] */
+    float *y; /* [n][m] */
     const float *bias;
     const cp_cpu_type_traits *xtr; /* activation quantizer (quantize step) */
     const float *x;
@@ -316,7 +348,8 @@ static void softmax_rows(void *vctx, size_t i0, size_t i1, int thread) {
         float *xi = j->out + i * (size_t)dim;
         float m = j->vec->max(xi, dim);
         if (m == -INFINITY) { /* all -inf: the limit of equal logits */
-            for (int d = 0; d < dim; d++) xi[d] = 1.0f / (float)dim;
+            for (int d = 0; d < dim; d++)
+                xi[d] = 1.0f / (float)dim;
             continue;
         }
         float sum = j->vec->exp_sum(xi, m, dim);
@@ -435,7 +468,8 @@ static cp_status cpu_rope(cp_backend_t be, float *x, const int32_t *pos, int n_t
 
 /* Element offset of the cache row of (sequence seq, position pos, kv head). */
 static size_t kv_offset(const cp_attn_params *p, int seq, int pos, int kvh) {
-    int block = p->block_tables[(size_t)seq * (size_t)p->max_blocks + (size_t)(pos / p->block_size)];
+    int block =
+        p->block_tables[(size_t)seq * (size_t)p->max_blocks + (size_t)(pos / p->block_size)];
     size_t slot = (size_t)block * (size_t)p->block_size + (size_t)(pos % p->block_size);
     return (slot * (size_t)p->n_head_kv + (size_t)kvh) * (size_t)p->head_dim;
 }
@@ -472,21 +506,24 @@ struct attn_job {
     const float *q;
     const void *k_cache, *v_cache;
     float *out;
-    int n_rep;
-    float *scratch;          /* per thread: acc[n_rep][head_dim], s[n_rep][ATTN_CHUNK], m, l */
-    size_t scratch_stride;   /* floats per thread */
+    int n_rep;             /* query heads per KV head */
+    int group;             /* query heads per task, a divisor of n_rep */
+    float *scratch;        /* per thread: acc[group][head_dim], s[group][ATTN_CHUNK], m, l */
+    size_t scratch_stride; /* floats per thread */
 };
 
-/* One task = one token and one KV head with the n_rep query heads that share
- * it, so each key and value row is read once for the whole group. Streaming
+/* One task = one token and a group of query heads that share one KV head,
+ * so each key and value row is read once for the whole group. Every head's
+ * arithmetic is the same whatever the grouping, so results do not depend on
+ * it (nor on the thread count that chooses it). Streaming
  * softmax in fp32: running max m, running sum l, accumulator rescaled by
  * exp(m_old - m_new) when the max grows. */
 static void attn_task(void *vctx, int task, int thread) {
     const struct attn_job *j = vctx;
     const cp_attn_params *p = j->p;
     const cp_cpu_vec_ops *vec = j->vec;
-    const int hd = p->head_dim, n_rep = j->n_rep;
-    const int t = task / p->n_head_kv, kvh = task % p->n_head_kv;
+    const int hd = p->head_dim, n_rep = j->group, groups = p->n_head / n_rep;
+    const int t = task / groups, h0 = (task % groups) * n_rep, kvh = h0 / j->n_rep;
     const int seq = p->seq_of_tok[t], n_ctx = p->pos_of_tok[t] + 1;
     const bool f16 = p->kv_dtype == CP_DTYPE_F16;
 
@@ -494,7 +531,7 @@ static void attn_task(void *vctx, int task, int thread) {
     float *sc = acc + (size_t)n_rep * (size_t)hd;
     float *mx = sc + (size_t)n_rep * ATTN_CHUNK;
     float *sum = mx + n_rep;
-    const float *qg = j->q + ((size_t)t * (size_t)p->n_head + (size_t)kvh * (size_t)n_rep) * (size_t)hd;
+    const float *qg = j->q + ((size_t)t * (size_t)p->n_head + (size_t)h0) * (size_t)hd;
 
     memset(acc, 0, (size_t)n_rep * (size_t)hd * sizeof(float));
     for (int r = 0; r < n_rep; r++) {
@@ -531,17 +568,19 @@ static void attn_task(void *vctx, int task, int thread) {
             for (int r = 0; r < n_rep; r++) {
                 float *ar = acc + (size_t)r * (size_t)hd;
                 float w = sc[r * ATTN_CHUNK + jj];
-                if (f16) vec->axpy_f16(ar, w, (const cp_fp16_t *)j->v_cache + off, hd);
-                else vec->axpy_f32(ar, w, (const float *)j->v_cache + off, hd);
+                if (f16)
+                    vec->axpy_f16(ar, w, (const cp_fp16_t *)j->v_cache + off, hd);
+                else
+                    vec->axpy_f32(ar, w, (const float *)j->v_cache + off, hd);
             }
         }
     }
     for (int r = 0; r < n_rep; r++) {
-        float *o = j->out + ((size_t)t * (size_t)p->n_head + (size_t)kvh * (size_t)n_rep + (size_t)r) *
-                                (size_t)hd;
+        float *o = j->out + ((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)hd;
         const float inv = 1.0f / sum[r];
         const float *ar = acc + (size_t)r * (size_t)hd;
-        for (int d = 0; d < hd; d++) o[d] = ar[d] * inv;
+        for (int d = 0; d < hd; d++)
+            o[d] = ar[d] * inv;
     }
 }
 
@@ -558,12 +597,21 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     j.v_cache = v_cache;
     j.out = out;
     j.n_rep = p->n_head / p->n_head_kv;
-    size_t floats = (size_t)j.n_rep * ((size_t)p->head_dim + ATTN_CHUNK + 2);
+    /* Whole KV groups per task unless that leaves threads idle (decode of one
+     * sequence with 3 KV heads on 16 threads): then split the groups. */
+    j.group = j.n_rep;
+    while (j.group > 1 && p->n_tok * (p->n_head / j.group) < 4 * cpu->n_threads) {
+        int g = j.group - 1;
+        while (j.n_rep % g)
+            g--;
+        j.group = g;
+    }
+    size_t floats = (size_t)j.group * ((size_t)p->head_dim + ATTN_CHUNK + 2);
     j.scratch_stride = align64(floats * sizeof(float)) / sizeof(float);
     void *ws;
     CP_CHECK(ws_reserve(cpu, (size_t)cpu->n_threads * j.scratch_stride * sizeof(float), &ws));
     j.scratch = ws;
-    cp_threadpool_parallel_for(cpu->pool, p->n_tok * p->n_head_kv, attn_task, &j);
+    cp_threadpool_parallel_for(cpu->pool, p->n_tok * (p->n_head / j.group), attn_task, &j);
     return CP_OK;
 }
 
@@ -586,7 +634,8 @@ static void to_float_rows(void *vctx, size_t i0, size_t i1, int thread) {
     const struct conv_job *j = vctx;
     for (size_t i = i0; i < i1; i++) {
         int64_t row = j->ids ? j->ids[i] : j->row0 + (int64_t)i;
-        j->tr->to_float(j->src + (size_t)row * j->src_stride, j->out + i * (size_t)j->cols, j->cols);
+        j->tr->to_float(j->src + (size_t)row * j->src_stride, j->out + i * (size_t)j->cols,
+                        j->cols);
     }
 }
 
@@ -602,8 +651,16 @@ static cp_status cpu_embed(cp_backend_t be, const cp_tensor *table, const int32_
     cpu_backend *cpu = cpu_of(be);
     if (cpu->force_ref) return cp_embed_ref(table, ids, n, out);
     CP_CHECK(cp_cpu_check_ids(table, ids, n));
-    struct conv_job j = {cp_cpu_get_type_traits(table->dtype), table->data, table->nb[1], ids, 0,
-                         table->ne[0], out, NULL, NULL, 0};
+    struct conv_job j = {cp_cpu_get_type_traits(table->dtype),
+                         table->data,
+                         table->nb[1],
+                         ids,
+                         0,
+                         table->ne[0],
+                         out,
+                         NULL,
+                         NULL,
+                         0};
     parallel_range(cpu, (size_t)n, (size_t)(65536 / j.cols + 1), to_float_rows, &j);
     return CP_OK;
 }
@@ -612,8 +669,16 @@ static cp_status cpu_dequantize(cp_backend_t be, const cp_tensor *w, int64_t row
                                 float *out) {
     cpu_backend *cpu = cpu_of(be);
     if (cpu->force_ref) return cp_dequantize_ref(w, row0, nrows, out);
-    struct conv_job j = {cp_cpu_get_type_traits(w->dtype), w->data, w->nb[1], NULL, row0,
-                         w->ne[0], out, NULL, NULL, 0};
+    struct conv_job j = {cp_cpu_get_type_traits(w->dtype),
+                         w->data,
+                         w->nb[1],
+                         NULL,
+                         row0,
+                         w->ne[0],
+                         out,
+                         NULL,
+                         NULL,
+                         0};
     parallel_range(cpu, (size_t)nrows, (size_t)(65536 / j.cols + 1), to_float_rows, &j);
     return CP_OK;
 }
@@ -631,6 +696,12 @@ static cp_status cpu_quantize(cp_backend_t be, cp_dtype t, const float *x, int64
 
 /* ---- sampling ------------------------------------------------------------ */
 
+/* Probabilities relative to the largest lie in (0, 1]; for positive floats
+ * the bit pattern grows with the value, so bits >> 19 sorts them into 2032
+ * buckets of 1/16 octave each (bucket 0 holds the zeros). */
+#define SAMPLE_BUCKET_SHIFT 19
+#define SAMPLE_BUCKETS ((0x3F800000u >> SAMPLE_BUCKET_SHIFT) + 1)
+
 struct sample_job {
     const float *logits;
     int vocab;
@@ -642,13 +713,24 @@ struct sample_job {
     size_t scratch_stride; /* bytes per thread */
 };
 
+/* Bytes of one thread's sampling scratch for a vocabulary of v. */
+static size_t sample_scratch_bytes(int v) {
+    return align64((size_t)v * 4) * 5 + align64(SAMPLE_BUCKETS * (sizeof(double) + sizeof(int)));
+}
+
+static unsigned bucket_of(float p) {
+    uint32_t bits;
+    memcpy(&bits, &p, sizeof bits);
+    return bits >> SAMPLE_BUCKET_SHIFT;
+}
+
 /* Candidate a ranks before b: larger scaled logit, lower id on ties. */
 static bool ranks_before(const float *z, int32_t a, int32_t b) {
     return z[a] > z[b] || (z[a] == z[b] && a < b);
 }
 
-/* Binary heap over id[0..n) (with prob[] moved alongside). first_on_top:
- * the best-ranked candidate at the root (max-heap) or the worst (min-heap). */
+/* Binary heap over id[0..n) (with prob[] moved alongside when not NULL).
+ * best_on_top: the best-ranked candidate at the root, else the worst. */
 static void sift_down(int32_t *id, float *prob, int n, int i, const float *z, bool best_on_top) {
     for (;;) {
         int l = 2 * i + 1, r = l + 1, top = i;
@@ -672,6 +754,35 @@ static void sift_down(int32_t *id, float *prob, int n, int i, const float *z, bo
     }
 }
 
+/* Sorts id[0..n) (prob alongside) best first: heap sort with the worst on
+ * top, each popped worst going to the back. */
+static void sort_best_first(int32_t *id, float *prob, int n, const float *z) {
+    for (int i = n / 2 - 1; i >= 0; i--)
+        sift_down(id, prob, n, i, z, false);
+    for (int end = n - 1; end > 0; end--) {
+        int32_t ti = id[0];
+        float tp = prob[0];
+        id[0] = id[end];
+        prob[0] = prob[end];
+        id[end] = ti;
+        prob[end] = tp;
+        sift_down(id, prob, end, 0, z, false);
+    }
+}
+
+/* Copies the candidates of bucket b to gid/gprob, sorted best first. */
+static int gather_bucket(const int32_t *id, const float *prob, int n, unsigned b, const float *z,
+                         int32_t *gid, float *gprob) {
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        if (bucket_of(prob[i]) == b) {
+            gid[m] = id[i];
+            gprob[m++] = prob[i];
+        }
+    sort_best_first(gid, gprob, m, z);
+    return m;
+}
+
 static int32_t argmax_lowest(const cp_cpu_vec_ops *vec, const float *x, int n) {
     float m = vec->max(x, n);
     for (int i = 0; i < n; i++)
@@ -679,10 +790,13 @@ static int32_t argmax_lowest(const cp_cpu_vec_ops *vec, const float *x, int n) {
     return 0; /* only NaNs */
 }
 
-/* Same decisions as cp_sample_ref without sorting the vocabulary: top-k by a
- * bounded min-heap (O(V log k)), then a max-heap over the candidates popped
- * only as far as top-p, min-p or the draw needs (heap sort in place: the
- * i-th best ends up at id[n-1-i]). */
+/* The decisions of cp_sample_ref without sorting the vocabulary. Top-k uses
+ * a bounded min-heap (O(V log k)). Then every candidate's probability goes
+ * into a histogram of its float bits, which orders buckets exactly as the
+ * sorted list is ordered, so the top-p cut, the kept mass and the draw each
+ * need only the one bucket they fall into sorted. Sums are in double; they
+ * add the same values as the reference in a different order (relative
+ * differences ~1e-16, far below any probability that matters). */
 static void sample_row(void *vctx, int row, int thread) {
     const struct sample_job *j = vctx;
     const cp_sample_params *sp = j->sp;
@@ -693,24 +807,34 @@ static void sample_row(void *vctx, int row, int thread) {
         return;
     }
     char *base = j->scratch + (size_t)thread * j->scratch_stride;
+    const size_t arr = align64((size_t)V * 4);
     float *z = (float *)base;
-    int32_t *id = (int32_t *)(base + align64((size_t)V * sizeof(float)));
-    float *prob = (float *)((char *)id + align64((size_t)V * sizeof(int32_t)));
+    int32_t *id = (int32_t *)(base + arr);
+    float *prob = (float *)(base + 2 * arr);
+    int32_t *gid = (int32_t *)(base + 3 * arr);
+    float *gprob = (float *)(base + 4 * arr);
+    double *bmass = (double *)(base + 5 * arr);
+    int *bcount = (int *)(bmass + SAMPLE_BUCKETS);
 
-    for (int i = 0; i < V; i++) z[i] = l[i] / sp->temperature;
+    j->vec->div(z, l, sp->temperature, V); /* the same IEEE division as the reference */
     int n = V;
     if (sp->top_k > 0 && sp->top_k < V) {
         n = sp->top_k;
-        for (int i = 0; i < n; i++) id[i] = i;
-        for (int i = n / 2 - 1; i >= 0; i--) sift_down(id, NULL, n, i, z, false);
+        for (int i = 0; i < n; i++)
+            id[i] = i;
+        for (int i = n / 2 - 1; i >= 0; i--)
+            sift_down(id, NULL, n, i, z, false);
+        /* Ids scanned later are larger than every id in the heap, so a tie
+         * with the worst kept never displaces it: only z > worst counts. */
         for (int i = n; i < V; i++) {
-            if (ranks_before(z, i, id[0])) {
-                id[0] = i;
-                sift_down(id, NULL, n, 0, z, false);
-            }
+            i += j->vec->first_greater(z + i, V - i, z[id[0]]);
+            if (i >= V) break;
+            id[0] = i;
+            sift_down(id, NULL, n, 0, z, false);
         }
     } else {
-        for (int i = 0; i < V; i++) id[i] = i;
+        for (int i = 0; i < V; i++)
+            id[i] = i;
     }
     int32_t best = id[0];
     for (int i = 1; i < n; i++)
@@ -720,59 +844,94 @@ static void sample_row(void *vctx, int row, int thread) {
         j->out[row] = best;
         return;
     }
-    /* Probabilities relative to the largest (which is exactly 1). */
+    memset(bmass, 0, SAMPLE_BUCKETS * sizeof *bmass);
+    memset(bcount, 0, SAMPLE_BUCKETS * sizeof *bcount);
     double total = 0.0;
     for (int i = 0; i < n; i++) {
-        prob[i] = expf(z[id[i]] - zmax);
-        total += prob[i];
+        float p = expf(z[id[i]] - zmax); /* the best has exactly 1 */
+        prob[i] = p;
+        total += p;
+        unsigned b = bucket_of(p);
+        bmass[b] += p;
+        bcount[b]++;
     }
-    for (int i = n / 2 - 1; i >= 0; i--) sift_down(id, prob, n, i, z, true);
 
-    const bool top_p = sp->top_p < 1.0f, min_p = sp->min_p > 0.0f;
-    int heap = n, kept = 0;
-    double cum = 0.0;
-    /* Pops the best remaining candidate to position n-1-kept. */
-#define POP()                                                                                      \
-    do {                                                                                           \
-        heap--;                                                                                    \
-        int32_t ti = id[0];                                                                        \
-        float tp = prob[0];                                                                        \
-        id[0] = id[heap];                                                                          \
-        prob[0] = prob[heap];                                                                      \
-        id[heap] = ti;                                                                             \
-        prob[heap] = tp;                                                                           \
-        sift_down(id, prob, heap, 0, z, true);                                                     \
-        kept++;                                                                                    \
-    } while (0)
-    if (top_p || min_p) {
+    /* kept = how many of the best candidates survive top-p and min-p;
+     * kept_mass = their probability mass. */
+    int kept = n;
+    double kept_mass = total;
+    if (sp->top_p < 1.0f) {
         const double need = (double)sp->top_p * total;
-        while (heap > 0) {
-            if (min_p && kept > 0 && prob[0] < sp->min_p) break;
-            POP();
-            cum += prob[n - kept];
-            if (top_p && cum >= need) break;
+        double cum = 0.0;
+        int above = 0;
+        unsigned b = SAMPLE_BUCKETS - 1;
+        while (b > 0 && cum + bmass[b] < need) {
+            cum += bmass[b];
+            above += bcount[b];
+            b--;
         }
-        const double target = (double)j->u[row] * cum;
-        double c = 0.0;
-        int pick = kept - 1;
-        for (int i = 0; i < kept; i++) {
-            c += prob[n - 1 - i];
-            if (c > target) {
-                pick = i;
-                break;
+        /* The cut falls inside bucket b (b = 0 holds only zeros: a cut
+         * there would take all nonzero tokens plus the first zero). */
+        int m = gather_bucket(id, prob, n, b, z, gid, gprob);
+        int take = 0;
+        while (take < m) {
+            cum += gprob[take++];
+            if (cum >= need) break;
+        }
+        if (above + take == 0) take = 1; /* at least one token */
+        kept = above + take;
+        kept_mass = cum;
+    }
+    if (sp->min_p > 0.0f) {
+        /* Sorted by probability, so min-p keeps a prefix too: all tokens
+         * with p >= min_p (p_max is 1), at least the best. */
+        int cnt = 0;
+        double mass = 0.0;
+        for (int i = 0; i < n; i++)
+            if (prob[i] >= sp->min_p) {
+                cnt++;
+                mass += prob[i];
+            }
+        if (cnt == 0) {
+            cnt = 1;
+            mass = 1.0;
+        }
+        if (cnt < kept) {
+            kept = cnt;
+            kept_mass = mass;
+        }
+    }
+
+    /* The draw: the first of the kept candidates (best first) whose running
+     * mass exceeds u * kept_mass. Buckets wholly inside the kept prefix are
+     * skipped by their mass; the one holding the crossing is sorted. */
+    const double target = (double)j->u[row] * kept_mass;
+    double cum = 0.0;
+    int seen = 0;
+    for (unsigned b = SAMPLE_BUCKETS; b-- > 0;) {
+        if (bcount[b] == 0) continue;
+        const bool last = seen + bcount[b] >= kept; /* the kept prefix ends here */
+        if (!last && cum + bmass[b] <= target) {
+            cum += bmass[b];
+            seen += bcount[b];
+            continue;
+        }
+        int m = gather_bucket(id, prob, n, b, z, gid, gprob);
+        int lim = last ? kept - seen : m;
+        for (int i = 0; i < lim; i++) {
+            cum += gprob[i];
+            if (cum > target) {
+                j->out[row] = gid[i];
+                return;
             }
         }
-        j->out[row] = id[n - 1 - pick];
-    } else {
-        const double target = (double)j->u[row] * total;
-        while (heap > 0) {
-            POP();
-            cum += prob[n - kept];
-            if (cum > target) break;
+        if (last) { /* rounding left the target unreached: the last kept */
+            j->out[row] = gid[lim - 1];
+            return;
         }
-        j->out[row] = id[n - kept];
+        seen += m;
     }
-#undef POP
+    j->out[row] = best; /* not reached: the kept prefix ends in some bucket */
 }
 
 static cp_status cpu_sample(cp_backend_t be, const float *logits, int n, int vocab,
@@ -781,15 +940,18 @@ static cp_status cpu_sample(cp_backend_t be, const float *logits, int n, int voc
     if (cpu->force_ref) return cp_sample_ref(logits, n, vocab, sp, u, out);
     struct sample_job j = {logits, vocab, sp, u, out, cpu->vec, NULL, 0};
     if (sp->temperature > 0.0f) {
-        j.scratch_stride = align64((size_t)vocab * 4) * 3;
-        int threads = n < cpu->n_threads ? n : cpu->n_threads;
+        j.scratch_stride = sample_scratch_bytes(vocab);
+        /* Any thread may run a row, so every thread gets a slice. */
+        int threads = n == 1 ? 1 : cpu->n_threads;
         void *ws;
         CP_CHECK(ws_reserve(cpu, (size_t)threads * j.scratch_stride, &ws));
         j.scratch = ws;
     }
     /* Rows are independent; a row of a large vocabulary is ~1 ms of work. */
-    if (n == 1) sample_row(&j, 0, 0);
-    else cp_threadpool_parallel_for(cpu->pool, n, sample_row, &j);
+    if (n == 1)
+        sample_row(&j, 0, 0);
+    else
+        cp_threadpool_parallel_for(cpu->pool, n, sample_row, &j);
     return CP_OK;
 }
 

@@ -36,6 +36,10 @@ typedef struct cp_cpu_type_traits {
  * CP_CPU_FORCE_REF=1 in the environment the fast slots hold the references. */
 const cp_cpu_type_traits *cp_cpu_get_type_traits(cp_dtype t);
 
+/* True when the CPU and OS support AVX2, FMA and F16C (the level every
+ * *_avx2.c file is compiled for). False on other architectures. */
+bool cp_cpu_has_avx2(void);
+
 /* The SIMD level in use: "avx512", "avx2" or "scalar". */
 const char *cp_cpu_simd_level(void);
 

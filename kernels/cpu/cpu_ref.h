@@ -64,13 +64,17 @@ typedef struct cp_cpu_vec_ops {
     void (*scale)(float *y, float a, int n);                        /* y *= a */
     float (*sumsq)(const float *x, int n);                          /* fp32 sum of x^2 */
     void (*mul_scaled)(float *out, const float *x, float s, const float *w, int n); /* x*s*w */
-    float (*max)(const float *x, int n);                            /* n >= 1 */
+    float (*max)(const float *x, int n);                                            /* n >= 1 */
     float (*exp_sum)(float *x, float m, int n); /* x = exp(x - m); returns sum (fp32) */
     void (*add)(float *y, const float *a, const float *b, size_t n);
     void (*swiglu)(float *out, const float *gate, const float *up, size_t n);
     void (*f32_to_f16)(cp_fp16_t *dst, const float *src, int n);
+    void (*div)(float *y, const float *x, float d, int n); /* y = x / d, IEEE division */
+    int (*first_greater)(const float *x, int n, float t);  /* first i with x[i] > t, or n */
 } cp_cpu_vec_ops;
 
+/* The portable C table (any CPU). */
+const cp_cpu_vec_ops *cp_cpu_vec_ops_generic(void);
 /* The AVX2+FMA+F16C table, or NULL when this build or CPU lacks them. */
 const cp_cpu_vec_ops *cp_cpu_vec_ops_avx2(void);
 

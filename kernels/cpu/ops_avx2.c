@@ -3,6 +3,7 @@
  * activations). Compiled with -mavx2 -mfma -mf16c; chosen at run time only
  * when the CPU has those features. */
 #include "cpu_ref.h"
+#include "cpu_quants.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -48,8 +49,8 @@ static __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     /* n >= -127 here; n = -127 yields exponent field 0, i.e. 0.0 (the true
      * result is below 2^-126 and flushing it is harmless for softmax). */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-                                  23);
+    __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     __m256 scale = _mm256_castsi256_ps(e);
     return _mm256_mul_ps(p, scale);
 }
@@ -67,7 +68,8 @@ static float dot_f32(const float *a, const float *b, int n) {
     for (; i + 8 <= n; i += 8)
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++)
+        s += a[i] * b[i];
     return s;
 }
 
@@ -78,9 +80,11 @@ static float dot_f16(const float *a, const cp_fp16_t *b, int n) {
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_h8(b + i), s0);
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_h8(b + i + 8), s1);
     }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_h8(b + i), s0);
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_h8(b + i), s0);
     float s = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * cp_fp16_to_fp32(b[i]);
+    for (; i < n; i++)
+        s += a[i] * cp_fp16_to_fp32(b[i]);
     return s;
 }
 
@@ -88,8 +92,10 @@ static void axpy_f32(float *y, float a, const float *x, int n) {
     const __m256 va = _mm256_set1_ps(a);
     int i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
+        _mm256_storeu_ps(y + i,
+                         _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * x[i];
 }
 
 static void axpy_f16(float *y, float a, const cp_fp16_t *x, int n) {
@@ -97,14 +103,17 @@ static void axpy_f16(float *y, float a, const cp_fp16_t *x, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load_h8(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * cp_fp16_to_fp32(x[i]);
+    for (; i < n; i++)
+        y[i] += a * cp_fp16_to_fp32(x[i]);
 }
 
 static void scale(float *y, float a, int n) {
     const __m256 va = _mm256_set1_ps(a);
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] *= a;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] *= a;
 }
 
 static float sumsq(const float *x, int n) {
@@ -120,7 +129,8 @@ static float sumsq(const float *x, int n) {
         s0 = _mm256_fmadd_ps(a, a, s0);
     }
     float s = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += x[i] * x[i];
+    for (; i < n; i++)
+        s += x[i] * x[i];
     return s;
 }
 
@@ -130,7 +140,8 @@ static void mul_scaled(float *out, const float *x, float s, const float *w, int 
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs),
                                                 _mm256_loadu_ps(w + i)));
-    for (; i < n; i++) out[i] = x[i] * s * w[i];
+    for (; i < n; i++)
+        out[i] = x[i] * s * w[i];
 }
 
 static float vmax(const float *x, int n) {
@@ -138,7 +149,8 @@ static float vmax(const float *x, int n) {
     float m = x[0];
     if (n >= 8) {
         __m256 vm = _mm256_loadu_ps(x);
-        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+        for (i = 8; i + 8 <= n; i += 8)
+            vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
         m = hmax(vm);
     }
     for (; i < n; i++)
@@ -167,7 +179,8 @@ static void add(float *y, const float *a, const float *b, size_t n) {
     size_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    for (; i < n; i++) y[i] = a[i] + b[i];
+    for (; i < n; i++)
+        y[i] = a[i] + b[i];
 }
 
 static void swiglu(float *out, const float *gate, const float *up, size_t n) {
@@ -180,7 +193,8 @@ static void swiglu(float *out, const float *gate, const float *up, size_t n) {
         __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
     }
-    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    for (; i < n; i++)
+        out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 static void f32_to_f16(cp_fp16_t *dst, const float *src, int n) {
@@ -188,7 +202,29 @@ static void f32_to_f16(cp_fp16_t *dst, const float *src, int n) {
     for (; i + 8 <= n; i += 8)
         _mm_storeu_si128((__m128i *)(dst + i),
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; i++) dst[i] = cp_fp32_to_fp16(src[i]);
+    for (; i < n; i++)
+        dst[i] = cp_fp32_to_fp16(src[i]);
+}
+
+static void vdiv(float *y, const float *x, float d, int n) {
+    const __m256 vd = _mm256_set1_ps(d);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_div_ps(_mm256_loadu_ps(x + i), vd));
+    for (; i < n; i++)
+        y[i] = x[i] / d;
+}
+
+static int first_greater(const float *x, int n, float t) {
+    const __m256 vt = _mm256_set1_ps(t);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vt, _CMP_GT_OQ));
+        if (mask) return i + __builtin_ctz((unsigned)mask);
+    }
+    for (; i < n; i++)
+        if (x[i] > t) return i;
+    return n;
 }
 
 static const cp_cpu_vec_ops avx2_ops = {
@@ -205,18 +241,18 @@ static const cp_cpu_vec_ops avx2_ops = {
     /* .add = */ add,
     /* .swiglu = */ swiglu,
     /* .f32_to_f16 = */ f32_to_f16,
+    /* .div = */ vdiv,
+    /* .first_greater = */ first_greater,
 };
 
 const cp_cpu_vec_ops *cp_cpu_vec_ops_avx2(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        return &avx2_ops;
-    return NULL;
+    return cp_cpu_has_avx2() ? &avx2_ops : NULL;
 }
 
 #else /* built without AVX2 (another architecture) */
 
-const cp_cpu_vec_ops *cp_cpu_vec_ops_avx2(void) { return NULL; }
+const cp_cpu_vec_ops *cp_cpu_vec_ops_avx2(void) {
+    return NULL;
+}
 
 #endif

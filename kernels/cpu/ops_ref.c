@@ -30,8 +30,8 @@ cp_status cp_cpu_check_tokens(const cp_attn_params *p, const char *op) {
         for (int b = 0; b <= last; b++)
             if (bt[b] < 0)
                 return CP_ERROR(CP_ERR_INVALID_ARG,
-                                "%s: sequence %d has no physical block for logical block %d", op,
-                                s, b);
+                                "%s: sequence %d has no physical block for logical block %d", op, s,
+                                b);
     }
     return CP_OK;
 }
@@ -67,7 +67,8 @@ cp_status cp_matmul_ref(const cp_tensor *w, const float *x, int n, float *y, con
         for (int i = 0; i < n; i++) {
             const float *xi = x + (size_t)i * (size_t)k;
             float acc = 0.0f;
-            for (int64_t j = 0; j < k; j++) acc += row[j] * xi[j];
+            for (int64_t j = 0; j < k; j++)
+                acc += row[j] * xi[j];
             if (bias) acc += bias[r];
             y[(size_t)i * (size_t)m + (size_t)r] = acc;
         }
@@ -81,9 +82,11 @@ cp_status cp_rmsnorm_ref(float *out, const float *x, const float *w, int n, int 
         const float *xi = x + (size_t)i * (size_t)dim;
         float *oi = out + (size_t)i * (size_t)dim;
         double ss = 0.0;
-        for (int j = 0; j < dim; j++) ss += (double)xi[j] * xi[j];
+        for (int j = 0; j < dim; j++)
+            ss += (double)xi[j] * xi[j];
         float s = (float)(1.0 / sqrt(ss / dim + eps));
-        for (int j = 0; j < dim; j++) oi[j] = xi[j] * s * w[j];
+        for (int j = 0; j < dim; j++)
+            oi[j] = xi[j] * s * w[j];
     }
     return CP_OK;
 }
@@ -112,7 +115,8 @@ cp_status cp_rope_ref(float *x, const int32_t *pos, int n_tok, int n_head,
 
 /* Element offset of (slot of token position pos in sequence seq, kv head). */
 static size_t cache_offset(const cp_attn_params *p, int seq, int pos, int kvh) {
-    int block = p->block_tables[(size_t)seq * (size_t)p->max_blocks + (size_t)(pos / p->block_size)];
+    int block =
+        p->block_tables[(size_t)seq * (size_t)p->max_blocks + (size_t)(pos / p->block_size)];
     size_t slot = (size_t)block * (size_t)p->block_size + (size_t)(pos % p->block_size);
     return (slot * (size_t)p->n_head_kv + (size_t)kvh) * (size_t)p->head_dim;
 }
@@ -123,8 +127,10 @@ static float cache_get(const cp_attn_params *p, const void *cache, size_t off) {
 }
 
 static void cache_set(const cp_attn_params *p, void *cache, size_t off, float v) {
-    if (p->kv_dtype == CP_DTYPE_F16) ((cp_fp16_t *)cache)[off] = cp_fp32_to_fp16(v);
-    else ((float *)cache)[off] = v;
+    if (p->kv_dtype == CP_DTYPE_F16)
+        ((cp_fp16_t *)cache)[off] = cp_fp32_to_fp16(v);
+    else
+        ((float *)cache)[off] = v;
 }
 
 cp_status cp_kv_store_ref(const cp_attn_params *p, const float *k, const float *v, void *k_cache,
@@ -163,7 +169,8 @@ cp_status cp_attention_ref(const cp_attn_params *p, const float *q, const void *
             for (int j = 0; j < n_ctx; j++) {
                 size_t off = cache_offset(p, seq, j, kvh);
                 float s = 0.0f;
-                for (int d = 0; d < hd; d++) s += qh[d] * cache_get(p, k_cache, off + (size_t)d);
+                for (int d = 0; d < hd; d++)
+                    s += qh[d] * cache_get(p, k_cache, off + (size_t)d);
                 scores[j] = s * p->scale;
                 if (scores[j] > mx) mx = scores[j];
             }
@@ -172,11 +179,13 @@ cp_status cp_attention_ref(const cp_attn_params *p, const float *q, const void *
                 scores[j] = expf(scores[j] - mx);
                 sum += scores[j];
             }
-            for (int d = 0; d < hd; d++) oh[d] = 0.0f;
+            for (int d = 0; d < hd; d++)
+                oh[d] = 0.0f;
             for (int j = 0; j < n_ctx; j++) {
                 size_t off = cache_offset(p, seq, j, kvh);
                 float pj = scores[j] / sum;
-                for (int d = 0; d < hd; d++) oh[d] += pj * cache_get(p, v_cache, off + (size_t)d);
+                for (int d = 0; d < hd; d++)
+                    oh[d] += pj * cache_get(p, v_cache, off + (size_t)d);
             }
         }
     }
@@ -185,7 +194,8 @@ cp_status cp_attention_ref(const cp_attn_params *p, const float *q, const void *
 }
 
 cp_status cp_add_ref(float *y, const float *a, const float *b, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+    for (size_t i = 0; i < n; i++)
+        y[i] = a[i] + b[i];
     return CP_OK;
 }
 
@@ -204,7 +214,8 @@ cp_status cp_softmax_ref(float *x, int n, int dim) {
         for (int j = 0; j < dim; j++)
             if (xi[j] > mx) mx = xi[j];
         if (mx == -INFINITY) {
-            for (int j = 0; j < dim; j++) xi[j] = 1.0f / (float)dim;
+            for (int j = 0; j < dim; j++)
+                xi[j] = 1.0f / (float)dim;
             continue;
         }
         float sum = 0.0f;
@@ -212,7 +223,8 @@ cp_status cp_softmax_ref(float *x, int n, int dim) {
             xi[j] = expf(xi[j] - mx);
             sum += xi[j];
         }
-        for (int j = 0; j < dim; j++) xi[j] /= sum;
+        for (int j = 0; j < dim; j++)
+            xi[j] /= sum;
     }
     return CP_OK;
 }
@@ -313,11 +325,13 @@ cp_status cp_sample_ref(const float *logits, int n, int vocab, const cp_sample_p
         }
         if (sp->min_p > 0.0f) {
             int j = 1;
-            while (j < kept && prob[j] >= sp->min_p * prob[0]) j++;
+            while (j < kept && prob[j] >= sp->min_p * prob[0])
+                j++;
             kept = j;
         }
         double z = 0.0;
-        for (int j = 0; j < kept; j++) z += prob[j];
+        for (int j = 0; j < kept; j++)
+            z += prob[j];
         double target = (double)u[i] * z, cum = 0.0;
         int pick = kept - 1;
         for (int j = 0; j < kept; j++) {

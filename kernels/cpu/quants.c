@@ -877,16 +877,20 @@ static bool force_ref(void) {
     return e && e[0] != '\0' && strcmp(e, "0") != 0;
 }
 
+bool cp_cpu_has_avx2(void) {
 #ifdef CP_X86
-/* F16C through CPUID leaf 1 (ECX bit 29): not every compiler's
- * __builtin_cpu_supports knows the name. Only asked after AVX, whose check
- * includes the OS saving the YMM state. */
-static bool cpu_has_f16c(void) {
+    /* F16C through CPUID leaf 1 (ECX bit 29): not every compiler's
+     * __builtin_cpu_supports knows the name. Only asked after AVX2, whose
+     * check includes the OS saving the YMM state. */
     unsigned a, b, c, d;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return false;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
     return (c & (1u << 29)) != 0;
-}
+#else
+    return false;
 #endif
+}
 
 static void init_traits(void) {
     set_traits(CP_DTYPE_F32, CP_DTYPE_F32, f32_to_float, f32_from_float, vec_dot_f32);
@@ -908,8 +912,7 @@ static void init_traits(void) {
 
     if (force_ref()) return;
 #ifdef CP_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c()) {
+    if (cp_cpu_has_avx2()) {
         traits[CP_DTYPE_F32].vec_dot = cp_cpu_vec_dot_f32_avx2;
         traits[CP_DTYPE_F16].vec_dot = cp_cpu_vec_dot_f16_avx2;
         traits[CP_DTYPE_BF16].vec_dot = cp_cpu_vec_dot_bf16_avx2;

@@ -94,8 +94,10 @@ static uint32_t wait_for_job(cp_threadpool *pool, uint32_t seen) {
         if (g != seen) return g;
         if (i % SPIN_CLOCK_EVERY == 0) {
             double now = cp_time_now();
-            if (i == 0) t0 = now;
-            else if (now - t0 > SPIN_SECONDS) break;
+            if (i == 0)
+                t0 = now;
+            else if (now - t0 > SPIN_SECONDS)
+                break;
         }
         cpu_relax();
     }
@@ -188,7 +190,8 @@ void cp_threadpool_free(cp_threadpool *pool) {
         atomic_fetch_add(&pool->gen, 1u);
         pthread_cond_broadcast(&pool->cond);
         pthread_mutex_unlock(&pool->mutex);
-        for (int i = 0; i < pool->n_started; i++) pthread_join(pool->workers[i].thread, NULL);
+        for (int i = 0; i < pool->n_started; i++)
+            pthread_join(pool->workers[i].thread, NULL);
     }
     if (pool->sync_ok) {
         pthread_cond_destroy(&pool->cond);
@@ -198,13 +201,16 @@ void cp_threadpool_free(cp_threadpool *pool) {
     cp_aligned_free(pool);
 }
 
-int cp_threadpool_n_threads(const cp_threadpool *pool) { return pool ? pool->n_threads : 1; }
+int cp_threadpool_n_threads(const cp_threadpool *pool) {
+    return pool ? pool->n_threads : 1;
+}
 
 void cp_threadpool_parallel_for(cp_threadpool *pool, int n_tasks, cp_task_fn fn, void *ctx) {
     if (n_tasks <= 0) return;
     /* A single task or a single thread: no hand-off at all. */
     if (n_tasks == 1 || pool->n_threads == 1) {
-        for (int t = 0; t < n_tasks; t++) fn(ctx, t, 0);
+        for (int t = 0; t < n_tasks; t++)
+            fn(ctx, t, 0);
         return;
     }
     const uint32_t g = ++pool->last_gen;
@@ -229,7 +235,9 @@ void cp_threadpool_parallel_for(cp_threadpool *pool, int n_tasks, cp_task_fn fn,
     run_tasks(pool, g, 0);
     /* Only tasks already claimed by a worker can be outstanding here. */
     for (long i = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < n_tasks; i++) {
-        if (i < 4096) cpu_relax();
-        else sched_yield();
+        if (i < 4096)
+            cpu_relax();
+        else
+            sched_yield();
     }
 }

@@ -45,13 +45,16 @@ const float kNaN = std::numeric_limits<float>::quiet_NaN();
 const float kInf = std::numeric_limits<float>::infinity();
 const double kEps32 = 1.0 / (1 << 24); // unit roundoff of fp32
 
-std::vector<float> poisoned(size_t n) { return std::vector<float>(n, kNaN); }
+std::vector<float> poisoned(size_t n) {
+    return std::vector<float>(n, kNaN);
+}
 
 std::vector<float> randn(size_t n, uint32_t seed, float sigma = 1.0f) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> d(0.0f, sigma);
     std::vector<float> v(n);
-    for (auto &x : v) x = d(rng);
+    for (auto &x : v)
+        x = d(rng);
     return v;
 }
 
@@ -78,9 +81,8 @@ std::vector<float> randn(size_t n, uint32_t seed, float sigma = 1.0f) {
         }
     }
     if (bad == 0) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure()
-           << what << ": " << bad << " of " << n << " outside tolerance (worst at " << worst
-           << ")" << msg;
+    return ::testing::AssertionFailure() << what << ": " << bad << " of " << n
+                                         << " outside tolerance (worst at " << worst << ")" << msg;
 }
 
 ::testing::AssertionResult all_close(const std::vector<float> &got, const std::vector<double> &want,
@@ -100,7 +102,9 @@ std::vector<float> randn(size_t n, uint32_t seed, float sigma = 1.0f) {
     return ::testing::AssertionSuccess();
 }
 
-std::vector<double> widen(const std::vector<float> &v) { return std::vector<double>(v.begin(), v.end()); }
+std::vector<double> widen(const std::vector<float> &v) {
+    return std::vector<double>(v.begin(), v.end());
+}
 
 // ---------------------------------------------------------------------------
 // Thread pool
@@ -126,12 +130,15 @@ TEST(ThreadPool, EveryTaskRunsExactlyOnce) {
         for (int n_tasks : {0, 1, 2, 7, 64, 1000}) {
             for (int rep = 0; rep < 50; rep++) {
                 std::vector<std::atomic<int>> hits(n_tasks > 0 ? n_tasks : 1);
-                for (auto &h : hits) h = 0;
+                for (auto &h : hits)
+                    h = 0;
                 CountCtx c{&hits, {0}, nt};
                 cp_threadpool_parallel_for(pool.get(), n_tasks, count_task, &c);
                 for (int t = 0; t < n_tasks; t++)
                     ASSERT_EQ(hits[t].load(), 1) << "threads " << nt << " tasks " << n_tasks;
-                if (n_tasks == 0) { ASSERT_EQ(hits[0].load(), 0); }
+                if (n_tasks == 0) {
+                    ASSERT_EQ(hits[0].load(), 0);
+                }
                 ASSERT_EQ(c.bad_thread.load(), 0);
             }
         }
@@ -146,10 +153,12 @@ TEST(ThreadPool, WakesSleepingWorkers) {
     for (int rep = 0; rep < 5; rep++) {
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
         std::vector<std::atomic<int>> hits(100);
-        for (auto &h : hits) h = 0;
+        for (auto &h : hits)
+            h = 0;
         CountCtx c{&hits, {0}, 3};
         cp_threadpool_parallel_for(pool.get(), 100, count_task, &c);
-        for (auto &h : hits) ASSERT_EQ(h.load(), 1);
+        for (auto &h : hits)
+            ASSERT_EQ(h.load(), 1);
     }
 }
 
@@ -171,7 +180,8 @@ TEST(ThreadPool, BackToBackJobsSeeCompleteResults) {
     std::vector<int64_t> partial(37);
     SumCtx c{&partial};
     int64_t want = 0;
-    for (int t = 0; t < 37; t++) want += (int64_t)t * t;
+    for (int t = 0; t < 37; t++)
+        want += (int64_t)t * t;
     for (int rep = 0; rep < 20000; rep++) {
         std::fill(partial.begin(), partial.end(), -1);
         cp_threadpool_parallel_for(pool.get(), 37, sum_task, &c);
@@ -189,6 +199,97 @@ TEST(ThreadPool, RejectsBadThreadCount) {
 }
 
 // ---------------------------------------------------------------------------
+// Vector primitives of the fast paths: the portable table (used on CPUs
+// without AVX2, so not otherwise reached on this machine) and the AVX2 one.
+
+TEST(VecOps, EveryTableMatchesFp64) {
+    std::vector<const cp_cpu_vec_ops *> tables = {cp_cpu_vec_ops_generic()};
+    if (cp_cpu_vec_ops_avx2()) tables.push_back(cp_cpu_vec_ops_avx2());
+    uint32_t seed = 600;
+    for (const cp_cpu_vec_ops *ops : tables) {
+        for (int n : {1, 3, 7, 8, 17, 33, 64, 129, 576}) {
+            std::string what = std::string(ops->name) + " n=" + std::to_string(n);
+            std::vector<float> a = randn(n, seed++, 2.0f), b = randn(n, seed++, 2.0f);
+            std::vector<uint16_t> bh(n);
+            std::vector<double> bh64(n);
+            for (int i = 0; i < n; i++)
+                bh64[i] = cp_fp16_to_fp32(bh[i] = cp_fp32_to_fp16(b[i]));
+            double dot = 0, doth = 0, sabs = 0, ss = 0;
+            for (int i = 0; i < n; i++) {
+                dot += (double)a[i] * b[i];
+                doth += (double)a[i] * bh64[i];
+                sabs += std::fabs((double)a[i] * b[i]);
+                ss += (double)a[i] * a[i];
+            }
+            // fp32 sums of n products: |err| <= n 2^-24 sum|a b| (gamma_n).
+            const double tol = (n + 2) * kEps32 * sabs + 1e-30;
+            EXPECT_NEAR(ops->dot_f32(a.data(), b.data(), n), dot, tol) << what;
+            EXPECT_NEAR(ops->dot_f16(a.data(), bh.data(), n), doth, tol) << what;
+            EXPECT_NEAR(ops->sumsq(a.data(), n), ss, (n + 2) * kEps32 * ss) << what;
+            double mx = *std::max_element(a.begin(), a.end());
+            EXPECT_EQ(ops->max(a.data(), n), (float)mx) << what;
+            // Axpy and scale: one fused or two rounded operations per element.
+            std::vector<float> y = b, yh = b, sc = a;
+            ops->axpy_f32(y.data(), 0.75f, a.data(), n);
+            ops->axpy_f16(yh.data(), -1.5f, bh.data(), n);
+            ops->scale(sc.data(), 0.3f, n);
+            std::vector<float> ms(n), ad(n), sw(n), dv(n), ex = a;
+            ops->mul_scaled(ms.data(), a.data(), 1.7f, b.data(), n);
+            ops->add(ad.data(), a.data(), b.data(), (size_t)n);
+            ops->swiglu(sw.data(), a.data(), b.data(), (size_t)n);
+            ops->div(dv.data(), a.data(), 0.7f, n);
+            float m = (float)mx;
+            float esum = ops->exp_sum(ex.data(), m, n);
+            std::vector<uint16_t> h(n);
+            ops->f32_to_f16(h.data(), a.data(), n);
+            double esum64 = 0;
+            for (int i = 0; i < n; i++) {
+                double axpy = b[i] + 0.75 * a[i], axpyh = b[i] - 1.5 * bh64[i];
+                EXPECT_NEAR(y[i], axpy, 2 * kEps32 * (std::fabs(b[i]) + std::fabs(0.75 * a[i])))
+                    << what;
+                EXPECT_NEAR(yh[i], axpyh, 2 * kEps32 * (std::fabs(b[i]) + std::fabs(1.5 * bh64[i])))
+                    << what;
+                EXPECT_NEAR(sc[i], a[i] * (double)0.3f, kEps32 * std::fabs(a[i] * 0.3)) << what;
+                EXPECT_NEAR(ms[i], a[i] * (double)1.7f * b[i],
+                            2 * kEps32 * std::fabs(a[i] * 1.7 * b[i]))
+                    << what;
+                EXPECT_EQ(ad[i], a[i] + b[i]) << what;          // IEEE addition
+                EXPECT_EQ(dv[i], a[i] / 0.7f) << what;          // IEEE division
+                EXPECT_EQ(h[i], cp_fp32_to_fp16(a[i])) << what; // round to nearest even
+                double g = a[i], swi = g / (1 + std::exp(-g)) * b[i];
+                EXPECT_NEAR(sw[i], swi, 8 * kEps32 * std::fabs(swi) + 1e-30) << what;
+                double e = std::exp((double)a[i] - m);
+                esum64 += e;
+                // exp within a few ulps of its fp32 argument a - m, whose own
+                // rounding (|a - m| 2^-24 absolute) moves e by that relatively.
+                EXPECT_NEAR(ex[i], e, (4 + std::fabs(a[i] - m)) * kEps32 * e) << what;
+            }
+            EXPECT_NEAR(esum, esum64, (n + 4 + 2 * std::fabs(m) + 20) * kEps32 * esum64) << what;
+            // first_greater: the first element above a threshold, or n.
+            for (int probe = 0; probe < n; probe += 1 + n / 5) {
+                float t = a[probe];
+                int want = n;
+                for (int i = 0; i < n; i++)
+                    if (a[i] > t) {
+                        want = i;
+                        break;
+                    }
+                EXPECT_EQ(ops->first_greater(a.data(), n, t), want) << what;
+            }
+            EXPECT_EQ(ops->first_greater(a.data(), n, (float)mx), n) << what;
+        }
+        // exp_sum of masked entries: exactly 0, including -inf.
+        std::vector<float> masked = {0.0f,  -kInf, -200.0f, -1.0f, -kInf,
+                                     -kInf, -kInf, -kInf,   -kInf};
+        float s = ops->exp_sum(masked.data(), 0.0f, (int)masked.size());
+        EXPECT_EQ(masked[1], 0.0f);
+        EXPECT_EQ(masked[8], 0.0f);
+        EXPECT_EQ(masked[2], 0.0f);
+        EXPECT_NEAR(s, 1.0 + std::exp(-1.0), 4 * kEps32);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Backend basics
 
 TEST(CpuBackend, BasicsAndMemory) {
@@ -203,7 +304,8 @@ TEST(CpuBackend, BasicsAndMemory) {
     ASSERT_EQ(cp_backend_memset(be.get(), p, 0x5a, 1000), CP_OK);
     std::vector<uint8_t> host(1000);
     ASSERT_EQ(cp_backend_copy(be.get(), host.data(), p, 1000, CP_COPY_DEVICE_TO_HOST), CP_OK);
-    for (uint8_t b : host) ASSERT_EQ(b, 0x5a);
+    for (uint8_t b : host)
+        ASSERT_EQ(b, 0x5a);
     std::iota(host.begin(), host.end(), 0);
     ASSERT_EQ(cp_backend_copy(be.get(), p, host.data(), 1000, CP_COPY_HOST_TO_DEVICE), CP_OK);
     EXPECT_EQ(std::memcmp(p, host.data(), 1000), 0);
@@ -223,7 +325,8 @@ const cp_dtype kWeightTypes[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP
 
 TEST(CpuBackend, SupportsExactlyTheWeightTypes) {
     BackendPtr be = make_backend(1);
-    for (cp_dtype t : kWeightTypes) EXPECT_TRUE(cp_backend_supports(be.get(), t)) << cp_dtype_name(t);
+    for (cp_dtype t : kWeightTypes)
+        EXPECT_TRUE(cp_backend_supports(be.get(), t)) << cp_dtype_name(t);
     for (cp_dtype t : {CP_DTYPE_Q8_1, CP_DTYPE_Q8_K, CP_DTYPE_I32, CP_DTYPE_F64})
         EXPECT_FALSE(cp_backend_supports(be.get(), t)) << cp_dtype_name(t);
 }
@@ -253,7 +356,8 @@ QuantTensor make_weights(cp_dtype type, int64_t m, int64_t k, uint32_t seed) {
     if (!tr->from_float) {
         // Types without a quantizer: random quant bits, sane fp16 scales.
         std::mt19937 rng(seed);
-        for (size_t i = 0; i < row * (size_t)m; i++) q.bytes[i] = (uint8_t)rng();
+        for (size_t i = 0; i < row * (size_t)m; i++)
+            q.bytes[i] = (uint8_t)rng();
         const size_t bsz = cp_dtype_type_size(type), off = k_scale_offset(type);
         for (size_t b0 = 0; b0 < row * (size_t)m; b0 += bsz) {
             uint16_t d = cp_fp32_to_fp16(0.01f + 0.02f * (float)(rng() % 100) / 100.0f);
@@ -286,7 +390,8 @@ QuantTensor make_weights(cp_dtype type, int64_t m, int64_t k, uint32_t seed) {
 double matmul_bound(cp_dtype wt, const float *w, const float *x, int64_t k) {
     const cp_dtype vdt = cp_cpu_get_type_traits(wt)->vec_dot_type;
     double sum_abs = 0.0, act = 0.0;
-    for (int64_t j = 0; j < k; j++) sum_abs += std::fabs((double)w[j] * x[j]);
+    for (int64_t j = 0; j < k; j++)
+        sum_abs += std::fabs((double)w[j] * x[j]);
     int64_t blk = vdt == CP_DTYPE_Q8_K ? 256 : 32;
     for (int64_t b0 = 0; b0 < k; b0 += blk) {
         double amax = 0.0, wmax = 0.0, xsum = 0.0, wsum = 0.0;
@@ -324,9 +429,12 @@ TEST_P(MatmulTest, FastMatchesReferenceAndFp64) {
     ASSERT_TRUE(cp_backend_supports(be3.get(), type));
     const int64_t bs = cp_dtype_block_size(type);
     std::vector<int64_t> ks;
-    if (bs == 1) ks = {1, 3, 17, 64, 129, 576};
-    else if (bs == 32) ks = {32, 64, 576};
-    else ks = {256, 768};
+    if (bs == 1)
+        ks = {1, 3, 17, 64, 129, 576};
+    else if (bs == 32)
+        ks = {32, 64, 576};
+    else
+        ks = {256, 768};
     uint32_t seed = 1000u * (uint32_t)type;
     int checked = 0;
     for (int64_t k : ks) {
@@ -345,7 +453,8 @@ TEST_P(MatmulTest, FastMatchesReferenceAndFp64) {
                 // thread split must not change a single bit.
                 ASSERT_TRUE(bit_equal(y1, y3, "threads 1 vs 3"));
 
-                std::vector<double> want((size_t)(n * m)), tol_fast(want.size()), tol_ref(want.size());
+                std::vector<double> want((size_t)(n * m)), tol_fast(want.size()),
+                    tol_ref(want.size());
                 for (int i = 0; i < n; i++)
                     for (int64_t r = 0; r < m; r++) {
                         const float *wr = W.deq.data() + r * k;
@@ -359,14 +468,17 @@ TEST_P(MatmulTest, FastMatchesReferenceAndFp64) {
                         want[o] = s;
                         tol_fast[o] = matmul_bound(type, wr, xi, k);
                         // Reference: fp32 products and a sequential fp32 sum.
-                        tol_ref[o] = 2.0 * (double)(k + 1) * kEps32 * (sa + (b ? std::fabs(b[r]) : 0)) + 1e-7;
+                        tol_ref[o] =
+                            2.0 * (double)(k + 1) * kEps32 * (sa + (b ? std::fabs(b[r]) : 0)) +
+                            1e-7;
                     }
                 std::string what = std::string(cp_dtype_name(type)) + " m=" + std::to_string(m) +
                                    " k=" + std::to_string(k) + " n=" + std::to_string(n);
                 ASSERT_TRUE(all_close(y3, want, tol_fast, what + " fast vs fp64"));
                 ASSERT_TRUE(all_close(yr, want, tol_ref, what + " ref vs fp64"));
                 std::vector<double> tol_both(want.size());
-                for (size_t o = 0; o < want.size(); o++) tol_both[o] = tol_fast[o] + tol_ref[o];
+                for (size_t o = 0; o < want.size(); o++)
+                    tol_both[o] = tol_fast[o] + tol_ref[o];
                 ASSERT_TRUE(all_close(y3, widen(yr), tol_both, what + " fast vs ref"));
                 checked++;
             }
@@ -403,7 +515,8 @@ TEST(Matmul, LargeRowsRepeatedCallsAreStable) {
         for (int i = 0; i < 2; i++)
             for (int64_t r = 0; r < m; r++) {
                 double s = 0;
-                for (int64_t j = 0; j < k; j++) s += (double)W.deq[r * k + j] * x[i * k + j];
+                for (int64_t j = 0; j < k; j++)
+                    s += (double)W.deq[r * k + j] * x[i * k + j];
                 want[i * m + r] = s;
                 tol[i * m + r] = matmul_bound(type, &W.deq[r * k], &x[i * k], k);
             }
@@ -463,7 +576,8 @@ TEST_P(AttentionTest, PagedMatchesContiguousFp64) {
             pos_h.push_back(p);
         }
     const int n_hist = (int)seq_h.size();
-    std::vector<float> k = randn((size_t)n_hist * kv_dim, rng()), v = randn((size_t)n_hist * kv_dim, rng());
+    std::vector<float> k = randn((size_t)n_hist * kv_dim, rng()),
+                       v = randn((size_t)n_hist * kv_dim, rng());
 
     cp_attn_params p{};
     p.n_head = c.n_head;
@@ -522,7 +636,7 @@ TEST_P(AttentionTest, PagedMatchesContiguousFp64) {
         const char *name;
         std::vector<int32_t> seq, pos;
     };
-    std::vector<Batch> batches(3);
+    std::vector<Batch> batches(4);
     batches[0].name = "prefill";
     for (int q = 0; q < lens[2]; q++) {
         batches[0].seq.push_back(2);
@@ -536,6 +650,11 @@ TEST_P(AttentionTest, PagedMatchesContiguousFp64) {
     batches[2].name = "mixed";
     batches[2].seq = {0, 2, 1, 0, 3, 2};
     batches[2].pos = {36, 0, 2, 16, 0, 63};
+    // One token alone: the backend splits KV groups across threads when
+    // there are too few (token, KV head) pairs, which must not change bits.
+    batches[3].name = "single";
+    batches[3].seq = {0};
+    batches[3].pos = {36};
 
     for (const Batch &bt : batches) {
         const int n_tok = (int)bt.seq.size();
@@ -578,7 +697,8 @@ TEST_P(AttentionTest, PagedMatchesContiguousFp64) {
                     es = std::max(es, 2.0 * hd * kEps32 * da * p.scale);
                     mx = std::max(mx, sc[j]);
                     for (int e = 0; e < hd; e++)
-                        vmax = std::max(vmax, std::fabs(Vv[s][(size_t)j * kv_dim + (size_t)kvh * hd + e]));
+                        vmax = std::max(
+                            vmax, std::fabs(Vv[s][(size_t)j * kv_dim + (size_t)kvh * hd + e]));
                 }
                 double z = 0.0;
                 for (double &x : sc) {
@@ -657,9 +777,10 @@ TEST_P(RopeTest, MatchesFp64Formula) {
     const std::vector<int32_t> pos = {0, 1, 17, 4095, 32768, 100000, 131071};
     const int n_tok = (int)pos.size();
     std::vector<float> factors(half);
-    for (int i = 0; i < half; i++) factors[i] = 1.0f + 7.0f * i / half; // Llama-3.1-like ramp
-    cp_rope_params rp{c.mode, c.head_dim, c.rot_dim, c.theta, c.freq_scale,
-                      c.factors ? factors.data() : nullptr};
+    for (int i = 0; i < half; i++)
+        factors[i] = 1.0f + 7.0f * i / half; // Llama-3.1-like ramp
+    cp_rope_params rp{c.mode,  c.head_dim,   c.rot_dim,
+                      c.theta, c.freq_scale, c.factors ? factors.data() : nullptr};
     std::vector<float> x = randn((size_t)n_tok * n_head * c.head_dim, 99);
     std::vector<double> want(x.size()), tol(x.size());
     for (int t = 0; t < n_tok; t++)
@@ -670,7 +791,8 @@ TEST_P(RopeTest, MatchesFp64Formula) {
                 tol[base + e] = 0.0;
             }
             for (int i = 0; i < half; i++) {
-                double ang = pos[t] * (double)c.freq_scale * std::pow((double)c.theta, -2.0 * i / c.rot_dim);
+                double ang =
+                    pos[t] * (double)c.freq_scale * std::pow((double)c.theta, -2.0 * i / c.rot_dim);
                 if (c.factors) ang /= factors[i];
                 int ia = c.mode == CP_ROPE_INTERLEAVED ? 2 * i : i;
                 int ib = c.mode == CP_ROPE_INTERLEAVED ? 2 * i + 1 : i + half;
@@ -680,7 +802,8 @@ TEST_P(RopeTest, MatchesFp64Formula) {
                 // fp32 sin/cos (1/2 ulp each) and two fp32 products and a sum:
                 // a few ulps of |a| + |b|. An angle computed in fp32 would be
                 // off by up to 0.004 rad at position 1e5 and fail this.
-                tol[base + ia] = tol[base + ib] = 6.0 * kEps32 * (std::fabs(a) + std::fabs(b)) + 1e-30;
+                tol[base + ia] = tol[base + ib] =
+                    6.0 * kEps32 * (std::fabs(a) + std::fabs(b)) + 1e-30;
             }
         }
     BackendPtr be = make_backend(3);
@@ -714,7 +837,8 @@ TEST(RmsNorm, MatchesFp64) {
             std::vector<double> want(x.size()), tol(x.size());
             for (int i = 0; i < n; i++) {
                 double ss = 0;
-                for (int d = 0; d < dim; d++) ss += (double)x[i * dim + d] * x[i * dim + d];
+                for (int d = 0; d < dim; d++)
+                    ss += (double)x[i * dim + d] * x[i * dim + d];
                 double s = 1.0 / std::sqrt(ss / dim + eps);
                 for (int d = 0; d < dim; d++) {
                     double o = x[i * dim + d] * s * w[d];
@@ -725,14 +849,17 @@ TEST(RmsNorm, MatchesFp64) {
                 }
             }
             std::vector<float> fast = poisoned(x.size()), ref = poisoned(x.size());
-            ASSERT_EQ(cp_backend_rmsnorm(be.get(), fast.data(), x.data(), w.data(), n, dim, eps), CP_OK);
+            ASSERT_EQ(cp_backend_rmsnorm(be.get(), fast.data(), x.data(), w.data(), n, dim, eps),
+                      CP_OK);
             ASSERT_EQ(cp_rmsnorm_ref(ref.data(), x.data(), w.data(), n, dim, eps), CP_OK);
             std::string what = "dim " + std::to_string(dim) + " n " + std::to_string(n);
             ASSERT_TRUE(all_close(fast, want, tol, what + " fast"));
             ASSERT_TRUE(all_close(ref, want, tol, what + " ref"));
             // In place (out == x).
             std::vector<float> inplace = x;
-            ASSERT_EQ(cp_backend_rmsnorm(be.get(), inplace.data(), inplace.data(), w.data(), n, dim, eps), CP_OK);
+            ASSERT_EQ(
+                cp_backend_rmsnorm(be.get(), inplace.data(), inplace.data(), w.data(), n, dim, eps),
+                CP_OK);
             ASSERT_TRUE(bit_equal(inplace, fast, what + " in place"));
         }
 }
@@ -745,21 +872,28 @@ TEST(Softmax, MatchesFp64IncludingLargeAndInfiniteEntries) {
             std::vector<float> x = randn((size_t)n * dim, seed++, 4.0f);
             // Large values (exp would overflow without the max shift) and
             // masked (-inf) entries.
-            for (size_t i = 0; i < x.size(); i += 7) x[i] = 1000.0f + x[i];
-            for (size_t i = 3; i < x.size(); i += 5) x[i] = -kInf;
+            for (size_t i = 0; i < x.size(); i += 7)
+                x[i] = 1000.0f + x[i];
+            for (size_t i = 3; i < x.size(); i += 5)
+                x[i] = -kInf;
             std::vector<double> want(x.size()), tol(x.size());
             for (int i = 0; i < n; i++) {
                 const float *xi = &x[(size_t)i * dim];
                 double mx = -INFINITY;
-                for (int d = 0; d < dim; d++) mx = std::max(mx, (double)xi[d]);
+                for (int d = 0; d < dim; d++)
+                    mx = std::max(mx, (double)xi[d]);
                 double z = 0;
-                for (int d = 0; d < dim; d++) z += std::exp((double)xi[d] - mx);
+                for (int d = 0; d < dim; d++)
+                    z += std::exp((double)xi[d] - mx);
                 for (int d = 0; d < dim; d++) {
                     size_t o = (size_t)i * dim + d;
                     want[o] = mx == -INFINITY ? 1.0 / dim : std::exp((double)xi[d] - mx) / z;
-                    // exp to a few ulps, an fp32 sum of dim terms (relative
-                    // dim 2^-24), one division: p (dim + 8) 2^-24.
-                    tol[o] = want[o] * (dim + 8) * kEps32 + 1e-30;
+                    // exp to a few ulps of its fp32 argument x - max (whose
+                    // rounding moves p by |x - max| 2^-24 relatively), an
+                    // fp32 sum of dim terms (relative dim 2^-24), a division.
+                    double arg = mx == -INFINITY ? 0.0 : std::fabs((double)xi[d] - mx);
+                    if (std::isinf(arg)) arg = 0.0;
+                    tol[o] = want[o] * (dim + 8 + arg) * kEps32 + 1e-30;
                 }
             }
             std::vector<float> fast = x, ref = x;
@@ -769,12 +903,15 @@ TEST(Softmax, MatchesFp64IncludingLargeAndInfiniteEntries) {
             ASSERT_TRUE(all_close(fast, want, tol, what + " fast"));
             ASSERT_TRUE(all_close(ref, want, tol, what + " ref"));
             for (size_t i = 3; i < x.size(); i += 5)
-                if (dim > 1) { ASSERT_EQ(fast[i], 0.0f); }
+                if (dim > 1) {
+                    ASSERT_EQ(fast[i], 0.0f);
+                }
         }
     // A row of only -inf has no maximum to shift by: it becomes uniform.
     std::vector<float> row(10, -kInf);
     ASSERT_EQ(cp_backend_softmax(be.get(), row.data(), 1, 10), CP_OK);
-    for (float v : row) EXPECT_FLOAT_EQ(v, 0.1f);
+    for (float v : row)
+        EXPECT_FLOAT_EQ(v, 0.1f);
 }
 
 TEST(Elementwise, AddAndSwigluMatchFp64) {
@@ -829,7 +966,8 @@ TEST(Embed, RowsOfEveryTypeAndBadIds) {
         std::vector<int32_t> ids = {0, 49, 7, 7, 23, 1, 48, 30, 2, 11, 12, 13, 14, 15, 16, 17, 18};
         const int n = (int)ids.size();
         std::vector<float> out = poisoned((size_t)n * dim), ref = out;
-        ASSERT_EQ(cp_backend_embed(be.get(), &t, ids.data(), n, out.data()), CP_OK) << cp_last_error();
+        ASSERT_EQ(cp_backend_embed(be.get(), &t, ids.data(), n, out.data()), CP_OK)
+            << cp_last_error();
         ASSERT_EQ(cp_embed_ref(&t, ids.data(), n, ref.data()), CP_OK);
         ASSERT_TRUE(bit_equal(out, ref, cp_dtype_name(type)));
         // Against the original values: exact for F32, otherwise within the
@@ -841,9 +979,12 @@ TEST(Embed, RowsOfEveryTypeAndBadIds) {
             for (int64_t d = 0; d < dim; d++) {
                 double x = src[ids[i] * dim + d];
                 want[i * dim + d] = x;
-                if (type == CP_DTYPE_F32) tol[i * dim + d] = 0.0;
-                else if (type == CP_DTYPE_F16) tol[i * dim + d] = std::fabs(x) / 2048.0 + 1e-7; // + subnormal step
-                else if (type == CP_DTYPE_BF16) tol[i * dim + d] = std::fabs(x) / 256.0;
+                if (type == CP_DTYPE_F32)
+                    tol[i * dim + d] = 0.0;
+                else if (type == CP_DTYPE_F16)
+                    tol[i * dim + d] = std::fabs(x) / 2048.0 + 1e-7; // + subnormal step
+                else if (type == CP_DTYPE_BF16)
+                    tol[i * dim + d] = std::fabs(x) / 256.0;
                 else {
                     int64_t b0 = d / bs * bs;
                     double lo = 1e30, hi = -1e30;
@@ -875,7 +1016,8 @@ TEST(Embed, RowsOfEveryTypeAndBadIds) {
         // Ids outside the table are the caller's error.
         for (int32_t bad : {-1, 50, 1 << 30}) {
             std::vector<int32_t> bad_ids = {3, bad};
-            EXPECT_EQ(cp_backend_embed(be.get(), &t, bad_ids.data(), 2, out.data()), CP_ERR_INVALID_ARG);
+            EXPECT_EQ(cp_backend_embed(be.get(), &t, bad_ids.data(), 2, out.data()),
+                      CP_ERR_INVALID_ARG);
             EXPECT_NE(std::string(cp_last_error_detail()).find("token id"), std::string::npos);
             EXPECT_EQ(cp_embed_ref(&t, bad_ids.data(), 2, out.data()), CP_ERR_INVALID_ARG);
         }
@@ -924,7 +1066,9 @@ TEST(Sample, GreedyIsArgmaxLowestIndexOnTies) {
             auto got = sample(be.get(), l, n, vocab, sp, u);
             for (int i = 0; i < n; i++)
                 EXPECT_EQ(got[i], argmax_lowest(&l[(size_t)i * vocab], vocab)) << "vocab " << vocab;
-            if (vocab >= 3) { EXPECT_EQ(got[1], vocab / 2); }
+            if (vocab >= 3) {
+                EXPECT_EQ(got[1], vocab / 2);
+            }
             EXPECT_EQ(got[2], 0);
             EXPECT_EQ(sample_ref(l, n, vocab, sp, u), got);
         }
@@ -957,13 +1101,15 @@ std::vector<int> expected_counts(const float *l, int vocab, cp_sample_params sp,
     std::vector<int> order(vocab);
     std::iota(order.begin(), order.end(), 0);
     std::vector<double> z(vocab);
-    for (int i = 0; i < vocab; i++) z[i] = (double)l[i] / sp.temperature;
+    for (int i = 0; i < vocab; i++)
+        z[i] = (double)l[i] / sp.temperature;
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return z[a] > z[b]; });
     int kept = vocab;
     if (sp.top_k > 0 && sp.top_k < kept) kept = sp.top_k;
     std::vector<double> p(kept);
     double total = 0;
-    for (int j = 0; j < kept; j++) total += p[j] = std::exp(z[order[j]] - z[order[0]]);
+    for (int j = 0; j < kept; j++)
+        total += p[j] = std::exp(z[order[j]] - z[order[0]]);
     if (sp.top_p < 1.0f) {
         double cum = 0;
         int j = 0;
@@ -975,11 +1121,13 @@ std::vector<int> expected_counts(const float *l, int vocab, cp_sample_params sp,
     }
     if (sp.min_p > 0.0f) {
         int j = 1;
-        while (j < kept && p[j] >= sp.min_p * p[0]) j++;
+        while (j < kept && p[j] >= sp.min_p * p[0])
+            j++;
         kept = j;
     }
     double zk = 0;
-    for (int j = 0; j < kept; j++) zk += p[j];
+    for (int j = 0; j < kept; j++)
+        zk += p[j];
     std::vector<int> counts(vocab, 0);
     double lo = 0;
     for (int j = 0; j < kept; j++) {
@@ -998,7 +1146,8 @@ std::vector<int> expected_counts(const float *l, int vocab, cp_sample_params sp,
 TEST(Sample, TopKTiesKeepLowerIds) {
     BackendPtr be = make_backend(2);
     const int vocab = 12, G = 600;
-    const std::vector<float> l = {1.0f, 5.0f, 3.0f, 3.0f, 3.0f, 0.0f, 5.0f, 3.0f, -2.0f, 3.0f, 4.0f, 2.0f};
+    const std::vector<float> l = {1.0f, 5.0f, 3.0f,  3.0f, 3.0f, 0.0f,
+                                  5.0f, 3.0f, -2.0f, 3.0f, 4.0f, 2.0f};
     // Sorted: 5 (ids 1, 6), 4 (id 10), 3 (ids 2, 3, 4, 7, 9) ...; top_k 5
     // keeps 1, 6, 10, 2, 3.
     std::vector<float> rows((size_t)G * vocab), u(G);
@@ -1009,7 +1158,8 @@ TEST(Sample, TopKTiesKeepLowerIds) {
     cp_sample_params sp{1.0f, 5, 1.0f, 0.0f};
     auto got = sample(be.get(), rows, G, vocab, sp, u);
     std::vector<int> counts(vocab, 0);
-    for (int32_t t : got) counts[t]++;
+    for (int32_t t : got)
+        counts[t]++;
     std::vector<int> want = expected_counts(l.data(), vocab, sp, G);
     for (int i = 0; i < vocab; i++) {
         bool kept = i == 1 || i == 6 || i == 10 || i == 2 || i == 3;
@@ -1023,8 +1173,8 @@ TEST(Sample, GridFrequenciesEqualFilteredSoftmax) {
     BackendPtr be = make_backend(3);
     const int G = 2000;
     const std::vector<cp_sample_params> params = {
-        {1.0f, 0, 1.0f, 0.0f},   {1.0f, 5, 1.0f, 0.0f},   {1.0f, 0, 0.9f, 0.0f},
-        {1.0f, 0, 1.0f, 0.05f},  {0.7f, 10, 0.8f, 0.02f}, {1.5f, 40, 0.95f, 0.0f},
+        {1.0f, 0, 1.0f, 0.0f},  {1.0f, 5, 1.0f, 0.0f},   {1.0f, 0, 0.9f, 0.0f},
+        {1.0f, 0, 1.0f, 0.05f}, {0.7f, 10, 0.8f, 0.02f}, {1.5f, 40, 0.95f, 0.0f},
     };
     for (int vocab : {17, 129}) {
         std::vector<float> l = randn(vocab, 500 + vocab, 2.0f);
@@ -1050,9 +1200,9 @@ TEST(Sample, GridFrequenciesEqualFilteredSoftmax) {
             // the other side: allow one point per token, and none for
             // tokens the filters removed.
             for (int i = 0; i < vocab; i++)
-                EXPECT_NEAR(counts[i], want[i], 1) << "token " << i << " vocab " << vocab
-                                                  << " top_k " << sp.top_k << " top_p " << sp.top_p
-                                                  << " min_p " << sp.min_p;
+                EXPECT_NEAR(counts[i], want[i], 1)
+                    << "token " << i << " vocab " << vocab << " top_k " << sp.top_k << " top_p "
+                    << sp.top_p << " min_p " << sp.min_p;
         }
     }
 }
@@ -1069,21 +1219,37 @@ TEST(Sample, FastEqualsReferenceAndIsDeterministic) {
         const int n = 5;
         std::vector<float> l = randn((size_t)n * vocab, 900 + vocab, 3.0f);
         // Masked tokens and a row where only one token is finite.
-        for (size_t i = 0; i < l.size(); i += 11) l[i] = -kInf;
+        for (size_t i = 0; i < l.size(); i += 11)
+            l[i] = -kInf;
         std::fill(l.begin() + 4 * (size_t)vocab, l.end(), -kInf);
         l[4 * (size_t)vocab + vocab / 2] = 0.0f;
         for (const cp_sample_params &sp : params) {
             std::vector<float> u(n);
-            for (float &x : u) x = U(rng);
+            for (float &x : u)
+                x = U(rng);
             auto a = sample(be3.get(), l, n, vocab, sp, u);
             auto b = sample(be1.get(), l, n, vocab, sp, u);
             auto again = sample(be3.get(), l, n, vocab, sp, u);
             EXPECT_EQ(a, b);
             EXPECT_EQ(a, again);
-            EXPECT_EQ(a, sample_ref(l, n, vocab, sp, u)) << "vocab " << vocab << " top_k " << sp.top_k;
+            EXPECT_EQ(a, sample_ref(l, n, vocab, sp, u))
+                << "vocab " << vocab << " top_k " << sp.top_k;
             EXPECT_EQ(a[4], vocab / 2);
-            for (int i = 0; i < n; i++) EXPECT_NE(l[(size_t)i * vocab + a[i]], -kInf);
+            for (int i = 0; i < n; i++)
+                EXPECT_NE(l[(size_t)i * vocab + a[i]], -kInf);
         }
+    }
+}
+
+// Fewer rows than threads: whichever thread picks a row up needs its own
+// scratch (large vocabulary, so an undersized workspace would overflow).
+TEST(Sample, FewerRowsThanThreads) {
+    BackendPtr be = make_backend(3);
+    const int vocab = 128256, n = 2;
+    std::vector<float> l = randn((size_t)n * vocab, 31337, 2.0f), u = {0.25f, 0.75f};
+    for (int rep = 0; rep < 20; rep++) {
+        cp_sample_params sp{1.0f, 0, 0.9f, 0.0f};
+        EXPECT_EQ(sample(be.get(), l, n, vocab, sp, u), sample_ref(l, n, vocab, sp, u));
     }
 }
 
