@@ -178,7 +178,10 @@ def bench_llamacpp(model_path, prompt_ids, n_gen, threads, reps):
         tg.append(n_gen / (t2 - t1))
     del llm
     gc.collect()
-    return statistics.median(pp), statistics.median(tg)
+    print("  llama.cpp reps: pp " + " ".join(f"{x:.1f}" for x in pp) +
+          ", tg " + " ".join(f"{x:.1f}" for x in tg) + " tok/s",
+          file=sys.stderr)
+    return pp, tg
 
 
 def bench_cparallel(exe, model_path, prompt_file, n_prompt, n_gen, threads,
@@ -197,13 +200,26 @@ def bench_cparallel(exe, model_path, prompt_file, n_prompt, n_gen, threads,
                   f"{os.path.basename(model_path)}:\n{tail}", file=sys.stderr)
             return None, None
         n_pp, _, pp_tps, n_tg, _, tg_tps = matches[-1]
-        if int(n_pp) != n_prompt or int(n_tg) != n_gen:
+        # cparallel counts n_gen - 1 decode steps (its first token comes
+        # from the prefill logits); the rates are comparable either way.
+        if int(n_pp) != n_prompt or int(n_tg) not in (n_gen, n_gen - 1):
             print(f"  warning: cparallel reported {n_pp} prompt / {n_tg} "
                   f"decode tokens, expected {n_prompt} / {n_gen}",
                   file=sys.stderr)
         pp.append(float(pp_tps))
         tg.append(float(tg_tps))
-    return statistics.median(pp), statistics.median(tg)
+    print("  cparallel reps: pp " + " ".join(f"{x:.1f}" for x in pp) +
+          ", tg " + " ".join(f"{x:.1f}" for x in tg) + " tok/s",
+          file=sys.stderr)
+    return pp, tg
+
+
+def med(xs):
+    return None if not xs else statistics.median(xs)
+
+
+def reps_str(xs):
+    return "n/a" if not xs else " ".join(f"{x:.1f}" for x in xs)
 
 
 def fmt(x):
@@ -246,7 +262,9 @@ def main():
     tmpdir = tempfile.mkdtemp(prefix="cp_bench_")
     prompts = {}  # prompt ids depend only on the tokenizer; cache by model
     rows = []
+    details = []  # every repetition, tok/s
     t_start = time.time()
+    load_before = os.getloadavg()[0]
     for m in models:
         name = os.path.basename(m)
         tname, n_params = model_info(m)
@@ -259,13 +277,18 @@ def main():
             prompts[key] = pf
         prompt_file = prompts[key]
         print(f"{name}: llama.cpp ...", file=sys.stderr, flush=True)
-        l_pp, l_tg = bench_llamacpp(m, ids, a.gen, a.threads, a.reps)
-        c_pp = c_tg = None
+        l_pps, l_tgs = bench_llamacpp(m, ids, a.gen, a.threads, a.reps)
+        c_pps = c_tgs = None
         if not a.skip_cparallel:
             print(f"{name}: cparallel ...", file=sys.stderr, flush=True)
-            c_pp, c_tg = bench_cparallel(a.cparallel, m, prompt_file,
-                                         a.prompt_tokens, a.gen, a.threads,
-                                         a.reps)
+            c_pps, c_tgs = bench_cparallel(a.cparallel, m, prompt_file,
+                                           a.prompt_tokens, a.gen, a.threads,
+                                           a.reps)
+        details.append(f"- {name}: llama.cpp pp {reps_str(l_pps)}, tg "
+                       f"{reps_str(l_tgs)}; cparallel pp {reps_str(c_pps)}, "
+                       f"tg {reps_str(c_tgs)}")
+        l_pp, l_tg, c_pp, c_tg = med(l_pps), med(l_tgs), med(c_pps), \
+            med(c_tgs)
         rows.append((name, tname, n_params, l_pp, c_pp, l_tg, c_tg))
         print(f"  pp {fmt(l_pp)} / {fmt(c_pp)} tok/s, tg {fmt(l_tg)} / "
               f"{fmt(c_tg)} tok/s", file=sys.stderr, flush=True)
@@ -301,14 +324,17 @@ def main():
         f"- prompt: {a.prompt_tokens} tokens (one batch, n_batch=512), "
         f"decode: {a.gen} single-token greedy steps; median of {a.reps} "
         f"repetitions after one warm-up; model load not timed",
-        f"- wall time of the whole run: {elapsed:.0f} s",
+        f"- wall time of the whole run: {elapsed:.0f} s; 1-min load average "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other "
+        f"processes competing for the cores make the numbers lower)",
         "- ratio = cparallel / llama.cpp (above 1: cparallel faster)",
         "",
     ]
     os.makedirs(a.results_dir, exist_ok=True)
     out = os.path.join(a.results_dir, f"cpu_{now:%Y-%m-%d}.md")
     with open(out, "w", encoding="utf-8") as f:
-        f.write("\n".join(header) + table + "\n")
+        f.write("\n".join(header) + "\n" + table + "\n\nEvery repetition "
+                "(tok/s):\n\n" + "\n".join(details) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
 

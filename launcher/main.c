@@ -2,6 +2,7 @@
  * options, builds the engine through the runtime API, and turns statuses
  * into exit codes (0 ok, 1 runtime error, 2 usage error). */
 #include "cli.h"
+#include "cp_comm.h"
 #include "cp_gguf.h"
 #include "cp_runtime.h"
 
@@ -83,6 +84,45 @@ static bool parse_dtype(const char *s, cp_dtype *out) {
     return false;
 }
 
+/* ---- ranks ---------------------------------------------------------------- */
+
+/* The world and its tensor-/pipeline-parallel groups for tp x pp ranks.
+ * Returns 0, or the exit code after printing one line on every rank. */
+typedef struct ranks {
+    cp_comm_t world, tp, pp;
+    int rank, size;
+} ranks;
+
+static void ranks_free(ranks *r) {
+    cp_comm_free(r->tp);
+    cp_comm_free(r->pp);
+    cp_comm_free(r->world);
+}
+
+static int ranks_init(ranks *r, int tp, int pp, int timeout_ms) {
+    memset(r, 0, sizeof(*r));
+    if (cp_comm_init_world(CP_COMM_AUTO, timeout_ms, &r->world) != CP_OK) {
+        cli_report_error("cannot start the communicator");
+        return 1;
+    }
+    r->rank = cp_comm_rank(r->world);
+    r->size = cp_comm_size(r->world);
+    if (tp * pp != r->size) {
+        fprintf(stderr,
+                "cparallel: error: rank %d: --tp %d x --pp %d = %d ranks, but the job has %d (start it with "
+                "mpirun -np %d or change --tp/--pp)\n",
+                r->rank, tp, pp, tp * pp, r->size, tp * pp);
+        return 2;
+    }
+    /* ranks of one stage are consecutive: rank = pp_rank * tp + tp_rank */
+    if ((tp > 1 && cp_comm_split(r->world, r->rank / tp, r->rank, &r->tp) != CP_OK) ||
+        (pp > 1 && cp_comm_split(r->world, r->rank % tp, r->rank, &r->pp) != CP_OK)) {
+        cli_report_error("cannot create the parallel groups");
+        return 1;
+    }
+    return 0;
+}
+
 /* ---- generate ----------------------------------------------------------- */
 
 static bool print_token(void *user, int32_t token, const char *piece, size_t len) {
@@ -97,7 +137,7 @@ static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false;
-    int n = 256, threads = 0, ctx = 0, top_k = 40;
+    int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, timeout_s = 60;
     float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
     uint64_t seed = 0;
     const cli_opt opts[] = {
@@ -120,6 +160,10 @@ static int cmd_generate(int argc, char **argv) {
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
         {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", "convert weights at load to f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k", NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
+        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
+        {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
+        {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
+         "seconds before a collective that a rank misses fails (default 60, 0 = never)", NULL},
         {0},
     };
     const char *usage = "--model PATH (--prompt TEXT | --prompt-file FILE) [options]";
@@ -147,10 +191,25 @@ static int cmd_generate(int argc, char **argv) {
         if (read_file(prompt_file, &file_text)) return 1;
         prompt = file_text;
     }
+    ranks rk;
+    rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
+    if (rc) {
+        ranks_free(&rk);
+        free(file_text);
+        return rc;
+    }
+    const bool lead = rk.rank == 0; /* only rank 0 prints */
     if (!seed_seen) {
         FILE *r = fopen("/dev/urandom", "rb");
         if (!r || fread(&seed, sizeof(seed), 1, r) != 1) seed = (uint64_t)(cp_time_now() * 1e9);
         if (r) fclose(r);
+    }
+    /* every rank samples with rank 0's seed */
+    if (rk.size > 1 && cp_comm_bcast(rk.world, &seed, 1, CP_DTYPE_I64, 0, NULL) != CP_OK) {
+        cli_report_error("cannot share the seed");
+        ranks_free(&rk);
+        free(file_text);
+        return 1;
     }
 
     progress_state ps = {isatty(2), -1};
@@ -162,8 +221,13 @@ static int cmd_generate(int argc, char **argv) {
         .kv_f32 = kv_f32,
         .convert_weights = convert != NULL,
         .weight_dtype = convert_dtype,
-        .progress = no_progress ? NULL : on_progress,
+        .progress = no_progress || !lead ? NULL : on_progress,
         .progress_user = &ps,
+        .tp = tp,
+        .pp = pp,
+        .rank = rk.rank,
+        .tp_comm = rk.tp,
+        .pp_comm = rk.pp,
     };
     cp_engine_t e = NULL;
     char *text = NULL;
@@ -200,11 +264,15 @@ static int cmd_generate(int argc, char **argv) {
         .ignore_eos = ignore_eos,
     };
     cp_gen_stats gs;
-    if (!chat) fwrite(prompt, 1, strlen(prompt), stdout);
+    if (!chat && lead) fwrite(prompt, 1, strlen(prompt), stdout);
     fflush(stdout);
-    if (cp_engine_generate(e, ids, (int)n_ids, &gp, print_token, NULL, &gs) != CP_OK) {
-        fputc('\n', stdout);
+    if (cp_engine_generate(e, ids, (int)n_ids, &gp, lead ? print_token : NULL, NULL, &gs) != CP_OK) {
+        if (lead) fputc('\n', stdout);
         cli_report_error("generation failed");
+        goto out;
+    }
+    if (!lead) {
+        rc = 0;
         goto out;
     }
     fputc('\n', stdout);
@@ -221,6 +289,10 @@ out:
     free(text);
     free(file_text);
     cp_engine_free(e);
+    /* a rank that failed mid-collective would leave the others waiting:
+     * end the whole job (they also fail by their deadline) */
+    if (rc == 1 && rk.size > 1) cp_comm_abort(rk.world, 1);
+    ranks_free(&rk);
     return rc;
 }
 

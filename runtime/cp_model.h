@@ -15,8 +15,21 @@ extern "C" {
 typedef struct cp_model *cp_model_t;
 typedef struct cp_kv_cache *cp_kv_cache_t;
 
+struct cp_plan;
+struct cp_comm;
+
 typedef struct cp_model_load_opts {
     cp_backend_t backend;     /* borrowed; must outlive the model */
+    /* Multi-rank: tp x pp ranks share the model (0 counts as 1); `rank` is
+     * this process's rank among them (see cp_plan.h for the layout). The
+     * communicators of its tensor-parallel group (the tp ranks of its stage,
+     * ordered by tp_rank) and pipeline group (the pp ranks with its tp_rank,
+     * ordered by stage) are borrowed until cp_model_free; NULL when the
+     * group has one rank. Only this rank's slices are read from the file. */
+    int tp, pp, rank;
+    int edge_layer_discount;  /* layers moved off the first and last stage */
+    struct cp_comm *tp_comm;
+    struct cp_comm *pp_comm;
     /* When convert is set, every matrix weight is converted at load time to
      * convert_dtype (F32, F16, BF16 or a block type the backend can write),
      * e.g. to run a quantized file unquantized. */
@@ -35,6 +48,8 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
 void cp_model_free(cp_model_t m);
 
 const cp_model_config *cp_model_get_config(cp_model_t m);
+/* This rank's share of the model (the whole model on a single rank). */
+const struct cp_plan *cp_model_get_plan(cp_model_t m);
 cp_backend_t cp_model_backend(cp_model_t m);
 /* The GGUF handle when the model came from a GGUF file, else NULL (borrowed). */
 struct cp_gguf *cp_model_gguf(cp_model_t m);
@@ -42,8 +57,8 @@ struct cp_gguf *cp_model_gguf(cp_model_t m);
 const char *cp_model_path(cp_model_t m);
 
 typedef struct cp_model_stats {
-    int64_t n_params;            /* elements of all weight tensors */
-    size_t weight_bytes;         /* bytes of all weight tensors as stored */
+    int64_t n_params;            /* elements of the weights this rank holds */
+    size_t weight_bytes;         /* bytes of the weights this rank holds, as stored */
     int64_t count_by_dtype[CP_DTYPE_COUNT];   /* tensors per dtype */
     size_t bytes_by_dtype[CP_DTYPE_COUNT];
 } cp_model_stats;
@@ -93,6 +108,8 @@ typedef struct cp_batch {
 
 /* Runs the batch through every layer, writes K/V into the cache and the
  * logits of the requested rows to logits[n_logits][n_vocab] (host memory).
+ * Multi-rank: a collective over all ranks of the model (every rank calls it
+ * with the same batch); every rank receives the full logits.
  * Batches larger than the model's scratch capacity are processed in chunks.
  * Errors: CP_ERR_INVALID_ARG for a token id, position or block id out of
  * range (named in the message). */

@@ -21,8 +21,16 @@ typedef struct cp_engine_opts {
     int n_seq;                 /* sequences the KV cache is sized for (>= 1) */
     int kv_block_size;         /* tokens per KV block; <= 0: 16 */
     bool kv_f32;               /* store K/V in fp32 instead of the default fp16 */
+    bool tokens_only;          /* load no tokenizer: token ids in and out only
+                                  (cp_engine_tokenizer returns NULL, pieces are "") */
     bool convert_weights;      /* convert every matrix weight to weight_dtype at load */
     cp_dtype weight_dtype;
+    /* Multi-rank (see cp_model_load_opts): every rank of the tp x pp world
+     * creates its engine with the same options and calls the same
+     * generate/logits functions in the same order. */
+    int tp, pp, rank;
+    int edge_layer_discount;
+    struct cp_comm *tp_comm, *pp_comm;
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;
 } cp_engine_opts;
@@ -74,7 +82,8 @@ typedef struct cp_gen_stats {
 typedef bool (*cp_token_cb)(void *user, int32_t token, const char *piece, size_t len);
 
 /* Generates a continuation of prompt[n_prompt] (token ids) for one
- * sequence. End-of-generation tokens are not passed to cb.
+ * sequence. Multi-rank: a collective; every rank samples the same tokens
+ * (same seed, same gathered logits) and calls cb. End-of-generation tokens are not passed to cb.
  * Errors: CP_ERR_INVALID_ARG when the prompt is empty or longer than the
  * context (the message gives both lengths), backend errors. */
 cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,

@@ -78,14 +78,20 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
     cp_status st;
     CP_CHECK_GOTO(cp_backend_cpu_init(o->n_threads, &e->be), st, fail);
     cp_model_load_opts lo = {.backend = e->be,
+                             .tp = o->tp,
+                             .pp = o->pp,
+                             .rank = o->rank,
+                             .edge_layer_discount = o->edge_layer_discount,
+                             .tp_comm = o->tp_comm,
+                             .pp_comm = o->pp_comm,
                              .convert = o->convert_weights,
                              .convert_dtype = o->weight_dtype,
                              .progress = o->progress,
                              .progress_user = o->progress_user};
     CP_CHECK_GOTO(cp_model_load(o->model_path, &lo, &e->model), st, fail);
-    CP_CHECK_GOTO(load_tokenizer(e, o->model_path), st, fail);
+    if (!o->tokens_only) CP_CHECK_GOTO(load_tokenizer(e, o->model_path), st, fail);
     const cp_model_config *c = cp_model_get_config(e->model);
-    if (cp_tokenizer_n_vocab(e->tok) > c->n_vocab) {
+    if (e->tok && cp_tokenizer_n_vocab(e->tok) > c->n_vocab) {
         st = CP_ERROR(CP_ERR_FORMAT, "tokenizer has %d tokens but the model's vocabulary is %d",
                       cp_tokenizer_n_vocab(e->tok), c->n_vocab);
         goto fail;
@@ -217,7 +223,7 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
         float u = cp_rng_uniform(&rng);
         int32_t tok;
         CP_CHECK_GOTO(cp_backend_sample(e->be, e->logits, 1, vocab, &p->sample, &u, &tok), st, done);
-        if (!p->ignore_eos && cp_tokenizer_is_eog(e->tok, tok)) {
+        if (!p->ignore_eos && e->tok && cp_tokenizer_is_eog(e->tok, tok)) {
             stats->stop = CP_STOP_EOS;
             break;
         }
@@ -225,7 +231,8 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
         if (cb) {
             const char *piece = "";
             size_t len = 0;
-            if (tok < cp_tokenizer_n_vocab(e->tok)) CP_CHECK_GOTO(cp_tokenizer_piece(e->tok, tok, false, &piece, &len), st, done);
+            if (e->tok && tok < cp_tokenizer_n_vocab(e->tok))
+                CP_CHECK_GOTO(cp_tokenizer_piece(e->tok, tok, false, &piece, &len), st, done);
             if (!cb(user, tok, piece, len)) {
                 stats->stop = CP_STOP_CALLBACK;
                 break;

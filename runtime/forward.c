@@ -59,21 +59,82 @@ static cp_status upload_tables(cp_model_t m, const cp_batch *b, const int32_t **
     return CP_OK;
 }
 
-/* One chunk: batch rows [t0, t0+T). Logits of the requested rows inside the
- * chunk go to logits (host), rows counted from *logit_idx on. */
+/* The rows [t0, t0+T) of the token ids as seen by this rank's slice of a
+ * vocabulary-parallel embedding: ids outside the slice become row 0 and are
+ * zeroed after the lookup, so the all-reduce over the TP group sums exactly
+ * one real row per token. */
+static cp_status embed(cp_model_t m, const int32_t *tok_host, int T) {
+    cp_backend_t be = m->be;
+    const int dim = m->cfg.dim;
+    const int v0 = m->plan.vocab_begin, v1 = m->plan.vocab_end;
+    int32_t *ids = m->s.tokens; /* device buffer; host on the CPU */
+    bool host = cp_backend_device(be) == CP_DEVICE_CPU;
+    int32_t *local = host ? ids : m->ids_host;
+    for (int t = 0; t < T; t++) local[t] = tok_host[t] >= v0 && tok_host[t] < v1 ? tok_host[t] - v0 : 0;
+    if (!host) CP_CHECK(cp_backend_copy(be, ids, local, (size_t)T * 4, CP_COPY_HOST_TO_DEVICE));
+    CP_CHECK(cp_backend_embed(be, &m->w.tok_embd, ids, T, m->s.x));
+    if (!m->tp_comm) return CP_OK;
+    for (int t = 0; t < T; t++)
+        if (tok_host[t] < v0 || tok_host[t] >= v1)
+            CP_CHECK(cp_backend_memset(be, m->s.x + (size_t)t * dim, 0, (size_t)dim * sizeof(float)));
+    return cp_comm_allreduce(m->tp_comm, m->s.x, m->s.x, (size_t)T * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
+}
+
+/* Logits of n rows of normed hidden states (xb) into dst[n][vocab] (host):
+ * each TP rank multiplies its vocabulary rows, then the slices are gathered
+ * and laid side by side. */
+static cp_status lm_head(cp_model_t m, int n, float *dst) {
+    cp_backend_t be = m->be;
+    const cp_model_config *c = &m->cfg;
+    const int vocab = c->n_vocab, vl = m->vocab_l;
+    if (!m->tp_comm && cp_backend_device(be) == CP_DEVICE_CPU)
+        return cp_backend_matmul(be, &m->w.output, m->s.xb, n, dst, NULL);
+    for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
+        int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
+        float *rows = dst + (size_t)i * vocab;
+        CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
+        if (!m->tp_comm) {
+            CP_CHECK(cp_backend_copy(be, rows, m->logits, (size_t)k * vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST));
+            continue;
+        }
+        const int tp = m->plan.tp;
+        size_t counts[CP_MAX_TP];
+        for (int r = 0; r < tp; r++) {
+            int b, e;
+            cp_plan_split(vocab, tp, r, 1, &b, &e);
+            counts[r] = (size_t)k * (size_t)(e - b);
+        }
+        CP_CHECK(cp_comm_allgatherv(m->tp_comm, m->logits, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
+        size_t off = 0;
+        for (int r = 0; r < tp; r++) {
+            int b, e;
+            cp_plan_split(vocab, tp, r, 1, &b, &e);
+            for (int j = 0; j < k; j++)
+                memcpy(rows + (size_t)j * vocab + b, m->gather + off + (size_t)j * (e - b),
+                       (size_t)(e - b) * sizeof(float));
+            off += counts[r];
+        }
+    }
+    return CP_OK;
+}
+
+/* One chunk: batch rows [t0, t0+T) through this stage's layers. The first
+ * stage embeds, later ones receive the hidden states of the previous stage;
+ * the last stage computes the logits of the requested rows inside the chunk
+ * into logits (host), rows counted from *logit_idx on. */
 static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
                                const int32_t *tables, int t0, int T, int *logit_idx, float *logits) {
     const cp_model_config *c = &m->cfg;
+    const cp_plan *p = &m->plan;
     cp_backend_t be = m->be;
     cp_scratch *s = &m->s;
     bool host = cp_backend_device(be) == CP_DEVICE_CPU;
+    const size_t xn = (size_t)T * c->dim;
 
-    const int32_t *tok = b->tokens + t0, *pos = b->pos + t0, *seq = b->seq + t0;
+    const int32_t *pos = b->pos + t0, *seq = b->seq + t0;
     if (!host) {
-        CP_CHECK(cp_backend_copy(be, s->tokens, tok, (size_t)T * 4, CP_COPY_HOST_TO_DEVICE));
         CP_CHECK(cp_backend_copy(be, s->pos, pos, (size_t)T * 4, CP_COPY_HOST_TO_DEVICE));
         CP_CHECK(cp_backend_copy(be, s->seq, seq, (size_t)T * 4, CP_COPY_HOST_TO_DEVICE));
-        tok = s->tokens;
         pos = s->pos;
         seq = s->seq;
     }
@@ -88,8 +149,8 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     };
     cp_attn_params ap = {
         .n_tok = T,
-        .n_head = c->n_head,
-        .n_head_kv = c->n_head_kv,
+        .n_head = m->n_head_l,
+        .n_head_kv = m->n_kv_l,
         .head_dim = c->head_dim,
         .block_size = kv->block_size,
         .max_blocks = b->max_blocks,
@@ -100,27 +161,39 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         .block_tables = tables,
     };
 
-    CP_CHECK(cp_backend_embed(be, &m->w.tok_embd, tok, T, s->x));
-    for (int l = 0; l < c->n_layer; l++) {
+    if (p->first_stage)
+        CP_CHECK(embed(m, b->tokens + t0, T));
+    else
+        CP_CHECK(cp_comm_recv(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank - 1, NULL));
+    for (int l = 0; l < m->n_layer_l; l++) {
         const cp_layer_weights *L = &m->w.layers[l];
-        /* attention block */
+        /* attention block: column-parallel Q/K/V over this rank's heads,
+         * row-parallel output projection, then the sum over the TP group */
         CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->x, L->attn_norm, T, c->dim, c->norm_eps));
         CP_CHECK(cp_backend_matmul(be, &L->wq, s->xb, T, s->q, L->bq));
         CP_CHECK(cp_backend_matmul(be, &L->wk, s->xb, T, s->k, L->bk));
         CP_CHECK(cp_backend_matmul(be, &L->wv, s->xb, T, s->v, L->bv));
-        CP_CHECK(cp_backend_rope(be, s->q, pos, T, c->n_head, &rp));
-        CP_CHECK(cp_backend_rope(be, s->k, pos, T, c->n_head_kv, &rp));
+        CP_CHECK(cp_backend_rope(be, s->q, pos, T, m->n_head_l, &rp));
+        CP_CHECK(cp_backend_rope(be, s->k, pos, T, m->n_kv_l, &rp));
         CP_CHECK(cp_backend_kv_store(be, &ap, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
         CP_CHECK(cp_backend_attention(be, &ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
         CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
-        CP_CHECK(cp_backend_add(be, s->x, s->x, s->proj, (size_t)T * c->dim));
-        /* SwiGLU MLP */
+        if (m->tp_comm)
+            CP_CHECK(cp_comm_allreduce(m->tp_comm, s->proj, s->proj, xn, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+        CP_CHECK(cp_backend_add(be, s->x, s->x, s->proj, xn));
+        /* SwiGLU MLP: column-parallel gate/up, row-parallel down */
         CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->x, L->ffn_norm, T, c->dim, c->norm_eps));
         CP_CHECK(cp_backend_matmul(be, &L->w_gate, s->xb, T, s->att, NULL));
         CP_CHECK(cp_backend_matmul(be, &L->w_up, s->xb, T, s->up, NULL));
-        CP_CHECK(cp_backend_swiglu(be, s->att, s->att, s->up, (size_t)T * c->ffn_dim));
+        CP_CHECK(cp_backend_swiglu(be, s->att, s->att, s->up, (size_t)T * m->ffn_l));
         CP_CHECK(cp_backend_matmul(be, &L->w_down, s->att, T, s->proj, NULL));
-        CP_CHECK(cp_backend_add(be, s->x, s->x, s->proj, (size_t)T * c->dim));
+        if (m->tp_comm)
+            CP_CHECK(cp_comm_allreduce(m->tp_comm, s->proj, s->proj, xn, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+        CP_CHECK(cp_backend_add(be, s->x, s->x, s->proj, xn));
+    }
+    if (!p->last_stage) {
+        CP_CHECK(cp_comm_send(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank + 1, NULL));
+        return CP_OK;
     }
 
     /* gather the rows that want logits into xb, then norm + LM head */
@@ -128,22 +201,12 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     while (*logit_idx + n < b->n_logits && b->logit_rows[*logit_idx + n] < t0 + T) {
         int r = b->logit_rows[*logit_idx + n] - t0;
         CP_CHECK(cp_backend_copy(be, s->xb + (size_t)n * c->dim, s->x + (size_t)r * c->dim,
-                                     (size_t)c->dim * sizeof(float), CP_COPY_DEVICE_TO_DEVICE));
+                                 (size_t)c->dim * sizeof(float), CP_COPY_DEVICE_TO_DEVICE));
         n++;
     }
     if (n == 0) return CP_OK;
     CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->xb, m->w.out_norm, n, c->dim, c->norm_eps));
-    float *dst = logits + (size_t)(*logit_idx) * c->n_vocab;
-    if (host) {
-        CP_CHECK(cp_backend_matmul(be, &m->w.output, s->xb, n, dst, NULL));
-    } else {
-        for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
-            int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
-            CP_CHECK(cp_backend_matmul(be, &m->w.output, s->xb + (size_t)i * c->dim, k, m->logits, NULL));
-            CP_CHECK(cp_backend_copy(be, dst + (size_t)i * c->n_vocab, m->logits,
-                                     (size_t)k * c->n_vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST));
-        }
-    }
+    CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * c->n_vocab));
     *logit_idx += n;
     return CP_OK;
 }
@@ -161,5 +224,10 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
         int T = b->n_tok - t0 < m->max_batch ? b->n_tok - t0 : m->max_batch;
         CP_CHECK(forward_chunk(m, kv, b, tables, t0, T, &logit_idx, logits));
     }
-    return cp_backend_synchronize(m->be);
+    CP_CHECK(cp_backend_synchronize(m->be));
+    /* the last stage has the logits; every rank of the pipeline gets them */
+    if (m->pp_comm && b->n_logits > 0)
+        CP_CHECK(cp_comm_bcast(m->pp_comm, logits, (size_t)b->n_logits * m->cfg.n_vocab, CP_DTYPE_F32,
+                               m->plan.pp - 1, NULL));
+    return CP_OK;
 }

@@ -20,7 +20,8 @@ cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *o, cp_kv_cache_
     kv->n_blocks = o->n_blocks;
     kv->block_size = o->block_size;
     kv->dtype = o->dtype;
-    kv->layer_bytes = (size_t)o->n_blocks * (size_t)o->block_size * (size_t)c->n_head_kv *
+    /* this rank's KV heads of this stage's layers */
+    kv->layer_bytes = (size_t)o->n_blocks * (size_t)o->block_size * (size_t)m->n_kv_l *
                       (size_t)c->head_dim * cp_dtype_type_size(o->dtype);
     kv->refs = calloc((size_t)o->n_blocks, sizeof(int32_t));
     kv->free_list = malloc((size_t)o->n_blocks * sizeof(int32_t));
@@ -28,10 +29,10 @@ cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *o, cp_kv_cache_
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
     }
-    CP_CHECK_GOTO(cp_backend_alloc(m->be, 2 * (size_t)c->n_layer * kv->layer_bytes, &kv->mem), st,
+    CP_CHECK_GOTO(cp_backend_alloc(m->be, 2 * (size_t)m->n_layer_l * kv->layer_bytes, &kv->mem), st,
                   fail);
     /* zeroed so that unwritten slots never hold NaN bit patterns */
-    CP_CHECK_GOTO(cp_backend_memset(m->be, kv->mem, 0, 2 * (size_t)c->n_layer * kv->layer_bytes), st,
+    CP_CHECK_GOTO(cp_backend_memset(m->be, kv->mem, 0, 2 * (size_t)m->n_layer_l * kv->layer_bytes), st,
                   fail);
     /* stack with the lowest id on top */
     for (int i = 0; i < o->n_blocks; i++) kv->free_list[i] = o->n_blocks - 1 - i;
@@ -54,7 +55,7 @@ void cp_kv_cache_free(cp_kv_cache_t kv) {
 int cp_kv_cache_block_size(cp_kv_cache_t kv) { return kv->block_size; }
 int cp_kv_cache_n_blocks(cp_kv_cache_t kv) { return kv->n_blocks; }
 int cp_kv_cache_n_free(cp_kv_cache_t kv) { return kv->n_free; }
-size_t cp_kv_cache_bytes(cp_kv_cache_t kv) { return 2 * (size_t)kv->model->cfg.n_layer * kv->layer_bytes; }
+size_t cp_kv_cache_bytes(cp_kv_cache_t kv) { return 2 * (size_t)kv->model->n_layer_l * kv->layer_bytes; }
 
 cp_status cp_kv_cache_alloc_blocks(cp_kv_cache_t kv, int n, int32_t *out) {
     if (n < 0) return CP_ERROR(CP_ERR_INVALID_ARG, "negative block count");

@@ -31,6 +31,7 @@ cp_status cp_model_config_validate(const cp_model_config *c) {
 }
 
 const cp_model_config *cp_model_get_config(cp_model_t m) { return &m->cfg; }
+const cp_plan *cp_model_get_plan(cp_model_t m) { return &m->plan; }
 cp_backend_t cp_model_backend(cp_model_t m) { return m->be; }
 struct cp_gguf *cp_model_gguf(cp_model_t m) { return m->gguf; }
 const char *cp_model_path(cp_model_t m) { return m->path; }
@@ -79,49 +80,21 @@ static void progress(cp_model_t m, const cp_model_load_opts *o, size_t add) {
     if (o && o->progress) o->progress(o->progress_user, m->loaded_bytes, m->total_bytes);
 }
 
-/* Converts a [rows][cols] weight to dtype t row by row through fp32 on the
- * host (the CPU backend's dequantize/quantize), placing the result on the
- * model's backend. */
-static cp_status convert_matrix(cp_model_t m, const cp_weight_info *w, const char *name, int64_t rows,
-                                int64_t cols, cp_dtype t, cp_tensor *out) {
-    if (cols % cp_dtype_block_size(t) != 0)
-        return CP_ERROR(CP_ERR_INVALID_ARG, "cannot convert '%s' to %s: %lld columns are not whole blocks", name,
-                        cp_dtype_name(t), (long long)cols);
-    cp_backend_t host = NULL;
-    float *row = NULL;
-    void *dst = NULL;
-    cp_status st;
-    size_t row_bytes = cp_dtype_row_size(t, cols);
-    CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, fail);
-    if (!cp_backend_supports(host, t) || !cp_backend_supports(host, w->dtype)) {
-        st = CP_ERROR(CP_ERR_UNSUPPORTED, "cannot convert '%s' from %s to %s", name, cp_dtype_name(w->dtype),
-                      cp_dtype_name(t));
-        goto fail;
-    }
-    row = malloc((size_t)cols * sizeof(float));
-    dst = malloc(row_bytes * (size_t)rows);
-    if (!row || !dst) {
-        st = CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
-        goto fail;
-    }
-    cp_tensor src = cp_tensor_2d(w->dtype, rows, cols, (void *)w->data);
-    for (int64_t r = 0; r < rows; r++) {
-        CP_CHECK_GOTO(cp_backend_dequantize(host, &src, r, 1, row), st, fail);
-        CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, cols, (char *)dst + (size_t)r * row_bytes), st, fail);
-    }
-    *out = cp_tensor_2d(t, rows, cols, NULL);
-    CP_CHECK_GOTO(place(m, dst, row_bytes * (size_t)rows, &out->data), st, fail);
-    out->device = cp_backend_device(m->be);
-fail:
-    free(row);
-    free(dst);
-    cp_backend_free(host);
-    return st;
-}
+/* A slice [r0, r1) x [c0, c1) of a matrix weight stored as [rows][cols]:
+ * rows and columns of the full tensor are checked against the
+ * configuration, then only the slice is read. Row slices of the CPU backend
+ * point into the mapped file; column slices (row-parallel weights) and
+ * device backends get a copy. c0 and c1 must be block boundaries (or c1 the
+ * row end), which the parallel plan guarantees. */
+typedef struct slice {
+    int64_t r0, r1, c0, c1;
+} slice;
 
-/* A matrix weight of shape [rows][cols] in its stored dtype. */
+/* Element alignment typed loads need (block structs hold fp16 fields). */
+static size_t dtype_align(cp_dtype t) { return t == CP_DTYPE_F32 ? 4 : 2; }
+
 static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const char *name,
-                            int64_t rows, int64_t cols, bool optional, cp_tensor *out) {
+                            int64_t rows, int64_t cols, slice sl, bool optional, cp_tensor *out) {
     memset(out, 0, sizeof(*out));
     const cp_weight_info *w = find_weight(m, name);
     if (!w) {
@@ -134,29 +107,78 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
                         "requires [%lld, %lld] (inner dimension first)",
                         name, (long long)w->ne[0], (long long)w->ne[1], (long long)w->ne[2],
                         (long long)w->ne[3], (long long)cols, (long long)rows);
-    if (!cp_backend_supports(m->be, w->dtype))
+    const cp_dtype t0 = w->dtype;
+    const int64_t bs = cp_dtype_block_size(t0);
+    if (sl.c0 % bs != 0 || (sl.c1 % bs != 0 && sl.c1 != cols))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "the parallel layout cuts a %s block of '%s' (columns %lld..%lld)",
+                        cp_dtype_name(t0), name, (long long)sl.c0, (long long)sl.c1);
+    const bool convert = o && o->convert && o->convert_dtype != t0;
+    const cp_dtype t = convert ? o->convert_dtype : t0;
+    if (!cp_backend_supports(m->be, t0) || !cp_backend_supports(m->be, t))
         return CP_ERROR(CP_ERR_UNSUPPORTED, "tensor '%s' has type %s, which the %s backend cannot use",
-                        name, cp_dtype_name(w->dtype), cp_backend_name(m->be));
-    account(m, w);
-    if (o && o->convert && o->convert_dtype != w->dtype) {
-        CP_CHECK(convert_matrix(m, w, name, rows, cols, o->convert_dtype, out));
-        progress(m, o, w->nbytes);
+                        name, cp_dtype_name(convert ? t : t0), cp_backend_name(m->be));
+    const int64_t nr = sl.r1 - sl.r0, nc = sl.c1 - sl.c0;
+    const size_t src_row = cp_dtype_row_size(t0, cols);
+    const size_t part_off = (size_t)(sl.c0 / bs) * cp_dtype_type_size(t0);
+    const size_t part_bytes = cp_dtype_row_size(t0, nc);
+    const char *base = (const char *)w->data + (size_t)sl.r0 * src_row;
+    cp_weight_info part = *w;
+    part.ne[0] = nc;
+    part.ne[1] = nr;
+    part.nbytes = part_bytes * (size_t)nr;
+    account(m, &part);
+    *out = cp_tensor_2d(t, nr, nc, NULL);
+    out->device = cp_backend_device(m->be);
+    const bool row_slice = sl.c0 == 0 && sl.c1 == cols;
+    if (!convert && row_slice && cp_backend_device(m->be) == CP_DEVICE_CPU &&
+        (uintptr_t)base % dtype_align(t0) == 0) {
+        out->data = (void *)base; /* zero-copy: only touched pages become resident */
+        progress(m, o, part.nbytes);
         return CP_OK;
     }
-    *out = cp_tensor_2d(w->dtype, rows, cols, (void *)w->data);
-    /* files with unpadded headers can leave data unaligned: kernels get an
-     * aligned copy rather than misaligned typed loads */
-    if (cp_backend_device(m->be) != CP_DEVICE_CPU || (uintptr_t)w->data % 32 != 0) {
-        CP_CHECK(place(m, w->data, w->nbytes, &out->data));
-        out->device = cp_backend_device(m->be);
+    /* gather the slice on the host, converting when asked, then place it */
+    cp_backend_t host = NULL;
+    float *row = NULL;
+    char *dst = NULL;
+    cp_status st = CP_OK;
+    const size_t dst_row = cp_dtype_row_size(t, nc);
+    dst = malloc(dst_row * (size_t)nr + 1);
+    if (!dst) return CP_ERROR(CP_ERR_OOM, "out of memory reading '%s'", name);
+    if (convert) {
+        if (nc % cp_dtype_block_size(t) != 0) {
+            st = CP_ERROR(CP_ERR_INVALID_ARG, "cannot convert '%s' to %s: %lld columns are not whole blocks", name,
+                          cp_dtype_name(t), (long long)nc);
+            goto done;
+        }
+        row = malloc((size_t)nc * sizeof(float));
+        if (!row) {
+            st = CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
+            goto done;
+        }
+        CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, done);
     }
-    progress(m, o, w->nbytes);
-    return CP_OK;
+    for (int64_t r = 0; r < nr; r++) {
+        const char *src = base + (size_t)r * src_row + part_off;
+        if (!convert) {
+            memcpy(dst + (size_t)r * dst_row, src, part_bytes);
+            continue;
+        }
+        cp_tensor one = cp_tensor_2d(t0, 1, nc, (void *)src);
+        CP_CHECK_GOTO(cp_backend_dequantize(host, &one, 0, 1, row), st, done);
+        CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, nc, dst + (size_t)r * dst_row), st, done);
+    }
+    CP_CHECK_GOTO(place(m, dst, dst_row * (size_t)nr, &out->data), st, done);
+    progress(m, o, part.nbytes);
+done:
+    free(row);
+    free(dst);
+    cp_backend_free(host);
+    return st;
 }
 
 /* A vector (norm weight or bias) of n elements, converted to fp32. */
 static cp_status get_vector(cp_model_t m, const cp_model_load_opts *o, const char *name, int64_t n,
-                            bool optional, float **out) {
+                            int64_t i0, int64_t i1, bool optional, float **out) {
     *out = NULL;
     const cp_weight_info *w = find_weight(m, name);
     if (!w) {
@@ -167,30 +189,36 @@ static cp_status get_vector(cp_model_t m, const cp_model_load_opts *o, const cha
         return CP_ERROR(CP_ERR_FORMAT, "tensor '%s' has %lld x %lld elements but the configuration requires %lld",
                         name, (long long)w->ne[0], (long long)(w->ne[1] * w->ne[2] * w->ne[3]),
                         (long long)n);
-    account(m, w);
+    cp_weight_info part = *w;
+    part.ne[0] = i1 - i0;
+    part.nbytes = w->nbytes / (size_t)n * (size_t)(i1 - i0);
+    account(m, &part);
     float *host = NULL;
     cp_status st = CP_OK;
+    const size_t es = w->nbytes / (size_t)n;
+    const char *src = (const char *)w->data + (size_t)i0 * es;
+    n = i1 - i0;
     if (w->dtype == CP_DTYPE_F32 && cp_backend_device(m->be) == CP_DEVICE_CPU &&
-        ((uintptr_t)w->data % sizeof(float)) == 0) {
-        *out = (float *)w->data;
-        progress(m, o, w->nbytes);
+        ((uintptr_t)src % sizeof(float)) == 0) {
+        *out = (float *)src;
+        progress(m, o, part.nbytes);
         return CP_OK;
     }
     host = malloc((size_t)n * sizeof(float));
     if (!host) return CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
     switch (w->dtype) {
-    case CP_DTYPE_F32: memcpy(host, w->data, (size_t)n * sizeof(float)); break;
+    case CP_DTYPE_F32: memcpy(host, src, (size_t)n * sizeof(float)); break;
     case CP_DTYPE_F16:
         for (int64_t i = 0; i < n; i++) {
             cp_fp16_t h;
-            memcpy(&h, (const char *)w->data + 2 * i, 2);
+            memcpy(&h, src + 2 * i, 2);
             host[i] = cp_fp16_to_fp32(h);
         }
         break;
     case CP_DTYPE_BF16:
         for (int64_t i = 0; i < n; i++) {
             cp_bf16_t h;
-            memcpy(&h, (const char *)w->data + 2 * i, 2);
+            memcpy(&h, src + 2 * i, 2);
             host[i] = cp_bf16_to_fp32(h);
         }
         break;
@@ -200,7 +228,7 @@ static cp_status get_vector(cp_model_t m, const cp_model_load_opts *o, const cha
         goto fail;
     }
     CP_CHECK_GOTO(place(m, host, (size_t)n * sizeof(float), (void **)out), st, fail);
-    progress(m, o, w->nbytes);
+    progress(m, o, part.nbytes);
 fail:
     free(host);
     return st;
@@ -236,42 +264,97 @@ static cp_status llama3_freq_factors(cp_model_t m) {
     return st;
 }
 
+/* The largest block size of the row-parallel matrices (attention output,
+ * FFN down): tensor-parallel split points must fall on its multiples. */
+static int row_block(cp_model_t m) {
+    int rb = 1;
+    char name[64];
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        const char *names[2] = {"attn_output.weight", "ffn_down.weight"};
+        for (int k = 0; k < 2; k++) {
+            snprintf(name, sizeof(name), "blk.%d.%s", l, names[k]);
+            const cp_weight_info *w = find_weight(m, name);
+            if (w && cp_dtype_block_size(w->dtype) > rb) rb = (int)cp_dtype_block_size(w->dtype);
+        }
+    }
+    return rb;
+}
+
+static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
+    const cp_model_config *c = &m->cfg;
+    cp_plan_shape s = {c->n_layer, c->n_head, c->n_head_kv, c->head_dim, c->ffn_dim, c->n_vocab, row_block(m)};
+    cp_plan_opts po = {o->tp > 0 ? o->tp : 1, o->pp > 0 ? o->pp : 1, o->edge_layer_discount};
+    CP_CHECK(cp_plan_init(&s, &po, o->rank, &m->plan));
+    if ((po.tp > 1 && !o->tp_comm) || (po.pp > 1 && !o->pp_comm))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "tp=%d pp=%d needs the tensor- and pipeline-parallel communicators",
+                        po.tp, po.pp);
+    if ((o->tp_comm && cp_comm_size(o->tp_comm) != po.tp) || (o->pp_comm && cp_comm_size(o->pp_comm) != po.pp))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "communicator sizes do not match tp=%d pp=%d", po.tp, po.pp);
+    m->tp_comm = po.tp > 1 ? o->tp_comm : NULL;
+    m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
+    return CP_OK;
+}
+
 static cp_status build(cp_model_t m, const cp_model_load_opts *o) {
     const cp_model_config *c = &m->cfg;
-    int64_t q_dim = (int64_t)c->n_head * c->head_dim;
-    int64_t kv_dim = (int64_t)c->n_head_kv * c->head_dim;
+    const cp_plan *p = &m->plan;
+    const int hd = c->head_dim;
+    int64_t q_dim = (int64_t)c->n_head * hd;
+    int64_t kv_dim = (int64_t)c->n_head_kv * hd;
+    /* this rank's rows of Q, of K/V, of gate/up, and of the vocabulary */
+    const int64_t q0 = (int64_t)p->head_begin * hd, q1 = (int64_t)p->head_end * hd;
+    const int64_t k0 = (int64_t)p->kv_head_begin * hd, k1 = (int64_t)p->kv_head_end * hd;
+    const int64_t f0 = p->ffn_begin, f1 = p->ffn_end;
+    const int64_t v0 = p->vocab_begin, v1 = p->vocab_end;
     char name[128];
 
-    m->w.layers = calloc((size_t)c->n_layer, sizeof(cp_layer_weights));
+    m->n_layer_l = p->layer_end - p->layer_begin;
+    m->n_head_l = p->head_end - p->head_begin;
+    m->n_kv_l = p->kv_head_end - p->kv_head_begin;
+    m->ffn_l = p->ffn_end - p->ffn_begin;
+    m->vocab_l = p->vocab_end - p->vocab_begin;
+    m->w.layers = calloc((size_t)m->n_layer_l, sizeof(cp_layer_weights));
     if (!m->w.layers) return CP_ERROR(CP_ERR_OOM, "out of memory");
-    CP_CHECK(get_matrix(m, o, "token_embd.weight", c->n_vocab, c->dim, false, &m->w.tok_embd));
-    CP_CHECK(get_vector(m, o, "output_norm.weight", c->dim, false, &m->w.out_norm));
-    if (c->tied_embeddings) {
-        m->w.output = m->w.tok_embd;
-    } else {
-        CP_CHECK(get_matrix(m, o, "output.weight", c->n_vocab, c->dim, false, &m->w.output));
+    /* the embedding lives on the first stage, the LM head (often the same
+     * tensor) on the last; both are split by vocabulary rows */
+    if (p->first_stage || (p->last_stage && c->tied_embeddings))
+        CP_CHECK(get_matrix(m, o, "token_embd.weight", c->n_vocab, c->dim, (slice){v0, v1, 0, c->dim}, false,
+                            &m->w.tok_embd));
+    if (p->last_stage) {
+        CP_CHECK(get_vector(m, o, "output_norm.weight", c->dim, 0, c->dim, false, &m->w.out_norm));
+        if (c->tied_embeddings)
+            m->w.output = m->w.tok_embd;
+        else
+            CP_CHECK(get_matrix(m, o, "output.weight", c->n_vocab, c->dim, (slice){v0, v1, 0, c->dim}, false,
+                                &m->w.output));
     }
     const cp_weight_info *rf = find_weight(m, "rope_freqs.weight");
     if (rf) {
-        CP_CHECK(get_vector(m, o, "rope_freqs.weight", c->rot_dim / 2, false, &m->w.rope_freqs));
+        CP_CHECK(get_vector(m, o, "rope_freqs.weight", c->rot_dim / 2, 0, c->rot_dim / 2, false,
+                            &m->w.rope_freqs));
     } else if (c->rope_llama3_factor > 0) {
         CP_CHECK(llama3_freq_factors(m));
     }
-    for (int l = 0; l < c->n_layer; l++) {
-        cp_layer_weights *L = &m->w.layers[l];
+    for (int li = 0; li < m->n_layer_l; li++) {
+        const int l = p->layer_begin + li;
+        cp_layer_weights *L = &m->w.layers[li];
 #define NAME(s) (snprintf(name, sizeof(name), "blk.%d." s, l), name)
-        CP_CHECK(get_vector(m, o, NAME("attn_norm.weight"), c->dim, false, &L->attn_norm));
-        CP_CHECK(get_matrix(m, o, NAME("attn_q.weight"), q_dim, c->dim, false, &L->wq));
-        CP_CHECK(get_matrix(m, o, NAME("attn_k.weight"), kv_dim, c->dim, false, &L->wk));
-        CP_CHECK(get_matrix(m, o, NAME("attn_v.weight"), kv_dim, c->dim, false, &L->wv));
-        CP_CHECK(get_matrix(m, o, NAME("attn_output.weight"), c->dim, q_dim, false, &L->wo));
-        CP_CHECK(get_vector(m, o, NAME("attn_q.bias"), q_dim, !c->qkv_bias, &L->bq));
-        CP_CHECK(get_vector(m, o, NAME("attn_k.bias"), kv_dim, !c->qkv_bias, &L->bk));
-        CP_CHECK(get_vector(m, o, NAME("attn_v.bias"), kv_dim, !c->qkv_bias, &L->bv));
-        CP_CHECK(get_vector(m, o, NAME("ffn_norm.weight"), c->dim, false, &L->ffn_norm));
-        CP_CHECK(get_matrix(m, o, NAME("ffn_gate.weight"), c->ffn_dim, c->dim, false, &L->w_gate));
-        CP_CHECK(get_matrix(m, o, NAME("ffn_up.weight"), c->ffn_dim, c->dim, false, &L->w_up));
-        CP_CHECK(get_matrix(m, o, NAME("ffn_down.weight"), c->dim, c->ffn_dim, false, &L->w_down));
+        CP_CHECK(get_vector(m, o, NAME("attn_norm.weight"), c->dim, 0, c->dim, false, &L->attn_norm));
+        CP_CHECK(get_matrix(m, o, NAME("attn_q.weight"), q_dim, c->dim, (slice){q0, q1, 0, c->dim}, false, &L->wq));
+        CP_CHECK(get_matrix(m, o, NAME("attn_k.weight"), kv_dim, c->dim, (slice){k0, k1, 0, c->dim}, false, &L->wk));
+        CP_CHECK(get_matrix(m, o, NAME("attn_v.weight"), kv_dim, c->dim, (slice){k0, k1, 0, c->dim}, false, &L->wv));
+        CP_CHECK(get_matrix(m, o, NAME("attn_output.weight"), c->dim, q_dim, (slice){0, c->dim, q0, q1}, false,
+                            &L->wo));
+        CP_CHECK(get_vector(m, o, NAME("attn_q.bias"), q_dim, q0, q1, !c->qkv_bias, &L->bq));
+        CP_CHECK(get_vector(m, o, NAME("attn_k.bias"), kv_dim, k0, k1, !c->qkv_bias, &L->bk));
+        CP_CHECK(get_vector(m, o, NAME("attn_v.bias"), kv_dim, k0, k1, !c->qkv_bias, &L->bv));
+        CP_CHECK(get_vector(m, o, NAME("ffn_norm.weight"), c->dim, 0, c->dim, false, &L->ffn_norm));
+        CP_CHECK(get_matrix(m, o, NAME("ffn_gate.weight"), c->ffn_dim, c->dim, (slice){f0, f1, 0, c->dim}, false,
+                            &L->w_gate));
+        CP_CHECK(get_matrix(m, o, NAME("ffn_up.weight"), c->ffn_dim, c->dim, (slice){f0, f1, 0, c->dim}, false,
+                            &L->w_up));
+        CP_CHECK(get_matrix(m, o, NAME("ffn_down.weight"), c->dim, c->ffn_dim, (slice){0, c->dim, f0, f1}, false,
+                            &L->w_down));
 #undef NAME
     }
     return CP_OK;
@@ -338,13 +421,24 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
         for (int64_t i = 0; i < cp_gguf_n_tensors(m->gguf); i++)
             m->total_bytes += cp_gguf_tensor(m->gguf, i)->nbytes;
     }
+    CP_CHECK_GOTO(make_plan(m, opts), st, fail);
     CP_CHECK_GOTO(build(m, opts), st, fail);
     m->max_batch = 512;
     CP_CHECK_GOTO(alloc_scratch(m), st, fail);
-    if (cp_backend_device(m->be) != CP_DEVICE_CPU)
+    if (cp_backend_device(m->be) != CP_DEVICE_CPU || m->tp_comm)
         CP_CHECK_GOTO(cp_backend_alloc(m->be, (size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float),
                                        (void **)&m->logits),
                       st, fail);
+    m->gather = malloc((size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float));
+    m->ids_host = malloc((size_t)m->max_batch * sizeof(int32_t));
+    if (!m->gather || !m->ids_host) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto fail;
+    }
+    if (m->plan.tp > CP_MAX_TP) {
+        st = CP_ERROR(CP_ERR_INVALID_ARG, "tp=%d exceeds %d", m->plan.tp, CP_MAX_TP);
+        goto fail;
+    }
     *out = m;
     return CP_OK;
 fail:
@@ -359,6 +453,8 @@ void cp_model_free(cp_model_t m) {
     cp_backend_dealloc(m->be, m->scratch);
     cp_backend_dealloc(m->be, m->tables);
     cp_backend_dealloc(m->be, m->logits);
+    free(m->gather);
+    free(m->ids_host);
     free(m->w.layers);
     cp_gguf_close(m->gguf);
     if (m->hf_close) m->hf_close(m->find_ctx);

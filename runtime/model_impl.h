@@ -4,10 +4,13 @@
 #ifndef CP_MODEL_IMPL_H
 #define CP_MODEL_IMPL_H
 
+#include "cp_comm.h"
 #include "cp_gguf.h"
 #include "cp_model.h"
+#include "cp_plan.h"
 
-#define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend */
+#define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend or with TP */
+#define CP_MAX_TP 1024      /* tensor-parallel ranks per stage */
 
 typedef struct cp_layer_weights {
     float *attn_norm;           /* [dim] */
@@ -23,7 +26,7 @@ typedef struct cp_model_weights {
     cp_tensor output;           /* [vocab][dim]; equals tok_embd when tied */
     float *out_norm;            /* [dim] */
     float *rope_freqs;          /* [rot_dim/2] or NULL */
-    cp_layer_weights *layers;   /* [n_layer] */
+    cp_layer_weights *layers;   /* [layers of this stage] */
 } cp_model_weights;
 
 /* Activations of one chunk of at most max_batch tokens, carved from one
@@ -43,6 +46,14 @@ struct cp_model {
     cp_backend_t be;
     char *path;
     cp_model_config cfg;
+    /* this rank's share (the whole model on a single rank) */
+    cp_plan plan;
+    cp_comm_t tp_comm, pp_comm;  /* borrowed; NULL on a single rank */
+    int n_layer_l;               /* layers of this stage */
+    int n_head_l, n_kv_l;        /* query / KV heads of this TP rank */
+    int ffn_l, vocab_l;          /* FFN columns, vocabulary rows */
+    float *gather;               /* [CP_LOGIT_CHUNK][vocab] host: logit slices gathered over TP */
+    int32_t *ids_host;           /* [max_batch] host: token ids of this rank's vocabulary slice */
     cp_model_weights w;
     cp_model_stats stats;
     cp_gguf_t gguf;
@@ -59,7 +70,7 @@ struct cp_model {
     cp_scratch s;
     void *tables;       /* device copy of the block tables (device backends) */
     size_t tables_bytes;
-    float *logits;      /* [LOGIT_CHUNK][vocab] (device backends) */
+    float *logits;      /* [CP_LOGIT_CHUNK][vocab_l] device (device backends or TP) */
 };
 
 struct cp_kv_cache {
@@ -81,7 +92,7 @@ static inline void *cp_kv_layer_k(cp_kv_cache_t kv, int l) {
     return (char *)kv->mem + (size_t)l * kv->layer_bytes;
 }
 static inline void *cp_kv_layer_v(cp_kv_cache_t kv, int l) {
-    return (char *)kv->mem + ((size_t)kv->model->cfg.n_layer + (size_t)l) * kv->layer_bytes;
+    return (char *)kv->mem + ((size_t)kv->model->n_layer_l + (size_t)l) * kv->layer_bytes;
 }
 
 #endif /* CP_MODEL_IMPL_H */

@@ -1,0 +1,354 @@
+/* comm.c - the public communicator calls: argument checks, the broken-after-
+ * timeout rule, then dispatch to the backend's table. Also the backend
+ * registry (cp_comm_init_world), the only place outside the backend files
+ * that knows which backends this build contains. */
+#include "comm_impl.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+cp_status cp_comm_handle_new(const struct cp_comm_i *iface, cp_comm_kind kind, const char *label,
+                             cp_comm_t *out) {
+    *out = NULL;
+    cp_comm_t c = calloc(1, sizeof(*c));
+    if (!c) return CP_ERROR(CP_ERR_OOM, "out of memory allocating a communicator");
+    c->iface = iface;
+    c->kind = kind;
+    c->size = 1;
+    c->local_size = 1;
+    c->timeout_ms = CP_COMM_TIMEOUT_DEFAULT_MS;
+    snprintf(c->label, sizeof(c->label), "%s", label);
+    *out = c;
+    return CP_OK;
+}
+
+void cp_comm_handle_delete(cp_comm_t c) {
+    free(c);
+}
+
+#ifdef CP_HAVE_MPI
+/* True when an MPI launcher (mpirun/mpiexec, srun with PMI or PMIx) started
+ * this process. Checked before MPI_Init so that a plain single-process run
+ * under AUTO never initialises MPI. */
+static bool started_by_mpi_launcher(void) {
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE",
+                                       "MV2_COMM_WORLD_SIZE"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
+        if (getenv(vars[i])) return true;
+    return false;
+}
+#endif
+
+static cp_status create_world(cp_comm_kind kind, int timeout_ms, cp_comm_t *out) {
+    (void)timeout_ms; /* unused when built without MPI and NCCL */
+    switch (kind) {
+    case CP_COMM_SELF: return cp_comm_self_create(out);
+    case CP_COMM_AUTO: {
+#ifdef CP_HAVE_MPI
+        if (started_by_mpi_launcher()) {
+            int world = 0;
+            CP_CHECK(cp_comm_mpi_env_acquire(&world));
+            cp_status st;
+            if (world > 1) {
+                st = cp_comm_mpi_world_create(timeout_ms, out);
+                cp_comm_mpi_env_release(false); /* the world comm holds its own reference */
+                return st;
+            }
+            st = cp_comm_self_create(out);
+            if (st != CP_OK) {
+                cp_comm_mpi_env_release(false);
+                return st;
+            }
+            (*out)->holds_mpi = true;
+            return CP_OK;
+        }
+#endif
+        return cp_comm_self_create(out);
+    }
+    case CP_COMM_MPI:
+#ifdef CP_HAVE_MPI
+        return cp_comm_mpi_world_create(timeout_ms, out);
+#else
+        return CP_ERROR(CP_ERR_UNSUPPORTED,
+                        "this build has no MPI support: install an MPI implementation, reconfigure "
+                        "with CP_ENABLE_MPI=ON, or run a single rank (CP_COMM_SELF)");
+#endif
+    case CP_COMM_NCCL: {
+#ifdef CP_HAVE_NCCL
+        cp_comm_t boot = NULL;
+#ifdef CP_HAVE_MPI
+        if (started_by_mpi_launcher())
+            CP_CHECK(cp_comm_mpi_world_create(timeout_ms, &boot));
+        else
+            CP_CHECK(cp_comm_self_create(&boot));
+#else
+        CP_CHECK(cp_comm_self_create(&boot));
+#endif
+        boot->is_world = true;
+        boot->timeout_ms = timeout_ms;
+        return cp_comm_nccl_world_create(boot, timeout_ms, out);
+#else
+        return CP_ERROR(CP_ERR_UNSUPPORTED,
+                        "this build has no NCCL support: build on a machine with the CUDA toolkit "
+                        "and NCCL (CP_ENABLE_CUDA=ON, CP_ENABLE_NCCL=ON), or use CP_COMM_MPI");
+#endif
+    }
+    }
+    return CP_ERROR(CP_ERR_INVALID_ARG, "unknown communicator kind %d", (int)kind);
+}
+
+cp_status cp_comm_init_world(cp_comm_kind kind, int timeout_ms, cp_comm_t *out) {
+    if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_init_world: out is NULL");
+    *out = NULL;
+    if (timeout_ms == CP_COMM_TIMEOUT_DEFAULT) timeout_ms = CP_COMM_TIMEOUT_DEFAULT_MS;
+    if (timeout_ms < 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "communicator timeout must be >= 0 ms (0 = none), got %d", timeout_ms);
+    cp_comm_t c = NULL;
+    CP_CHECK(create_world(kind, timeout_ms, &c));
+    c->is_world = true;
+    c->timeout_ms = timeout_ms;
+    snprintf(c->label, sizeof(c->label), "world");
+    *out = c;
+    return CP_OK;
+}
+
+int cp_comm_rank(cp_comm_t c) {
+    return c ? c->rank : -1;
+}
+int cp_comm_size(cp_comm_t c) {
+    return c ? c->size : -1;
+}
+int cp_comm_local_rank(cp_comm_t c) {
+    return c ? c->local_rank : -1;
+}
+int cp_comm_local_size(cp_comm_t c) {
+    return c ? c->local_size : -1;
+}
+const char *cp_comm_kind_name(cp_comm_t c) {
+    return c ? c->iface->name : "none";
+}
+
+/* ---- argument checks ----------------------------------------------------- */
+
+static cp_status check_usable(cp_comm_t c, const char *op) {
+    if (!c) return CP_ERROR(CP_ERR_INVALID_ARG, "%s: communicator is NULL", op);
+    if (c->broken != CP_OK)
+        return CP_ERROR(c->broken,
+                        "%s on %s (rank %d of %d): communicator is unusable after an earlier %s; "
+                        "report the failure and restart the job",
+                        op, c->label, c->rank, c->size,
+                        c->broken == CP_ERR_TIMEOUT ? "timeout" : "error or abort");
+    return CP_OK;
+}
+
+/* Element size of a type that can be moved (scalar, known); 0 otherwise. */
+static size_t movable_size(cp_dtype dt) {
+    if (!cp_dtype_known((int)dt) || cp_dtype_is_quantized(dt) || cp_dtype_block_size(dt) != 1)
+        return 0;
+    return cp_dtype_type_size(dt);
+}
+
+static cp_status check_dtype(cp_comm_t c, const char *op, cp_dtype dt, bool reduce) {
+    if (movable_size(dt) == 0) {
+        const char *name = cp_dtype_name(dt);
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "%s on %s: dtype %s cannot be communicated (only scalar types)", op,
+                        c->label, name ? name : "(unknown)");
+    }
+    if (reduce && dt != CP_DTYPE_F32 && dt != CP_DTYPE_F16 && dt != CP_DTYPE_BF16 &&
+        dt != CP_DTYPE_I32 && dt != CP_DTYPE_I64 && dt != CP_DTYPE_F64)
+        return CP_ERROR(CP_ERR_UNSUPPORTED,
+                        "%s on %s: reductions support F32, F16, BF16, I32, I64 and F64, not %s", op,
+                        c->label, cp_dtype_name(dt));
+    return CP_OK;
+}
+
+static cp_status check_op(cp_comm_t c, const char *op, cp_reduce_op rop) {
+    if (rop != CP_REDUCE_SUM && rop != CP_REDUCE_MAX && rop != CP_REDUCE_MIN)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "%s on %s: unknown reduction op %d", op, c->label,
+                        (int)rop);
+    return CP_OK;
+}
+
+/* count elements of dt times mult must fit in size_t. */
+static cp_status check_count(cp_comm_t c, const char *op, size_t count, size_t mult, cp_dtype dt) {
+    size_t es = movable_size(dt);
+    if (mult != 0 && count > SIZE_MAX / mult / es)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "%s on %s: element count %zu x %zu overflows", op,
+                        c->label, count, mult);
+    return CP_OK;
+}
+
+static cp_status check_ptr(cp_comm_t c, const char *op, const void *p, size_t count,
+                           const char *what) {
+    if (count > 0 && !p)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "%s on %s: %s buffer is NULL for %zu elements", op,
+                        c->label, what, count);
+    return CP_OK;
+}
+
+static cp_status check_rank(cp_comm_t c, const char *op, int r, const char *what) {
+    if (r < 0 || r >= c->size)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "%s on %s: %s %d is not a rank of a %d-rank "
+                        "communicator",
+                        op, c->label, what, r, c->size);
+    return CP_OK;
+}
+
+/* ---- public calls -------------------------------------------------------- */
+
+cp_status cp_comm_split(cp_comm_t c, int color, int key, cp_comm_t *out) {
+    const char *op = "split";
+    if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "split: out is NULL");
+    *out = NULL;
+    CP_CHECK(check_usable(c, op));
+    c->seq++;
+    cp_comm_t child = NULL;
+    CP_CHECK(c->iface->split(c, color < 0 ? -1 : color, key, &child));
+    if (child) {
+        child->timeout_ms = c->timeout_ms;
+        snprintf(child->label, sizeof(child->label), "split(color=%d)", color);
+    }
+    *out = child;
+    return CP_OK;
+}
+
+cp_status cp_comm_allreduce(cp_comm_t c, const void *send, void *recv, size_t count, cp_dtype dt,
+                            cp_reduce_op rop, void *stream) {
+    const char *op = "all_reduce";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, true));
+    CP_CHECK(check_op(c, op, rop));
+    CP_CHECK(check_count(c, op, count, 1, dt));
+    CP_CHECK(check_ptr(c, op, send, count, "send"));
+    CP_CHECK(check_ptr(c, op, recv, count, "recv"));
+    c->seq++;
+    return c->iface->allreduce(c, send, recv, count, dt, rop, stream);
+}
+
+cp_status cp_comm_allgather(cp_comm_t c, const void *send, void *recv, size_t count_per_rank,
+                            cp_dtype dt, void *stream) {
+    const char *op = "all_gather";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, false));
+    CP_CHECK(check_count(c, op, count_per_rank, (size_t)c->size, dt));
+    CP_CHECK(check_ptr(c, op, send, count_per_rank, "send"));
+    CP_CHECK(check_ptr(c, op, recv, count_per_rank, "recv"));
+    c->seq++;
+    return c->iface->allgather(c, send, recv, count_per_rank, dt, stream);
+}
+
+cp_status cp_comm_allgatherv(cp_comm_t c, const void *send, size_t count, void *recv,
+                             const size_t *counts, cp_dtype dt, void *stream) {
+    const char *op = "all_gatherv";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, false));
+    if (!counts) return CP_ERROR(CP_ERR_INVALID_ARG, "%s on %s: counts is NULL", op, c->label);
+    if (counts[c->rank] != count)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "%s on %s: count %zu of rank %d differs from counts[%d] = %zu", op,
+                        c->label, count, c->rank, c->rank, counts[c->rank]);
+    size_t total = 0;
+    for (int r = 0; r < c->size; r++) {
+        if (counts[r] > SIZE_MAX / movable_size(dt) - total)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "%s on %s: total element count overflows", op,
+                            c->label);
+        total += counts[r];
+    }
+    CP_CHECK(check_ptr(c, op, send, count, "send"));
+    CP_CHECK(check_ptr(c, op, recv, total, "recv"));
+    c->seq++;
+    return c->iface->allgatherv(c, send, count, recv, counts, dt, stream);
+}
+
+cp_status cp_comm_reduce_scatter(cp_comm_t c, const void *send, void *recv, size_t count_per_rank,
+                                 cp_dtype dt, cp_reduce_op rop, void *stream) {
+    const char *op = "reduce_scatter";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, true));
+    CP_CHECK(check_op(c, op, rop));
+    CP_CHECK(check_count(c, op, count_per_rank, (size_t)c->size, dt));
+    CP_CHECK(check_ptr(c, op, send, count_per_rank, "send"));
+    CP_CHECK(check_ptr(c, op, recv, count_per_rank, "recv"));
+    c->seq++;
+    return c->iface->reduce_scatter(c, send, recv, count_per_rank, dt, rop, stream);
+}
+
+cp_status cp_comm_bcast(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int root, void *stream) {
+    const char *op = "broadcast";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, false));
+    CP_CHECK(check_count(c, op, count, 1, dt));
+    CP_CHECK(check_ptr(c, op, buf, count, "data"));
+    CP_CHECK(check_rank(c, op, root, "root"));
+    c->seq++;
+    return c->iface->bcast(c, buf, count, dt, root, stream);
+}
+
+cp_status cp_comm_send(cp_comm_t c, const void *buf, size_t count, cp_dtype dt, int peer,
+                       void *stream) {
+    const char *op = "send";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, false));
+    CP_CHECK(check_count(c, op, count, 1, dt));
+    CP_CHECK(check_ptr(c, op, buf, count, "send"));
+    CP_CHECK(check_rank(c, op, peer, "peer"));
+    if (peer == c->rank)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "send on %s: rank %d cannot send to itself", c->label,
+                        peer);
+    return c->iface->send(c, buf, count, dt, peer, stream);
+}
+
+cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int peer, void *stream) {
+    const char *op = "recv";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, false));
+    CP_CHECK(check_count(c, op, count, 1, dt));
+    CP_CHECK(check_ptr(c, op, buf, count, "recv"));
+    CP_CHECK(check_rank(c, op, peer, "peer"));
+    if (peer == c->rank)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "recv on %s: rank %d cannot receive from itself",
+                        c->label, peer);
+    return c->iface->recv(c, buf, count, dt, peer, stream);
+}
+
+cp_status cp_comm_barrier(cp_comm_t c) {
+    CP_CHECK(check_usable(c, "barrier"));
+    c->seq++;
+    return c->iface->barrier(c);
+}
+
+cp_status cp_comm_set_timeout(cp_comm_t c, int timeout_ms) {
+    if (!c) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_set_timeout: communicator is NULL");
+    if (timeout_ms < 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "communicator timeout must be >= 0 ms (0 = none), got %d", timeout_ms);
+    c->timeout_ms = timeout_ms;
+    return CP_OK;
+}
+
+int cp_comm_get_timeout(cp_comm_t c) {
+    return c ? c->timeout_ms : -1;
+}
+
+void cp_comm_abort(cp_comm_t c, int code) {
+    if (!c) return;
+    c->broken = CP_ERR_INTERNAL;
+    c->iface->abort(c, code);
+}
+
+void cp_comm_free(cp_comm_t c) {
+    if (!c) return;
+    bool holds_mpi = c->holds_mpi, broken = c->broken != CP_OK;
+    c->iface->free(c);
+    cp_comm_handle_delete(c);
+#ifdef CP_HAVE_MPI
+    if (holds_mpi) cp_comm_mpi_env_release(broken);
+#else
+    (void)holds_mpi;
+    (void)broken;
+#endif
+}

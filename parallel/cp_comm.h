@@ -1,0 +1,167 @@
+/* cp_comm.h - the communicator: collectives and point-to-point transfers
+ * between the ranks of a job, each bounded by a deadline. Three backends sit
+ * behind one opaque handle: MPI (host buffers), NCCL (device buffers, one GPU
+ * per rank, bootstrapped over MPI) and a single-rank one that only copies. */
+#ifndef CP_COMM_H
+#define CP_COMM_H
+
+#include <stddef.h>
+
+#include "cp_common.h"
+#include "cp_dtype.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_comm *cp_comm_t;
+
+typedef enum cp_comm_kind {
+    CP_COMM_AUTO = 0, /* MPI when built with it and started by a launcher (mpirun, srun:
+                         OMPI_COMM_WORLD_SIZE, PMIX_RANK, PMI_RANK, PMI_SIZE or
+                         MV2_COMM_WORLD_SIZE set) with > 1 rank, else SELF */
+    CP_COMM_SELF = 1, /* one rank, host buffers; collectives are copies */
+    CP_COMM_MPI = 2,  /* host buffers, any number of ranks */
+    CP_COMM_NCCL = 3, /* device buffers, one GPU per rank */
+} cp_comm_kind;
+
+typedef enum cp_reduce_op {
+    CP_REDUCE_SUM = 0,
+    CP_REDUCE_MAX = 1,
+    CP_REDUCE_MIN = 2,
+} cp_reduce_op;
+
+/* timeout_ms value for cp_comm_init_world: the default deadline (60 s). */
+#define CP_COMM_TIMEOUT_DEFAULT (-1)
+#define CP_COMM_TIMEOUT_DEFAULT_MS 60000
+
+/* ---- general contract --------------------------------------------------
+ * Collective calls (every rank of the communicator must make them, in the
+ * same order, with matching arguments): cp_comm_init_world, cp_comm_split,
+ * cp_comm_allreduce, cp_comm_allgather, cp_comm_allgatherv,
+ * cp_comm_reduce_scatter, cp_comm_bcast, cp_comm_barrier, cp_comm_free.
+ * cp_comm_send / cp_comm_recv involve two ranks; cp_comm_abort one.
+ *
+ * Buffers are borrowed for the call only and must be memory of the
+ * communicator's kind: host memory for SELF and MPI, device memory of the
+ * rank's GPU for NCCL. Counts are in elements of dt; dt must be a scalar
+ * type (not block-quantized). Reductions take F32, F16, BF16, I32, I64 and
+ * F64; data movement takes any scalar type.
+ *
+ * Streams: `stream` is a cudaStream_t for NCCL and is ignored by SELF and
+ * MPI, which complete the transfer before returning. NCCL enqueues the
+ * operation on the stream, ordered after earlier work on it; with a deadline
+ * (timeout_ms > 0) the call then waits for the stream to reach the end of
+ * the operation, so that a missing rank is detected; with no deadline it
+ * returns once the operation is enqueued.
+ *
+ * Deadlines: every operation must finish within the communicator's timeout
+ * (cp_comm_set_timeout; 0 = wait forever), counted from the call. On expiry
+ * the call returns CP_ERR_TIMEOUT with a message naming the operation, the
+ * communicator, this rank and, with MPI, the rank(s) that did not deliver
+ * (found by asking the other timed-out ranks what they wait for, which adds
+ * max(200 ms, timeout/10) capped at 2 s before the call returns). The
+ * communicator is then unusable: every later call fails at once with the
+ * same code (likewise after a transport error). Ranks may disagree on the
+ * failed call: a late rank can still complete it with data its peers sent
+ * before giving up. After a timeout the MPI backend may still read the send
+ * buffers of the failed call; keep them alive until the communicator is
+ * freed (in practice the process reports the error and exits non-zero).
+ *
+ * Threads: MPI is initialised with MPI_THREAD_FUNNELED, so every call on a
+ * communicator must come from the thread that created the world.
+ *
+ * Determinism: the MPI backend reduces every element in a fixed order that
+ * depends only on the communicator size and the message size, and every
+ * rank ends with bit-identical results (see comm_mpi.c). F16/BF16 sums are
+ * accumulated in fp32 and rounded once. Integer sums wrap around. */
+
+/* Creates the world communicator of this process and returns it in *out.
+ * kind: see cp_comm_kind. NCCL needs one GPU per rank on each node and
+ * makes the rank's GPU (device number = node-local rank) current on the
+ * calling thread. Initialises MPI (thread level FUNNELED or better) when
+ * needed and not yet done; cp_comm_free of the world finalizes it again if
+ * this call initialised it. timeout_ms: the
+ * deadline of every operation, CP_COMM_TIMEOUT_DEFAULT for 60 s, 0 for
+ * none. The caller owns *out (cp_comm_free). Errors: CP_ERR_UNSUPPORTED
+ * (backend not built in, or too few GPUs), CP_ERR_MPI, CP_ERR_CUDA,
+ * CP_ERR_NCCL, CP_ERR_TIMEOUT, CP_ERR_INVALID_ARG, CP_ERR_OOM. */
+cp_status cp_comm_init_world(cp_comm_kind kind, int timeout_ms, cp_comm_t *out);
+
+/* Rank and size of this process in c; local_rank/local_size count the ranks
+ * of c on the same node. Return -1 for a NULL c. */
+int cp_comm_rank(cp_comm_t c);
+int cp_comm_size(cp_comm_t c);
+int cp_comm_local_rank(cp_comm_t c);
+int cp_comm_local_size(cp_comm_t c);
+/* "self", "mpi" or "nccl" ("none" for NULL). Static storage. */
+const char *cp_comm_kind_name(cp_comm_t c);
+
+/* Collective over c: ranks with the same color >= 0 form a new communicator,
+ * ordered by key (ties by rank in c); a rank passing a negative color gets
+ * *out = NULL. The child is of c's kind and inherits c's deadline; it is
+ * owned by the caller and must be freed before c. */
+cp_status cp_comm_split(cp_comm_t c, int color, int key, cp_comm_t *out);
+
+/* recv[i] = op over ranks of send[i], i < count, on every rank. In place
+ * when send == recv; otherwise the buffers must not overlap. */
+cp_status cp_comm_allreduce(cp_comm_t c, const void *send, void *recv, size_t count, cp_dtype dt,
+                            cp_reduce_op op, void *stream);
+
+/* recv (size * count_per_rank elements) = the send buffers of ranks 0..size-1
+ * one after another. In place when send == recv + rank * count_per_rank. */
+cp_status cp_comm_allgather(cp_comm_t c, const void *send, void *recv, size_t count_per_rank,
+                            cp_dtype dt, void *stream);
+
+/* Like allgather with counts[r] elements from rank r (zero allowed): recv
+ * holds sum(counts) elements, rank r's at offset counts[0] + ... +
+ * counts[r-1]. counts has size entries, equal on every rank, and
+ * count == counts[rank]. In place when send is this rank's slot of recv. */
+cp_status cp_comm_allgatherv(cp_comm_t c, const void *send, size_t count, void *recv,
+                             const size_t *counts, cp_dtype dt, void *stream);
+
+/* send holds size * count_per_rank elements; recv (count_per_rank) = block
+ * `rank` of the element-wise reduction over ranks. recv may alias send. */
+cp_status cp_comm_reduce_scatter(cp_comm_t c, const void *send, void *recv, size_t count_per_rank,
+                                 cp_dtype dt, cp_reduce_op op, void *stream);
+
+/* buf (count elements) of rank root is copied into buf on every rank. */
+cp_status cp_comm_bcast(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int root, void *stream);
+
+/* Point-to-point: count elements to / from rank peer (!= own rank). Messages
+ * between two ranks arrive in the order sent. With MPI, a send may wait for
+ * the matching receive, so pairs of ranks that exchange must order their
+ * calls (e.g. even ranks send first). */
+cp_status cp_comm_send(cp_comm_t c, const void *buf, size_t count, cp_dtype dt, int peer,
+                       void *stream);
+cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int peer, void *stream);
+
+/* Returns once every rank of c has called it (or the deadline passed). */
+cp_status cp_comm_barrier(cp_comm_t c);
+
+/* Deadline of every later operation on c, in ms (0 = none). Local call.
+ * Errors: CP_ERR_INVALID_ARG for a negative value or a NULL c. */
+cp_status cp_comm_set_timeout(cp_comm_t c, int timeout_ms);
+/* The current deadline in ms (0 = none); -1 for a NULL c. */
+int cp_comm_get_timeout(cp_comm_t c);
+
+/* Ends the job after a fatal error, for the launcher: MPI aborts every
+ * process of the job with `code` (MPI_Abort, does not return); NCCL aborts
+ * its communicator (pending GPU work is cancelled) and then the MPI job.
+ * SELF only marks c unusable and returns: the caller exits. NULL: no-op. */
+void cp_comm_abort(cp_comm_t c, int code);
+
+/* Collective (except after a timeout): releases c. Freeing the world
+ * communicator finalizes MPI when cp_comm_init_world initialised it, unless
+ * c broke: finalizing waits for every rank, so a process whose communicator
+ * broke should report and exit non-zero (the launcher then ends the other
+ * ranks). When only another communicator broke, every rank must first reach
+ * a barrier within min(timeout, 5 s), else MPI is left unfinalized too.
+ * NULL is a no-op. */
+void cp_comm_free(cp_comm_t c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_COMM_H */
