@@ -4,6 +4,7 @@
 #include "cli.h"
 #include "cp_comm.h"
 #include "cp_gguf.h"
+#include "cp_plan.h"
 #include "cp_runtime.h"
 
 #include <stdio.h>
@@ -154,7 +155,7 @@ static int cmd_generate(int argc, char **argv) {
         {"top-p", 0, CLI_FLOAT, &top_p, 0, 1, "P", "nucleus sampling mass, 1 = off (default 0.95)", NULL},
         {"min-p", 0, CLI_FLOAT, &min_p, 0, 1, "P", "drop tokens below P x the top probability, 0 = off (default 0.05)", NULL},
         {"seed", 's', CLI_U64, &seed, 0, -1, "S", "random seed (default: from the system)", &seed_seen},
-        {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads (default: all cores)", NULL},
+        {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads per rank (default: the node's cores / its ranks)", NULL},
         {"ctx-size", 'c', CLI_INT, &ctx, 1, 1 << 24, "N", "context length in tokens (default: min(model's, 4096))", NULL},
         {"ignore-eos", 0, CLI_FLAG, &ignore_eos, 0, -1, NULL, "keep generating past end-of-text tokens (benchmarks)", NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
@@ -212,6 +213,12 @@ static int cmd_generate(int argc, char **argv) {
         return 1;
     }
 
+    /* ranks sharing a node share its cores unless told otherwise */
+    if (threads == 0 && cp_comm_local_size(rk.world) > 1) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = (int)(cores / cp_comm_local_size(rk.world));
+        if (threads < 1) threads = 1;
+    }
     progress_state ps = {isatty(2), -1};
     cp_engine_opts eo = {
         .model_path = model,
@@ -301,12 +308,15 @@ out:
 static int cmd_inspect(int argc, char **argv) {
     const char *model = NULL;
     bool tensors = false;
+    int tp = 1, pp = 1;
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &model, 0, -1, "PATH", "GGUF file or Hugging Face model directory (required)", NULL},
         {"tensors", 0, CLI_FLAG, &tensors, 0, -1, NULL, "also list every tensor", NULL},
+        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "also print what each of N tensor-parallel ranks holds", NULL},
+        {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "... and each of N pipeline stages", NULL},
         {0},
     };
-    int rc = cli_parse("inspect", "--model PATH [--tensors]", opts, argc, argv, 2);
+    int rc = cli_parse("inspect", "--model PATH [--tensors] [--tp N] [--pp N]", opts, argc, argv, 2);
     if (rc) return rc == 1 ? 0 : rc;
     if (!model) {
         fprintf(stderr, "cparallel inspect: error: --model is required (see 'cparallel inspect --help')\n");
@@ -370,6 +380,32 @@ static int cmd_inspect(int argc, char **argv) {
                        (long long)w->ne[0], (long long)w->ne[1], (long long)w->ne[2], (long long)w->ne[3],
                        w->nbytes);
             }
+    }
+    if (tp * pp > 1) {
+        printf("sharding:        tp=%d x pp=%d (rank = stage * tp + tp rank)\n", tp, pp);
+        printf("  %4s %5s %3s %9s %9s %11s %13s %14s %8s\n", "rank", "stage", "tp", "layers", "heads", "kv heads",
+               "ffn cols", "vocab rows", "MB");
+        for (int r = 0; r < tp * pp; r++) {
+            cp_model_load_opts so = {.backend = be, .tp = tp, .pp = pp, .rank = r, .inspect_only = true};
+            cp_model_t sm = NULL;
+            if (cp_model_load(model, &so, &sm) != CP_OK) {
+                cli_report_error("cannot shard the model");
+                rc = 1;
+                goto out;
+            }
+            const cp_plan *p = cp_model_get_plan(sm);
+            cp_model_stats ss;
+            cp_model_get_stats(sm, &ss);
+            char lay[24], hd[24], kv[24], ff[24], vo[24];
+            snprintf(lay, sizeof(lay), "%d-%d", p->layer_begin, p->layer_end - 1);
+            snprintf(hd, sizeof(hd), "%d-%d", p->head_begin, p->head_end - 1);
+            snprintf(kv, sizeof(kv), "%d-%d%s", p->kv_head_begin, p->kv_head_end - 1, p->kv_replicas > 1 ? "*" : "");
+            snprintf(ff, sizeof(ff), "%d-%d", p->ffn_begin, p->ffn_end - 1);
+            snprintf(vo, sizeof(vo), "%d-%d", p->vocab_begin, p->vocab_end - 1);
+            printf("  %4d %5d %3d %9s %9s %11s %13s %14s %8.1f\n", r, p->pp_rank, p->tp_rank, lay, hd, kv, ff, vo,
+                   ss.weight_bytes / 1e6);
+            cp_model_free(sm);
+        }
     }
     rc = 0;
 out:

@@ -28,6 +28,10 @@ typedef struct cp_model_load_opts {
      * group has one rank. Only this rank's slices are read from the file. */
     int tp, pp, rank;
     int edge_layer_discount;  /* layers moved off the first and last stage */
+    /* Check shapes and count this rank's share without reading weights or
+     * allocating activations (no communicators needed): for sizing only,
+     * the model cannot run. */
+    bool inspect_only;
     struct cp_comm *tp_comm;
     struct cp_comm *pp_comm;
     /* When convert is set, every matrix weight is converted at load time to

@@ -129,6 +129,7 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     account(m, &part);
     *out = cp_tensor_2d(t, nr, nc, NULL);
     out->device = cp_backend_device(m->be);
+    if (o && o->inspect_only) return CP_OK;
     const bool row_slice = sl.c0 == 0 && sl.c1 == cols;
     if (!convert && row_slice && cp_backend_device(m->be) == CP_DEVICE_CPU &&
         (uintptr_t)base % dtype_align(t0) == 0) {
@@ -193,6 +194,7 @@ static cp_status get_vector(cp_model_t m, const cp_model_load_opts *o, const cha
     part.ne[0] = i1 - i0;
     part.nbytes = w->nbytes / (size_t)n * (size_t)(i1 - i0);
     account(m, &part);
+    if (o && o->inspect_only) return CP_OK;
     float *host = NULL;
     cp_status st = CP_OK;
     const size_t es = w->nbytes / (size_t)n;
@@ -285,6 +287,7 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     cp_plan_shape s = {c->n_layer, c->n_head, c->n_head_kv, c->head_dim, c->ffn_dim, c->n_vocab, row_block(m)};
     cp_plan_opts po = {o->tp > 0 ? o->tp : 1, o->pp > 0 ? o->pp : 1, o->edge_layer_discount};
     CP_CHECK(cp_plan_init(&s, &po, o->rank, &m->plan));
+    if (o->inspect_only) return CP_OK;
     if ((po.tp > 1 && !o->tp_comm) || (po.pp > 1 && !o->pp_comm))
         return CP_ERROR(CP_ERR_INVALID_ARG, "tp=%d pp=%d needs the tensor- and pipeline-parallel communicators",
                         po.tp, po.pp);
@@ -423,6 +426,10 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
     }
     CP_CHECK_GOTO(make_plan(m, opts), st, fail);
     CP_CHECK_GOTO(build(m, opts), st, fail);
+    if (opts->inspect_only) {
+        *out = m;
+        return CP_OK;
+    }
     m->max_batch = 512;
     CP_CHECK_GOTO(alloc_scratch(m), st, fail);
     if (cp_backend_device(m->be) != CP_DEVICE_CPU || m->tp_comm)

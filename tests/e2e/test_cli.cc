@@ -182,4 +182,67 @@ TEST(Cli, SeededSamplingIsReproducible) {
     EXPECT_NE(a.out, c.out) << "different seeds gave the same 24 sampled tokens";
 }
 
+TEST(Cli, InspectShowsEachRanksShare) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result r = run("inspect --model " + model() + " --tp 3 --pp 2");
+    ASSERT_EQ(r.code, 0) << r.err;
+    // stage 0 holds layers 0-14 and the embedding, stage 1 layers 15-29 and
+    // the (tied) LM head; each TP rank a third of the heads, FFN and vocabulary
+    EXPECT_NE(r.out.find("     0     0   0      0-14       0-2         0-0         0-511        0-16383"),
+              std::string::npos)
+        << r.out;
+    EXPECT_NE(r.out.find("     5     1   2     15-29       6-8         2-2     1024-1535    32768-49151"),
+              std::string::npos)
+        << r.out;
+    r = run("inspect --model " + model() + " --tp 2");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("valid tp: 1, 3, 9"), std::string::npos) << r.err;
+}
+
+// mpirun from PATH, allowed to run as root and to oversubscribe the cores.
+std::string mpirun(int np) {
+    if (system("command -v mpirun >/dev/null 2>&1") != 0) return "";
+    return "mpirun -np " + std::to_string(np) + " --oversubscribe ";
+}
+
+Result run_mpi(int np, const std::string &args) {
+    const char *bin = getenv("CP_CPARALLEL");
+    std::string exe = bin ? bin : std::string(CP_BINARY_DIR) + "/cparallel";
+    std::string dir = ::testing::TempDir() + "mpi_" + std::to_string(getpid()) + "_";
+    std::string cmd = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 " + mpirun(np) + exe + " " + args + " >" + dir + "out 2>" + dir + "err </dev/null";
+    int st = system(cmd.c_str());
+    Result r;
+    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    r.out = slurp(dir + "out");
+    r.err = slurp(dir + "err");
+    return r;
+}
+
+TEST(Cli, MultiRankGenerateEqualsSingleRank) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    if (mpirun(2).empty()) GTEST_SKIP() << "mpirun not installed";
+    std::string args = "generate --no-progress --model " + model() +
+                       " --prompt 'The capital of France is' --temperature 0 -n 32 --kv-f32";
+    Result one = run(args);
+    ASSERT_EQ(one.code, 0) << one.err;
+    Result two = run_mpi(2, args + " --pp 2");
+    ASSERT_EQ(two.code, 0) << two.err;
+    EXPECT_EQ(two.out, one.out);  // pipeline stages compute exactly what one rank does
+    EXPECT_EQ(count_lines(two.err), 1) << "only rank 0 reports: " << two.err;
+    Result three = run_mpi(3, args + " --tp 3");
+    ASSERT_EQ(three.code, 0) << three.err;
+    EXPECT_NE(three.out.find("The capital of France is Paris."), std::string::npos) << three.out;
+}
+
+TEST(Cli, MultiRankLayoutMismatchIsAnError) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    if (mpirun(2).empty()) GTEST_SKIP() << "mpirun not installed";
+    Result r = run_mpi(2, "generate --no-progress --model " + model() + " --prompt hi --tp 3");
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.err.find("--tp 3 x --pp 1 = 3 ranks, but the job has 2"), std::string::npos) << r.err;
+    r = run_mpi(2, "generate --no-progress --model " + model() + " --prompt hi --tp 2");
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.err.find("valid tp: 1, 3, 9"), std::string::npos) << r.err;
+}
+
 }  // namespace
