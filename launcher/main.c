@@ -137,7 +137,7 @@ static bool print_token(void *user, int32_t token, const char *piece, size_t len
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
-    bool template_system = false;
+    bool template_system = false, sp = false;
     int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, timeout_s = 60;
     float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
     uint64_t seed = 0;
@@ -163,6 +163,7 @@ static int cmd_generate(int argc, char **argv) {
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
+        {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL, "sequence parallelism for the prompt inside the TP group (needs --tp > 1)", NULL},
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
          "seconds before a collective that a rank misses fails (default 60, 0 = never)", NULL},
         {0},
@@ -176,6 +177,10 @@ static int cmd_generate(int argc, char **argv) {
     }
     if (!prompt == !prompt_file) {
         fprintf(stderr, "cparallel generate: error: give exactly one of --prompt and --prompt-file\n");
+        return 2;
+    }
+    if (sp && tp < 2) {
+        fprintf(stderr, "cparallel generate: error: --sp needs --tp 2 or more\n");
         return 2;
     }
     if ((system || template_system) && !chat) {
@@ -232,6 +237,7 @@ static int cmd_generate(int argc, char **argv) {
         .progress_user = &ps,
         .tp = tp,
         .pp = pp,
+        .sp = sp,
         .rank = rk.rank,
         .tp_comm = rk.tp,
         .pp_comm = rk.pp,

@@ -28,6 +28,12 @@ typedef struct cp_model_load_opts {
      * group has one rank. Only this rank's slices are read from the file. */
     int tp, pp, rank;
     int edge_layer_discount;  /* layers moved off the first and last stage */
+    /* Megatron sequence parallelism inside the TP group for multi-token
+     * batches (prompts): the residual stream, norms and residual adds are
+     * split by tokens; reduce-scatter replaces the all-reduce after the
+     * row-parallel projections and an all-gather precedes the
+     * column-parallel ones. Single-token steps run as plain TP. */
+    bool sp;
     /* Check shapes and count this rank's share without reading weights or
      * allocating activations (no communicators needed): for sizing only,
      * the model cannot run. */

@@ -30,6 +30,7 @@ typedef struct cp_engine_opts {
      * generate/logits functions in the same order. */
     int tp, pp, rank;
     int edge_layer_discount;
+    bool sp;                   /* sequence parallelism for prompts (needs tp > 1) */
     struct cp_comm *tp_comm, *pp_comm;
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;

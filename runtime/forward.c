@@ -59,11 +59,11 @@ static cp_status upload_tables(cp_model_t m, const cp_batch *b, const int32_t **
     return CP_OK;
 }
 
-/* The rows [t0, t0+T) of the token ids as seen by this rank's slice of a
- * vocabulary-parallel embedding: ids outside the slice become row 0 and are
- * zeroed after the lookup, so the all-reduce over the TP group sums exactly
- * one real row per token. */
-static cp_status embed(cp_model_t m, const int32_t *tok_host, int T) {
+/* Token rows through this rank's slice of a vocabulary-parallel embedding
+ * into dst[T][dim]: ids outside the slice become row 0 and are zeroed after
+ * the lookup, so a sum over the TP group holds exactly one real row per
+ * token. The caller sums (all-reduce, or reduce-scatter with SP). */
+static cp_status embed(cp_model_t m, const int32_t *tok_host, int T, float *dst) {
     cp_backend_t be = m->be;
     const int dim = m->cfg.dim;
     const int v0 = m->plan.vocab_begin, v1 = m->plan.vocab_end;
@@ -72,12 +72,40 @@ static cp_status embed(cp_model_t m, const int32_t *tok_host, int T) {
     int32_t *local = host ? ids : m->ids_host;
     for (int t = 0; t < T; t++) local[t] = tok_host[t] >= v0 && tok_host[t] < v1 ? tok_host[t] - v0 : 0;
     if (!host) CP_CHECK(cp_backend_copy(be, ids, local, (size_t)T * 4, CP_COPY_HOST_TO_DEVICE));
-    CP_CHECK(cp_backend_embed(be, &m->w.tok_embd, ids, T, m->s.x));
+    CP_CHECK(cp_backend_embed(be, &m->w.tok_embd, ids, T, dst));
     if (!m->tp_comm) return CP_OK;
     for (int t = 0; t < T; t++)
         if (tok_host[t] < v0 || tok_host[t] >= v1)
-            CP_CHECK(cp_backend_memset(be, m->s.x + (size_t)t * dim, 0, (size_t)dim * sizeof(float)));
-    return cp_comm_allreduce(m->tp_comm, m->s.x, m->s.x, (size_t)T * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
+            CP_CHECK(cp_backend_memset(be, dst + (size_t)t * dim, 0, (size_t)dim * sizeof(float)));
+    return CP_OK;
+}
+
+/* Sum of the TP group's partial rows part[T][dim] into this rank's residual
+ * stream: all of it (plain TP: an all-reduce, then x += part), or with
+ * sequence parallelism its own Ts rows (reduce-scatter of the rows padded
+ * to Tp = Ts * tp, then x[Ts] += the reduced slice). */
+static cp_status reduce_into_x(cp_model_t m, float *part, int T, int Tp, int Ts, bool sp) {
+    const size_t dim = (size_t)m->cfg.dim;
+    cp_scratch *s = &m->s;
+    if (!m->tp_comm) return cp_backend_add(m->be, s->x, s->x, part, (size_t)T * dim);
+    if (!sp) {
+        CP_CHECK(cp_comm_allreduce(m->tp_comm, part, part, (size_t)T * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+        return cp_backend_add(m->be, s->x, s->x, part, (size_t)T * dim);
+    }
+    if (Tp > T) CP_CHECK(cp_backend_memset(m->be, part + (size_t)T * dim, 0, (size_t)(Tp - T) * dim * sizeof(float)));
+    CP_CHECK(cp_comm_reduce_scatter(m->tp_comm, part, s->xl, (size_t)Ts * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+    return cp_backend_add(m->be, s->x, s->x, s->xl, (size_t)Ts * dim);
+}
+
+/* RMSNorm of the residual stream into xb, the input of the column-parallel
+ * matmuls: with sequence parallelism each rank normalises its Ts rows and
+ * the group all-gathers the full (padded) sequence. */
+static cp_status norm_for_matmul(cp_model_t m, const float *w, int T, int Ts, bool sp) {
+    const cp_model_config *c = &m->cfg;
+    cp_scratch *s = &m->s;
+    if (!sp) return cp_backend_rmsnorm(m->be, s->xb, s->x, w, T, c->dim, c->norm_eps);
+    CP_CHECK(cp_backend_rmsnorm(m->be, s->xl, s->x, w, Ts, c->dim, c->norm_eps));
+    return cp_comm_allgather(m->tp_comm, s->xl, s->xb, (size_t)Ts * c->dim, CP_DTYPE_F32, NULL);
 }
 
 /* Logits of n rows of normed hidden states (xb) into dst[n][vocab] (host):
@@ -129,7 +157,11 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     cp_backend_t be = m->be;
     cp_scratch *s = &m->s;
     bool host = cp_backend_device(be) == CP_DEVICE_CPU;
-    const size_t xn = (size_t)T * c->dim;
+    /* sequence parallelism: this rank keeps rows [tp_rank*Ts, +Ts) of the
+     * chunk padded to Tp rows */
+    const bool sp = m->sp && T > 1;
+    const int Ts = sp ? (T + p->tp - 1) / p->tp : T, Tp = sp ? Ts * p->tp : T;
+    const size_t xn = (size_t)Ts * c->dim; /* rows of x this rank holds */
 
     const int32_t *pos = b->pos + t0, *seq = b->seq + t0;
     if (!host) {
@@ -161,15 +193,20 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         .block_tables = tables,
     };
 
-    if (p->first_stage)
-        CP_CHECK(embed(m, b->tokens + t0, T));
-    else
+    if (!p->first_stage) {
         CP_CHECK(cp_comm_recv(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank - 1, NULL));
+    } else if (!m->tp_comm) {
+        CP_CHECK(embed(m, b->tokens + t0, T, s->x));
+    } else {
+        CP_CHECK(cp_backend_memset(be, s->x, 0, xn * sizeof(float)));
+        CP_CHECK(embed(m, b->tokens + t0, T, s->proj));
+        CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
+    }
     for (int l = 0; l < m->n_layer_l; l++) {
         const cp_layer_weights *L = &m->w.layers[l];
         /* attention block: column-parallel Q/K/V over this rank's heads,
          * row-parallel output projection, then the sum over the TP group */
-        CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->x, L->attn_norm, T, c->dim, c->norm_eps));
+        CP_CHECK(norm_for_matmul(m, L->attn_norm, T, Ts, sp));
         CP_CHECK(cp_backend_matmul(be, &L->wq, s->xb, T, s->q, L->bq));
         CP_CHECK(cp_backend_matmul(be, &L->wk, s->xb, T, s->k, L->bk));
         CP_CHECK(cp_backend_matmul(be, &L->wv, s->xb, T, s->v, L->bv));
@@ -178,29 +215,31 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         CP_CHECK(cp_backend_kv_store(be, &ap, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
         CP_CHECK(cp_backend_attention(be, &ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
         CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
-        if (m->tp_comm)
-            CP_CHECK(cp_comm_allreduce(m->tp_comm, s->proj, s->proj, xn, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
-        CP_CHECK(cp_backend_add(be, s->x, s->x, s->proj, xn));
+        CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
         /* SwiGLU MLP: column-parallel gate/up, row-parallel down */
-        CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->x, L->ffn_norm, T, c->dim, c->norm_eps));
+        CP_CHECK(norm_for_matmul(m, L->ffn_norm, T, Ts, sp));
         CP_CHECK(cp_backend_matmul(be, &L->w_gate, s->xb, T, s->att, NULL));
         CP_CHECK(cp_backend_matmul(be, &L->w_up, s->xb, T, s->up, NULL));
         CP_CHECK(cp_backend_swiglu(be, s->att, s->att, s->up, (size_t)T * m->ffn_l));
         CP_CHECK(cp_backend_matmul(be, &L->w_down, s->att, T, s->proj, NULL));
-        if (m->tp_comm)
-            CP_CHECK(cp_comm_allreduce(m->tp_comm, s->proj, s->proj, xn, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
-        CP_CHECK(cp_backend_add(be, s->x, s->x, s->proj, xn));
+        CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
     }
     if (!p->last_stage) {
         CP_CHECK(cp_comm_send(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank + 1, NULL));
         return CP_OK;
     }
 
-    /* gather the rows that want logits into xb, then norm + LM head */
+    /* gather the rows that want logits into xb, then norm + LM head; with
+     * sequence parallelism the full sequence is all-gathered first */
+    const float *xfull = s->x;
+    if (sp && *logit_idx < b->n_logits && b->logit_rows[*logit_idx] < t0 + T) {
+        CP_CHECK(cp_comm_allgather(m->tp_comm, s->x, s->xl, xn, CP_DTYPE_F32, NULL));
+        xfull = s->xl;
+    }
     int n = 0;
     while (*logit_idx + n < b->n_logits && b->logit_rows[*logit_idx + n] < t0 + T) {
         int r = b->logit_rows[*logit_idx + n] - t0;
-        CP_CHECK(cp_backend_copy(be, s->xb + (size_t)n * c->dim, s->x + (size_t)r * c->dim,
+        CP_CHECK(cp_backend_copy(be, s->xb + (size_t)n * c->dim, xfull + (size_t)r * c->dim,
                                  (size_t)c->dim * sizeof(float), CP_COPY_DEVICE_TO_DEVICE));
         n++;
     }

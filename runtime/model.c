@@ -294,6 +294,7 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     if ((o->tp_comm && cp_comm_size(o->tp_comm) != po.tp) || (o->pp_comm && cp_comm_size(o->pp_comm) != po.pp))
         return CP_ERROR(CP_ERR_INVALID_ARG, "communicator sizes do not match tp=%d pp=%d", po.tp, po.pp);
     m->tp_comm = po.tp > 1 ? o->tp_comm : NULL;
+    m->sp = o->sp && po.tp > 1;
     m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
     return CP_OK;
 }
@@ -366,7 +367,8 @@ static cp_status build(cp_model_t m, const cp_model_load_opts *o) {
 /* Scratch activations for up to max_batch tokens, allocated once. */
 static cp_status alloc_scratch(cp_model_t m) {
     const cp_model_config *c = &m->cfg;
-    size_t T = (size_t)m->max_batch;
+    /* sequence parallelism pads a chunk to a multiple of tp rows */
+    size_t T = (size_t)m->max_batch + (size_t)m->plan.tp;
     size_t q_dim = (size_t)c->n_head * c->head_dim, kv_dim = (size_t)c->n_head_kv * c->head_dim;
     size_t wide = (size_t)c->ffn_dim > q_dim ? (size_t)c->ffn_dim : q_dim;
     size_t floats = T * c->dim            /* x: residual stream */
@@ -375,9 +377,10 @@ static cp_status alloc_scratch(cp_model_t m) {
                     + 2 * T * kv_dim      /* k, v */
                     + T * wide            /* att / gate */
                     + T * c->ffn_dim      /* up */
-                    + T * c->dim;         /* proj */
+                    + T * c->dim          /* proj */
+                    + T * c->dim;         /* xl: sequence-parallel slice */
     size_t ints = 4 * T;                  /* token ids, positions, sequences, logit rows */
-    size_t bytes = floats * sizeof(float) + ints * sizeof(int32_t) + 64 * 8;
+    size_t bytes = floats * sizeof(float) + ints * sizeof(int32_t) + 64 * 16;
     CP_CHECK(cp_backend_alloc(m->be, bytes, &m->scratch));
     m->scratch_bytes = bytes;
     char *p = m->scratch;
@@ -390,6 +393,7 @@ static cp_status alloc_scratch(cp_model_t m) {
     CARVE(m->s.att, T * wide);
     CARVE(m->s.up, T * c->ffn_dim);
     CARVE(m->s.proj, T * c->dim);
+    CARVE(m->s.xl, T * c->dim);
     CARVE(m->s.tokens, T);
     CARVE(m->s.pos, T);
     CARVE(m->s.seq, T);

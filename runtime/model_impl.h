@@ -39,6 +39,7 @@ typedef struct cp_scratch {
     float *att;    /* [T][max(q_dim, ffn)] attention output, then gate */
     float *up;     /* [T][ffn] */
     float *proj;   /* [T][dim] */
+    float *xl;     /* [T][dim] normed / reduced rows of this rank's sequence slice */
     int32_t *tokens, *pos, *seq, *rows; /* [T] device copies of the batch */
 } cp_scratch;
 
@@ -49,6 +50,7 @@ struct cp_model {
     /* this rank's share (the whole model on a single rank) */
     cp_plan plan;
     cp_comm_t tp_comm, pp_comm;  /* borrowed; NULL on a single rank */
+    bool sp;                     /* sequence parallelism for multi-token chunks */
     int n_layer_l;               /* layers of this stage */
     int n_head_l, n_kv_l;        /* query / KV heads of this TP rank */
     int ffn_l, vocab_l;          /* FFN columns, vocabulary rows */

@@ -37,7 +37,8 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
 
 // Runs the prompt on an engine over tp x pp ranks of the world (1 x 1: this
 // rank alone).
-RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights) {
+RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
+           bool sp = false) {
     RunOut r;
     int rank = cp_comm_rank(g_world);
     cp_comm_t tpc = nullptr, ppc = nullptr;
@@ -56,6 +57,7 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
     o.weight_dtype = CP_DTYPE_F32;
     o.tp = tp;
     o.pp = pp;
+    o.sp = sp;
     o.rank = alone ? 0 : rank;
     o.tp_comm = tpc;
     o.pp_comm = ppc;
@@ -140,9 +142,12 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
     int world = cp_comm_size(g_world);
     auto ls = layouts(shape, world);
     ASSERT_FALSE(ls.empty());
-    for (auto [tp, pp] : ls)
-        compare(ref, run(path, prompt, tp, pp, false), s.vocab, kF32Tol,
-                "tiny tp=" + std::to_string(tp) + " pp=" + std::to_string(pp));
+    for (auto [tp, pp] : ls) {
+        std::string what = "tiny tp=" + std::to_string(tp) + " pp=" + std::to_string(pp);
+        compare(ref, run(path, prompt, tp, pp, false), s.vocab, kF32Tol, what);
+        // sequence parallelism: 21 prompt tokens are padded to a multiple of tp
+        if (tp > 1) compare(ref, run(path, prompt, tp, pp, false, true), s.vocab, kF32Tol, what + " sp");
+    }
     remove(path.c_str());
 }
 
@@ -168,6 +173,7 @@ TEST(ModelParallel, DefaultModelMatchesSingleRank) {
         } else {
             if (!have_f) ref_f = run(model, prompt, 1, 1, true), have_f = true;
             compare(ref_f, run(model, prompt, tp, pp, true), vocab, kF32Tol, what + " (F32)");
+            compare(ref_f, run(model, prompt, tp, pp, true, true), vocab, kF32Tol, what + " sp (F32)");
         }
     }
 }

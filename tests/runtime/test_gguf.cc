@@ -111,6 +111,18 @@ TEST(Gguf, ReadsEveryValueKindAndTensor) {
     EXPECT_EQ(cp_gguf_find_tensor(g.get(), "nope"), nullptr);
 }
 
+TEST(Gguf, ReadsVersion2) {
+    GgufBuilder b(2);
+    b.kv_str("general.architecture", "llama");
+    b.tensor_f32("t", {4, 2}, {1, 2, 3, 4, 5, 6, 7, 8});
+    auto img = b.build();
+    cp_gguf_t raw = nullptr;
+    ASSERT_EQ(open_bytes(img, &raw), CP_OK) << cp_last_error();
+    GgufPtr g(raw);
+    EXPECT_EQ(cp_gguf_version(g.get()), 2u);
+    EXPECT_EQ(((const float *)cp_gguf_find_tensor(g.get(), "t")->data)[7], 8.0f);
+}
+
 // Every strict prefix of a valid file is rejected cleanly (no crash, no
 // leak under the sanitizers), with CP_ERR_FORMAT.
 TEST(Gguf, EveryTruncationIsAFormatError) {
