@@ -37,6 +37,10 @@ typedef struct cp_str {
     size_t len;
 } cp_str;
 
+/* Bytes of one element of a scalar value type; 0 for strings, arrays and
+ * unknown values. */
+size_t cp_gguf_type_size(cp_gguf_type t);
+
 /* Opens and validates path (mapped read-only). Errors: CP_ERR_IO (cannot open
  * or map), CP_ERR_FORMAT (bad magic, unsupported version, truncated or
  * inconsistent contents; the message names the key or tensor). */

@@ -91,7 +91,7 @@ static cp_status rd_str(cursor *c, cp_str *s) {
     return CP_OK;
 }
 
-static size_t scalar_size(cp_gguf_type t) {
+size_t cp_gguf_type_size(cp_gguf_type t) {
     switch (t) {
     case CP_GGUF_UINT8:
     case CP_GGUF_INT8:
@@ -116,7 +116,7 @@ static bool str_eq(cp_str s, const char *z) {
 /* Reads one scalar at the cursor into kv->v. */
 static cp_status rd_scalar(cursor *c, cp_gguf_type t, gguf_kv *kv) {
     uint8_t buf[8] = {0};
-    size_t n = scalar_size(t);
+    size_t n = cp_gguf_type_size(t);
     CP_CHECK(rd(c, buf, n));
     switch (t) {
     case CP_GGUF_UINT8: kv->v.u = buf[0]; break;
@@ -158,7 +158,7 @@ static cp_status skip_array(cursor *c, int depth) {
     } else if (t == CP_GGUF_ARRAY) {
         for (uint64_t j = 0; j < n; j++) CP_CHECK(skip_array(c, depth + 1));
     } else {
-        size_t es = scalar_size((cp_gguf_type)t);
+        size_t es = cp_gguf_type_size((cp_gguf_type)t);
         if (es == 0)
             return CP_ERROR(CP_ERR_FORMAT, "GGUF file is corrupt: %s: unknown array type %u",
                             c->what, t);
@@ -174,7 +174,7 @@ static cp_status rd_value(cursor *c, gguf_kv *kv) {
     kv->type = (cp_gguf_type)t;
     if (t == CP_GGUF_STRING) return rd_str(c, &kv->v.s);
     if (t != CP_GGUF_ARRAY) {
-        if (scalar_size((cp_gguf_type)t) == 0)
+        if (cp_gguf_type_size((cp_gguf_type)t) == 0)
             return CP_ERROR(CP_ERR_FORMAT, "GGUF file is corrupt: %s has unknown value type %u",
                             c->what, t);
         return rd_scalar(c, (cp_gguf_type)t, kv);
@@ -201,7 +201,7 @@ static cp_status rd_value(cursor *c, gguf_kv *kv) {
         for (uint64_t j = 0; j < n; j++) CP_CHECK(skip_array(c, 1));
         return CP_OK;
     }
-    size_t es = scalar_size((cp_gguf_type)at);
+    size_t es = cp_gguf_type_size((cp_gguf_type)at);
     if (es == 0)
         return CP_ERROR(CP_ERR_FORMAT, "GGUF file is corrupt: %s is an array of unknown type %u",
                         c->what, at);

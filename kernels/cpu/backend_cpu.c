@@ -229,6 +229,7 @@ static int cpu_n_threads(cp_backend_t be) {
 
 struct mm_job {
     cp_vec_dot_fn vec_dot;
+    cp_vec_dot2_fn vec_dot2; /* optional: two weight rows per activation pass */
     const char *w; /* [m] rows of w_stride bytes */
     size_t w_stride;
     const char *xq; /* [n] activation rows of xq_stride bytes (vec_dot_type) */
@@ -252,7 +253,15 @@ static void mm_rows(void *vctx, size_t r0, size_t r1, int thread) {
         for (int i = 0; i < j->n; i++) {
             const char *xi = j->xq + (size_t)i * j->xq_stride;
             float *yi = j->y + (size_t)i * (size_t)j->m;
-            for (size_t r = t0; r < t1; r++) {
+            size_t r = t0;
+            if (j->vec_dot2)
+                for (; r + 1 < t1; r += 2) {
+                    float s2[2];
+                    j->vec_dot2(j->k, s2, j->w + r * j->w_stride, j->w + (r + 1) * j->w_stride, xi);
+                    yi[r] = j->bias ? s2[0] + j->bias[r] : s2[0];
+                    yi[r + 1] = j->bias ? s2[1] + j->bias[r + 1] : s2[1];
+                }
+            for (; r < t1; r++) {
                 float s;
                 j->vec_dot(j->k, &s, j->w + r * j->w_stride, xi);
                 yi[r] = j->bias ? s + j->bias[r] : s;
@@ -275,6 +284,7 @@ static cp_status cpu_matmul(cp_backend_t be, const cp_tensor *w, const float *x,
     const cp_cpu_type_traits *tr = cp_cpu_get_type_traits(w->dtype);
     struct mm_job j;
     j.vec_dot = tr->vec_dot;
+    j.vec_dot2 = tr->vec_dot2;
     j.w = w->data;
     j.w_stride = w->nb[1];
     j.n = n;

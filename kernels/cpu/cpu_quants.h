@@ -18,6 +18,9 @@ typedef void (*cp_to_float_fn)(const void *src, float *dst, int64_t n);
 typedef void (*cp_from_float_fn)(const float *src, void *dst, int64_t n);
 /* *s = dot(x row of the weight type, y row of its vec_dot_type), n elements. */
 typedef void (*cp_vec_dot_fn)(int64_t n, float *s, const void *x, const void *y);
+/* s[0], s[1] = the dots of weight rows x0 and x1 with one activation row y:
+ * each bit-identical to vec_dot's, sharing the loads of y (decode GEMV). */
+typedef void (*cp_vec_dot2_fn)(int64_t n, float *s, const void *x0, const void *x1, const void *y);
 
 typedef struct cp_cpu_type_traits {
     cp_dtype type;
@@ -29,6 +32,7 @@ typedef struct cp_cpu_type_traits {
     cp_from_float_fn from_float; /* fast variant (may equal the reference) */
     cp_vec_dot_fn vec_dot_ref;   /* NULL for activation-only types */
     cp_vec_dot_fn vec_dot;       /* fast variant */
+    cp_vec_dot2_fn vec_dot2;     /* optional two-row fast variant, NULL when absent */
 } cp_cpu_type_traits;
 
 /* The traits of t, or NULL when the CPU backend has no routines for it.

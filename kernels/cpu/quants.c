@@ -869,6 +869,7 @@ static void set_traits(cp_dtype t, cp_dtype vdt, cp_to_float_fn to, cp_from_floa
         /* .from_float = */ from,
         /* .vec_dot_ref = */ dot,
         /* .vec_dot = */ dot,
+        /* .vec_dot2 = */ NULL,
     };
 }
 
@@ -918,6 +919,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_BF16].vec_dot = cp_cpu_vec_dot_bf16_avx2;
         traits[CP_DTYPE_Q4_0].vec_dot = cp_cpu_vec_dot_q4_0_avx2;
         traits[CP_DTYPE_Q4_1].vec_dot = cp_cpu_vec_dot_q4_1_avx2;
+        traits[CP_DTYPE_Q4_1].vec_dot2 = cp_cpu_vec_dot2_q4_1_avx2;
         traits[CP_DTYPE_Q5_0].vec_dot = cp_cpu_vec_dot_q5_0_avx2;
         traits[CP_DTYPE_Q5_1].vec_dot = cp_cpu_vec_dot_q5_1_avx2;
         traits[CP_DTYPE_Q8_0].vec_dot = cp_cpu_vec_dot_q8_0_avx2;

@@ -260,6 +260,48 @@ void cp_cpu_vec_dot_q8_0_avx2(int64_t n, float *s, const void *vx, const void *v
     *s = hsum_ps(_mm256_add_ps(acc0, acc1));
 }
 
+/* Two weight rows against one activation row: each row keeps the
+ * accumulators, block order and final reduction of the one-row kernel above,
+ * so its result is bit-identical; the activation block and its scales are
+ * loaded once for both. Measured 10.2 vs 9.1 GB/s (one thread, 6144 x 576).
+ * The same scheme for Q8_0 measured slower (7 vs 14 GB/s) and is not used. */
+void cp_cpu_vec_dot2_q4_1_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy) {
+    const cp_block_q4_1 *x0 = (const cp_block_q4_1 *)vx0, *x1 = (const cp_block_q4_1 *)vx1;
+    const cp_block_q8_1 *y = (const cp_block_q8_1 *)vy;
+    const int64_t nb = n / CP_QK4_1;
+    __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
+    __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
+    float m0 = 0.0f, m1 = 0.0f;
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2) {
+        const __m256i ya = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        const __m256i yb = _mm256_loadu_si256((const __m256i *)y[i + 1].qs);
+        const float da = h2f(y[i].d), db = h2f(y[i + 1].d), sa = h2f(y[i].s), sb = h2f(y[i + 1].s);
+        a00 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x0[i].d) * da),
+                              _mm256_cvtepi32_ps(dot_u8_s8(unpack_nibbles_32(x0[i].qs), ya)), a00);
+        a01 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x0[i + 1].d) * db),
+                              _mm256_cvtepi32_ps(dot_u8_s8(unpack_nibbles_32(x0[i + 1].qs), yb)), a01);
+        a10 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x1[i].d) * da),
+                              _mm256_cvtepi32_ps(dot_u8_s8(unpack_nibbles_32(x1[i].qs), ya)), a10);
+        a11 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x1[i + 1].d) * db),
+                              _mm256_cvtepi32_ps(dot_u8_s8(unpack_nibbles_32(x1[i + 1].qs), yb)), a11);
+        m0 += h2f(x0[i].m) * sa + h2f(x0[i + 1].m) * sb;
+        m1 += h2f(x1[i].m) * sa + h2f(x1[i + 1].m) * sb;
+    }
+    for (; i < nb; i++) {
+        const __m256i ya = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        const float da = h2f(y[i].d), sa = h2f(y[i].s);
+        a00 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x0[i].d) * da),
+                              _mm256_cvtepi32_ps(dot_u8_s8(unpack_nibbles_32(x0[i].qs), ya)), a00);
+        a10 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x1[i].d) * da),
+                              _mm256_cvtepi32_ps(dot_u8_s8(unpack_nibbles_32(x1[i].qs), ya)), a10);
+        m0 += h2f(x0[i].m) * sa;
+        m1 += h2f(x1[i].m) * sa;
+    }
+    s[0] = hsum_ps(_mm256_add_ps(a00, a01)) + m0;
+    s[1] = hsum_ps(_mm256_add_ps(a10, a11)) + m1;
+}
+
 /* ---- K-quants ------------------------------------------------------------- *
  * The int32 dot of a whole super-block is reduced exactly and then scaled
  * with the same fp32 operations, in the same order, as the reference: the

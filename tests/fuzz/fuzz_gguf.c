@@ -17,23 +17,6 @@ static void touch(const void *p, size_t n) {
     sink ^= b[n - 1];
 }
 
-static size_t elem_size(cp_gguf_type t) {
-    switch (t) {
-    case CP_GGUF_UINT8:
-    case CP_GGUF_INT8:
-    case CP_GGUF_BOOL: return 1;
-    case CP_GGUF_UINT16:
-    case CP_GGUF_INT16: return 2;
-    case CP_GGUF_UINT32:
-    case CP_GGUF_INT32:
-    case CP_GGUF_FLOAT32: return 4;
-    case CP_GGUF_UINT64:
-    case CP_GGUF_INT64:
-    case CP_GGUF_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cp_gguf_t g = NULL;
     if (cp_gguf_open_memory(data, size, &g) != CP_OK) return 0;
@@ -53,10 +36,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                     cp_str s = cp_gguf_arr_str(g, i, j);
                     touch(s.ptr, s.len);
                 }
-            } else if (elem_size(at) != 0 && n > 0) {
+            } else if (cp_gguf_type_size(at) != 0 && n > 0) {
                 const void *p = cp_gguf_arr_data(g, i);
                 if (!p) abort();
-                touch(p, (size_t)n * elem_size(at));
+                touch(p, (size_t)n * cp_gguf_type_size(at));
             }
         }
         /* The typed getters by key, on every key (most conversions fail). */

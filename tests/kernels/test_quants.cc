@@ -1245,3 +1245,36 @@ TEST(QuantTraits, ForceRefEnvironment) {
 }
 
 } // namespace
+
+// The two-row kernels must give exactly the one-row kernel's result for
+// each row (the matmul relies on it for thread-count independence).
+TEST(VecDot2, BitIdenticalToOneRow) {
+    std::mt19937 rng(77);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    int checked = 0;
+    for (int t = 0; t < CP_DTYPE_COUNT; t++) {
+        const cp_cpu_type_traits *tr = cp_cpu_get_type_traits((cp_dtype)t);
+        if (!tr || !tr->vec_dot2) continue;
+        const cp_cpu_type_traits *yt = cp_cpu_get_type_traits(tr->vec_dot_type);
+        for (int64_t n : {32, 64, 96, 576, 4096 + 32}) {
+            if (n % cp_dtype_block_size((cp_dtype)t) != 0) continue;
+            std::vector<float> a(n), b(n), c(n);
+            for (auto *v : {&a, &b, &c})
+                for (auto &x : *v) x = nd(rng);
+            std::vector<uint8_t> x0(cp_dtype_row_size((cp_dtype)t, n)), x1(x0.size());
+            std::vector<uint8_t> y(cp_dtype_row_size(tr->vec_dot_type, n));
+            tr->from_float(a.data(), x0.data(), n);
+            tr->from_float(b.data(), x1.data(), n);
+            yt->from_float(c.data(), y.data(), n);
+            float s2[2], s0, s1;
+            tr->vec_dot2(n, s2, x0.data(), x1.data(), y.data());
+            tr->vec_dot(n, &s0, x0.data(), y.data());
+            tr->vec_dot(n, &s1, x1.data(), y.data());
+            EXPECT_EQ(s2[0], s0) << cp_dtype_name((cp_dtype)t) << " n=" << n;
+            EXPECT_EQ(s2[1], s1) << cp_dtype_name((cp_dtype)t) << " n=" << n;
+            checked++;
+        }
+    }
+    if (!cp_cpu_has_avx2()) GTEST_SKIP() << "no two-row kernels without AVX2";
+    EXPECT_GT(checked, 0);
+}
