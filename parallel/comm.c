@@ -1,18 +1,32 @@
 /* comm.c - the public communicator calls: argument checks, the broken-after-
  * timeout rule, then dispatch to the backend's table. Also the backend
  * registry (cp_comm_init_world), the only place outside the backend files
- * that knows which backends this build contains. */
+ * that knows which backends this build contains. The public calls also keep
+ * the per-communicator call/byte/time counters (cp_comm_get_stats). */
 #include "comm_impl.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* A handle and its counters in one allocation. The handle is the first
+ * member, so a cp_comm_t points at its block too: every backend creates its
+ * handles through cp_comm_handle_new, and none needs to know the counters. */
+typedef struct comm_block {
+    struct cp_comm c;
+    cp_comm_stats stats;
+} comm_block;
+
+static cp_comm_stats *stats_of(cp_comm_t c) {
+    return &((comm_block *)c)->stats;
+}
+
 cp_status cp_comm_handle_new(const struct cp_comm_i *iface, cp_comm_kind kind, const char *label,
                              cp_comm_t *out) {
     *out = NULL;
-    cp_comm_t c = calloc(1, sizeof(*c));
-    if (!c) return CP_ERROR(CP_ERR_OOM, "out of memory allocating a communicator");
+    comm_block *blk = calloc(1, sizeof(*blk));
+    if (!blk) return CP_ERROR(CP_ERR_OOM, "out of memory allocating a communicator");
+    cp_comm_t c = &blk->c;
     c->iface = iface;
     c->kind = kind;
     c->size = 1;
@@ -24,7 +38,7 @@ cp_status cp_comm_handle_new(const struct cp_comm_i *iface, cp_comm_kind kind, c
 }
 
 void cp_comm_handle_delete(cp_comm_t c) {
-    free(c);
+    free((comm_block *)c);
 }
 
 #ifdef CP_HAVE_MPI
@@ -198,6 +212,37 @@ static cp_status check_rank(cp_comm_t c, const char *op, int r, const char *what
     return CP_OK;
 }
 
+/* ---- statistics ---------------------------------------------------------- */
+
+/* Records one call of op that moved `bytes` and started at t0. */
+static void count_call(cp_comm_t c, cp_comm_op op, size_t bytes, double t0) {
+    cp_comm_stats *s = stats_of(c);
+    s->calls[op]++;
+    s->bytes[op] += (uint64_t)bytes;
+    s->seconds[op] += cp_time_now() - t0;
+}
+
+void cp_comm_get_stats(cp_comm_t c, cp_comm_stats *out) {
+    if (!out) return;
+    if (!c) {
+        memset(out, 0, sizeof(*out));
+        return;
+    }
+    *out = *stats_of(c);
+}
+
+void cp_comm_reset_stats(cp_comm_t c) {
+    if (c) memset(stats_of(c), 0, sizeof(cp_comm_stats));
+}
+
+const char *cp_comm_op_name(cp_comm_op op) {
+    static const char *const names[CP_COMM_OP_COUNT] = {
+        "all_reduce", "all_gather", "all_gatherv", "reduce_scatter",
+        "broadcast",  "send",       "recv",        "barrier",
+    };
+    return (int)op >= 0 && op < CP_COMM_OP_COUNT ? names[op] : "?";
+}
+
 /* ---- public calls -------------------------------------------------------- */
 
 cp_status cp_comm_split(cp_comm_t c, int color, int key, cp_comm_t *out) {
@@ -226,7 +271,10 @@ cp_status cp_comm_allreduce(cp_comm_t c, const void *send, void *recv, size_t co
     CP_CHECK(check_ptr(c, op, send, count, "send"));
     CP_CHECK(check_ptr(c, op, recv, count, "recv"));
     c->seq++;
-    return c->iface->allreduce(c, send, recv, count, dt, rop, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->allreduce(c, send, recv, count, dt, rop, stream);
+    count_call(c, CP_COMM_OP_ALLREDUCE, count * movable_size(dt), t0);
+    return st;
 }
 
 cp_status cp_comm_allgather(cp_comm_t c, const void *send, void *recv, size_t count_per_rank,
@@ -238,7 +286,10 @@ cp_status cp_comm_allgather(cp_comm_t c, const void *send, void *recv, size_t co
     CP_CHECK(check_ptr(c, op, send, count_per_rank, "send"));
     CP_CHECK(check_ptr(c, op, recv, count_per_rank, "recv"));
     c->seq++;
-    return c->iface->allgather(c, send, recv, count_per_rank, dt, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->allgather(c, send, recv, count_per_rank, dt, stream);
+    count_call(c, CP_COMM_OP_ALLGATHER, (size_t)c->size * count_per_rank * movable_size(dt), t0);
+    return st;
 }
 
 cp_status cp_comm_allgatherv(cp_comm_t c, const void *send, size_t count, void *recv,
@@ -261,7 +312,10 @@ cp_status cp_comm_allgatherv(cp_comm_t c, const void *send, size_t count, void *
     CP_CHECK(check_ptr(c, op, send, count, "send"));
     CP_CHECK(check_ptr(c, op, recv, total, "recv"));
     c->seq++;
-    return c->iface->allgatherv(c, send, count, recv, counts, dt, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->allgatherv(c, send, count, recv, counts, dt, stream);
+    count_call(c, CP_COMM_OP_ALLGATHERV, total * movable_size(dt), t0);
+    return st;
 }
 
 cp_status cp_comm_reduce_scatter(cp_comm_t c, const void *send, void *recv, size_t count_per_rank,
@@ -274,7 +328,11 @@ cp_status cp_comm_reduce_scatter(cp_comm_t c, const void *send, void *recv, size
     CP_CHECK(check_ptr(c, op, send, count_per_rank, "send"));
     CP_CHECK(check_ptr(c, op, recv, count_per_rank, "recv"));
     c->seq++;
-    return c->iface->reduce_scatter(c, send, recv, count_per_rank, dt, rop, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->reduce_scatter(c, send, recv, count_per_rank, dt, rop, stream);
+    count_call(c, CP_COMM_OP_REDUCE_SCATTER, (size_t)c->size * count_per_rank * movable_size(dt),
+               t0);
+    return st;
 }
 
 cp_status cp_comm_bcast(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int root, void *stream) {
@@ -285,7 +343,10 @@ cp_status cp_comm_bcast(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int r
     CP_CHECK(check_ptr(c, op, buf, count, "data"));
     CP_CHECK(check_rank(c, op, root, "root"));
     c->seq++;
-    return c->iface->bcast(c, buf, count, dt, root, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->bcast(c, buf, count, dt, root, stream);
+    count_call(c, CP_COMM_OP_BCAST, count * movable_size(dt), t0);
+    return st;
 }
 
 cp_status cp_comm_send(cp_comm_t c, const void *buf, size_t count, cp_dtype dt, int peer,
@@ -299,7 +360,10 @@ cp_status cp_comm_send(cp_comm_t c, const void *buf, size_t count, cp_dtype dt, 
     if (peer == c->rank)
         return CP_ERROR(CP_ERR_INVALID_ARG, "send on %s: rank %d cannot send to itself", c->label,
                         peer);
-    return c->iface->send(c, buf, count, dt, peer, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->send(c, buf, count, dt, peer, stream);
+    count_call(c, CP_COMM_OP_SEND, count * movable_size(dt), t0);
+    return st;
 }
 
 cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int peer, void *stream) {
@@ -312,13 +376,19 @@ cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int pe
     if (peer == c->rank)
         return CP_ERROR(CP_ERR_INVALID_ARG, "recv on %s: rank %d cannot receive from itself",
                         c->label, peer);
-    return c->iface->recv(c, buf, count, dt, peer, stream);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->recv(c, buf, count, dt, peer, stream);
+    count_call(c, CP_COMM_OP_RECV, count * movable_size(dt), t0);
+    return st;
 }
 
 cp_status cp_comm_barrier(cp_comm_t c) {
     CP_CHECK(check_usable(c, "barrier"));
     c->seq++;
-    return c->iface->barrier(c);
+    double t0 = cp_time_now();
+    cp_status st = c->iface->barrier(c);
+    count_call(c, CP_COMM_OP_BARRIER, 0, t0);
+    return st;
 }
 
 cp_status cp_comm_set_timeout(cp_comm_t c, int timeout_ms) {

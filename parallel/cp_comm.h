@@ -6,6 +6,7 @@
 #define CP_COMM_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "cp_common.h"
 #include "cp_dtype.h"
@@ -138,6 +139,48 @@ cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int pe
 
 /* Returns once every rank of c has called it (or the deadline passed). */
 cp_status cp_comm_barrier(cp_comm_t c);
+
+/* ---- statistics ----------------------------------------------------------
+ * Every communicator counts, per operation, the calls that passed the
+ * argument checks and reached the backend (successful or not), the payload
+ * bytes this rank passed to them and the wall time spent inside them. Bytes
+ * are element count x element size of the operation's full vector: count
+ * for all-reduce, broadcast, send and recv (the root of a broadcast and its
+ * receivers count the same); the whole gathered buffer for all-gather
+ * (size x count_per_rank) and all-gatherv (sum of counts); the whole input
+ * for reduce-scatter (size x count_per_rank); 0 for barrier. They describe
+ * what the algorithm asks to move, not the traffic a backend's algorithm
+ * puts on the wire (a ring all-reduce sends about 2 (size-1)/size times the
+ * payload per rank). Seconds include waiting for late peers; with NCCL and
+ * no deadline a call returns once enqueued, so its time is the enqueue time
+ * only. Counting costs two clock reads per call. Counters start at zero and
+ * are per communicator (a split child starts at zero too); they are plain
+ * counters, used from the communicator's single calling thread. */
+typedef enum cp_comm_op {
+    CP_COMM_OP_ALLREDUCE = 0,
+    CP_COMM_OP_ALLGATHER,
+    CP_COMM_OP_ALLGATHERV,
+    CP_COMM_OP_REDUCE_SCATTER,
+    CP_COMM_OP_BCAST,
+    CP_COMM_OP_SEND,
+    CP_COMM_OP_RECV,
+    CP_COMM_OP_BARRIER,
+    CP_COMM_OP_COUNT
+} cp_comm_op;
+
+typedef struct cp_comm_stats {
+    uint64_t calls[CP_COMM_OP_COUNT];
+    uint64_t bytes[CP_COMM_OP_COUNT];
+    double seconds[CP_COMM_OP_COUNT];
+} cp_comm_stats;
+
+/* Copies c's counters into *out (zeros for a NULL c). Local call. */
+void cp_comm_get_stats(cp_comm_t c, cp_comm_stats *out);
+/* Sets c's counters to zero. Local call; NULL is a no-op. */
+void cp_comm_reset_stats(cp_comm_t c);
+/* "all_reduce", "all_gather", "all_gatherv", "reduce_scatter", "broadcast",
+ * "send", "recv", "barrier"; "?" for a value out of range. Static storage. */
+const char *cp_comm_op_name(cp_comm_op op);
 
 /* Deadline of every later operation on c, in ms (0 = none). Local call.
  * Errors: CP_ERR_INVALID_ARG for a negative value or a NULL c. */

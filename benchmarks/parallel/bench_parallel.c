@@ -1,0 +1,402 @@
+/* bench_parallel.c - communication per generated token under tensor and
+ * pipeline parallelism. Started by mpirun with tp x pp ranks: prefills a
+ * prompt, decodes G greedy tokens, and reports from the communicators'
+ * counters the calls, bytes and time of the decode steps next to the counts
+ * the layout predicts, plus the split of decode time between communication
+ * and everything else, as Markdown table rows printed by rank 0. */
+#include "cp_comm.h"
+#include "cp_plan.h"
+#include "cp_runtime.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- options ------------------------------------------------------------ */
+
+typedef struct bench_opts {
+    const char *model, *name, *ops_out;
+    int tp, pp, n_prompt, n_gen, threads;
+    bool header_only;
+} bench_opts;
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: mpirun -np TP*PP bench_parallel --model PATH [--tp N] [--pp N]\n"
+               "           [--prompt N] [--gen N] [--threads N] [--name LABEL] [--ops-out FILE]\n"
+               "       bench_parallel --header-only [--ops-out FILE]\n"
+               "  --prompt N     prompt tokens prefilled before the measured decode (default 32)\n"
+               "  --gen N        decode steps measured (default 32)\n"
+               "  --threads N    CPU threads per rank (default: cores / ranks on the node, >= 1)\n"
+               "  --name LABEL   model label in the table (default: the file name)\n"
+               "  --ops-out FILE append the per-operation rows to FILE\n"
+               "  --header-only  print the table headers (main table to stdout, the\n"
+               "                 per-operation one to --ops-out) and exit\n"
+               "Rank 0 prints one row of the main table to stdout.\n");
+}
+
+static bool parse_int(const char *s, int lo, int hi, int *out) {
+    char *end = NULL;
+    long v = strtol(s, &end, 10);
+    if (!s[0] || *end || v < lo || v > hi) return false;
+    *out = (int)v;
+    return true;
+}
+
+/* 0 ok, 2 usage error (message printed). */
+static int parse_args(int argc, char **argv, bench_opts *o) {
+    *o = (bench_opts){.tp = 1, .pp = 1, .n_prompt = 32, .n_gen = 32};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        bool ok = true, takes = true;
+        if (!strcmp(a, "--model") && v)
+            o->model = v;
+        else if (!strcmp(a, "--name") && v)
+            o->name = v;
+        else if (!strcmp(a, "--ops-out") && v)
+            o->ops_out = v;
+        else if (!strcmp(a, "--tp") && v)
+            ok = parse_int(v, 1, 1024, &o->tp);
+        else if (!strcmp(a, "--pp") && v)
+            ok = parse_int(v, 1, 1024, &o->pp);
+        else if (!strcmp(a, "--prompt") && v)
+            ok = parse_int(v, 1, 1 << 20, &o->n_prompt);
+        else if (!strcmp(a, "--gen") && v)
+            ok = parse_int(v, 1, 1 << 20, &o->n_gen);
+        else if (!strcmp(a, "--threads") && v)
+            ok = parse_int(v, 1, 4096, &o->threads);
+        else if (!strcmp(a, "--header-only")) {
+            o->header_only = true;
+            takes = false;
+        } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            exit(0);
+        } else {
+            fprintf(stderr, "bench_parallel: unknown or incomplete option '%s'\n", a);
+            usage(stderr);
+            return 2;
+        }
+        if (!ok) {
+            fprintf(stderr, "bench_parallel: invalid value '%s' for %s\n", v, a);
+            return 2;
+        }
+        if (takes) i++;
+    }
+    if (!o->header_only && !o->model) {
+        fprintf(stderr, "bench_parallel: --model is required\n");
+        usage(stderr);
+        return 2;
+    }
+    if (!o->name && o->model) {
+        const char *s = strrchr(o->model, '/');
+        o->name = s ? s + 1 : o->model;
+    }
+    return 0;
+}
+
+/* ---- tables ---------------------------------------------------------------- */
+
+static void print_headers(FILE *main_out, FILE *ops_out) {
+    fprintf(main_out,
+            "| model | np | tp | pp | decode tok/s | calls/tok (rank max) | bytes/tok, rank max: "
+            "measured / predicted | bytes/tok, all ranks: measured / predicted | exact | "
+            "comm ms/tok mean (max) | other ms/tok mean (max) | comm share |\n"
+            "|---|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|\n");
+    if (ops_out)
+        fprintf(ops_out, "| model | tp | pp | op | calls/tok, all ranks: measured / predicted | "
+                         "bytes/tok, all ranks: measured / predicted | ms/tok mean (max) |\n"
+                         "|---|--:|--:|---|--:|--:|--:|\n");
+}
+
+/* ---- the prediction --------------------------------------------------------- */
+
+/* Calls and payload bytes one decode step (one token, one sequence) makes
+ * this rank pass to each operation, from the layout alone (see forward.c):
+ * with tp > 1 the first stage all-reduces the embedding (dim floats), every
+ * layer all-reduces the attention and the FFN outputs (dim floats each) and
+ * the last stage all-gathers the vocabulary-parallel logits (n_vocab floats
+ * gathered); with pp > 1 a stage receives dim floats from the previous one,
+ * sends dim floats to the next one, and the logits (n_vocab floats) are
+ * broadcast from the last stage to the others. */
+static void predict(const cp_model_config *c, int tp, int pp, int pp_rank, uint64_t calls[],
+                    uint64_t bytes[]) {
+    memset(calls, 0, sizeof(uint64_t) * CP_COMM_OP_COUNT);
+    memset(bytes, 0, sizeof(uint64_t) * CP_COMM_OP_COUNT);
+    int l0, l1;
+    cp_plan_split(c->n_layer, pp, pp_rank, 1, &l0, &l1); /* the even split of cp_plan */
+    const uint64_t layers = (uint64_t)(l1 - l0), f = sizeof(float);
+    const bool first = pp_rank == 0, last = pp_rank == pp - 1;
+    const uint64_t dim = (uint64_t)c->dim, vocab = (uint64_t)c->n_vocab;
+    if (tp > 1) {
+        calls[CP_COMM_OP_ALLREDUCE] = 2 * layers + (first ? 1 : 0);
+        bytes[CP_COMM_OP_ALLREDUCE] = calls[CP_COMM_OP_ALLREDUCE] * dim * f;
+        calls[CP_COMM_OP_ALLGATHERV] = last ? 1 : 0;
+        bytes[CP_COMM_OP_ALLGATHERV] = last ? vocab * f : 0;
+    }
+    if (pp > 1) {
+        calls[CP_COMM_OP_SEND] = last ? 0 : 1;
+        bytes[CP_COMM_OP_SEND] = last ? 0 : dim * f;
+        calls[CP_COMM_OP_RECV] = first ? 0 : 1;
+        bytes[CP_COMM_OP_RECV] = first ? 0 : dim * f;
+        calls[CP_COMM_OP_BCAST] = 1;
+        bytes[CP_COMM_OP_BCAST] = vocab * f;
+    }
+}
+
+/* ---- measuring --------------------------------------------------------------- */
+
+/* Counters are zeroed when the first token arrives (it comes out of the
+ * prefill) and read when the last one arrives: in between lie exactly the
+ * n_gen decode steps, each a forward pass of one token followed by sampling. */
+typedef struct measure {
+    cp_comm_t tp, pp;
+    int n_seen, n_last;
+    double t_begin, t_end;
+    cp_comm_stats tp_stats, pp_stats;
+} measure;
+
+static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
+    (void)token;
+    (void)piece;
+    (void)len;
+    measure *m = user;
+    m->n_seen++;
+    if (m->n_seen == 1) {
+        cp_comm_reset_stats(m->tp);
+        cp_comm_reset_stats(m->pp);
+        m->t_begin = cp_time_now();
+    } else if (m->n_seen == m->n_last) {
+        m->t_end = cp_time_now();
+        cp_comm_get_stats(m->tp, &m->tp_stats);
+        cp_comm_get_stats(m->pp, &m->pp_stats);
+    }
+    return true;
+}
+
+/* Per-rank record gathered to every rank: integers, then doubles. */
+enum {
+    R_CALLS = 0,
+    R_BYTES = CP_COMM_OP_COUNT,
+    R_PCALLS = 2 * CP_COMM_OP_COUNT,
+    R_PBYTES = 3 * CP_COMM_OP_COUNT,
+    R_INTS = 4 * CP_COMM_OP_COUNT
+};
+enum { R_SECONDS = 0, R_DECODE = CP_COMM_OP_COUNT, R_DBLS = CP_COMM_OP_COUNT + 1 };
+
+static void report(const bench_opts *o, int size, const int64_t *ints, const double *dbls,
+                   FILE *ops_out) {
+    const double g = o->n_gen;
+    int64_t calls_max = 0, bytes_max_m = 0, bytes_max_p = 0, sum_m = 0, sum_p = 0;
+    double comm_sum = 0, comm_max = 0, other_sum = 0, other_max = 0, decode_max = 0, share_sum = 0;
+    bool exact = true;
+    for (int r = 0; r < size; r++) {
+        const int64_t *iv = ints + (size_t)r * R_INTS;
+        const double *dv = dbls + (size_t)r * R_DBLS;
+        int64_t calls = 0, bm = 0, bp = 0;
+        double comm = 0;
+        for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
+            calls += iv[R_CALLS + op];
+            bm += iv[R_BYTES + op];
+            bp += iv[R_PBYTES + op];
+            comm += dv[R_SECONDS + op];
+            if (iv[R_CALLS + op] != iv[R_PCALLS + op] * o->n_gen ||
+                iv[R_BYTES + op] != iv[R_PBYTES + op] * o->n_gen)
+                exact = false;
+        }
+        double decode = dv[R_DECODE], other = decode - comm;
+        if (calls > calls_max) calls_max = calls;
+        if (bm > bytes_max_m) bytes_max_m = bm;
+        if (bp > bytes_max_p) bytes_max_p = bp;
+        sum_m += bm;
+        sum_p += bp;
+        comm_sum += comm;
+        other_sum += other;
+        share_sum += decode > 0 ? comm / decode : 0;
+        if (comm > comm_max) comm_max = comm;
+        if (other > other_max) other_max = other;
+        if (decode > decode_max) decode_max = decode;
+    }
+    printf("| %s | %d | %d | %d | %.1f | %.0f | %.0f / %lld | %.0f / %lld | %s | %.2f (%.2f) | "
+           "%.2f (%.2f) | %.0f%% |\n",
+           o->name, size, o->tp, o->pp, decode_max > 0 ? g / decode_max : 0.0, calls_max / g,
+           bytes_max_m / g, (long long)bytes_max_p, sum_m / g, (long long)sum_p,
+           exact ? "yes" : "**NO**", comm_sum / size / g * 1e3, comm_max / g * 1e3,
+           other_sum / size / g * 1e3, other_max / g * 1e3, 100.0 * share_sum / size);
+    fflush(stdout);
+    if (!exact)
+        for (int r = 0; r < size; r++)
+            for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
+                const int64_t *iv = ints + (size_t)r * R_INTS;
+                if (iv[R_CALLS + op] != iv[R_PCALLS + op] * o->n_gen ||
+                    iv[R_BYTES + op] != iv[R_PBYTES + op] * o->n_gen)
+                    fprintf(stderr,
+                            "bench_parallel: rank %d %s: measured %lld calls / %lld bytes over %d "
+                            "tokens, predicted %lld / %lld per token\n",
+                            r, cp_comm_op_name((cp_comm_op)op), (long long)iv[R_CALLS + op],
+                            (long long)iv[R_BYTES + op], o->n_gen, (long long)iv[R_PCALLS + op],
+                            (long long)iv[R_PBYTES + op]);
+            }
+    if (!ops_out) return;
+    for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
+        int64_t cm = 0, cp = 0, bm = 0, bp = 0;
+        double s_sum = 0, s_max = 0;
+        for (int r = 0; r < size; r++) {
+            const int64_t *iv = ints + (size_t)r * R_INTS;
+            double s = dbls[(size_t)r * R_DBLS + R_SECONDS + op];
+            cm += iv[R_CALLS + op];
+            cp += iv[R_PCALLS + op];
+            bm += iv[R_BYTES + op];
+            bp += iv[R_PBYTES + op];
+            s_sum += s;
+            if (s > s_max) s_max = s;
+        }
+        if (cm == 0 && cp == 0) continue;
+        fprintf(ops_out, "| %s | %d | %d | %s | %.0f / %lld | %.0f / %lld | %.3f (%.3f) |\n",
+                o->name, o->tp, o->pp, cp_comm_op_name((cp_comm_op)op), cm / g, (long long)cp,
+                bm / g, (long long)bp, s_sum / size / g * 1e3, s_max / g * 1e3);
+    }
+}
+
+/* ---- main ----------------------------------------------------------------------- */
+
+static void fail_msg(int rank, const char *what) {
+    fprintf(stderr, "bench_parallel: rank %d: %s: %s\n", rank, what, cp_last_error_detail());
+}
+
+int main(int argc, char **argv) {
+    bench_opts o;
+    int rc = parse_args(argc, argv, &o);
+    if (rc) return rc;
+    FILE *ops_out = NULL;
+    if (o.header_only) {
+        if (o.ops_out && !(ops_out = fopen(o.ops_out, "a"))) {
+            fprintf(stderr, "bench_parallel: cannot open %s\n", o.ops_out);
+            return 1;
+        }
+        print_headers(stdout, ops_out);
+        if (ops_out) fclose(ops_out);
+        return 0;
+    }
+
+    cp_comm_t world = NULL, tp = NULL, pp = NULL;
+    cp_engine_t e = NULL;
+    int32_t *prompt = NULL;
+    int64_t *ints = NULL;
+    double *dbls = NULL;
+    rc = 1;
+    if (cp_comm_init_world(CP_COMM_AUTO, 300000, &world) != CP_OK) {
+        fail_msg(0, "cannot start the communicator");
+        return 1;
+    }
+    const int rank = cp_comm_rank(world), size = cp_comm_size(world);
+    if (o.tp * o.pp != size) {
+        fprintf(stderr, "bench_parallel: --tp %d x --pp %d needs %d ranks, the job has %d\n", o.tp,
+                o.pp, o.tp * o.pp, size);
+        rc = 2;
+        goto out;
+    }
+    /* the launcher's layout: rank = pp_rank * tp + tp_rank */
+    if ((o.tp > 1 && cp_comm_split(world, rank / o.tp, rank, &tp) != CP_OK) ||
+        (o.pp > 1 && cp_comm_split(world, rank % o.tp, rank, &pp) != CP_OK)) {
+        fail_msg(rank, "cannot create the parallel groups");
+        goto out;
+    }
+    int threads = o.threads;
+    if (threads == 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        int local = cp_comm_local_size(world);
+        threads = (int)(cores / (local > 0 ? local : 1));
+        if (threads < 1) threads = 1;
+    }
+    cp_engine_opts eo = {
+        .model_path = o.model,
+        .n_threads = threads,
+        .n_ctx = o.n_prompt + o.n_gen + 8,
+        .n_seq = 1,
+        .tokens_only = true,
+        .tp = o.tp,
+        .pp = o.pp,
+        .rank = rank,
+        .tp_comm = tp,
+        .pp_comm = pp,
+    };
+    if (cp_engine_init(&eo, &e) != CP_OK) {
+        fail_msg(rank, "cannot load the model");
+        goto out;
+    }
+    const cp_model_config *cfg = cp_model_get_config(cp_engine_model(e));
+    prompt = malloc((size_t)o.n_prompt * sizeof(int32_t));
+    ints = calloc((size_t)size * R_INTS, sizeof(int64_t));
+    dbls = calloc((size_t)size * R_DBLS, sizeof(double));
+    if (!prompt || !ints || !dbls) {
+        fprintf(stderr, "bench_parallel: out of memory\n");
+        goto out;
+    }
+    /* any fixed ids do: the weights are the same whatever the text */
+    for (int i = 0; i < o.n_prompt; i++)
+        prompt[i] = (int32_t)(1 + ((int64_t)i * 7919) % (cfg->n_vocab - 1));
+
+    /* a short untimed run first: pages in the weights and warms the caches */
+    cp_gen_params gp = {
+        .sample = {.temperature = 0}, .seed = 1, .max_tokens = 2, .ignore_eos = true};
+    if (cp_engine_generate(e, prompt, o.n_prompt < 8 ? o.n_prompt : 8, &gp, NULL, NULL, NULL) !=
+        CP_OK) {
+        fail_msg(rank, "warm-up generation failed");
+        goto out;
+    }
+    measure m = {.tp = tp, .pp = pp, .n_last = o.n_gen + 1};
+    gp.max_tokens = o.n_gen + 1; /* the first token comes from the prefill */
+    cp_gen_stats gs;
+    if (cp_engine_generate(e, prompt, o.n_prompt, &gp, on_token, &m, &gs) != CP_OK) {
+        fail_msg(rank, "generation failed");
+        goto out;
+    }
+    if (m.n_seen != o.n_gen + 1) {
+        fprintf(stderr, "bench_parallel: rank %d: %d tokens generated, expected %d\n", rank,
+                m.n_seen, o.n_gen + 1);
+        goto out;
+    }
+
+    int64_t mine_i[R_INTS];
+    double mine_d[R_DBLS];
+    uint64_t pc[CP_COMM_OP_COUNT], pb[CP_COMM_OP_COUNT];
+    predict(cfg, o.tp, o.pp, rank / o.tp, pc, pb);
+    for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
+        mine_i[R_CALLS + op] = (int64_t)(m.tp_stats.calls[op] + m.pp_stats.calls[op]);
+        mine_i[R_BYTES + op] = (int64_t)(m.tp_stats.bytes[op] + m.pp_stats.bytes[op]);
+        mine_i[R_PCALLS + op] = (int64_t)pc[op];
+        mine_i[R_PBYTES + op] = (int64_t)pb[op];
+        mine_d[R_SECONDS + op] = m.tp_stats.seconds[op] + m.pp_stats.seconds[op];
+    }
+    mine_d[R_DECODE] = m.t_end - m.t_begin;
+    if (cp_comm_allgather(world, mine_i, ints, R_INTS, CP_DTYPE_I64, NULL) != CP_OK ||
+        cp_comm_allgather(world, mine_d, dbls, R_DBLS, CP_DTYPE_F64, NULL) != CP_OK) {
+        fail_msg(rank, "cannot gather the results");
+        goto out;
+    }
+    if (rank == 0) {
+        if (o.ops_out && !(ops_out = fopen(o.ops_out, "a"))) {
+            fprintf(stderr, "bench_parallel: cannot open %s\n", o.ops_out);
+            goto out;
+        }
+        report(&o, size, ints, dbls, ops_out);
+        fprintf(stderr,
+                "bench_parallel: %s tp=%d pp=%d: %d threads/rank, prefill %d tokens %.1f ms, "
+                "decode %d tokens %.1f ms (rank 0)\n",
+                o.name, o.tp, o.pp, threads, o.n_prompt, gs.prefill_s * 1e3, o.n_gen,
+                mine_d[R_DECODE] * 1e3);
+    }
+    rc = 0;
+out:
+    if (ops_out) fclose(ops_out);
+    free(prompt);
+    free(ints);
+    free(dbls);
+    cp_engine_free(e);
+    /* a rank that failed mid-collective would leave the others waiting */
+    if (rc == 1 && cp_comm_size(world) > 1) cp_comm_abort(world, 1);
+    cp_comm_free(tp);
+    cp_comm_free(pp);
+    cp_comm_free(world);
+    return rc;
+}
