@@ -125,6 +125,15 @@ typedef struct cp_batch {
  * range (named in the message). */
 cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits);
 
+/* Like cp_model_forward, but samples one token per requested row instead
+ * of returning logits: tokens[n_logits] (host) with u[n_logits] uniform
+ * numbers in [0, 1) (host). Multi-rank: with tensor parallelism, greedy and
+ * top-k (k <= 256) sampling exchange only each rank's k best candidates, and
+ * pipeline stages exchange only the token ids; every rank gets the tokens,
+ * equal to sampling the full logits with cp_backend_sample. */
+cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
+                                  const cp_sample_params *sp, const float *u, int32_t *tokens);
+
 /* Largest number of tokens one internal chunk of cp_model_forward takes. */
 int cp_model_max_batch(cp_model_t m);
 

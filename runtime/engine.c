@@ -19,7 +19,6 @@ struct cp_engine {
     int n_ctx;
     int max_blocks;       /* blocks per sequence */
     int32_t *table;       /* [max_blocks] block table of the generating sequence */
-    float *logits;        /* [max_batch][n_vocab] host */
     int32_t *pos, *seq, *rows; /* [max_batch] */
 };
 
@@ -106,11 +105,10 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
     CP_CHECK_GOTO(cp_kv_cache_init(e->model, &ko, &e->kv), st, fail);
     int T = cp_model_max_batch(e->model);
     e->table = malloc((size_t)e->max_blocks * sizeof(int32_t));
-    e->logits = malloc((size_t)c->n_vocab * sizeof(float));
     e->pos = malloc((size_t)T * sizeof(int32_t));
     e->seq = calloc((size_t)T, sizeof(int32_t));
     e->rows = malloc((size_t)T * sizeof(int32_t));
-    if (!e->table || !e->logits || !e->pos || !e->seq || !e->rows) {
+    if (!e->table || !e->pos || !e->seq || !e->rows) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
     }
@@ -124,7 +122,6 @@ fail:
 void cp_engine_free(cp_engine_t e) {
     if (!e) return;
     free(e->table);
-    free(e->logits);
     free(e->pos);
     free(e->seq);
     free(e->rows);
@@ -143,8 +140,10 @@ int cp_engine_n_ctx(cp_engine_t e) { return e->n_ctx; }
 /* Feeds tokens[0..n) at positions start.. of the sequence whose block table
  * is e->table; the logits of the last one land in out (when want_last) or,
  * with all_logits, every position's logits land in out[n][vocab]. */
+/* With sp set, the last position is sampled instead (u its uniform number,
+ * the token in *tok) and out is unused. */
 static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, float *out,
-                      bool all_logits) {
+                      bool all_logits, const cp_sample_params *sp, float u, int32_t *tok) {
     const int T = cp_model_max_batch(e->model);
     const int vocab = cp_model_get_config(e->model)->n_vocab;
     for (int i0 = 0; i0 < n; i0 += T) {
@@ -168,6 +167,10 @@ static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, fl
         } else if (i0 + k == n) {
             e->rows[0] = k - 1;
             b.n_logits = 1;
+            if (sp) {
+                CP_CHECK(cp_model_forward_sample(e->model, e->kv, &b, sp, &u, tok));
+                continue;
+            }
         }
         CP_CHECK(cp_model_forward(e->model, e->kv, &b, dst));
     }
@@ -190,7 +193,7 @@ cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *l
         return CP_ERROR(CP_ERR_INVALID_ARG, "%d tokens do not fit the context of %d", n, e->n_ctx);
     int have = 0;
     cp_status st = ensure_blocks(e, &have, n);
-    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, true);
+    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, true, NULL, 0, NULL);
     cp_kv_cache_release_blocks(e->kv, e->table, have);
     return st;
 }
@@ -208,7 +211,6 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
                         "the prompt has %d tokens but the context holds %d (raise --ctx-size or "
                         "shorten the prompt)",
                         n_prompt, e->n_ctx);
-    const int vocab = cp_model_get_config(e->model)->n_vocab;
     stats->n_prompt = n_prompt;
     cp_rng rng;
     cp_rng_seed(&rng, p->seed);
@@ -216,14 +218,12 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
     cp_status st;
     double t0 = cp_time_now();
     CP_CHECK_GOTO(ensure_blocks(e, &have, n_prompt), st, done);
-    CP_CHECK_GOTO(feed(e, prompt, n_prompt, 0, e->logits, false), st, done);
+    int32_t tok;
+    CP_CHECK_GOTO(feed(e, prompt, n_prompt, 0, NULL, false, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
     double t1 = cp_time_now();
     stats->prefill_s = t1 - t0;
     int pos = n_prompt;
     for (;;) {
-        float u = cp_rng_uniform(&rng);
-        int32_t tok;
-        CP_CHECK_GOTO(cp_backend_sample(e->be, e->logits, 1, vocab, &p->sample, &u, &tok), st, done);
         if (!p->ignore_eos && e->tok && cp_tokenizer_is_eog(e->tok, tok)) {
             stats->stop = CP_STOP_EOS;
             break;
@@ -248,7 +248,7 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
             break;
         }
         CP_CHECK_GOTO(ensure_blocks(e, &have, pos + 1), st, done);
-        CP_CHECK_GOTO(feed(e, &tok, 1, pos, e->logits, false), st, done);
+        CP_CHECK_GOTO(feed(e, &tok, 1, pos, NULL, false, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
         pos++;
     }
     stats->decode_s = cp_time_now() - t1;

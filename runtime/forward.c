@@ -108,50 +108,61 @@ static cp_status norm_for_matmul(cp_model_t m, const float *w, int T, int Ts, bo
     return cp_comm_allgather(m->tp_comm, s->xl, s->xb, (size_t)Ts * c->dim, CP_DTYPE_F32, NULL);
 }
 
-/* Logits of n rows of normed hidden states (xb) into dst[n][vocab] (host):
- * each TP rank multiplies its vocabulary rows, then the slices are gathered
- * and laid side by side. */
-static cp_status lm_head(cp_model_t m, int n, float *dst) {
+/* Full logits of k <= CP_LOGIT_CHUNK rows of normed hidden states (xb rows
+ * i..i+k) into rows[k][vocab] (host): each TP rank multiplies its
+ * vocabulary rows, then the slices are gathered and laid side by side. */
+static cp_status lm_head_rows(cp_model_t m, int i, int k, float *rows) {
     cp_backend_t be = m->be;
     const cp_model_config *c = &m->cfg;
     const int vocab = c->n_vocab, vl = m->vocab_l;
-    if (!m->tp_comm && cp_backend_device(be) == CP_DEVICE_CPU)
-        return cp_backend_matmul(be, &m->w.output, m->s.xb, n, dst, NULL);
-    for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
-        int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
-        float *rows = dst + (size_t)i * vocab;
-        CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
-        if (!m->tp_comm) {
-            CP_CHECK(cp_backend_copy(be, rows, m->logits, (size_t)k * vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST));
-            continue;
-        }
-        const int tp = m->plan.tp;
-        size_t counts[CP_MAX_TP];
-        for (int r = 0; r < tp; r++) {
-            int b, e;
-            cp_plan_split(vocab, tp, r, 1, &b, &e);
-            counts[r] = (size_t)k * (size_t)(e - b);
-        }
-        CP_CHECK(cp_comm_allgatherv(m->tp_comm, m->logits, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
-        size_t off = 0;
-        for (int r = 0; r < tp; r++) {
-            int b, e;
-            cp_plan_split(vocab, tp, r, 1, &b, &e);
-            for (int j = 0; j < k; j++)
-                memcpy(rows + (size_t)j * vocab + b, m->gather + off + (size_t)j * (e - b),
-                       (size_t)(e - b) * sizeof(float));
-            off += counts[r];
-        }
+    CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
+    if (!m->tp_comm)
+        return cp_backend_copy(be, rows, m->logits, (size_t)k * vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST);
+    const int tp = m->plan.tp;
+    size_t counts[CP_MAX_TP];
+    for (int r = 0; r < tp; r++) {
+        int b, e;
+        cp_plan_split(vocab, tp, r, 1, &b, &e);
+        counts[r] = (size_t)k * (size_t)(e - b);
+    }
+    CP_CHECK(cp_comm_allgatherv(m->tp_comm, m->logits, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
+    size_t off = 0;
+    for (int r = 0; r < tp; r++) {
+        int b, e;
+        cp_plan_split(vocab, tp, r, 1, &b, &e);
+        for (int j = 0; j < k; j++)
+            memcpy(rows + (size_t)j * vocab + b, m->gather + off + (size_t)j * (e - b), (size_t)(e - b) * sizeof(float));
+        off += counts[r];
     }
     return CP_OK;
 }
 
+/* Full logits of n rows of xb into dst[n][vocab] (host). */
+static cp_status lm_head(cp_model_t m, int n, float *dst) {
+    if (!m->tp_comm && cp_backend_device(m->be) == CP_DEVICE_CPU)
+        return cp_backend_matmul(m->be, &m->w.output, m->s.xb, n, dst, NULL);
+    for (int i = 0; i < n; i += CP_LOGIT_CHUNK)
+        CP_CHECK(lm_head_rows(m, i, n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK, dst + (size_t)i * m->cfg.n_vocab));
+    return CP_OK;
+}
+
+/* What the last stage does with the requested rows: full logits, or a
+ * sampled token per row. */
+typedef struct row_sampler {
+    const cp_sample_params *sp;
+    const float *u;  /* [n_logits] */
+    int32_t *out;    /* [n_logits] */
+} row_sampler;
+
+static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row0);
+
 /* One chunk: batch rows [t0, t0+T) through this stage's layers. The first
  * stage embeds, later ones receive the hidden states of the previous stage;
  * the last stage computes the logits of the requested rows inside the chunk
- * into logits (host), rows counted from *logit_idx on. */
+ * into logits (host), or samples them (rs), rows counted from *logit_idx on. */
 static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
-                               const int32_t *tables, int t0, int T, int *logit_idx, float *logits) {
+                               const int32_t *tables, int t0, int T, int *logit_idx, float *logits,
+                               const row_sampler *rs) {
     const cp_model_config *c = &m->cfg;
     const cp_plan *p = &m->plan;
     cp_backend_t be = m->be;
@@ -245,28 +256,137 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     }
     if (n == 0) return CP_OK;
     CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->xb, m->w.out_norm, n, c->dim, c->norm_eps));
-    CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * c->n_vocab));
+    if (rs)
+        CP_CHECK(sample_rows(m, n, rs, *logit_idx));
+    else
+        CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * c->n_vocab));
     *logit_idx += n;
     return CP_OK;
 }
 
-cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits) {
+/* Local top-k of row[0..n) as (value, global id = id0 + index) pairs, k
+ * slots filled in descending value order (ties: lower id first); slots
+ * beyond n hold -inf and id -1. */
+static void local_top(const float *row, int n, int id0, int k, float *val, int32_t *id) {
+    for (int j = 0; j < k; j++) {
+        val[j] = -INFINITY;
+        id[j] = -1;
+    }
+    for (int i = 0; i < n; i++) {
+        float v = row[i];
+        if (id[k - 1] >= 0 && !(v > val[k - 1])) continue;
+        int j = k - 1;
+        while (j > 0 && (id[j - 1] < 0 || v > val[j - 1])) {
+            val[j] = val[j - 1];
+            id[j] = id[j - 1];
+            j--;
+        }
+        val[j] = v;
+        id[j] = id0 + i;
+    }
+}
+
+/* Samples one token per row of the normed hidden states in xb. A single
+ * TP rank samples from its full logits. Across TP ranks, greedy and top-k
+ * sampling need only candidates: each rank sends its k best (value, id)
+ * pairs (k = 1 for greedy), every rank orders the union by id and runs the
+ * same sampler over it with the same u, which picks exactly what sampling
+ * the full vocabulary would (the global top k are among the candidates, and
+ * ties resolve by the lower id either way). Without top-k the full rows are
+ * gathered. */
+static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row0) {
+    cp_backend_t be = m->be;
+    const cp_model_config *c = &m->cfg;
+    const cp_sample_params *sp = rs->sp;
+    const int vocab = c->n_vocab, vl = m->vocab_l, tp = m->plan.tp;
+    const bool greedy = sp->temperature <= 0;
+    if (!m->tp_comm || (!greedy && (sp->top_k <= 0 || sp->top_k > CP_MAX_CANDIDATES))) {
+        /* full logits on every TP rank, sampled identically everywhere */
+        for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
+            int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
+            float *rows = m->full;
+            if (!m->tp_comm && cp_backend_device(be) == CP_DEVICE_CPU) {
+                CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, rows, NULL));
+            } else {
+                CP_CHECK(lm_head_rows(m, i, k, rows));
+            }
+            CP_CHECK(cp_backend_sample(be, rows, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+        }
+        return CP_OK;
+    }
+    const int kc = greedy ? 1 : sp->top_k;
+    float *cand_v = m->cand_v, *all_v = m->cand_v + CP_MAX_CANDIDATES;
+    int32_t *cand_i = m->cand_i, *all_i = m->cand_i + CP_MAX_CANDIDATES; /* [k] then [tp][k] */
+    for (int i = 0; i < n; i++) {
+        /* this rank's logits of one row (host memory on the CPU backend) */
+        CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, 1, m->logits, NULL));
+        const float *row = m->logits;
+        if (cp_backend_device(be) != CP_DEVICE_CPU) {
+            CP_CHECK(cp_backend_copy(be, m->gather, m->logits, (size_t)vl * sizeof(float), CP_COPY_DEVICE_TO_HOST));
+            row = m->gather;
+        }
+        local_top(row, vl, m->plan.vocab_begin, kc, cand_v, cand_i);
+        CP_CHECK(cp_comm_allgather(m->tp_comm, cand_v, all_v, (size_t)kc, CP_DTYPE_F32, NULL));
+        CP_CHECK(cp_comm_allgather(m->tp_comm, cand_i, all_i, (size_t)kc, CP_DTYPE_I32, NULL));
+        /* the union in vocabulary order: rank r's ids all precede rank
+         * r+1's, so sorting each rank's k by id keeps the whole row sorted */
+        int nc = 0;
+        for (int r = 0; r < tp; r++) {
+            int base = nc;
+            for (int j = 0; j < kc; j++) {
+                int32_t id = all_i[r * kc + j];
+                if (id < 0) continue;
+                int p = nc++;
+                while (p > base && m->cand_ids[p - 1] > id) {
+                    m->cand_ids[p] = m->cand_ids[p - 1];
+                    m->cand_row[p] = m->cand_row[p - 1];
+                    p--;
+                }
+                m->cand_ids[p] = id;
+                m->cand_row[p] = all_v[r * kc + j];
+            }
+        }
+        int32_t pick;
+        CP_CHECK(cp_backend_sample(be, m->cand_row, 1, nc, sp, rs->u + row0 + i, &pick));
+        rs->out[row0 + i] = m->cand_ids[pick];
+    }
+    return CP_OK;
+}
+
+static cp_status run_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits,
+                             const row_sampler *rs) {
     if (!m || !kv || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward: NULL argument");
     if (kv->model != m) return CP_ERROR(CP_ERR_INVALID_ARG, "KV cache belongs to another model");
     CP_CHECK(check_batch(m, kv, b));
     if (b->n_tok == 0) return CP_OK;
-    if (b->n_logits > 0 && !logits) return CP_ERROR(CP_ERR_INVALID_ARG, "logits buffer is NULL");
     const int32_t *tables;
     CP_CHECK(upload_tables(m, b, &tables));
     int logit_idx = 0;
     for (int t0 = 0; t0 < b->n_tok; t0 += m->max_batch) {
         int T = b->n_tok - t0 < m->max_batch ? b->n_tok - t0 : m->max_batch;
-        CP_CHECK(forward_chunk(m, kv, b, tables, t0, T, &logit_idx, logits));
+        CP_CHECK(forward_chunk(m, kv, b, tables, t0, T, &logit_idx, logits, rs));
     }
-    CP_CHECK(cp_backend_synchronize(m->be));
+    return cp_backend_synchronize(m->be);
+}
+
+cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits) {
+    if (b && b->n_logits > 0 && !logits) return CP_ERROR(CP_ERR_INVALID_ARG, "logits buffer is NULL");
+    CP_CHECK(run_forward(m, kv, b, logits, NULL));
     /* the last stage has the logits; every rank of the pipeline gets them */
     if (m->pp_comm && b->n_logits > 0)
         CP_CHECK(cp_comm_bcast(m->pp_comm, logits, (size_t)b->n_logits * m->cfg.n_vocab, CP_DTYPE_F32,
                                m->plan.pp - 1, NULL));
+    return CP_OK;
+}
+
+cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_sample_params *sp,
+                                  const float *u, int32_t *tokens) {
+    if (!sp || (b && b->n_logits > 0 && (!u || !tokens)))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_sample: NULL argument");
+    row_sampler rs = {sp, u, tokens};
+    CP_CHECK(run_forward(m, kv, b, NULL, &rs));
+    /* only token ids cross the pipeline */
+    if (m->pp_comm && b->n_logits > 0)
+        CP_CHECK(cp_comm_bcast(m->pp_comm, tokens, (size_t)b->n_logits, CP_DTYPE_I32, m->plan.pp - 1, NULL));
     return CP_OK;
 }

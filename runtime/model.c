@@ -441,8 +441,14 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
                                        (void **)&m->logits),
                       st, fail);
     m->gather = malloc((size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float));
+    m->full = malloc((size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float));
     m->ids_host = malloc((size_t)m->max_batch * sizeof(int32_t));
-    if (!m->gather || !m->ids_host) {
+    size_t nc = (size_t)CP_MAX_CANDIDATES * (size_t)(1 + m->plan.tp);
+    m->cand_v = malloc(nc * sizeof(float));
+    m->cand_i = malloc(nc * sizeof(int32_t));
+    m->cand_row = malloc(nc * sizeof(float));
+    m->cand_ids = malloc(nc * sizeof(int32_t));
+    if (!m->gather || !m->full || !m->ids_host || !m->cand_v || !m->cand_i || !m->cand_row || !m->cand_ids) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
     }
@@ -465,7 +471,12 @@ void cp_model_free(cp_model_t m) {
     cp_backend_dealloc(m->be, m->tables);
     cp_backend_dealloc(m->be, m->logits);
     free(m->gather);
+    free(m->full);
     free(m->ids_host);
+    free(m->cand_v);
+    free(m->cand_i);
+    free(m->cand_row);
+    free(m->cand_ids);
     free(m->w.layers);
     cp_gguf_close(m->gguf);
     if (m->hf_close) m->hf_close(m->find_ctx);

@@ -11,6 +11,7 @@
 
 #define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend or with TP */
 #define CP_MAX_TP 1024      /* tensor-parallel ranks per stage */
+#define CP_MAX_CANDIDATES 256 /* top-k up to this samples from per-rank candidates under TP */
 
 typedef struct cp_layer_weights {
     float *attn_norm;           /* [dim] */
@@ -56,6 +57,12 @@ struct cp_model {
     int ffn_l, vocab_l;          /* FFN columns, vocabulary rows */
     float *gather;               /* [CP_LOGIT_CHUNK][vocab] host: logit slices gathered over TP */
     int32_t *ids_host;           /* [max_batch] host: token ids of this rank's vocabulary slice */
+    float *full;                 /* [CP_LOGIT_CHUNK][vocab] host: full logit rows to sample */
+    /* sampling from per-rank candidates (host): this rank's k, then all tp x k */
+    float *cand_v;               /* [CP_MAX_CANDIDATES * (1 + tp)] */
+    int32_t *cand_i;             /* [CP_MAX_CANDIDATES * (1 + tp)] */
+    float *cand_row;             /* [CP_MAX_CANDIDATES * tp] candidate logits in id order */
+    int32_t *cand_ids;           /* [CP_MAX_CANDIDATES * tp] */
     cp_model_weights w;
     cp_model_stats stats;
     cp_gguf_t gguf;

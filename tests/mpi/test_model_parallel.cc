@@ -28,6 +28,8 @@ cp_comm_t g_world = nullptr;
 struct RunOut {
     std::vector<float> logits;   // [n][vocab], teacher-forced over the prompt
     std::vector<int32_t> greedy; // 32 tokens
+    std::vector<int32_t> topk;   // 32 tokens sampled with top-k 40, top-p 0.9, seed 7
+    std::vector<int32_t> plain;  // 32 tokens sampled at temperature 1 without filters
 };
 
 bool collect(void *user, int32_t tok, const char *, size_t) {
@@ -74,6 +76,15 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
         gp.ignore_eos = true;
         EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.greedy, nullptr), CP_OK)
             << cp_last_error();
+        // across TP ranks top-k sampling uses per-rank candidates, sampling
+        // without top-k gathers the full rows: both must pick what one rank picks
+        gp.sample = {0.9f, 40, 0.9f, 0.0f};
+        gp.seed = 7;
+        EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.topk, nullptr), CP_OK)
+            << cp_last_error();
+        gp.sample = {1.0f, 0, 1.0f, 0.0f};
+        EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.plain, nullptr), CP_OK)
+            << cp_last_error();
     }
     cp_engine_free(e);
     cp_comm_free(tpc);
@@ -96,6 +107,8 @@ void compare(const RunOut &ref, const RunOut &par, int vocab, double tol, const 
     }
     EXPECT_LE(worst, tol) << what << ": max relative logit difference " << worst;
     EXPECT_EQ(par.greedy, ref.greedy) << what;
+    EXPECT_EQ(par.topk, ref.topk) << what << " (top-k sampling)";
+    EXPECT_EQ(par.plain, ref.plain) << what << " (plain sampling)";
     if (cp_comm_rank(g_world) == 0)
         printf("%s: max relative logit difference %.3g, %zu greedy tokens equal\n", what.c_str(), worst,
                par.greedy.size());
