@@ -520,7 +520,16 @@ struct attn_job {
     int group;             /* query heads per task, a divisor of n_rep */
     float *scratch;        /* per thread: acc[group][head_dim], s[group][ATTN_CHUNK], m, l */
     size_t scratch_stride; /* floats per thread */
+    int n_split;           /* context ranges per (token, head group); 1 = whole context */
+    float *part;           /* n_split > 1: [n_tok][n_head][n_split][head_dim + 2] acc, m, l */
 };
+
+/* Decode of a few sequences has too few (token, KV head) tasks to keep the
+ * threads busy at long context; the context is then cut into ranges of this
+ * many positions whose partial softmax results are merged (split-K). The
+ * decision depends on the batch only, never on the thread count. */
+#define ATTN_SPLIT 256
+#define ATTN_SPLIT_MAX_TASKS 8 /* split when n_tok * n_head_kv is at most this */
 
 /* One task = one token and a group of query heads that share one KV head,
  * so each key and value row is read once for the whole group. Every head's
@@ -532,9 +541,14 @@ static void attn_task(void *vctx, int task, int thread) {
     const struct attn_job *j = vctx;
     const cp_attn_params *p = j->p;
     const cp_cpu_vec_ops *vec = j->vec;
+    const int split = task % j->n_split;
+    task /= j->n_split;
     const int hd = p->head_dim, n_rep = j->group, groups = p->n_head / n_rep;
     const int t = task / groups, h0 = (task % groups) * n_rep, kvh = h0 / j->n_rep;
-    const int seq = p->seq_of_tok[t], n_ctx = p->pos_of_tok[t] + 1;
+    const int seq = p->seq_of_tok[t], n_pos = p->pos_of_tok[t] + 1;
+    /* this task's positions [c0, n_ctx) */
+    const int c0 = j->n_split > 1 ? split * ATTN_SPLIT : 0;
+    const int n_ctx = j->n_split > 1 ? (c0 + ATTN_SPLIT < n_pos ? c0 + ATTN_SPLIT : n_pos) : n_pos;
     const bool f16 = p->kv_dtype == CP_DTYPE_F16;
 
     float *acc = j->scratch + (size_t)thread * j->scratch_stride;
@@ -548,7 +562,7 @@ static void attn_task(void *vctx, int task, int thread) {
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
-    for (int j0 = 0; j0 < n_ctx; j0 += ATTN_CHUNK) {
+    for (int j0 = c0; j0 < n_ctx; j0 += ATTN_CHUNK) {
         const int jn = n_ctx - j0 < ATTN_CHUNK ? n_ctx - j0 : ATTN_CHUNK;
         for (int jj = 0; jj < jn; jj++) {
             size_t off = kv_offset(p, seq, j0 + jj, kvh);
@@ -585,12 +599,51 @@ static void attn_task(void *vctx, int task, int thread) {
             }
         }
     }
+    if (j->n_split > 1) {
+        /* unnormalised partial result; an empty range leaves m = -inf, l = 0 */
+        for (int r = 0; r < n_rep; r++) {
+            float *pp = j->part + (((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)j->n_split +
+                                   (size_t)split) *
+                                      (size_t)(hd + 2);
+            memcpy(pp, acc + (size_t)r * (size_t)hd, (size_t)hd * sizeof(float));
+            pp[hd] = mx[r];
+            pp[hd + 1] = sum[r];
+        }
+        return;
+    }
     for (int r = 0; r < n_rep; r++) {
         float *o = j->out + ((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)hd;
         const float inv = 1.0f / sum[r];
         const float *ar = acc + (size_t)r * (size_t)hd;
         for (int d = 0; d < hd; d++)
             o[d] = ar[d] * inv;
+    }
+}
+
+/* Merges the split-K partial results of every (token, head) into out:
+ * the ranges' accumulators and sums rescaled to the largest running max. */
+static void attn_merge(const struct attn_job *j) {
+    const cp_attn_params *p = j->p;
+    const int hd = p->head_dim;
+    for (int th = 0; th < p->n_tok * p->n_head; th++) {
+        const float *pp = j->part + (size_t)th * (size_t)j->n_split * (size_t)(hd + 2);
+        float m = -INFINITY;
+        for (int s = 0; s < j->n_split; s++)
+            if (pp[s * (hd + 2) + hd + 1] > 0 && pp[s * (hd + 2) + hd] > m) m = pp[s * (hd + 2) + hd];
+        float *o = j->out + (size_t)th * (size_t)hd;
+        float l = 0;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int s = 0; s < j->n_split; s++) {
+            const float *ps = pp + s * (hd + 2);
+            if (!(ps[hd + 1] > 0)) continue;
+            const float w = expf(ps[hd] - m);
+            l += ps[hd + 1] * w;
+            for (int d = 0; d < hd; d++)
+                o[d] += ps[d] * w;
+        }
+        const float inv = 1.0f / l;
+        for (int d = 0; d < hd; d++)
+            o[d] *= inv;
     }
 }
 
@@ -607,10 +660,18 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     j.v_cache = v_cache;
     j.out = out;
     j.n_rep = p->n_head / p->n_head_kv;
+    j.group = j.n_rep;
+    j.n_split = 1;
+    j.part = NULL;
+    if (p->n_tok * p->n_head_kv <= ATTN_SPLIT_MAX_TASKS) {
+        int max_pos = 0;
+        for (int t = 0; t < p->n_tok; t++)
+            if (p->pos_of_tok[t] > max_pos) max_pos = p->pos_of_tok[t];
+        j.n_split = (max_pos + 1 + ATTN_SPLIT - 1) / ATTN_SPLIT;
+    }
     /* Whole KV groups per task unless that leaves threads idle (decode of one
      * sequence with 3 KV heads on 16 threads): then split the groups. */
-    j.group = j.n_rep;
-    while (j.group > 1 && p->n_tok * (p->n_head / j.group) < 4 * cpu->n_threads) {
+    while (j.n_split == 1 && j.group > 1 && p->n_tok * (p->n_head / j.group) < 4 * cpu->n_threads) {
         int g = j.group - 1;
         while (j.n_rep % g)
             g--;
@@ -618,10 +679,16 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     }
     size_t floats = (size_t)j.group * ((size_t)p->head_dim + ATTN_CHUNK + 2);
     j.scratch_stride = align64(floats * sizeof(float)) / sizeof(float);
+    size_t scratch_bytes = (size_t)cpu->n_threads * j.scratch_stride * sizeof(float);
+    size_t part_bytes = j.n_split > 1 ? (size_t)p->n_tok * (size_t)p->n_head * (size_t)j.n_split *
+                                            (size_t)(p->head_dim + 2) * sizeof(float)
+                                      : 0;
     void *ws;
-    CP_CHECK(ws_reserve(cpu, (size_t)cpu->n_threads * j.scratch_stride * sizeof(float), &ws));
+    CP_CHECK(ws_reserve(cpu, scratch_bytes + part_bytes, &ws));
     j.scratch = ws;
-    cp_threadpool_parallel_for(cpu->pool, p->n_tok * (p->n_head / j.group), attn_task, &j);
+    if (part_bytes) j.part = (float *)((char *)ws + scratch_bytes);
+    cp_threadpool_parallel_for(cpu->pool, p->n_tok * (p->n_head / j.group) * j.n_split, attn_task, &j);
+    if (j.n_split > 1) attn_merge(&j);
     return CP_OK;
 }
 
