@@ -53,6 +53,15 @@ cp_status cp_gguf_open_memory(const void *data, size_t size, cp_gguf_t *out);
 /* Unmaps and frees. NULL is a no-op. */
 void cp_gguf_close(cp_gguf_t g);
 
+/* Tells the OS that bytes [p, p+n) of the mapped file will not be read
+ * again (e.g. after a slice was copied out): their pages leave this
+ * process's resident set; a later read would fault them in from the file
+ * again. No-op for images opened with cp_gguf_open_memory. */
+void cp_gguf_release(cp_gguf_t g, const void *p, size_t n);
+
+/* Bytes before the tensor data (header, metadata, tensor directory). */
+size_t cp_gguf_data_offset(cp_gguf_t g);
+
 uint32_t cp_gguf_version(cp_gguf_t g);
 size_t cp_gguf_file_size(cp_gguf_t g);
 

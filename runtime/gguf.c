@@ -2,6 +2,7 @@
  * tensor directory) is parsed through a bounds-checked cursor once at open;
  * every tensor's type, shape, alignment and extent is checked against the
  * file, so accessors afterwards cannot read outside the mapping. */
+#define _DEFAULT_SOURCE /* madvise */
 #include "cp_gguf.h"
 
 #include <errno.h>
@@ -455,6 +456,20 @@ cp_status cp_gguf_open(const char *path, cp_gguf_t *out) {
     }
     return CP_OK;
 }
+
+void cp_gguf_release(cp_gguf_t g, const void *p, size_t n) {
+    if (!g->mapped || n == 0) return;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t b = (uintptr_t)p, e = b + n;
+    if (b < (uintptr_t)g->base || e > (uintptr_t)g->base + g->size) return;
+    /* whole pages only: a shared edge page may hold data still in use
+     * (reading it later would just fault it in again, but keep it cheap) */
+    b = (b + page - 1) & ~(page - 1);
+    e &= ~(page - 1);
+    if (e > b) madvise((void *)b, e - b, MADV_DONTNEED);
+}
+
+size_t cp_gguf_data_offset(cp_gguf_t g) { return g->data_offset; }
 
 uint32_t cp_gguf_version(cp_gguf_t g) { return g->version; }
 size_t cp_gguf_file_size(cp_gguf_t g) { return g->size; }

@@ -169,6 +169,9 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
         CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, nc, dst + (size_t)r * dst_row), st, done);
     }
     CP_CHECK_GOTO(place(m, dst, dst_row * (size_t)nr, &out->data), st, done);
+    /* the rows read for a column slice hold other ranks' columns too: let
+     * their pages go so a rank's resident set stays its own share */
+    if (m->gguf) cp_gguf_release(m->gguf, base, (size_t)nr * src_row);
     progress(m, o, part.nbytes);
 done:
     free(row);
