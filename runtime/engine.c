@@ -138,12 +138,11 @@ cp_backend_t cp_engine_backend(cp_engine_t e) { return e->be; }
 int cp_engine_n_ctx(cp_engine_t e) { return e->n_ctx; }
 
 /* Feeds tokens[0..n) at positions start.. of the sequence whose block table
- * is e->table; the logits of the last one land in out (when want_last) or,
- * with all_logits, every position's logits land in out[n][vocab]. */
-/* With sp set, the last position is sampled instead (u its uniform number,
- * the token in *tok) and out is unused. */
+ * is e->table. Without sp every position's logits land in out[n][vocab];
+ * with sp the last position is sampled (u its uniform number) into *tok and
+ * the earlier chunks produce no logits at all. */
 static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, float *out,
-                      bool all_logits, const cp_sample_params *sp, float u, int32_t *tok) {
+                      const cp_sample_params *sp, float u, int32_t *tok) {
     const int T = cp_model_max_batch(e->model);
     const int vocab = cp_model_get_config(e->model)->n_vocab;
     for (int i0 = 0; i0 < n; i0 += T) {
@@ -159,20 +158,17 @@ static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, fl
             .max_blocks = e->max_blocks,
             .logit_rows = e->rows,
         };
-        float *dst = out;
-        if (all_logits) {
+        if (!sp) {
             for (int i = 0; i < k; i++) e->rows[i] = i;
             b.n_logits = k;
-            dst = out + (size_t)i0 * vocab;
+            CP_CHECK(cp_model_forward(e->model, e->kv, &b, out + (size_t)i0 * vocab));
         } else if (i0 + k == n) {
             e->rows[0] = k - 1;
             b.n_logits = 1;
-            if (sp) {
-                CP_CHECK(cp_model_forward_sample(e->model, e->kv, &b, sp, &u, tok));
-                continue;
-            }
+            CP_CHECK(cp_model_forward_sample(e->model, e->kv, &b, sp, &u, tok));
+        } else {
+            CP_CHECK(cp_model_forward(e->model, e->kv, &b, NULL));
         }
-        CP_CHECK(cp_model_forward(e->model, e->kv, &b, dst));
     }
     return CP_OK;
 }
@@ -193,7 +189,7 @@ cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *l
         return CP_ERROR(CP_ERR_INVALID_ARG, "%d tokens do not fit the context of %d", n, e->n_ctx);
     int have = 0;
     cp_status st = ensure_blocks(e, &have, n);
-    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, true, NULL, 0, NULL);
+    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, NULL, 0, NULL);
     cp_kv_cache_release_blocks(e->kv, e->table, have);
     return st;
 }
@@ -219,7 +215,7 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
     double t0 = cp_time_now();
     CP_CHECK_GOTO(ensure_blocks(e, &have, n_prompt), st, done);
     int32_t tok;
-    CP_CHECK_GOTO(feed(e, prompt, n_prompt, 0, NULL, false, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
+    CP_CHECK_GOTO(feed(e, prompt, n_prompt, 0, NULL, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
     double t1 = cp_time_now();
     stats->prefill_s = t1 - t0;
     int pos = n_prompt;
@@ -248,7 +244,7 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
             break;
         }
         CP_CHECK_GOTO(ensure_blocks(e, &have, pos + 1), st, done);
-        CP_CHECK_GOTO(feed(e, &tok, 1, pos, NULL, false, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
+        CP_CHECK_GOTO(feed(e, &tok, 1, pos, NULL, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
         pos++;
     }
     stats->decode_s = cp_time_now() - t1;

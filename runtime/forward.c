@@ -115,29 +115,31 @@ static cp_status lm_head_rows(cp_model_t m, int i, int k, float *rows) {
     cp_backend_t be = m->be;
     const cp_model_config *c = &m->cfg;
     const int vocab = c->n_vocab, vl = m->vocab_l;
-    CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
+    const float *x = m->s.xb + (size_t)i * c->dim;
+    if (!m->tp_comm && cp_backend_device(be) == CP_DEVICE_CPU)
+        return cp_backend_matmul(be, &m->w.output, x, k, rows, NULL);
+    CP_CHECK(cp_backend_matmul(be, &m->w.output, x, k, m->logits, NULL));
     if (!m->tp_comm)
         return cp_backend_copy(be, rows, m->logits, (size_t)k * vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST);
     const int tp = m->plan.tp;
+    int begin[CP_MAX_TP + 1];
     size_t counts[CP_MAX_TP];
     for (int r = 0; r < tp; r++) {
-        int b, e;
-        cp_plan_split(vocab, tp, r, 1, &b, &e);
-        counts[r] = (size_t)k * (size_t)(e - b);
+        cp_plan_split(vocab, tp, r, 1, &begin[r], &begin[r + 1]);
+        counts[r] = (size_t)k * (size_t)(begin[r + 1] - begin[r]);
     }
     CP_CHECK(cp_comm_allgatherv(m->tp_comm, m->logits, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
-    size_t off = 0;
+    const float *src = m->gather;
     for (int r = 0; r < tp; r++) {
-        int b, e;
-        cp_plan_split(vocab, tp, r, 1, &b, &e);
-        for (int j = 0; j < k; j++)
-            memcpy(rows + (size_t)j * vocab + b, m->gather + off + (size_t)j * (e - b), (size_t)(e - b) * sizeof(float));
-        off += counts[r];
+        const size_t w = (size_t)(begin[r + 1] - begin[r]);
+        for (int j = 0; j < k; j++) memcpy(rows + (size_t)j * vocab + begin[r], src + (size_t)j * w, w * sizeof(float));
+        src += counts[r];
     }
     return CP_OK;
 }
 
-/* Full logits of n rows of xb into dst[n][vocab] (host). */
+/* Full logits of n rows of xb into dst[n][vocab] (host); one matmul over all
+ * n rows on a single CPU rank (each weight row reused across them). */
 static cp_status lm_head(cp_model_t m, int n, float *dst) {
     if (!m->tp_comm && cp_backend_device(m->be) == CP_DEVICE_CPU)
         return cp_backend_matmul(m->be, &m->w.output, m->s.xb, n, dst, NULL);
@@ -304,13 +306,8 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
         /* full logits on every TP rank, sampled identically everywhere */
         for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
             int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
-            float *rows = m->full;
-            if (!m->tp_comm && cp_backend_device(be) == CP_DEVICE_CPU) {
-                CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, rows, NULL));
-            } else {
-                CP_CHECK(lm_head_rows(m, i, k, rows));
-            }
-            CP_CHECK(cp_backend_sample(be, rows, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+            CP_CHECK(lm_head_rows(m, i, k, m->full));
+            CP_CHECK(cp_backend_sample(be, m->full, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
         }
         return CP_OK;
     }
