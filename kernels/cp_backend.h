@@ -58,6 +58,8 @@ typedef struct cp_attn_params {
     const int32_t *seq_of_tok;  /* [n_tok] */
     const int32_t *pos_of_tok;  /* [n_tok] */
     const int32_t *block_tables;/* [n_seq][max_blocks] physical block ids */
+    int n_ctx_max;              /* max(pos_of_tok) + 1 when the caller knows it (a host value
+                                   that sizes device launches); 0: unknown */
 } cp_attn_params;
 
 typedef struct cp_sample_params {
@@ -71,6 +73,16 @@ typedef struct cp_sample_params {
  * The fast paths (AVX2, AVX-512) are chosen from the CPU's features at run
  * time; CP_CPU_FORCE_REF=1 in the environment selects the fp32 references. */
 cp_status cp_backend_cpu_init(int n_threads, cp_backend_t *out);
+
+/* The CUDA backend on device `device` (0-based): one stream, one cuBLASLt
+ * handle with its workspace. CP_ERR_UNSUPPORTED when this build has no CUDA
+ * or the machine no usable device (the message says which);
+ * CP_ERR_INVALID_ARG for a device index that does not exist. */
+cp_status cp_backend_cuda_init(int device, cp_backend_t *out);
+
+/* Number of usable CUDA devices into *count (0 and CP_ERR_UNSUPPORTED when
+ * this build has no CUDA or no driver answers). */
+cp_status cp_backend_cuda_device_count(int *count);
 
 /* Frees the backend and everything it allocated internally. NULL is a no-op. */
 void cp_backend_free(cp_backend_t be);
@@ -142,6 +154,12 @@ cp_status cp_backend_quantize(cp_backend_t be, cp_dtype t, const float *x, int64
  * Filters apply in the order top-k, top-p, min-p, after temperature. */
 cp_status cp_backend_sample(cp_backend_t be, const float *logits, int n, int vocab,
                             const cp_sample_params *sp, const float *u, int32_t *out);
+
+/* The reference sampler on host memory (logits, u and out all host), for
+ * callers that hold a few candidate logits on the host whatever their
+ * backend. Same contract and choices as cp_backend_sample. */
+cp_status cp_sample_host(const float *logits, int n, int vocab, const cp_sample_params *sp,
+                         const float *u, int32_t *out);
 
 #ifdef __cplusplus
 }

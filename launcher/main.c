@@ -2,6 +2,7 @@
  * options, builds the engine through the runtime API, and turns statuses
  * into exit codes (0 ok, 1 runtime error, 2 usage error). */
 #include "cli.h"
+#include "cmd_synth.h"
 #include "cp_comm.h"
 #include "cp_gguf.h"
 #include "cp_plan.h"
@@ -85,6 +86,24 @@ static bool parse_dtype(const char *s, cp_dtype *out) {
     return false;
 }
 
+/* "cpu", "cuda" (device chosen per rank: *id stays -1) or "cuda:N". */
+static bool parse_device(const char *s, cp_device *dev, int *id) {
+    *id = -1;
+    if (!strcasecmp(s, "cpu")) {
+        *dev = CP_DEVICE_CPU;
+        return true;
+    }
+    if (strncasecmp(s, "cuda", 4) != 0) return false;
+    *dev = CP_DEVICE_CUDA;
+    if (s[4] == '\0') return true;
+    if (s[4] != ':' || s[5] < '0' || s[5] > '9') return false;
+    char *end;
+    long v = strtol(s + 5, &end, 10);
+    if (*end || v > 1024) return false;
+    *id = (int)v;
+    return true;
+}
+
 /* ---- ranks ---------------------------------------------------------------- */
 
 /* The world and its tensor-/pipeline-parallel groups for tp x pp ranks.
@@ -138,6 +157,7 @@ static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false, sp = false;
+    const char *device = "cpu";
     int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, timeout_s = 60;
     float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
     uint64_t seed = 0;
@@ -156,6 +176,8 @@ static int cmd_generate(int argc, char **argv) {
         {"min-p", 0, CLI_FLOAT, &min_p, 0, 1, "P", "drop tokens below P x the top probability, 0 = off (default 0.05)", NULL},
         {"seed", 's', CLI_U64, &seed, 0, -1, "S", "random seed (default: from the system)", &seed_seen},
         {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads per rank (default: the node's cores / its ranks)", NULL},
+        {"device", 0, CLI_STR, &device, 0, -1, "DEV",
+         "cpu (default), cuda (one GPU per rank: node-local rank modulo the GPUs) or cuda:N", NULL},
         {"ctx-size", 'c', CLI_INT, &ctx, 1, 1 << 24, "N", "context length in tokens (default: min(model's, 4096))", NULL},
         {"ignore-eos", 0, CLI_FLAG, &ignore_eos, 0, -1, NULL, "keep generating past end-of-text tokens (benchmarks)", NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
@@ -185,6 +207,12 @@ static int cmd_generate(int argc, char **argv) {
     }
     if ((system || template_system) && !chat) {
         fprintf(stderr, "cparallel generate: error: --%s needs --chat\n", system ? "system" : "template-system");
+        return 2;
+    }
+    int device_id = -1;
+    cp_device dev;
+    if (!parse_device(device, &dev, &device_id)) {
+        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --device (expected cpu, cuda or cuda:N)\n", device);
         return 2;
     }
     cp_dtype convert_dtype = CP_DTYPE_F32;
@@ -224,10 +252,17 @@ static int cmd_generate(int argc, char **argv) {
         threads = (int)(cores / cp_comm_local_size(rk.world));
         if (threads < 1) threads = 1;
     }
+    if (dev == CP_DEVICE_CUDA && device_id < 0) {
+        int count = 0;
+        cp_backend_cuda_device_count(&count);
+        device_id = count > 0 ? cp_comm_local_rank(rk.world) % count : 0;
+    }
     progress_state ps = {isatty(2), -1};
     cp_engine_opts eo = {
         .model_path = model,
         .n_threads = threads,
+        .device = dev,
+        .device_id = device_id < 0 ? 0 : device_id,
         .n_ctx = ctx,
         .n_seq = 1,
         .kv_f32 = kv_f32,
@@ -430,6 +465,7 @@ static void usage(FILE *f) {
             "commands:\n"
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
+            "  synth      write a random-weight model of a real architecture (benchmarks)\n"
             "  version    print the version\n\n"
             "'cparallel <command> --help' describes each command's options.\n",
             VERSION);
@@ -443,6 +479,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
+    if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("cparallel %s\n", VERSION);
         return 0;

@@ -17,6 +17,8 @@ typedef struct cp_engine *cp_engine_t;
 typedef struct cp_engine_opts {
     const char *model_path;    /* GGUF file or Hugging Face directory */
     int n_threads;             /* CPU threads; <= 0: all online cores */
+    cp_device device;          /* CP_DEVICE_CPU (default) or CP_DEVICE_CUDA */
+    int device_id;             /* CUDA device index */
     int n_ctx;                 /* tokens of context per sequence; <= 0: min(training context, 4096) */
     int n_seq;                 /* sequences the KV cache is sized for (>= 1) */
     int kv_block_size;         /* tokens per KV block; <= 0: 16 */

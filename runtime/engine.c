@@ -75,7 +75,10 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
     cp_engine_t e = calloc(1, sizeof(*e));
     if (!e) return CP_ERROR(CP_ERR_OOM, "out of memory");
     cp_status st;
-    CP_CHECK_GOTO(cp_backend_cpu_init(o->n_threads, &e->be), st, fail);
+    if (o->device == CP_DEVICE_CUDA)
+        CP_CHECK_GOTO(cp_backend_cuda_init(o->device_id, &e->be), st, fail);
+    else
+        CP_CHECK_GOTO(cp_backend_cpu_init(o->n_threads, &e->be), st, fail);
     cp_model_load_opts lo = {.backend = e->be,
                              .tp = o->tp,
                              .pp = o->pp,

@@ -204,7 +204,10 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         .seq_of_tok = seq,
         .pos_of_tok = pos,
         .block_tables = tables,
+        .n_ctx_max = 0,
     };
+    for (int t = 0; t < T; t++)
+        if (b->pos[t0 + t] + 1 > ap.n_ctx_max) ap.n_ctx_max = b->pos[t0 + t] + 1;
 
     if (!p->first_stage) {
         CP_CHECK(cp_comm_recv(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank - 1, NULL));
@@ -302,12 +305,24 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
     const cp_sample_params *sp = rs->sp;
     const int vocab = c->n_vocab, vl = m->vocab_l, tp = m->plan.tp;
     const bool greedy = sp->temperature <= 0;
+    if (!m->tp_comm && cp_backend_device(be) != CP_DEVICE_CPU) {
+        /* one device rank: logits stay on the device and are sampled there */
+        for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
+            int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
+            CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
+            CP_CHECK(cp_backend_sample(be, m->logits, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+        }
+        return CP_OK;
+    }
     if (!m->tp_comm || (!greedy && (sp->top_k <= 0 || sp->top_k > CP_MAX_CANDIDATES))) {
         /* full logits on every TP rank, sampled identically everywhere */
         for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
             int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
             CP_CHECK(lm_head_rows(m, i, k, m->full));
-            CP_CHECK(cp_backend_sample(be, m->full, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+            if (cp_backend_device(be) == CP_DEVICE_CPU)
+                CP_CHECK(cp_backend_sample(be, m->full, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+            else
+                CP_CHECK(cp_sample_host(m->full, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
         }
         return CP_OK;
     }
@@ -344,7 +359,7 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
             }
         }
         int32_t pick;
-        CP_CHECK(cp_backend_sample(be, m->cand_row, 1, nc, sp, rs->u + row0 + i, &pick));
+        CP_CHECK(cp_sample_host(m->cand_row, 1, nc, sp, rs->u + row0 + i, &pick));
         rs->out[row0 + i] = m->cand_ids[pick];
     }
     return CP_OK;

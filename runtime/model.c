@@ -437,7 +437,8 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
         *out = m;
         return CP_OK;
     }
-    m->max_batch = 512;
+    /* a GPU keeps its matrix units busy only with long chunks */
+    m->max_batch = cp_backend_device(m->be) == CP_DEVICE_CPU ? 512 : 2048;
     CP_CHECK_GOTO(alloc_scratch(m), st, fail);
     if (cp_backend_device(m->be) != CP_DEVICE_CPU || m->tp_comm)
         CP_CHECK_GOTO(cp_backend_alloc(m->be, (size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float),

@@ -347,3 +347,12 @@ cp_status cp_sample_ref(const float *logits, int n, int vocab, const cp_sample_p
     free(prob);
     return CP_OK;
 }
+
+cp_status cp_sample_host(const float *logits, int n, int vocab, const cp_sample_params *sp,
+                         const float *u, int32_t *out) {
+    if (!sp || n < 0 || vocab <= 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "sample: bad arguments n=%d vocab=%d", n, vocab);
+    if (n == 0) return CP_OK;
+    if (!logits || !u || !out) return CP_ERROR(CP_ERR_INVALID_ARG, "sample: NULL pointer");
+    return cp_sample_ref(logits, n, vocab, sp, u, out);
+}

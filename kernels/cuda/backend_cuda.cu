@@ -1,0 +1,552 @@
+/* backend_cuda.cu - the CUDA backend: one device, one stream, one cuBLASLt
+ * handle and its workspace per context. GEMMs go through cuBLASLt (fp16 /
+ * bf16 operands with fp32 accumulation and output, the bias fused as an
+ * epilogue, algorithms cached per shape); decode-sized products through the
+ * GEMV kernels; quantized weights are decoded to fp16 tiles for large
+ * batches. Host copies of weights go through pinned staging buffers. */
+#include <cublasLt.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attn_flash.h"
+#include "cp_backend_impl.h"
+#include "cp_cuda_ops.h"
+#include "cpu/cpu_ref.h"
+#include "cuda_common.cuh"
+
+#define CP_CUBLAS_CHECK(expr) CP_FOREIGN_CHECK_GEN(expr, CUBLAS_STATUS_SUCCESS, CP_ERR_CUBLAS, cublas_status_str)
+
+#define LT_WORKSPACE_BYTES ((size_t)32 << 20)
+#define STAGE_BYTES ((size_t)16 << 20)   /* each of the two pinned staging buffers */
+#define DEQ_TILE_BYTES ((size_t)64 << 20) /* fp16 tile of a quantized weight for a GEMM */
+#define GEMM_CACHE 128
+
+static const char *cublas_status_str(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "architecture mismatch";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "mapping error";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "execution failed";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "internal error";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "not supported";
+    default: return "error";
+    }
+}
+
+/* One cached GEMM configuration: descriptors and the heuristic's algorithm
+ * for a shape, operand types and pointer alignments. */
+typedef struct gemm_entry {
+    bool used;
+    cudaDataType_t at, bt;
+    int64_t m, n, k, ldd;
+    int align, has_bias;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, d;
+    cublasLtMatmulAlgo_t algo;
+} gemm_entry;
+
+typedef struct cp_cuda_backend {
+    struct cp_backend base;
+    int device;
+    char name[64];
+    cudaStream_t stream;
+    cublasLtHandle_t lt;
+    void *lt_ws;           /* [LT_WORKSPACE_BYTES] */
+    void *work;            /* activations in fp16/bf16, decoded weight tiles, attention splits */
+    size_t work_bytes;
+    void *stage[2];        /* pinned [STAGE_BYTES] x 2 */
+    cudaEvent_t stage_ev[2];
+    int *bad;              /* device flag of embed */
+    int *bad_host;         /* pinned */
+    int32_t *tok_dev;      /* [max_rows] argmax results */
+    int32_t *tok_host;     /* pinned */
+    int tok_cap;
+    float *host_rows;      /* host copy of logits for the host sampler */
+    size_t host_rows_cap;
+    int32_t *pos_host;     /* host copy of positions when n_ctx_max is unknown */
+    int pos_cap;
+    gemm_entry cache[GEMM_CACHE];
+    int cache_next;
+    bool no_flash;         /* CP_CUDA_NO_FLASH=1: the split kernel for every attention */
+} cp_cuda_backend;
+
+static cp_cuda_backend *ctx_of(cp_backend_t be) { return (cp_cuda_backend *)be; }
+
+/* Grows the work buffer to at least bytes (the stream is drained first, so
+ * no kernel still reads the old one). */
+static cp_status ensure_work(cp_cuda_backend *c, size_t bytes) {
+    if (bytes <= c->work_bytes) return CP_OK;
+    CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    if (c->work) CP_CUDA_CHECK(cudaFree(c->work));
+    c->work = NULL;
+    c->work_bytes = 0;
+    size_t want = bytes + bytes / 4;
+    if (cudaMalloc(&c->work, want) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return CP_ERROR(CP_ERR_OOM, "CUDA backend: cannot allocate %zu bytes of workspace", want);
+    }
+    c->work_bytes = want;
+    return CP_OK;
+}
+
+/* ---- memory ---- */
+
+static cp_status cuda_alloc(cp_backend_t be, size_t bytes, void **out) {
+    (void)be;
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        return CP_ERROR(CP_ERR_OOM, "CUDA: cannot allocate %zu bytes (%zu of %zu bytes free): %s",
+                        bytes, free_b, total_b, cudaGetErrorString(e));
+    }
+    *out = p;
+    return CP_OK;
+}
+
+static void cuda_dealloc(cp_backend_t be, void *p) {
+    cp_cuda_backend *c = ctx_of(be);
+    cudaStreamSynchronize(c->stream);
+    cudaFree(p);
+}
+
+/* Host to device through the two pinned buffers: the copy of chunk i+1 into
+ * pinned memory overlaps the transfer of chunk i. */
+static cp_status copy_h2d_staged(cp_cuda_backend *c, void *dst, const void *src, size_t bytes) {
+    size_t off = 0;
+    int i = 0;
+    while (off < bytes) {
+        const size_t len = bytes - off < STAGE_BYTES ? bytes - off : STAGE_BYTES;
+        CP_CUDA_CHECK(cudaEventSynchronize(c->stage_ev[i]));
+        memcpy(c->stage[i], (const char *)src + off, len);
+        CP_CUDA_CHECK(cudaMemcpyAsync((char *)dst + off, c->stage[i], len, cudaMemcpyHostToDevice,
+                                      c->stream));
+        CP_CUDA_CHECK(cudaEventRecord(c->stage_ev[i], c->stream));
+        off += len;
+        i ^= 1;
+    }
+    return CP_OK;
+}
+
+static cp_status cuda_copy(cp_backend_t be, void *dst, const void *src, size_t bytes,
+                           cp_copy_kind kind) {
+    cp_cuda_backend *c = ctx_of(be);
+    switch (kind) {
+    case CP_COPY_HOST_TO_DEVICE:
+        if (bytes >= ((size_t)1 << 20)) return copy_h2d_staged(c, dst, src, bytes);
+        CP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+        return CP_OK;
+    case CP_COPY_DEVICE_TO_HOST:
+        CP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+        CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+        return CP_OK;
+    case CP_COPY_DEVICE_TO_DEVICE:
+        CP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream));
+        return CP_OK;
+    }
+    return CP_ERROR(CP_ERR_INVALID_ARG, "copy: unknown kind %d", (int)kind);
+}
+
+static cp_status cuda_memset(cp_backend_t be, void *dst, int value, size_t bytes) {
+    CP_CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, ctx_of(be)->stream));
+    return CP_OK;
+}
+
+static cp_status cuda_synchronize(cp_backend_t be) {
+    CP_CUDA_CHECK(cudaStreamSynchronize(ctx_of(be)->stream));
+    return CP_OK;
+}
+
+static bool cuda_supports(cp_backend_t be, cp_dtype t) {
+    (void)be;
+    switch (t) {
+    case CP_DTYPE_F32: case CP_DTYPE_F16: case CP_DTYPE_BF16: case CP_DTYPE_Q4_0:
+    case CP_DTYPE_Q4_1: case CP_DTYPE_Q5_0: case CP_DTYPE_Q5_1: case CP_DTYPE_Q8_0:
+    case CP_DTYPE_Q4_K: case CP_DTYPE_Q5_K: case CP_DTYPE_Q6_K:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* ---- GEMM through cuBLASLt ---- */
+
+static int ptr_align(const void *p) {
+    uintptr_t v = (uintptr_t)p;
+    int a = 1;
+    while (a < 256 && (v & (uintptr_t)a) == 0) a <<= 1;
+    return a;
+}
+
+static void gemm_entry_free(gemm_entry *e) {
+    if (!e->used) return;
+    cublasLtMatmulDescDestroy(e->desc);
+    cublasLtMatrixLayoutDestroy(e->a);
+    cublasLtMatrixLayoutDestroy(e->b);
+    cublasLtMatrixLayoutDestroy(e->d);
+    memset(e, 0, sizeof(*e));
+}
+
+static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, cudaDataType_t at,
+                                 cudaDataType_t bt, int64_t m, int64_t n, int64_t k, int64_t ldd,
+                                 int align, int has_bias) {
+    memset(e, 0, sizeof(*e));
+    const cublasComputeType_t ct = CUBLAS_COMPUTE_32F;
+    CP_CUBLAS_CHECK(cublasLtMatmulDescCreate(&e->desc, ct, CUDA_R_32F));
+    e->used = true; /* from here on gemm_entry_free releases what exists */
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    if (has_bias) {
+        const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
+        const cudaDataType_t biast = CUDA_R_32F;
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &biast, sizeof(biast)));
+    }
+    /* column-major views: W [m][k] row-major is k x m (op T), x is k x n, y is m x n (ld ldd) */
+    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->a, at, (uint64_t)k, (uint64_t)m, k));
+    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->b, bt, (uint64_t)k, (uint64_t)n, k));
+    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->d, CUDA_R_32F, (uint64_t)m, (uint64_t)n, ldd));
+    cublasLtMatmulPreference_t pref;
+    CP_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    size_t ws = LT_WORKSPACE_BYTES;
+    uint32_t al = (uint32_t)align;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al, sizeof(al));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al, sizeof(al));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al, sizeof(al));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al, sizeof(al));
+    cublasLtMatmulHeuristicResult_t res;
+    int nres = 0;
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(c->lt, e->desc, e->a, e->b, e->d, e->d, pref,
+                                                      1, &res, &nres);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (s != CUBLAS_STATUS_SUCCESS || nres == 0)
+        return CP_ERROR(CP_ERR_CUBLAS,
+                        "cuBLASLt has no algorithm for a %lld x %lld x %lld GEMM (types %d/%d, "
+                        "alignment %d): %s",
+                        (long long)m, (long long)n, (long long)k, (int)at, (int)bt, align,
+                        cublas_status_str(s));
+    e->algo = res.algo;
+    e->at = at;
+    e->bt = bt;
+    e->m = m;
+    e->n = n;
+    e->k = k;
+    e->ldd = ldd;
+    e->align = align;
+    e->has_bias = has_bias;
+    return CP_OK;
+}
+
+/* d[n][ldd] (first m of each row) = b[n][k] . a^T with a [m][k] of type at. */
+static cp_status lt_gemm(cp_cuda_backend *c, cudaDataType_t at, const void *a, cudaDataType_t bt,
+                         const void *b, float *d, int64_t m, int64_t n, int64_t k, int64_t ldd,
+                         const float *bias) {
+    int align = ptr_align(a);
+    int ab = ptr_align(b), ad = ptr_align(d);
+    if (ab < align) align = ab;
+    if (ad < align) align = ad;
+    if (bias && ptr_align(bias) < align) align = ptr_align(bias);
+    const int has_bias = bias != NULL;
+    gemm_entry *e = NULL;
+    for (int i = 0; i < GEMM_CACHE; i++) {
+        gemm_entry *x = &c->cache[i];
+        if (x->used && x->at == at && x->bt == bt && x->m == m && x->n == n && x->k == k &&
+            x->ldd == ldd && x->align == align && x->has_bias == has_bias) {
+            e = x;
+            break;
+        }
+    }
+    if (!e) {
+        e = &c->cache[c->cache_next];
+        c->cache_next = (c->cache_next + 1) % GEMM_CACHE;
+        gemm_entry_free(e);
+        cp_status st = gemm_entry_make(c, e, at, bt, m, n, k, ldd, align, has_bias);
+        if (st != CP_OK) {
+            gemm_entry_free(e);
+            return st;
+        }
+    }
+    if (bias)
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                       &bias, sizeof(bias)));
+    const float alpha = 1.0f, beta = 0.0f;
+    CP_CUBLAS_CHECK(cublasLtMatmul(c->lt, e->desc, &alpha, a, e->a, b, e->b, &beta, d, e->d, d, e->d,
+                                   &e->algo, c->lt_ws, LT_WORKSPACE_BYTES, c->stream));
+    return CP_OK;
+}
+
+static cp_status cuda_matmul(cp_backend_t be, const cp_tensor *w, const float *x, int n, float *y,
+                             const float *bias) {
+    cp_cuda_backend *c = ctx_of(be);
+    const cp_dtype t = w->dtype;
+    const int64_t k = w->ne[0], m = w->ne[1];
+    if (n <= 8 && t != CP_DTYPE_F32) {
+        cp_status st = cp_gemv_cuda(w, x, n, y, bias, c->stream);
+        if (st != CP_ERR_UNSUPPORTED) return st;
+    }
+    if (t == CP_DTYPE_F32) return lt_gemm(c, CUDA_R_32F, w->data, CUDA_R_32F, x, y, m, n, k, m, bias);
+    const bool bf16 = t == CP_DTYPE_BF16;
+    const cudaDataType_t ht = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+    const size_t xh_bytes = (((size_t)n * (size_t)k * 2) + 255) & ~(size_t)255;
+    const bool quant = t != CP_DTYPE_F16 && t != CP_DTYPE_BF16;
+    int64_t tile = m;
+    if (quant && (size_t)m * (size_t)k * 2 > DEQ_TILE_BYTES) {
+        tile = (int64_t)(DEQ_TILE_BYTES / ((size_t)k * 2));
+        tile = tile >= 64 ? tile / 64 * 64 : (tile > 0 ? tile : 1);
+    }
+    CP_CHECK(ensure_work(c, xh_bytes + (quant ? (size_t)tile * (size_t)k * 2 : 0)));
+    void *xh = c->work;
+    CP_CHECK(cp_convert_f32_cuda(xh, x, (size_t)n * (size_t)k, bf16, c->stream));
+    if (!quant) return lt_gemm(c, ht, w->data, ht, xh, y, m, n, k, m, bias);
+    void *wt = (char *)c->work + xh_bytes;
+    for (int64_t r0 = 0; r0 < m; r0 += tile) {
+        const int64_t rows = m - r0 < tile ? m - r0 : tile;
+        CP_CHECK(cp_dequantize_f16_cuda(w, r0, rows, wt, c->stream));
+        CP_CHECK(lt_gemm(c, CUDA_R_16F, wt, CUDA_R_16F, xh, y + r0, rows, n, k, m,
+                         bias ? bias + r0 : NULL));
+    }
+    return CP_OK;
+}
+
+/* ---- the other ops ---- */
+
+static cp_status cuda_rmsnorm(cp_backend_t be, float *out, const float *x, const float *w, int n,
+                              int dim, float eps) {
+    return cp_rmsnorm_cuda(out, x, w, n, dim, eps, ctx_of(be)->stream);
+}
+
+static cp_status cuda_rope(cp_backend_t be, float *x, const int32_t *pos, int n_tok, int n_head,
+                           const cp_rope_params *rp) {
+    return cp_rope_cuda(x, pos, n_tok, n_head, rp, ctx_of(be)->stream);
+}
+
+static cp_status cuda_kv_store(cp_backend_t be, const cp_attn_params *p, const float *k,
+                               const float *v, void *k_cache, void *v_cache) {
+    return cp_kv_store_cuda(p, k, v, k_cache, v_cache, ctx_of(be)->stream);
+}
+
+static cp_status cuda_attention(cp_backend_t be, const cp_attn_params *p, const float *q,
+                                const void *k_cache, const void *v_cache, float *out) {
+    cp_cuda_backend *c = ctx_of(be);
+    /* the fused prefill kernel takes multi-token batches of its shapes */
+    if (!c->no_flash && p->n_tok >= 16 && p->kv_dtype == CP_DTYPE_F16 &&
+        (p->head_dim == 64 || p->head_dim == 128)) {
+        cp_status st = cp_attention_flash_cuda(p, q, k_cache, v_cache, out, c->stream);
+        if (st != CP_ERR_UNSUPPORTED) return st;
+    }
+    int max_pos = p->n_ctx_max - 1;
+    if (p->n_ctx_max <= 0) {
+        if (p->n_tok > c->pos_cap) {
+            int32_t *np = (int32_t *)realloc(c->pos_host, (size_t)p->n_tok * sizeof(int32_t));
+            if (!np) return CP_ERROR(CP_ERR_OOM, "attention: out of memory");
+            c->pos_host = np;
+            c->pos_cap = p->n_tok;
+        }
+        CP_CHECK(cuda_copy(be, c->pos_host, p->pos_of_tok, (size_t)p->n_tok * sizeof(int32_t),
+                           CP_COPY_DEVICE_TO_HOST));
+        max_pos = 0;
+        for (int t = 0; t < p->n_tok; t++)
+            if (c->pos_host[t] > max_pos) max_pos = c->pos_host[t];
+    }
+    CP_CHECK(ensure_work(c, cp_attention_work_bytes(p, max_pos)));
+    return cp_attention_paged_cuda(p, max_pos, q, k_cache, v_cache, out, c->work, c->stream);
+}
+
+static cp_status cuda_add(cp_backend_t be, float *y, const float *a, const float *b, size_t n) {
+    return cp_add_cuda(y, a, b, n, ctx_of(be)->stream);
+}
+
+static cp_status cuda_swiglu(cp_backend_t be, float *out, const float *gate, const float *up,
+                             size_t n) {
+    return cp_swiglu_cuda(out, gate, up, n, ctx_of(be)->stream);
+}
+
+static cp_status cuda_softmax(cp_backend_t be, float *x, int n, int dim) {
+    return cp_softmax_cuda(x, n, dim, ctx_of(be)->stream);
+}
+
+static cp_status cuda_embed(cp_backend_t be, const cp_tensor *table, const int32_t *ids, int n,
+                            float *out) {
+    cp_cuda_backend *c = ctx_of(be);
+    CP_CUDA_CHECK(cudaMemsetAsync(c->bad, 0, sizeof(int), c->stream));
+    CP_CHECK(cp_embed_cuda(table, ids, n, out, c->bad, c->stream));
+    CP_CUDA_CHECK(cudaMemcpyAsync(c->bad_host, c->bad, sizeof(int), cudaMemcpyDeviceToHost, c->stream));
+    CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    if (*c->bad_host)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "embed: token id at %d outside 0..%lld",
+                        *c->bad_host - 1, (long long)table->ne[1] - 1);
+    return CP_OK;
+}
+
+static cp_status cuda_dequantize(cp_backend_t be, const cp_tensor *w, int64_t row0, int64_t nrows,
+                                 float *out) {
+    return cp_dequantize_cuda(w, row0, nrows, out, ctx_of(be)->stream);
+}
+
+/* Quantization is a load-time operation: done by the CPU reference on a
+ * host copy. */
+static cp_status cuda_quantize(cp_backend_t be, cp_dtype t, const float *x, int64_t nrows,
+                               int64_t cols, void *out) {
+    const size_t in_bytes = (size_t)nrows * (size_t)cols * sizeof(float);
+    const size_t out_bytes = (size_t)nrows * cp_dtype_row_size(t, cols);
+    float *hx = (float *)malloc(in_bytes);
+    void *hy = malloc(out_bytes);
+    cp_status st = CP_OK;
+    if (!hx || !hy) {
+        st = CP_ERROR(CP_ERR_OOM, "quantize: out of host memory for %zu bytes", in_bytes + out_bytes);
+        goto done;
+    }
+    CP_CHECK_GOTO(cuda_copy(be, hx, x, in_bytes, CP_COPY_DEVICE_TO_HOST), st, done);
+    CP_CHECK_GOTO(cp_quantize_ref(t, hx, nrows, cols, hy), st, done);
+    CP_CHECK_GOTO(cuda_copy(be, out, hy, out_bytes, CP_COPY_HOST_TO_DEVICE), st, done);
+    CP_CHECK_GOTO(cuda_synchronize(be), st, done);
+done:
+    free(hx);
+    free(hy);
+    return st;
+}
+
+/* Greedy rows are picked on the device; sampled rows copy the logits to
+ * the host and run the reference sampler (the same choice for the same u). */
+static cp_status cuda_sample(cp_backend_t be, const float *logits, int n, int vocab,
+                             const cp_sample_params *sp, const float *u, int32_t *out) {
+    cp_cuda_backend *c = ctx_of(be);
+    if (sp->temperature <= 0.0f) {
+        if (n > c->tok_cap) {
+            if (c->tok_dev) cudaFree(c->tok_dev);
+            if (c->tok_host) cudaFreeHost(c->tok_host);
+            c->tok_dev = NULL;
+            c->tok_host = NULL;
+            c->tok_cap = 0;
+            CP_CUDA_CHECK(cudaMalloc(&c->tok_dev, (size_t)n * sizeof(int32_t)));
+            CP_CUDA_CHECK(cudaMallocHost(&c->tok_host, (size_t)n * sizeof(int32_t)));
+            c->tok_cap = n;
+        }
+        CP_CHECK(cp_argmax_cuda(logits, n, vocab, c->tok_dev, c->stream));
+        CP_CUDA_CHECK(cudaMemcpyAsync(c->tok_host, c->tok_dev, (size_t)n * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, c->stream));
+        CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+        memcpy(out, c->tok_host, (size_t)n * sizeof(int32_t));
+        return CP_OK;
+    }
+    const size_t count = (size_t)n * (size_t)vocab;
+    if (count > c->host_rows_cap) {
+        float *r = (float *)realloc(c->host_rows, count * sizeof(float));
+        if (!r) return CP_ERROR(CP_ERR_OOM, "sample: out of host memory for %zu logits", count);
+        c->host_rows = r;
+        c->host_rows_cap = count;
+    }
+    CP_CHECK(cuda_copy(be, c->host_rows, logits, count * sizeof(float), CP_COPY_DEVICE_TO_HOST));
+    return cp_sample_ref(c->host_rows, n, vocab, sp, u, out);
+}
+
+static int cuda_n_threads(cp_backend_t be) {
+    (void)be;
+    return 1;
+}
+
+static void cuda_free(cp_backend_t be) {
+    cp_cuda_backend *c = ctx_of(be);
+    if (c->stream) cudaStreamSynchronize(c->stream);
+    for (int i = 0; i < GEMM_CACHE; i++) gemm_entry_free(&c->cache[i]);
+    if (c->lt) cublasLtDestroy(c->lt);
+    cudaFree(c->lt_ws);
+    cudaFree(c->work);
+    cudaFree(c->bad);
+    cudaFree(c->tok_dev);
+    cudaFreeHost(c->bad_host);
+    cudaFreeHost(c->tok_host);
+    for (int i = 0; i < 2; i++) {
+        if (c->stage[i]) cudaFreeHost(c->stage[i]);
+        if (c->stage_ev[i]) cudaEventDestroy(c->stage_ev[i]);
+    }
+    if (c->stream) cudaStreamDestroy(c->stream);
+    free(c->host_rows);
+    free(c->pos_host);
+    free(c);
+}
+
+static const struct cp_backend_i cuda_iface = {
+    /* .name = */ "cuda",
+    /* .device = */ CP_DEVICE_CUDA,
+    /* .free = */ cuda_free,
+    /* .supports = */ cuda_supports,
+    /* .alloc = */ cuda_alloc,
+    /* .dealloc = */ cuda_dealloc,
+    /* .copy = */ cuda_copy,
+    /* .memset = */ cuda_memset,
+    /* .synchronize = */ cuda_synchronize,
+    /* .matmul = */ cuda_matmul,
+    /* .rmsnorm = */ cuda_rmsnorm,
+    /* .rope = */ cuda_rope,
+    /* .kv_store = */ cuda_kv_store,
+    /* .attention = */ cuda_attention,
+    /* .add = */ cuda_add,
+    /* .swiglu = */ cuda_swiglu,
+    /* .softmax = */ cuda_softmax,
+    /* .embed = */ cuda_embed,
+    /* .dequantize = */ cuda_dequantize,
+    /* .quantize = */ cuda_quantize,
+    /* .sample = */ cuda_sample,
+    /* .n_threads = */ cuda_n_threads,
+};
+
+extern "C" cp_status cp_backend_cuda_device_count(int *count) {
+    *count = 0;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "no usable CUDA device: %s", cudaGetErrorString(e));
+    }
+    *count = n;
+    return CP_OK;
+}
+
+static cp_status init_ctx(cp_cuda_backend *c) {
+    CP_CUDA_CHECK(cudaSetDevice(c->device));
+    cudaDeviceProp prop;
+    CP_CUDA_CHECK(cudaGetDeviceProperties(&prop, c->device));
+    snprintf(c->name, sizeof(c->name), "cuda:%d", c->device);
+    c->base.iface.name = c->name;
+    CP_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    CP_CUBLAS_CHECK(cublasLtCreate(&c->lt));
+    CP_CUDA_CHECK(cudaMalloc(&c->lt_ws, LT_WORKSPACE_BYTES));
+    CP_CUDA_CHECK(cudaMalloc(&c->bad, sizeof(int)));
+    CP_CUDA_CHECK(cudaMallocHost(&c->bad_host, sizeof(int)));
+    for (int i = 0; i < 2; i++) {
+        CP_CUDA_CHECK(cudaMallocHost(&c->stage[i], STAGE_BYTES));
+        CP_CUDA_CHECK(cudaEventCreateWithFlags(&c->stage_ev[i], cudaEventDisableTiming));
+    }
+    return CP_OK;
+}
+
+extern "C" cp_status cp_backend_cuda_init(int device, cp_backend_t *out) {
+    if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_backend_cuda_init: out is NULL");
+    *out = NULL;
+    int n = 0;
+    CP_CHECK(cp_backend_cuda_device_count(&n));
+    if (n == 0) return CP_ERROR(CP_ERR_UNSUPPORTED, "no CUDA device is present");
+    if (device < 0 || device >= n)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "CUDA device %d does not exist (this machine has %d)",
+                        device, n);
+    cp_cuda_backend *c = (cp_cuda_backend *)calloc(1, sizeof(*c));
+    if (!c) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    c->base.iface = cuda_iface;
+    c->device = device;
+    const char *nf = getenv("CP_CUDA_NO_FLASH");
+    c->no_flash = nf && nf[0] == '1';
+    cp_status st = init_ctx(c);
+    if (st != CP_OK) {
+        cuda_free(&c->base);
+        return st;
+    }
+    *out = &c->base;
+    return CP_OK;
+}

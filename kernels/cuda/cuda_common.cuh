@@ -1,0 +1,261 @@
+/* cuda_common.cuh - private to kernels/cuda: error translation macros,
+ * warp reductions and the device-side decoding of the GGUF block formats
+ * (32 values at a time), shared by the .cu files of the CUDA backend. */
+#ifndef CP_CUDA_COMMON_CUH
+#define CP_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cp_common.h"
+#include "cp_dtype.h"
+
+/* One generic translation of a foreign status into cp_status. */
+#define CP_FOREIGN_CHECK_GEN(expr, ok, code, str_fn)                                               \
+    do {                                                                                           \
+        auto cp_fst_ = (expr);                                                                     \
+        if (cp_fst_ != (ok))                                                                       \
+            return CP_ERROR(code, "%s: %s (%d)", #expr, str_fn(cp_fst_), (int)cp_fst_);            \
+    } while (0)
+
+#define CP_CUDA_CHECK(expr) CP_FOREIGN_CHECK_GEN(expr, cudaSuccess, CP_ERR_CUDA, cudaGetErrorString)
+#define CP_CUDA_LAUNCH_CHECK() CP_CUDA_CHECK(cudaGetLastError())
+
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over a block of at most 1024 threads; every thread gets the result.
+ * red must hold 32 floats; the block size a multiple of 32. */
+static __device__ __forceinline__ float block_sum(float v, float *red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+static __device__ __forceinline__ float block_max(float v, float *red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+static __device__ __forceinline__ float ld_f16(const uint8_t *p) {
+    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+static __device__ __forceinline__ uint32_t ld_u32_bytes(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* K-quant 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
+static __device__ __forceinline__ void k4_scale_min(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Bytes per block and elements per block of the weight types the CUDA
+ * backend reads. */
+template <int T> struct cp_qtraits;
+template <> struct cp_qtraits<CP_DTYPE_F32> { enum { bytes = 4, elems = 1 }; };
+template <> struct cp_qtraits<CP_DTYPE_F16> { enum { bytes = 2, elems = 1 }; };
+template <> struct cp_qtraits<CP_DTYPE_BF16> { enum { bytes = 2, elems = 1 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q4_0> { enum { bytes = 18, elems = 32 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q4_1> { enum { bytes = 20, elems = 32 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q5_0> { enum { bytes = 22, elems = 32 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q5_1> { enum { bytes = 24, elems = 32 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q8_0> { enum { bytes = 34, elems = 32 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q4_K> { enum { bytes = 144, elems = 256 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q5_K> { enum { bytes = 176, elems = 256 }; };
+template <> struct cp_qtraits<CP_DTYPE_Q6_K> { enum { bytes = 210, elems = 256 }; };
+
+/* Decodes the 32 consecutive values c*32 .. c*32+31 of a row (row: its first
+ * byte) into v. Same arithmetic as the CPU reference in kernels/cpu/quants.c. */
+template <int T> static __device__ __forceinline__ void dq32(const uint8_t *row, int64_t c, float v[32]);
+
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_F32>(const uint8_t *row, int64_t c, float v[32]) {
+    const float4 *p = (const float4 *)(row + c * 128);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float4 f = p[i];
+        v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_F16>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint4 *p = (const uint4 *)(row + c * 64);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint4 u = p[i];
+        const __half2 *h = (const __half2 *)&u;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float2 f = __half22float2(h[j]);
+            v[8 * i + 2 * j] = f.x; v[8 * i + 2 * j + 1] = f.y;
+        }
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_BF16>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint4 *p = (const uint4 *)(row + c * 64);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint4 u = p[i];
+        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float2 f = __bfloat1622float2(h[j]);
+            v[8 * i + 2 * j] = f.x; v[8 * i + 2 * j + 1] = f.y;
+        }
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q4_0>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 18;
+    const float d = ld_f16(b);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int q = b[2 + j];
+        v[j] = d * (float)((q & 15) - 8);
+        v[j + 16] = d * (float)((q >> 4) - 8);
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q4_1>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 20;
+    const float d = ld_f16(b), m = ld_f16(b + 2);
+    const uint32_t *qs = (const uint32_t *)(b + 4); /* 20-byte blocks: 4-byte aligned */
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        const uint32_t q = qs[w];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int x = (q >> (8 * j)) & 0xff;
+            v[4 * w + j] = d * (float)(x & 15) + m;
+            v[4 * w + j + 16] = d * (float)(x >> 4) + m;
+        }
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q5_0>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 22;
+    const float d = ld_f16(b);
+    const uint32_t qh = ld_u32_bytes(b + 2);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int q = b[6 + j];
+        const int q0 = (q & 15) | (int)(((qh >> j) & 1u) << 4);
+        const int q1 = (q >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        v[j] = d * (float)(q0 - 16);
+        v[j + 16] = d * (float)(q1 - 16);
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q5_1>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 24;
+    const float d = ld_f16(b), m = ld_f16(b + 2);
+    const uint32_t qh = ld_u32_bytes(b + 4);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int q = b[8 + j];
+        const int q0 = (q & 15) | (int)(((qh >> j) & 1u) << 4);
+        const int q1 = (q >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        v[j] = d * (float)q0 + m;
+        v[j + 16] = d * (float)q1 + m;
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q8_0>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 34;
+    const float d = ld_f16(b);
+    const uint16_t *qs = (const uint16_t *)(b + 2); /* 34-byte blocks: 2-byte aligned */
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const uint16_t q = qs[j];
+        v[2 * j] = d * (float)(int8_t)(q & 0xff);
+        v[2 * j + 1] = d * (float)(int8_t)(q >> 8);
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q4_K>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + (c >> 3) * 144;
+    const int j = (int)(c & 7);
+    const float d = ld_f16(b), dmin = ld_f16(b + 2);
+    int sc, m;
+    k4_scale_min(j, b + 4, &sc, &m);
+    const float dd = d * (float)sc, o = dmin * (float)m;
+    const uint32_t *q = (const uint32_t *)(b + 16 + 32 * (j >> 1));
+    const int shift = (j & 1) * 4;
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        const uint32_t x = q[w];
+#pragma unroll
+        for (int k = 0; k < 4; k++) v[4 * w + k] = dd * (float)((x >> (8 * k + shift)) & 15) - o;
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q5_K>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + (c >> 3) * 176;
+    const int j = (int)(c & 7);
+    const float d = ld_f16(b), dmin = ld_f16(b + 2);
+    int sc, m;
+    k4_scale_min(j, b + 4, &sc, &m);
+    const float dd = d * (float)sc, o = dmin * (float)m;
+    const uint8_t *qh = b + 16, *q = b + 48 + 32 * (j >> 1);
+    const int shift = (j & 1) * 4;
+#pragma unroll
+    for (int l = 0; l < 32; l++) {
+        const int x = ((q[l] >> shift) & 15) | (((qh[l] >> j) & 1) << 4);
+        v[l] = dd * (float)x - o;
+    }
+}
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q6_K>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + (c >> 3) * 210;
+    const int j = (int)(c & 7), h = j >> 2, qq = j & 3;
+    const uint8_t *ql = b + 64 * h + (qq & 1) * 32, *qh = b + 128 + 32 * h;
+    const int8_t *scales = (const int8_t *)(b + 192);
+    const float d = ld_f16(b + 208);
+    const int lshift = (qq >> 1) * 4, hshift = 2 * qq;
+    const float d0 = d * (float)scales[8 * h + 2 * qq], d1 = d * (float)scales[8 * h + 2 * qq + 1];
+#pragma unroll
+    for (int l = 0; l < 32; l++) {
+        const int x = (((ql[l] >> lshift) & 15) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+        v[l] = (l < 16 ? d0 : d1) * (float)x;
+    }
+}
+
+/* Row bytes of cols elements of a block type T. */
+template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(int64_t cols) {
+    return cols / cp_qtraits<T>::elems * cp_qtraits<T>::bytes;
+}
+
+/* Calls F::template run<T>(args...) for the dtype t; false when t is not one
+ * the CUDA backend reads. */
+#define CP_CUDA_DISPATCH_DTYPE(t, CALL)                                                            \
+    switch (t) {                                                                                   \
+    case CP_DTYPE_F32: CALL(CP_DTYPE_F32); break;                                                  \
+    case CP_DTYPE_F16: CALL(CP_DTYPE_F16); break;                                                  \
+    case CP_DTYPE_BF16: CALL(CP_DTYPE_BF16); break;                                                \
+    case CP_DTYPE_Q4_0: CALL(CP_DTYPE_Q4_0); break;                                                \
+    case CP_DTYPE_Q4_1: CALL(CP_DTYPE_Q4_1); break;                                                \
+    case CP_DTYPE_Q5_0: CALL(CP_DTYPE_Q5_0); break;                                                \
+    case CP_DTYPE_Q5_1: CALL(CP_DTYPE_Q5_1); break;                                                \
+    case CP_DTYPE_Q8_0: CALL(CP_DTYPE_Q8_0); break;                                                \
+    case CP_DTYPE_Q4_K: CALL(CP_DTYPE_Q4_K); break;                                                \
+    case CP_DTYPE_Q5_K: CALL(CP_DTYPE_Q5_K); break;                                                \
+    case CP_DTYPE_Q6_K: CALL(CP_DTYPE_Q6_K); break;                                                \
+    default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t)); \
+    }
+
+#endif /* CP_CUDA_COMMON_CUH */
