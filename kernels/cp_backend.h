@@ -60,6 +60,8 @@ typedef struct cp_attn_params {
     const int32_t *block_tables;/* [n_seq][max_blocks] physical block ids */
     int n_ctx_max;              /* max(pos_of_tok) + 1 when the caller knows it (a host value
                                    that sizes device launches); 0: unknown */
+    int n_seq_hint;             /* distinct sequences among the tokens when the caller knows
+                                   it (host value; picks the kernel); 0: unknown */
 } cp_attn_params;
 
 typedef struct cp_sample_params {

@@ -40,6 +40,74 @@ static cp_status check_batch(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b) 
     return CP_OK;
 }
 
+/* ---- collectives on activations ----------------------------------------
+ * NCCL takes device buffers; MPI takes host memory. With a device backend
+ * and a host communicator (MPI, e.g. ranks sharing one GPU) each call goes
+ * through two host staging buffers, sized once for the largest message. */
+
+static bool staged(cp_model_t m, cp_comm_t c) {
+    return cp_backend_device(m->be) != CP_DEVICE_CPU && strcmp(cp_comm_kind_name(c), "nccl") != 0;
+}
+
+static cp_status stage_reserve(cp_model_t m) {
+    if (m->stage_a) return CP_OK;
+    size_t rows = (size_t)m->max_batch + (size_t)m->plan.tp;
+    size_t n = rows * (size_t)m->cfg.dim;
+    size_t nl = (size_t)CP_LOGIT_CHUNK * (size_t)m->cfg.n_vocab;
+    if (nl > n) n = nl;
+    m->stage_a = malloc(n * sizeof(float));
+    m->stage_b = malloc(n * sizeof(float));
+    if (!m->stage_a || !m->stage_b) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu staging floats", 2 * n);
+    m->stage_floats = n;
+    return CP_OK;
+}
+
+static cp_status to_host(cp_model_t m, float *dst, const float *src, size_t n) {
+    return cp_backend_copy(m->be, dst, src, n * sizeof(float), CP_COPY_DEVICE_TO_HOST);
+}
+static cp_status to_device(cp_model_t m, float *dst, const float *src, size_t n) {
+    return cp_backend_copy(m->be, dst, src, n * sizeof(float), CP_COPY_HOST_TO_DEVICE);
+}
+
+static cp_status act_allreduce(cp_model_t m, float *buf, size_t n) {
+    if (!staged(m, m->tp_comm)) return cp_comm_allreduce(m->tp_comm, buf, buf, n, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
+    CP_CHECK(stage_reserve(m));
+    CP_CHECK(to_host(m, m->stage_a, buf, n));
+    CP_CHECK(cp_comm_allreduce(m->tp_comm, m->stage_a, m->stage_a, n, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+    return to_device(m, buf, m->stage_a, n);
+}
+
+static cp_status act_reduce_scatter(cp_model_t m, const float *send, float *recv, size_t per) {
+    if (!staged(m, m->tp_comm))
+        return cp_comm_reduce_scatter(m->tp_comm, send, recv, per, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
+    CP_CHECK(stage_reserve(m));
+    CP_CHECK(to_host(m, m->stage_a, send, per * (size_t)m->plan.tp));
+    CP_CHECK(cp_comm_reduce_scatter(m->tp_comm, m->stage_a, m->stage_b, per, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+    return to_device(m, recv, m->stage_b, per);
+}
+
+static cp_status act_allgather(cp_model_t m, const float *send, float *recv, size_t per) {
+    if (!staged(m, m->tp_comm)) return cp_comm_allgather(m->tp_comm, send, recv, per, CP_DTYPE_F32, NULL);
+    CP_CHECK(stage_reserve(m));
+    CP_CHECK(to_host(m, m->stage_a, send, per));
+    CP_CHECK(cp_comm_allgather(m->tp_comm, m->stage_a, m->stage_b, per, CP_DTYPE_F32, NULL));
+    return to_device(m, recv, m->stage_b, per * (size_t)m->plan.tp);
+}
+
+static cp_status act_send(cp_model_t m, const float *buf, size_t n, int peer) {
+    if (!staged(m, m->pp_comm)) return cp_comm_send(m->pp_comm, buf, n, CP_DTYPE_F32, peer, NULL);
+    CP_CHECK(stage_reserve(m));
+    CP_CHECK(to_host(m, m->stage_a, buf, n));
+    return cp_comm_send(m->pp_comm, m->stage_a, n, CP_DTYPE_F32, peer, NULL);
+}
+
+static cp_status act_recv(cp_model_t m, float *buf, size_t n, int peer) {
+    if (!staged(m, m->pp_comm)) return cp_comm_recv(m->pp_comm, buf, n, CP_DTYPE_F32, peer, NULL);
+    CP_CHECK(stage_reserve(m));
+    CP_CHECK(cp_comm_recv(m->pp_comm, m->stage_a, n, CP_DTYPE_F32, peer, NULL));
+    return to_device(m, buf, m->stage_a, n);
+}
+
 /* Device copy of the block tables; grows only when a larger table arrives. */
 static cp_status upload_tables(cp_model_t m, const cp_batch *b, const int32_t **out) {
     if (cp_backend_device(m->be) == CP_DEVICE_CPU) {
@@ -89,11 +157,11 @@ static cp_status reduce_into_x(cp_model_t m, float *part, int T, int Tp, int Ts,
     cp_scratch *s = &m->s;
     if (!m->tp_comm) return cp_backend_add(m->be, s->x, s->x, part, (size_t)T * dim);
     if (!sp) {
-        CP_CHECK(cp_comm_allreduce(m->tp_comm, part, part, (size_t)T * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+        CP_CHECK(act_allreduce(m, part, (size_t)T * dim));
         return cp_backend_add(m->be, s->x, s->x, part, (size_t)T * dim);
     }
     if (Tp > T) CP_CHECK(cp_backend_memset(m->be, part + (size_t)T * dim, 0, (size_t)(Tp - T) * dim * sizeof(float)));
-    CP_CHECK(cp_comm_reduce_scatter(m->tp_comm, part, s->xl, (size_t)Ts * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+    CP_CHECK(act_reduce_scatter(m, part, s->xl, (size_t)Ts * dim));
     return cp_backend_add(m->be, s->x, s->x, s->xl, (size_t)Ts * dim);
 }
 
@@ -105,7 +173,7 @@ static cp_status norm_for_matmul(cp_model_t m, const float *w, int T, int Ts, bo
     cp_scratch *s = &m->s;
     if (!sp) return cp_backend_rmsnorm(m->be, s->xb, s->x, w, T, c->dim, c->norm_eps);
     CP_CHECK(cp_backend_rmsnorm(m->be, s->xl, s->x, w, Ts, c->dim, c->norm_eps));
-    return cp_comm_allgather(m->tp_comm, s->xl, s->xb, (size_t)Ts * c->dim, CP_DTYPE_F32, NULL);
+    return act_allgather(m, s->xl, s->xb, (size_t)Ts * c->dim);
 }
 
 /* Full logits of k <= CP_LOGIT_CHUNK rows of normed hidden states (xb rows
@@ -128,7 +196,13 @@ static cp_status lm_head_rows(cp_model_t m, int i, int k, float *rows) {
         cp_plan_split(vocab, tp, r, 1, &begin[r], &begin[r + 1]);
         counts[r] = (size_t)k * (size_t)(begin[r + 1] - begin[r]);
     }
-    CP_CHECK(cp_comm_allgatherv(m->tp_comm, m->logits, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
+    const float *mine = m->logits;
+    if (staged(m, m->tp_comm)) {
+        CP_CHECK(stage_reserve(m));
+        CP_CHECK(to_host(m, m->stage_a, m->logits, (size_t)k * vl));
+        mine = m->stage_a;
+    }
+    CP_CHECK(cp_comm_allgatherv(m->tp_comm, mine, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
     const float *src = m->gather;
     for (int r = 0; r < tp; r++) {
         const size_t w = (size_t)(begin[r + 1] - begin[r]);
@@ -206,11 +280,13 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         .block_tables = tables,
         .n_ctx_max = 0,
     };
-    for (int t = 0; t < T; t++)
+    for (int t = 0; t < T; t++) {
         if (b->pos[t0 + t] + 1 > ap.n_ctx_max) ap.n_ctx_max = b->pos[t0 + t] + 1;
+        if (t == 0 || b->seq[t0 + t] != b->seq[t0 + t - 1]) ap.n_seq_hint++; /* runs of a sequence */
+    }
 
     if (!p->first_stage) {
-        CP_CHECK(cp_comm_recv(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank - 1, NULL));
+        CP_CHECK(act_recv(m, s->x, xn, p->pp_rank - 1));
     } else if (!m->tp_comm) {
         CP_CHECK(embed(m, b->tokens + t0, T, s->x));
     } else {
@@ -241,7 +317,7 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
     }
     if (!p->last_stage) {
-        CP_CHECK(cp_comm_send(m->pp_comm, s->x, xn, CP_DTYPE_F32, p->pp_rank + 1, NULL));
+        CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));
         return CP_OK;
     }
 
@@ -249,7 +325,7 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
      * sequence parallelism the full sequence is all-gathered first */
     const float *xfull = s->x;
     if (sp && *logit_idx < b->n_logits && b->logit_rows[*logit_idx] < t0 + T) {
-        CP_CHECK(cp_comm_allgather(m->tp_comm, s->x, s->xl, xn, CP_DTYPE_F32, NULL));
+        CP_CHECK(act_allgather(m, s->x, s->xl, xn));
         xfull = s->xl;
     }
     int n = 0;

@@ -474,6 +474,8 @@ void cp_model_free(cp_model_t m) {
     cp_backend_dealloc(m->be, m->scratch);
     cp_backend_dealloc(m->be, m->tables);
     cp_backend_dealloc(m->be, m->logits);
+    free(m->stage_a);
+    free(m->stage_b);
     free(m->gather);
     free(m->full);
     free(m->ids_host);

@@ -80,6 +80,10 @@ struct cp_model {
     void *tables;       /* device copy of the block tables (device backends) */
     size_t tables_bytes;
     float *logits;      /* [CP_LOGIT_CHUNK][vocab_l] device (device backends or TP) */
+    /* host staging of device buffers for a communicator that takes host
+     * memory (MPI beside a GPU backend): two buffers of stage_floats */
+    float *stage_a, *stage_b;
+    size_t stage_floats;
 };
 
 struct cp_kv_cache {

@@ -77,6 +77,10 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
     cp_engine_opts o = {};
     o.model_path = model.c_str();
     o.n_threads = 1;
+    // CP_TEST_DEVICE=cuda: every rank on the GPU (ranks sharing one GPU talk
+    // through MPI with host staging)
+    const char *dev = getenv("CP_TEST_DEVICE");
+    if (dev && !strcmp(dev, "cuda")) o.device = CP_DEVICE_CUDA;
     o.n_ctx = 256;
     o.kv_f32 = true;
     o.tokens_only = true;
