@@ -175,3 +175,65 @@ cp_status cp_backend_sample(cp_backend_t be, const float *logits, int n, int voc
     NEED(logits && u && out, "sample: NULL pointer");
     return be->iface.sample(be, logits, n, vocab, sp, u, out);
 }
+
+/* ---- fused operations: the fused kernel, or the composition ---- */
+
+cp_status cp_backend_matmul_group(cp_backend_t be, int count, const cp_tensor *const *w,
+                                  const float *x, int n, float *const *y, const float *const *bias) {
+    NEED(count >= 1 && count <= 3 && w && y, "matmul_group: %d matrices (1..3)", count);
+    for (int i = 0; i < count; i++) {
+        CP_CHECK(check_matrix(be, w[i], "matmul_group"));
+        NEED(w[i]->ne[0] == w[0]->ne[0], "matmul_group: rows of %lld and %lld elements",
+             (long long)w[0]->ne[0], (long long)w[i]->ne[0]);
+        NEED(y[i], "matmul_group: NULL output %d", i);
+    }
+    NEED(n >= 0, "matmul_group: negative batch %d", n);
+    if (n == 0) return CP_OK;
+    NEED(x, "matmul_group: NULL activation");
+    if (be->iface.matmul_group) return be->iface.matmul_group(be, count, w, x, n, y, bias);
+    for (int i = 0; i < count; i++)
+        CP_CHECK(be->iface.matmul(be, w[i], x, n, y[i], bias ? bias[i] : NULL));
+    return CP_OK;
+}
+
+cp_status cp_backend_matmul_swiglu(cp_backend_t be, const cp_tensor *w_gate,
+                                   const cp_tensor *w_up, const float *x, int n, float *out,
+                                   float *up) {
+    CP_CHECK(check_matrix(be, w_gate, "matmul_swiglu"));
+    CP_CHECK(check_matrix(be, w_up, "matmul_swiglu"));
+    NEED(w_gate->ne[0] == w_up->ne[0] && w_gate->ne[1] == w_up->ne[1],
+         "matmul_swiglu: gate and up shapes differ");
+    NEED(n >= 0, "matmul_swiglu: negative batch %d", n);
+    if (n == 0) return CP_OK;
+    NEED(x && out && up, "matmul_swiglu: NULL pointer");
+    if (be->iface.matmul_swiglu) return be->iface.matmul_swiglu(be, w_gate, w_up, x, n, out, up);
+    CP_CHECK(be->iface.matmul(be, w_gate, x, n, out, NULL));
+    CP_CHECK(be->iface.matmul(be, w_up, x, n, up, NULL));
+    return be->iface.swiglu(be, out, out, up, (size_t)n * (size_t)w_gate->ne[1]);
+}
+
+cp_status cp_backend_add_rmsnorm(cp_backend_t be, float *x, const float *delta, const float *w,
+                                 int n, int dim, float eps, float *out) {
+    NEED(n >= 0 && dim > 0, "add_rmsnorm: bad shape n=%d dim=%d", n, dim);
+    if (n == 0) return CP_OK;
+    NEED(x && delta && w && out, "add_rmsnorm: NULL pointer");
+    if (be->iface.add_rmsnorm) return be->iface.add_rmsnorm(be, x, delta, w, n, dim, eps, out);
+    CP_CHECK(be->iface.add(be, x, x, delta, (size_t)n * (size_t)dim));
+    return be->iface.rmsnorm(be, out, x, w, n, dim, eps);
+}
+
+cp_status cp_backend_rope_store(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
+                                float *q, float *k, const float *v, void *k_cache, void *v_cache) {
+    CP_CHECK(check_attn(p, "rope_store"));
+    NEED(rp && rp->rot_dim > 0 && rp->rot_dim <= rp->head_dim && rp->rot_dim % 2 == 0 &&
+             rp->head_dim == p->head_dim,
+         "rope_store: bad rotary parameters");
+    NEED(rp->mode == CP_ROPE_INTERLEAVED || rp->mode == CP_ROPE_HALF, "rope_store: unknown mode %d",
+         (int)rp->mode);
+    if (p->n_tok == 0) return CP_OK;
+    NEED(q && k && v && k_cache && v_cache, "rope_store: NULL pointer");
+    if (be->iface.rope_store) return be->iface.rope_store(be, rp, p, q, k, v, k_cache, v_cache);
+    CP_CHECK(be->iface.rope(be, q, p->pos_of_tok, p->n_tok, p->n_head, rp));
+    CP_CHECK(be->iface.rope(be, k, p->pos_of_tok, p->n_tok, p->n_head_kv, rp));
+    return be->iface.kv_store(be, p, k, v, k_cache, v_cache);
+}

@@ -110,6 +110,31 @@ bool cp_backend_supports(cp_backend_t be, cp_dtype t);
 cp_status cp_backend_matmul(cp_backend_t be, const cp_tensor *w, const float *x, int n, float *y,
                             const float *bias);
 
+/* ---- fused operations ----------------------------------------------------
+ * Each equals the composition of the single ops named in its comment (a
+ * backend without a fused kernel runs exactly that composition); a device
+ * backend saves launches and memory passes. */
+
+/* y[i] = x . W[i]^T (+ bias[i]) for i < count (1..3): matrices sharing x and
+ * its row length (e.g. Q, K and V). bias may be NULL, or hold NULL entries. */
+cp_status cp_backend_matmul_group(cp_backend_t be, int count, const cp_tensor *const *w,
+                                  const float *x, int n, float *const *y, const float *const *bias);
+
+/* out = swiglu(x . W_gate^T, x . W_up^T): out[n][m] with m = rows of both;
+ * up[n][m] is scratch the composition may use (a fused kernel may not). */
+cp_status cp_backend_matmul_swiglu(cp_backend_t be, const cp_tensor *w_gate,
+                                   const cp_tensor *w_up, const float *x, int n, float *out,
+                                   float *up);
+
+/* x += delta, then out = rmsnorm(x) * w (rows of dim, n rows). */
+cp_status cp_backend_add_rmsnorm(cp_backend_t be, float *x, const float *delta, const float *w,
+                                 int n, int dim, float eps, float *out);
+
+/* rope(q, n_head), rope(k, n_head_kv) in place, then kv_store(k, v): the
+ * positions are p->pos_of_tok. */
+cp_status cp_backend_rope_store(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
+                                float *q, float *k, const float *v, void *k_cache, void *v_cache);
+
 /* out[i][:] = x[i][:] / rms(x[i][:]) * w[:], i < n, rows of dim. out may equal x. */
 cp_status cp_backend_rmsnorm(cp_backend_t be, float *out, const float *x, const float *w, int n,
                              int dim, float eps);

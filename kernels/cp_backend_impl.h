@@ -44,6 +44,15 @@ struct cp_backend_i {
     cp_status (*sample)(cp_backend_t be, const float *logits, int n, int vocab,
                         const cp_sample_params *sp, const float *u, int32_t *out);
     int (*n_threads)(cp_backend_t be);
+    /* optional fused operations: NULL runs the composition (cp_backend.c) */
+    cp_status (*matmul_group)(cp_backend_t be, int count, const cp_tensor *const *w,
+                              const float *x, int n, float *const *y, const float *const *bias);
+    cp_status (*matmul_swiglu)(cp_backend_t be, const cp_tensor *w_gate, const cp_tensor *w_up,
+                               const float *x, int n, float *out, float *up);
+    cp_status (*add_rmsnorm)(cp_backend_t be, float *x, const float *delta, const float *w, int n,
+                             int dim, float eps, float *out);
+    cp_status (*rope_store)(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
+                            float *q, float *k, const float *v, void *k_cache, void *v_cache);
 };
 
 /* Every backend context starts with this. */

@@ -165,6 +165,17 @@ static cp_status reduce_into_x(cp_model_t m, float *part, int T, int Tp, int Ts,
     return cp_backend_add(m->be, s->x, s->x, s->xl, (size_t)Ts * dim);
 }
 
+/* The residual update after a row-parallel matmul: with sequence
+ * parallelism reduce_into_x; otherwise the TP all-reduce of part (if any),
+ * then x += part fused with the next RMSNorm into xb when norm_w is given. */
+static cp_status residual(cp_model_t m, float *part, int T, int Tp, int Ts, bool sp, const float *norm_w) {
+    if (sp) return reduce_into_x(m, part, T, Tp, Ts, sp);
+    const cp_model_config *c = &m->cfg;
+    if (m->tp_comm) CP_CHECK(act_allreduce(m, part, (size_t)T * c->dim));
+    if (norm_w) return cp_backend_add_rmsnorm(m->be, m->s.x, part, norm_w, T, c->dim, c->norm_eps, m->s.xb);
+    return cp_backend_add(m->be, m->s.x, m->s.x, part, (size_t)T * c->dim);
+}
+
 /* RMSNorm of the residual stream into xb, the input of the column-parallel
  * matmuls: with sequence parallelism each rank normalises its Ts rows and
  * the group all-gathers the full (padded) sequence. */
@@ -294,27 +305,29 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         CP_CHECK(embed(m, b->tokens + t0, T, s->proj));
         CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
     }
+    /* Without sequence parallelism the residual add and the next RMSNorm
+     * are one fused step, so the first norm comes before the loop. */
+    const bool fuse = !sp;
+    if (fuse && m->n_layer_l > 0) CP_CHECK(norm_for_matmul(m, m->w.layers[0].attn_norm, T, Ts, sp));
     for (int l = 0; l < m->n_layer_l; l++) {
         const cp_layer_weights *L = &m->w.layers[l];
         /* attention block: column-parallel Q/K/V over this rank's heads,
          * row-parallel output projection, then the sum over the TP group */
-        CP_CHECK(norm_for_matmul(m, L->attn_norm, T, Ts, sp));
-        CP_CHECK(cp_backend_matmul(be, &L->wq, s->xb, T, s->q, L->bq));
-        CP_CHECK(cp_backend_matmul(be, &L->wk, s->xb, T, s->k, L->bk));
-        CP_CHECK(cp_backend_matmul(be, &L->wv, s->xb, T, s->v, L->bv));
-        CP_CHECK(cp_backend_rope(be, s->q, pos, T, m->n_head_l, &rp));
-        CP_CHECK(cp_backend_rope(be, s->k, pos, T, m->n_kv_l, &rp));
-        CP_CHECK(cp_backend_kv_store(be, &ap, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
+        if (!fuse) CP_CHECK(norm_for_matmul(m, L->attn_norm, T, Ts, sp));
+        const cp_tensor *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        float *qkv_out[3] = {s->q, s->k, s->v};
+        const float *qkv_bias[3] = {L->bq, L->bk, L->bv};
+        CP_CHECK(cp_backend_matmul_group(be, 3, qkv, s->xb, T, qkv_out, qkv_bias));
+        CP_CHECK(cp_backend_rope_store(be, &rp, &ap, s->q, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
         CP_CHECK(cp_backend_attention(be, &ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
         CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
-        CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
+        CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, fuse ? L->ffn_norm : NULL));
         /* SwiGLU MLP: column-parallel gate/up, row-parallel down */
-        CP_CHECK(norm_for_matmul(m, L->ffn_norm, T, Ts, sp));
-        CP_CHECK(cp_backend_matmul(be, &L->w_gate, s->xb, T, s->att, NULL));
-        CP_CHECK(cp_backend_matmul(be, &L->w_up, s->xb, T, s->up, NULL));
-        CP_CHECK(cp_backend_swiglu(be, s->att, s->att, s->up, (size_t)T * m->ffn_l));
+        if (!fuse) CP_CHECK(norm_for_matmul(m, L->ffn_norm, T, Ts, sp));
+        CP_CHECK(cp_backend_matmul_swiglu(be, &L->w_gate, &L->w_up, s->xb, T, s->att, s->up));
         CP_CHECK(cp_backend_matmul(be, &L->w_down, s->att, T, s->proj, NULL));
-        CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
+        const float *next = fuse && l + 1 < m->n_layer_l ? m->w.layers[l + 1].attn_norm : NULL;
+        CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, next));
     }
     if (!p->last_stage) {
         CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));

@@ -1057,6 +1057,11 @@ static const struct cp_backend_i cpu_iface = {
     /* .quantize = */ cpu_quantize,
     /* .sample = */ cpu_sample,
     /* .n_threads = */ cpu_n_threads,
+    /* fused operations: the compositions in cp_backend.c */
+    /* .matmul_group = */ NULL,
+    /* .matmul_swiglu = */ NULL,
+    /* .add_rmsnorm = */ NULL,
+    /* .rope_store = */ NULL,
 };
 
 /* Upper bound on the thread count, far above any socket's core count; it

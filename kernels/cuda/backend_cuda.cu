@@ -293,15 +293,19 @@ static cp_status lt_gemm(cp_cuda_backend *c, cudaDataType_t at, const void *a, c
     return CP_OK;
 }
 
+/* decode-sized products read the weight once in the GEMV kernels; for
+ * fp16/bf16 weights cuBLASLt is as fast from 3 rows on (measured) */
+static bool gemv_rows_ok(cp_dtype t, int n) {
+    const bool half_w = t == CP_DTYPE_F16 || t == CP_DTYPE_BF16;
+    return t != CP_DTYPE_F32 && n <= (half_w ? 2 : 8);
+}
+
 static cp_status cuda_matmul(cp_backend_t be, const cp_tensor *w, const float *x, int n, float *y,
                              const float *bias) {
     cp_cuda_backend *c = ctx_of(be);
     const cp_dtype t = w->dtype;
     const int64_t k = w->ne[0], m = w->ne[1];
-    /* decode-sized products read the weight once in the GEMV kernels; for
-     * fp16/bf16 weights cuBLASLt is as fast from 3 rows on (measured) */
-    const bool half_w = t == CP_DTYPE_F16 || t == CP_DTYPE_BF16;
-    if (t != CP_DTYPE_F32 && n <= (half_w ? 2 : 8)) {
+    if (gemv_rows_ok(t, n)) {
         cp_status st = cp_gemv_cuda(w, x, n, y, bias, c->stream);
         if (st != CP_ERR_UNSUPPORTED) return st;
     }
@@ -327,6 +331,57 @@ static cp_status cuda_matmul(cp_backend_t be, const cp_tensor *w, const float *x
                          bias ? bias + r0 : NULL));
     }
     return CP_OK;
+}
+
+/* ---- fused operations ---- */
+
+static cp_status cuda_matmul_group(cp_backend_t be, int count, const cp_tensor *const *w,
+                                   const float *x, int n, float *const *y,
+                                   const float *const *bias) {
+    cp_cuda_backend *c = ctx_of(be);
+    const cp_dtype t = w[0]->dtype;
+    bool same = true;
+    for (int i = 1; i < count; i++) same = same && w[i]->dtype == t;
+    if (same && gemv_rows_ok(t, n)) {
+        cp_status st = cp_gemv_group_cuda(count, w, x, n, y, bias, c->stream);
+        if (st != CP_ERR_UNSUPPORTED) return st;
+    }
+    if (same && (t == CP_DTYPE_F16 || t == CP_DTYPE_BF16)) {
+        /* the activations converted once for every matrix */
+        const int64_t k = w[0]->ne[0];
+        const cudaDataType_t ht = t == CP_DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+        CP_CHECK(ensure_work(c, (size_t)n * (size_t)k * 2));
+        CP_CHECK(cp_convert_f32_cuda(c->work, x, (size_t)n * (size_t)k, t == CP_DTYPE_BF16, c->stream));
+        for (int i = 0; i < count; i++)
+            CP_CHECK(lt_gemm(c, ht, w[i]->data, ht, c->work, y[i], w[i]->ne[1], n, k, w[i]->ne[1],
+                             bias ? bias[i] : NULL));
+        return CP_OK;
+    }
+    for (int i = 0; i < count; i++) CP_CHECK(cuda_matmul(be, w[i], x, n, y[i], bias ? bias[i] : NULL));
+    return CP_OK;
+}
+
+static cp_status cuda_matmul_swiglu(cp_backend_t be, const cp_tensor *wg, const cp_tensor *wu,
+                                    const float *x, int n, float *out, float *up) {
+    cp_cuda_backend *c = ctx_of(be);
+    if (wg->dtype == wu->dtype && n <= 2 && gemv_rows_ok(wg->dtype, n)) {
+        cp_status st = cp_gemv_swiglu_cuda(wg, wu, x, n, out, c->stream);
+        if (st != CP_ERR_UNSUPPORTED) return st;
+    }
+    const cp_tensor *ws[2] = {wg, wu};
+    float *ys[2] = {out, up};
+    CP_CHECK(cuda_matmul_group(be, 2, ws, x, n, ys, NULL));
+    return cp_swiglu_cuda(out, out, up, (size_t)n * (size_t)wg->ne[1], c->stream);
+}
+
+static cp_status cuda_add_rmsnorm(cp_backend_t be, float *x, const float *delta, const float *w,
+                                  int n, int dim, float eps, float *out) {
+    return cp_add_rmsnorm_cuda(x, delta, w, n, dim, eps, out, ctx_of(be)->stream);
+}
+
+static cp_status cuda_rope_store(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
+                                 float *q, float *k, const float *v, void *k_cache, void *v_cache) {
+    return cp_rope_store_cuda(rp, p, q, k, v, k_cache, v_cache, ctx_of(be)->stream);
 }
 
 /* ---- the other ops ---- */
@@ -510,6 +565,10 @@ static const struct cp_backend_i cuda_iface = {
     /* .quantize = */ cuda_quantize,
     /* .sample = */ cuda_sample,
     /* .n_threads = */ cuda_n_threads,
+    /* .matmul_group = */ cuda_matmul_group,
+    /* .matmul_swiglu = */ cuda_matmul_swiglu,
+    /* .add_rmsnorm = */ cuda_add_rmsnorm,
+    /* .rope_store = */ cuda_rope_store,
 };
 
 extern "C" cp_status cp_backend_cuda_device_count(int *count) {
@@ -558,6 +617,16 @@ extern "C" cp_status cp_backend_cuda_init(int device, cp_backend_t *out) {
     c->device = device;
     const char *nf = getenv("CP_CUDA_NO_FLASH");
     c->no_flash = nf && nf[0] == '1';
+    /* CP_CUDA_UNFUSED=all or a list of swiglu,group,norm,rope: run those
+     * fused operations as their compositions (for comparisons) */
+    const char *uf = getenv("CP_CUDA_UNFUSED");
+    if (uf) {
+        const bool all = strstr(uf, "all") != NULL;
+        if (all || strstr(uf, "swiglu")) c->base.iface.matmul_swiglu = NULL;
+        if (all || strstr(uf, "group")) c->base.iface.matmul_group = NULL;
+        if (all || strstr(uf, "norm")) c->base.iface.add_rmsnorm = NULL;
+        if (all || strstr(uf, "rope")) c->base.iface.rope_store = NULL;
+    }
     cp_status st = init_ctx(c);
     if (st != CP_OK) {
         cuda_free(&c->base);

@@ -41,6 +41,11 @@ cp_status cp_convert_f32_cuda(void *out, const float *x, size_t n, bool to_bf16,
  * never wins). out is device memory. */
 cp_status cp_argmax_cuda(const float *logits, int n, int vocab, int32_t *out, cudaStream_t stream);
 
+cp_status cp_add_rmsnorm_cuda(float *x, const float *delta, const float *w, int n, int dim,
+                              float eps, float *out, cudaStream_t stream);
+cp_status cp_rope_store_cuda(const cp_rope_params *rp, const cp_attn_params *p, float *q, float *k,
+                             const float *v, void *k_cache, void *v_cache, cudaStream_t stream);
+
 /* ---- gemv.cu ---- */
 /* y[n][m] = x[n][k] . W^T (+ bias) for small n (1..8) reading W once:
  * any readable dtype; float types need k % 8 == 0, block types whole
@@ -48,6 +53,12 @@ cp_status cp_argmax_cuda(const float *logits, int n, int vocab, int32_t *out, cu
  * not handle. */
 cp_status cp_gemv_cuda(const cp_tensor *w, const float *x, int n, float *y, const float *bias,
                        cudaStream_t stream);
+/* count (1..3) matrices of one dtype and row length sharing x, one launch. */
+cp_status cp_gemv_group_cuda(int count, const cp_tensor *const *w, const float *x, int n,
+                             float *const *y, const float *const *bias, cudaStream_t stream);
+/* out = silu(x . Wg^T) * (x . Wu^T), one launch, Wg and Wu of one dtype. */
+cp_status cp_gemv_swiglu_cuda(const cp_tensor *wg, const cp_tensor *wu, const float *x, int n,
+                              float *out, cudaStream_t stream);
 
 /* ---- attention.cu ---- */
 cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, const float *v, void *k_cache,

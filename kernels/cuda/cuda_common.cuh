@@ -235,6 +235,16 @@ template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q6_K>(const uint8_t *r
     }
 }
 
+/* Element offset of (cache slot of position pos of a sequence whose block
+ * table row is bt, kv head kvh). */
+static __device__ __forceinline__ size_t kv_slot(const int32_t *bt, int block_size, int n_head_kv,
+                                                 int head_dim, int pos, int kvh) {
+    const size_t slot = (size_t)bt[pos / block_size] * block_size + (size_t)(pos % block_size);
+    return (slot * n_head_kv + kvh) * (size_t)head_dim;
+}
+static __device__ __forceinline__ void store_kv(__half *c, size_t i, float v) { c[i] = __float2half_rn(v); }
+static __device__ __forceinline__ void store_kv(float *c, size_t i, float v) { c[i] = v; }
+
 /* Row bytes of cols elements of a block type T. */
 template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(int64_t cols) {
     return cols / cp_qtraits<T>::elems * cp_qtraits<T>::bytes;

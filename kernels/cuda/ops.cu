@@ -316,3 +316,122 @@ extern "C" cp_status cp_argmax_cuda(const float *logits, int n, int vocab, int32
     CP_CUDA_LAUNCH_CHECK();
     return CP_OK;
 }
+
+/* ---- x += delta, out = rmsnorm(x) * w: one block per row ---- */
+
+static __global__ void add_rmsnorm_f32_kernel(float *x, const float *delta, const float *w,
+                                              int dim, float eps, float *out) {
+    __shared__ float red[32];
+    float *xr = x + (size_t)blockIdx.x * dim;
+    const float *dr = delta + (size_t)blockIdx.x * dim;
+    float *orow = out + (size_t)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float v = xr[i] + dr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    const float s = rsqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * s * w[i];
+}
+
+extern "C" cp_status cp_add_rmsnorm_cuda(float *x, const float *delta, const float *w, int n,
+                                         int dim, float eps, float *out, cudaStream_t stream) {
+    int threads = dim >= 1024 ? 1024 : ((dim + 31) / 32) * 32;
+    add_rmsnorm_f32_kernel<<<n, threads, 0, stream>>>(x, delta, w, dim, eps, out);
+    CP_CUDA_LAUNCH_CHECK();
+    return CP_OK;
+}
+
+/* ---- RoPE of q and k and the store of k and v into the paged cache, one
+ * launch: work items are q pairs, then k pairs (rotated pairs, then the
+ * unrotated tail two elements at a time; each stored), then v elements ---- */
+
+static __device__ __forceinline__ void rope_pair(float *xh, int i, int half, int interleaved,
+                                                 double angle) {
+    double s, c;
+    sincos(angle, &s, &c);
+    const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+    const double a = xh[ia], b = xh[ib];
+    xh[ia] = (float)(a * c - b * s);
+    xh[ib] = (float)(a * s + b * c);
+}
+
+template <typename KV>
+static __global__ void rope_store_kernel(float *q, float *k, const float *v, const int32_t *pos,
+                                         const int32_t *seq, const int32_t *tables, int n_tok,
+                                         int n_head, int n_head_kv, int head_dim, int rot_dim,
+                                         int interleaved, double log_theta, float freq_scale,
+                                         const float *freq_factors, int block_size,
+                                         int max_blocks, KV *kc, KV *vc) {
+    const int half = rot_dim / 2, hp = head_dim / 2;
+    const int64_t nq = (int64_t)n_tok * n_head * half;
+    const int64_t nk = (int64_t)n_tok * n_head_kv * hp;
+    const int64_t nv = (int64_t)n_tok * n_head_kv * head_dim;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < nq + nk + nv;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        if (idx < nq) {
+            const int i = (int)(idx % half);
+            const int64_t th = idx / half;
+            const int t = (int)(th / n_head);
+            double angle = (double)pos[t] * (double)freq_scale * exp(-2.0 * i / rot_dim * log_theta);
+            if (freq_factors) angle /= (double)freq_factors[i];
+            rope_pair(q + th * head_dim, i, half, interleaved, angle);
+            continue;
+        }
+        if (idx < nq + nk) {
+            const int64_t j = idx - nq;
+            const int i = (int)(j % hp);
+            const int64_t th = j / hp;
+            const int t = (int)(th / n_head_kv), h = (int)(th % n_head_kv);
+            float *kh = k + th * head_dim;
+            int e0, e1;
+            if (i < half) {
+                double angle = (double)pos[t] * (double)freq_scale * exp(-2.0 * i / rot_dim * log_theta);
+                if (freq_factors) angle /= (double)freq_factors[i];
+                rope_pair(kh, i, half, interleaved, angle);
+                e0 = interleaved ? 2 * i : i;
+                e1 = interleaved ? 2 * i + 1 : i + half;
+            } else {
+                e0 = rot_dim + 2 * (i - half);
+                e1 = e0 + 1;
+            }
+            const size_t off = kv_slot(tables + (size_t)seq[t] * max_blocks, block_size, n_head_kv,
+                                       head_dim, pos[t], h);
+            store_kv(kc, off + e0, kh[e0]);
+            store_kv(kc, off + e1, kh[e1]);
+            continue;
+        }
+        const int64_t j = idx - nq - nk;
+        const int kv_dim = n_head_kv * head_dim;
+        const int t = (int)(j / kv_dim), e = (int)(j % kv_dim);
+        const size_t off = kv_slot(tables + (size_t)seq[t] * max_blocks, block_size, n_head_kv,
+                                   head_dim, pos[t], e / head_dim);
+        store_kv(vc, off + e % head_dim, v[j]);
+    }
+}
+
+extern "C" cp_status cp_rope_store_cuda(const cp_rope_params *rp, const cp_attn_params *p,
+                                        float *q, float *k, const float *v, void *k_cache,
+                                        void *v_cache, cudaStream_t stream) {
+    const int64_t total = (int64_t)p->n_tok *
+                          ((int64_t)p->n_head * (rp->rot_dim / 2) +
+                           (int64_t)p->n_head_kv * (p->head_dim / 2) +
+                           (int64_t)p->n_head_kv * p->head_dim);
+    int64_t blocks = (total + 255) / 256;
+    if (blocks > 8192) blocks = 8192;
+#define CP_RS_CALL(KV)                                                                             \
+    rope_store_kernel<KV><<<(unsigned)blocks, 256, 0, stream>>>(                                   \
+        q, k, v, p->pos_of_tok, p->seq_of_tok, p->block_tables, p->n_tok, p->n_head,               \
+        p->n_head_kv, p->head_dim, rp->rot_dim, rp->mode == CP_ROPE_INTERLEAVED,                   \
+        log((double)rp->theta), rp->freq_scale, rp->freq_factors, p->block_size, p->max_blocks,    \
+        (KV *)k_cache, (KV *)v_cache)
+    if (p->kv_dtype == CP_DTYPE_F16)
+        CP_RS_CALL(__half);
+    else
+        CP_RS_CALL(float);
+#undef CP_RS_CALL
+    CP_CUDA_LAUNCH_CHECK();
+    return CP_OK;
+}

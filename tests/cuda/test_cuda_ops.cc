@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -146,6 +147,147 @@ TEST_F(Cuda, MatmulLargerShapes) {
     check_matmul(CP_DTYPE_Q4_1, 577, 576, 1, false);
     check_matmul(CP_DTYPE_Q4_1, 577, 576, 64, false);
     check_matmul(CP_DTYPE_Q8_0, 1536, 576, 33, false);
+}
+
+// tolerance of a product through the GEMV kernels (fp32 on exact weights)
+// or through cuBLASLt (activations rounded to the operand type)
+double product_tol(cp_dtype t, int64_t k, int n) {
+    const bool half = t == CP_DTYPE_F16 || t == CP_DTYPE_BF16;
+    const bool gemv = n <= (half ? 2 : 8) && t != CP_DTYPE_F32 && (!half || k % 8 == 0);
+    if (gemv || t == CP_DTYPE_F32) return 1e-5;
+    return t == CP_DTYPE_BF16 ? 1e-2 : 2e-3;
+}
+
+TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
+    struct Case {
+        cp_dtype t[3];
+        int n;
+    };
+    const Case cases[] = {{{CP_DTYPE_BF16, CP_DTYPE_BF16, CP_DTYPE_BF16}, 1},
+                          {{CP_DTYPE_BF16, CP_DTYPE_BF16, CP_DTYPE_BF16}, 2},
+                          {{CP_DTYPE_BF16, CP_DTYPE_BF16, CP_DTYPE_BF16}, 40},
+                          {{CP_DTYPE_Q4_1, CP_DTYPE_Q4_1, CP_DTYPE_Q4_1}, 3},
+                          {{CP_DTYPE_Q4_K, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K}, 1},
+                          {{CP_DTYPE_Q8_0, CP_DTYPE_Q8_0, CP_DTYPE_Q8_0}, 17}};
+    const int64_t k = 512, rows[3] = {96, 32, 40};
+    for (const Case &c : cases) {
+        SCOPED_TRACE(::testing::Message() << cp_dtype_name(c.t[0]) << "/" << cp_dtype_name(c.t[2])
+                                          << " n=" << c.n);
+        auto x = randn((size_t)c.n * k);
+        Dev dx(x);
+        std::vector<std::vector<uint8_t>> wh(3);
+        std::vector<std::unique_ptr<Dev>> dw, dy, db;
+        std::vector<std::vector<float>> bh(3);
+        cp_tensor wd[3];
+        const cp_tensor *wp[3];
+        float *yp[3];
+        const float *bp[3];
+        for (int i = 0; i < 3; i++) {
+            wh[i] = make_weight(c.t[i], rows[i], k);
+            bh[i] = randn((size_t)rows[i]);
+            dw.emplace_back(new Dev(wh[i]));
+            db.emplace_back(new Dev(bh[i]));
+            dy.emplace_back(new Dev((size_t)c.n * rows[i] * 4));
+            dy[i]->poison();
+            wd[i] = cp_tensor_2d(c.t[i], rows[i], k, dw[i]->p);
+            wd[i].device = CP_DEVICE_CUDA;
+            wp[i] = &wd[i];
+            yp[i] = dy[i]->f();
+            bp[i] = i == 1 ? nullptr : db[i]->f();
+        }
+        ASSERT_EQ(cp_backend_matmul_group(g_be, 3, wp, dx.f(), c.n, yp, bp), CP_OK) << cp_last_error();
+        for (int i = 0; i < 3; i++) {
+            cp_tensor wc = cp_tensor_2d(c.t[i], rows[i], k, wh[i].data());
+            std::vector<float> ref((size_t)c.n * rows[i]);
+            cp_matmul_ref(&wc, x.data(), c.n, ref.data(), i == 1 ? nullptr : bh[i].data());
+            EXPECT_LT(rel_err(dy[i]->get<float>(ref.size()), ref), product_tol(c.t[i], k, c.n)) << i;
+        }
+    }
+}
+
+TEST_F(Cuda, MatmulSwigluEqualsItsComposition) {
+    const int64_t k = 256, m = 72;
+    for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0})
+        for (int n : {1, 2, 5, 33}) {
+            SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n);
+            auto gh = make_weight(t, m, k), uh = make_weight(t, m, k);
+            auto x = randn((size_t)n * k);
+            cp_tensor gc = cp_tensor_2d(t, m, k, gh.data()), uc = cp_tensor_2d(t, m, k, uh.data());
+            std::vector<float> g((size_t)n * m), u((size_t)n * m), ref((size_t)n * m);
+            cp_matmul_ref(&gc, x.data(), n, g.data(), nullptr);
+            cp_matmul_ref(&uc, x.data(), n, u.data(), nullptr);
+            cp_swiglu_ref(ref.data(), g.data(), u.data(), ref.size());
+            Dev dg(gh), du(uh), dx(x), dout((size_t)n * m * 4), dup((size_t)n * m * 4);
+            dout.poison();
+            cp_tensor gd = cp_tensor_2d(t, m, k, dg.p), ud = cp_tensor_2d(t, m, k, du.p);
+            gd.device = ud.device = CP_DEVICE_CUDA;
+            ASSERT_EQ(cp_backend_matmul_swiglu(g_be, &gd, &ud, dx.f(), n, dout.f(), dup.f()), CP_OK)
+                << cp_last_error();
+            EXPECT_LT(rel_err(dout.get<float>(ref.size()), ref), 2 * product_tol(t, k, n));
+        }
+}
+
+TEST_F(Cuda, AddRmsnormEqualsItsComposition) {
+    for (int dim : {9, 576, 4096}) {
+        const int n = 3;
+        auto x = randn((size_t)n * dim, 2.0f), d = randn((size_t)n * dim), w = randn((size_t)dim);
+        auto xr = x;
+        std::vector<float> ref(x.size());
+        cp_add_ref(xr.data(), xr.data(), d.data(), xr.size());
+        cp_rmsnorm_ref(ref.data(), xr.data(), w.data(), n, dim, 1e-6f);
+        Dev dx(x), dd(d), dw(w), dout(x.size() * 4);
+        dout.poison();
+        ASSERT_EQ(cp_backend_add_rmsnorm(g_be, dx.f(), dd.f(), dw.f(), n, dim, 1e-6f, dout.f()), CP_OK);
+        EXPECT_LT(rel_err(dx.get<float>(x.size()), xr), 1e-6) << dim;
+        EXPECT_LT(rel_err(dout.get<float>(x.size()), ref), 1e-5) << dim;
+    }
+}
+
+TEST_F(Cuda, RopeStoreEqualsItsComposition) {
+    const int n_tok = 13, n_head = 6, n_kv = 2, hd = 64, bs = 7;
+    for (int mode = 0; mode < 2; mode++)
+        for (cp_dtype kvt : {CP_DTYPE_F16, CP_DTYPE_F32}) {
+            SCOPED_TRACE(::testing::Message() << "mode " << mode << " " << cp_dtype_name(kvt));
+            std::vector<int32_t> pos(n_tok), seq(n_tok);
+            for (int t = 0; t < n_tok; t++) {
+                seq[t] = t % 2;
+                pos[t] = 40 + t / 2;
+            }
+            const int max_blocks = 9, n_blocks = 2 * max_blocks;
+            std::vector<int32_t> tables(2 * max_blocks);
+            for (int i = 0; i < 2 * max_blocks; i++) tables[i] = (i * 7) % n_blocks;
+            cp_rope_params rp = {(cp_rope_mode)mode, hd, 48, 10000.0f, 1.0f, nullptr};
+            auto q = randn((size_t)n_tok * n_head * hd), k = randn((size_t)n_tok * n_kv * hd),
+                 v = randn((size_t)n_tok * n_kv * hd);
+            const size_t esz = kvt == CP_DTYPE_F16 ? 2 : 4;
+            const size_t cache_bytes = (size_t)n_blocks * bs * n_kv * hd * esz;
+            std::vector<uint8_t> kc(cache_bytes, 0), vc(cache_bytes, 0);
+            cp_attn_params ph = {n_tok, n_head, n_kv, hd, bs, max_blocks, 0.125f, kvt,
+                                 seq.data(), pos.data(), tables.data(), 0, 0};
+            auto qr = q, kr = k;
+            cp_rope_ref(qr.data(), pos.data(), n_tok, n_head, &rp);
+            cp_rope_ref(kr.data(), pos.data(), n_tok, n_kv, &rp);
+            ASSERT_EQ(cp_kv_store_ref(&ph, kr.data(), v.data(), kc.data(), vc.data()), CP_OK);
+            Dev dq(q), dk(k), dv(v), dkc(std::vector<uint8_t>(cache_bytes, 0)),
+                dvc(std::vector<uint8_t>(cache_bytes, 0)), dpos(pos), dseq(seq), dtab(tables);
+            cp_attn_params p = ph;
+            p.seq_of_tok = dseq.i();
+            p.pos_of_tok = dpos.i();
+            p.block_tables = dtab.i();
+            ASSERT_EQ(cp_backend_rope_store(g_be, &rp, &p, dq.f(), dk.f(), dv.f(), dkc.p, dvc.p), CP_OK)
+                << cp_last_error();
+            EXPECT_LT(rel_err(dq.get<float>(q.size()), qr), 1e-6);
+            auto as_float = [&](const std::vector<uint8_t> &c) {
+                std::vector<float> f(c.size() / esz);
+                for (size_t i = 0; i < f.size(); i++) {
+                    if (esz == 4) memcpy(&f[i], &c[4 * i], 4);
+                    else f[i] = cp_fp16_to_fp32((uint16_t)(c[2 * i] | (c[2 * i + 1] << 8)));
+                }
+                return f;
+            };
+            EXPECT_LT(rel_err(as_float(dkc.get<uint8_t>(cache_bytes)), as_float(kc)), 1e-4);
+            EXPECT_TRUE(dvc.get<uint8_t>(cache_bytes) == vc);
+        }
 }
 
 TEST_F(Cuda, Rmsnorm) {
