@@ -577,6 +577,9 @@ extern "C" cp_status cp_backend_cuda_device_count(int *count) {
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
+        if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
+            return CP_ERROR(CP_ERR_UNSUPPORTED, "no CUDA GPU on this machine (%s); run with --device cpu",
+                            e == cudaErrorNoDevice ? "no device" : "no usable driver");
         return CP_ERROR(CP_ERR_UNSUPPORTED, "no usable CUDA device: %s", cudaGetErrorString(e));
     }
     *count = n;

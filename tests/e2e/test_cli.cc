@@ -2,6 +2,10 @@
 // answers a question, inspect describes it, and bad options or bad files
 // give one clear line and a non-zero exit code, never a crash.
 #include <gtest/gtest.h>
+
+extern "C" {
+#include "cp_backend.h"
+}
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -89,6 +93,10 @@ TEST(Cli, UsageErrorsAreOneClearLine) {
         {"generate --model m.gguf --prompt hi --system x", "--system needs --chat"},
         {"generate --model m.gguf --prompt", "needs a value"},
         {"generate --model m.gguf --prompt hi --chat=yes", "takes no value"},
+        {"generate --model m.gguf --prompt hi --device tpu", "invalid value 'tpu' for --device"},
+        {"generate --model m.gguf --prompt hi --device cuda:x", "invalid value 'cuda:x' for --device"},
+        {"synth --out /tmp/x", "--arch is required"},
+        {"synth --arch gpt5 --out /tmp/x", "gpt5"},
         {"inspect", "--model is required"},
         {"inspect --model m.gguf extra", "unexpected argument 'extra'"},
     };
@@ -125,6 +133,22 @@ TEST(Cli, BadModelFilesFailCleanly) {
         EXPECT_TRUE(r.err.find("truncated") != std::string::npos ||
                     r.err.find("not a GGUF file") != std::string::npos)
             << "cut at " << cut << ": " << r.err;
+        EXPECT_EQ(count_lines(r.err), 1) << r.err;
+    }
+}
+
+// Without a GPU (or a CUDA build) --device cuda is one line and exit 1;
+// with one it generates like the CPU.
+TEST(Cli, DeviceCudaWorksOrSaysWhyNot) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result r = run("generate --model " + model() + " --device cuda --prompt hi -n 2 --temperature 0 --no-progress");
+    int n = 0;
+    bool gpu = cp_backend_cuda_device_count(&n) == CP_OK && n > 0;
+    if (gpu) {
+        EXPECT_EQ(r.code, 0) << r.err;
+    } else {
+        EXPECT_EQ(r.code, 1) << r.err;
+        EXPECT_NE(r.err.find("CUDA"), std::string::npos) << r.err;
         EXPECT_EQ(count_lines(r.err), 1) << r.err;
     }
 }
