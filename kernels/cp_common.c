@@ -28,6 +28,7 @@ const char *cp_status_str(cp_status st) {
     case CP_ERR_UNSUPPORTED: return "CP_ERR_UNSUPPORTED";
     case CP_ERR_TIMEOUT: return "CP_ERR_TIMEOUT";
     case CP_ERR_INTERNAL: return "CP_ERR_INTERNAL";
+    case CP_ERR_BUSY: return "CP_ERR_BUSY";
     }
     return "CP_ERR_UNKNOWN";
 }

@@ -24,6 +24,7 @@ typedef enum cp_status {
     CP_ERR_UNSUPPORTED,  /* valid input that this build cannot handle */
     CP_ERR_TIMEOUT,      /* a deadline passed */
     CP_ERR_INTERNAL,
+    CP_ERR_BUSY,         /* a queue or pool is full now; the same call may succeed later */
 } cp_status;
 
 /* The code's name, e.g. "CP_ERR_FORMAT". Never NULL. */

@@ -47,6 +47,9 @@ cp_model_t cp_engine_model(cp_engine_t e);
 cp_tokenizer_t cp_engine_tokenizer(cp_engine_t e);
 cp_backend_t cp_engine_backend(cp_engine_t e);
 int cp_engine_n_ctx(cp_engine_t e);
+/* The engine's paged KV cache (sized for opts.n_seq sequences of n_ctx
+ * tokens), for a scheduler that runs many sequences over the same model. */
+cp_kv_cache_t cp_engine_kv(cp_engine_t e);
 
 /* A small, fast, seedable generator (xoshiro256**) for sampling. */
 typedef struct cp_rng {

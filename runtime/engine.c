@@ -138,6 +138,7 @@ void cp_engine_free(cp_engine_t e) {
 cp_model_t cp_engine_model(cp_engine_t e) { return e->model; }
 cp_tokenizer_t cp_engine_tokenizer(cp_engine_t e) { return e->tok; }
 cp_backend_t cp_engine_backend(cp_engine_t e) { return e->be; }
+cp_kv_cache_t cp_engine_kv(cp_engine_t e) { return e->kv; }
 int cp_engine_n_ctx(cp_engine_t e) { return e->n_ctx; }
 
 /* Feeds tokens[0..n) at positions start.. of the sequence whose block table
