@@ -158,7 +158,7 @@ static int cmd_generate(int argc, char **argv) {
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false, sp = false;
     const char *device = "cpu";
-    int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, timeout_s = 60;
+    int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, timeout_s = 60, micro = 0;
     float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
     uint64_t seed = 0;
     const cli_opt opts[] = {
@@ -186,6 +186,8 @@ static int cmd_generate(int argc, char **argv) {
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
         {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL, "sequence parallelism for the prompt inside the TP group (needs --tp > 1)", NULL},
+        {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",
+         "cut each batch into N micro-batches so pipeline stages overlap (default 4 x --pp)", NULL},
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
          "seconds before a collective that a rank misses fails (default 60, 0 = never)", NULL},
         {0},
@@ -273,6 +275,7 @@ static int cmd_generate(int argc, char **argv) {
         .tp = tp,
         .pp = pp,
         .sp = sp,
+        .pp_micro = micro,
         .rank = rk.rank,
         .tp_comm = rk.tp,
         .pp_comm = rk.pp,

@@ -34,6 +34,10 @@ typedef struct cp_model_load_opts {
      * row-parallel projections and an all-gather precedes the
      * column-parallel ones. Single-token steps run as plain TP. */
     bool sp;
+    /* Pipeline micro-batches: a batch of n tokens is cut into this many
+     * chunks (at least 16 tokens each) so that every stage works at once
+     * (0: 4 x pp; 1: whole batches, no overlap). */
+    int pp_micro;
     /* Check shapes and count this rank's share without reading weights or
      * allocating activations (no communicators needed): for sizing only,
      * the model cannot run. */

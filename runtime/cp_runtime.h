@@ -33,6 +33,7 @@ typedef struct cp_engine_opts {
     int tp, pp, rank;
     int edge_layer_discount;
     bool sp;                   /* sequence parallelism for prompts (needs tp > 1) */
+    int pp_micro;              /* pipeline micro-batches per batch (0: 4 x pp; see cp_model_load_opts) */
     struct cp_comm *tp_comm, *pp_comm;
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;

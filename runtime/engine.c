@@ -85,6 +85,7 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
                              .rank = o->rank,
                              .edge_layer_discount = o->edge_layer_discount,
                              .sp = o->sp,
+                             .pp_micro = o->pp_micro,
                              .tp_comm = o->tp_comm,
                              .pp_comm = o->pp_comm,
                              .convert = o->convert_weights,

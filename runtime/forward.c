@@ -462,9 +462,19 @@ static cp_status run_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, 
     if (b->n_tok == 0) return CP_OK;
     const int32_t *tables;
     CP_CHECK(upload_tables(m, b, &tables));
+    /* Chunks of at most max_batch tokens; across pipeline stages smaller
+     * micro-batches, so that stage s works on chunk i while stage s+1 works
+     * on chunk i-1 (later chunks attend to the earlier ones' keys, which
+     * each stage has stored by then). Every rank cuts the same chunks. */
+    int chunk = m->max_batch;
+    if (m->plan.pp > 1 && m->pp_micro > 1) {
+        int want = (b->n_tok + m->pp_micro - 1) / m->pp_micro;
+        if (want < 16) want = 16;
+        if (want < chunk) chunk = want;
+    }
     int logit_idx = 0;
-    for (int t0 = 0; t0 < b->n_tok; t0 += m->max_batch) {
-        int T = b->n_tok - t0 < m->max_batch ? b->n_tok - t0 : m->max_batch;
+    for (int t0 = 0; t0 < b->n_tok; t0 += chunk) {
+        int T = b->n_tok - t0 < chunk ? b->n_tok - t0 : chunk;
         CP_CHECK(forward_chunk(m, kv, b, tables, t0, T, &logit_idx, logits, rs));
     }
     return cp_backend_synchronize(m->be);

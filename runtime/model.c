@@ -298,6 +298,7 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
         return CP_ERROR(CP_ERR_INVALID_ARG, "communicator sizes do not match tp=%d pp=%d", po.tp, po.pp);
     m->tp_comm = po.tp > 1 ? o->tp_comm : NULL;
     m->sp = o->sp && po.tp > 1;
+    m->pp_micro = o->pp_micro > 0 ? o->pp_micro : 4 * po.pp;
     m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
     return CP_OK;
 }

@@ -52,6 +52,7 @@ struct cp_model {
     cp_plan plan;
     cp_comm_t tp_comm, pp_comm;  /* borrowed; NULL on a single rank */
     bool sp;                     /* sequence parallelism for multi-token chunks */
+    int pp_micro;                /* micro-batches per batch across pipeline stages */
     int n_layer_l;               /* layers of this stage */
     int n_head_l, n_kv_l;        /* query / KV heads of this TP rank */
     int ffn_l, vocab_l;          /* FFN columns, vocabulary rows */
