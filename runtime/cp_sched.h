@@ -109,7 +109,8 @@ void cp_sched_drain(cp_sched_t s);
 
 /* One iteration: admit waiting requests, run one forward step over the
  * running batch (decode tokens plus prefill chunks), sample, deliver
- * events. Blocks up to wait_ms for a request when there is nothing to do.
+ * events. Blocks up to wait_ms (< 0: until a request or cp_sched_wake) for
+ * a request when there is nothing to do.
  * *worked tells whether a forward step ran. Errors: only a broken
  * scheduler (the requests of a failed step end with CP_FINISH_ERROR and the
  * call returns CP_OK). */
@@ -120,7 +121,8 @@ void cp_sched_wake(cp_sched_t s);
 
 typedef struct cp_sched_stats {
     int running, waiting;
-    int kv_blocks_used, kv_blocks_free;
+    int kv_blocks_used, kv_blocks_free;      /* free includes blocks only the prefix cache
+                                                holds (reusable, evicted on demand) */
     int64_t prefix_lookups, prefix_hits;     /* full prompt blocks looked up / found */
     int64_t prompt_tokens, generated_tokens; /* totals since init */
     int64_t preemptions, steps;

@@ -518,25 +518,52 @@ struct attn_job {
     float *out;
     int n_rep;             /* query heads per KV head */
     int group;             /* query heads per task, a divisor of n_rep */
-    float *scratch;        /* per thread: acc[group][head_dim], s[group][ATTN_CHUNK], m, l */
+    float *scratch;        /* per thread: acc[group][head_dim], s[group][ATTN_CHUNK], m, l,
+                              then [group][max_ranges][head_dim + 2] range results */
     size_t scratch_stride; /* floats per thread */
-    int n_split;           /* context ranges per (token, head group); 1 = whole context */
+    int max_ranges;        /* context ranges of the longest token */
+    int n_split;           /* tasks per (token, head group): 1, or max_ranges (one range each) */
     float *part;           /* n_split > 1: [n_tok][n_head][n_split][head_dim + 2] acc, m, l */
 };
 
-/* Decode of a few sequences has too few (token, KV head) tasks to keep the
- * threads busy at long context; the context is then cut into ranges of this
- * many positions whose partial softmax results are merged (split-K). The
- * decision depends on the batch only, never on the thread count. */
+/* The context of a token is always cut into ranges of this many positions:
+ * each range gets its own streaming softmax (acc, m, l), then the ranges are
+ * merged. Decode of a few sequences runs each range as its own task to keep
+ * the threads busy (split-K); otherwise one task runs all ranges of a token.
+ * Either way a token's arithmetic is the same whatever else is in the batch
+ * and however many threads run it, so a request gives the same logits alone
+ * and in a crowd. */
 #define ATTN_SPLIT 256
-#define ATTN_SPLIT_MAX_TASKS 8 /* split when n_tok * n_head_kv is at most this */
+#define ATTN_SPLIT_MAX_TASKS 8 /* one task per range when n_tok * n_head_kv is at most this */
+
+/* o[hd] = the merge of n range results pp[n][hd + 2] (acc, m, l): the
+ * accumulators and sums rescaled to the largest running max of the
+ * non-empty ranges, in range order. */
+static void attn_merge_ranges(const float *pp, int n, int hd, float *o) {
+    float m = -INFINITY;
+    for (int s = 0; s < n; s++)
+        if (pp[s * (hd + 2) + hd + 1] > 0 && pp[s * (hd + 2) + hd] > m) m = pp[s * (hd + 2) + hd];
+    float l = 0;
+    memset(o, 0, (size_t)hd * sizeof(float));
+    for (int s = 0; s < n; s++) {
+        const float *ps = pp + s * (hd + 2);
+        if (!(ps[hd + 1] > 0)) continue;
+        const float w = expf(ps[hd] - m);
+        l += ps[hd + 1] * w;
+        for (int d = 0; d < hd; d++)
+            o[d] += ps[d] * w;
+    }
+    const float inv = 1.0f / l;
+    for (int d = 0; d < hd; d++)
+        o[d] *= inv;
+}
 
 /* One task = one token and a group of query heads that share one KV head,
- * so each key and value row is read once for the whole group. Every head's
- * arithmetic is the same whatever the grouping, so results do not depend on
- * it (nor on the thread count that chooses it). Streaming
- * softmax in fp32: running max m, running sum l, accumulator rescaled by
- * exp(m_old - m_new) when the max grows. */
+ * so each key and value row is read once for the whole group, over one
+ * context range (split-K) or all of them. Every head's arithmetic is the
+ * same whatever the grouping. Streaming softmax in fp32 inside a range:
+ * running max m, running sum l, accumulator rescaled by exp(m_old - m_new)
+ * when the max grows. */
 static void attn_task(void *vctx, int task, int thread) {
     const struct attn_job *j = vctx;
     const cp_attn_params *p = j->p;
@@ -546,105 +573,90 @@ static void attn_task(void *vctx, int task, int thread) {
     const int hd = p->head_dim, n_rep = j->group, groups = p->n_head / n_rep;
     const int t = task / groups, h0 = (task % groups) * n_rep, kvh = h0 / j->n_rep;
     const int seq = p->seq_of_tok[t], n_pos = p->pos_of_tok[t] + 1;
-    /* this task's positions [c0, n_ctx) */
-    const int c0 = j->n_split > 1 ? split * ATTN_SPLIT : 0;
-    const int n_ctx = j->n_split > 1 ? (c0 + ATTN_SPLIT < n_pos ? c0 + ATTN_SPLIT : n_pos) : n_pos;
+    const int n_ranges = (n_pos + ATTN_SPLIT - 1) / ATTN_SPLIT;
     const bool f16 = p->kv_dtype == CP_DTYPE_F16;
 
     float *acc = j->scratch + (size_t)thread * j->scratch_stride;
     float *sc = acc + (size_t)n_rep * (size_t)hd;
     float *mx = sc + (size_t)n_rep * ATTN_CHUNK;
     float *sum = mx + n_rep;
+    float *ranges = sum + n_rep; /* [n_rep][max_ranges][hd + 2] */
     const float *qg = j->q + ((size_t)t * (size_t)p->n_head + (size_t)h0) * (size_t)hd;
 
-    memset(acc, 0, (size_t)n_rep * (size_t)hd * sizeof(float));
-    for (int r = 0; r < n_rep; r++) {
-        mx[r] = -INFINITY;
-        sum[r] = 0.0f;
-    }
-    for (int j0 = c0; j0 < n_ctx; j0 += ATTN_CHUNK) {
-        const int jn = n_ctx - j0 < ATTN_CHUNK ? n_ctx - j0 : ATTN_CHUNK;
-        for (int jj = 0; jj < jn; jj++) {
-            size_t off = kv_offset(p, seq, j0 + jj, kvh);
-            for (int r = 0; r < n_rep; r++) {
-                const float *qr = qg + (size_t)r * (size_t)hd;
-                float d = f16 ? vec->dot_f16(qr, (const cp_fp16_t *)j->k_cache + off, hd)
-                              : vec->dot_f32(qr, (const float *)j->k_cache + off, hd);
-                sc[r * ATTN_CHUNK + jj] = d * p->scale;
-            }
-        }
+    /* this task's ranges: its own one (split-K; possibly empty), or all */
+    const int r_first = j->n_split > 1 ? split : 0;
+    const int r_end = j->n_split > 1 ? split + 1 : n_ranges;
+    for (int rg = r_first; rg < r_end; rg++) {
+        const int c0 = rg * ATTN_SPLIT;
+        const int n_ctx = c0 + ATTN_SPLIT < n_pos ? c0 + ATTN_SPLIT : n_pos;
+        memset(acc, 0, (size_t)n_rep * (size_t)hd * sizeof(float));
         for (int r = 0; r < n_rep; r++) {
-            float *sr = sc + r * ATTN_CHUNK;
-            float cm = vec->max(sr, jn);
-            if (cm > mx[r]) {
-                /* exp(-inf) = 0 on the first chunk: acc and sum are 0 anyway. */
-                float corr = expf(mx[r] - cm);
-                if (corr != 1.0f) {
-                    vec->scale(acc + (size_t)r * (size_t)hd, corr, hd);
-                    sum[r] *= corr;
+            mx[r] = -INFINITY;
+            sum[r] = 0.0f;
+        }
+        for (int j0 = c0; j0 < n_ctx; j0 += ATTN_CHUNK) {
+            const int jn = n_ctx - j0 < ATTN_CHUNK ? n_ctx - j0 : ATTN_CHUNK;
+            for (int jj = 0; jj < jn; jj++) {
+                size_t off = kv_offset(p, seq, j0 + jj, kvh);
+                for (int r = 0; r < n_rep; r++) {
+                    const float *qr = qg + (size_t)r * (size_t)hd;
+                    float d = f16 ? vec->dot_f16(qr, (const cp_fp16_t *)j->k_cache + off, hd)
+                                  : vec->dot_f32(qr, (const float *)j->k_cache + off, hd);
+                    sc[r * ATTN_CHUNK + jj] = d * p->scale;
                 }
-                mx[r] = cm;
             }
-            sum[r] += vec->exp_sum(sr, mx[r], jn);
-        }
-        for (int jj = 0; jj < jn; jj++) {
-            size_t off = kv_offset(p, seq, j0 + jj, kvh);
             for (int r = 0; r < n_rep; r++) {
-                float *ar = acc + (size_t)r * (size_t)hd;
-                float w = sc[r * ATTN_CHUNK + jj];
-                if (f16)
-                    vec->axpy_f16(ar, w, (const cp_fp16_t *)j->v_cache + off, hd);
-                else
-                    vec->axpy_f32(ar, w, (const float *)j->v_cache + off, hd);
+                float *sr = sc + r * ATTN_CHUNK;
+                float cm = vec->max(sr, jn);
+                if (cm > mx[r]) {
+                    /* exp(-inf) = 0 on the first chunk: acc and sum are 0 anyway. */
+                    float corr = expf(mx[r] - cm);
+                    if (corr != 1.0f) {
+                        vec->scale(acc + (size_t)r * (size_t)hd, corr, hd);
+                        sum[r] *= corr;
+                    }
+                    mx[r] = cm;
+                }
+                sum[r] += vec->exp_sum(sr, mx[r], jn);
+            }
+            for (int jj = 0; jj < jn; jj++) {
+                size_t off = kv_offset(p, seq, j0 + jj, kvh);
+                for (int r = 0; r < n_rep; r++) {
+                    float *ar = acc + (size_t)r * (size_t)hd;
+                    float w = sc[r * ATTN_CHUNK + jj];
+                    if (f16)
+                        vec->axpy_f16(ar, w, (const cp_fp16_t *)j->v_cache + off, hd);
+                    else
+                        vec->axpy_f32(ar, w, (const float *)j->v_cache + off, hd);
+                }
             }
         }
-    }
-    if (j->n_split > 1) {
-        /* unnormalised partial result; an empty range leaves m = -inf, l = 0 */
+        /* the range's unnormalised result; an empty range leaves m = -inf, l = 0 */
         for (int r = 0; r < n_rep; r++) {
-            float *pp = j->part + (((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)j->n_split +
-                                   (size_t)split) *
-                                      (size_t)(hd + 2);
+            float *pp = j->n_split > 1
+                            ? j->part + (((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) *
+                                             (size_t)j->n_split +
+                                         (size_t)split) *
+                                            (size_t)(hd + 2)
+                            : ranges + ((size_t)r * (size_t)j->max_ranges + (size_t)rg) * (size_t)(hd + 2);
             memcpy(pp, acc + (size_t)r * (size_t)hd, (size_t)hd * sizeof(float));
             pp[hd] = mx[r];
             pp[hd + 1] = sum[r];
         }
-        return;
     }
-    for (int r = 0; r < n_rep; r++) {
-        float *o = j->out + ((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)hd;
-        const float inv = 1.0f / sum[r];
-        const float *ar = acc + (size_t)r * (size_t)hd;
-        for (int d = 0; d < hd; d++)
-            o[d] = ar[d] * inv;
-    }
+    if (j->n_split > 1) return;
+    for (int r = 0; r < n_rep; r++)
+        attn_merge_ranges(ranges + (size_t)r * (size_t)j->max_ranges * (size_t)(hd + 2), n_ranges, hd,
+                          j->out + ((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)hd);
 }
 
-/* Merges the split-K partial results of every (token, head) into out:
- * the ranges' accumulators and sums rescaled to the largest running max. */
+/* Merges the split-K partial results of every (token, head) into out. */
 static void attn_merge(const struct attn_job *j) {
     const cp_attn_params *p = j->p;
     const int hd = p->head_dim;
-    for (int th = 0; th < p->n_tok * p->n_head; th++) {
-        const float *pp = j->part + (size_t)th * (size_t)j->n_split * (size_t)(hd + 2);
-        float m = -INFINITY;
-        for (int s = 0; s < j->n_split; s++)
-            if (pp[s * (hd + 2) + hd + 1] > 0 && pp[s * (hd + 2) + hd] > m) m = pp[s * (hd + 2) + hd];
-        float *o = j->out + (size_t)th * (size_t)hd;
-        float l = 0;
-        memset(o, 0, (size_t)hd * sizeof(float));
-        for (int s = 0; s < j->n_split; s++) {
-            const float *ps = pp + s * (hd + 2);
-            if (!(ps[hd + 1] > 0)) continue;
-            const float w = expf(ps[hd] - m);
-            l += ps[hd + 1] * w;
-            for (int d = 0; d < hd; d++)
-                o[d] += ps[d] * w;
-        }
-        const float inv = 1.0f / l;
-        for (int d = 0; d < hd; d++)
-            o[d] *= inv;
-    }
+    for (int th = 0; th < p->n_tok * p->n_head; th++)
+        attn_merge_ranges(j->part + (size_t)th * (size_t)j->n_split * (size_t)(hd + 2), j->n_split, hd,
+                          j->out + (size_t)th * (size_t)hd);
 }
 
 static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const float *q,
@@ -663,12 +675,11 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     j.group = j.n_rep;
     j.n_split = 1;
     j.part = NULL;
-    if (p->n_tok * p->n_head_kv <= ATTN_SPLIT_MAX_TASKS) {
-        int max_pos = 0;
-        for (int t = 0; t < p->n_tok; t++)
-            if (p->pos_of_tok[t] > max_pos) max_pos = p->pos_of_tok[t];
-        j.n_split = (max_pos + 1 + ATTN_SPLIT - 1) / ATTN_SPLIT;
-    }
+    int max_pos = 0;
+    for (int t = 0; t < p->n_tok; t++)
+        if (p->pos_of_tok[t] > max_pos) max_pos = p->pos_of_tok[t];
+    j.max_ranges = (max_pos + 1 + ATTN_SPLIT - 1) / ATTN_SPLIT;
+    if (p->n_tok * p->n_head_kv <= ATTN_SPLIT_MAX_TASKS) j.n_split = j.max_ranges;
     /* Whole KV groups per task unless that leaves threads idle (decode of one
      * sequence with 3 KV heads on 16 threads): then split the groups. */
     while (j.n_split == 1 && j.group > 1 && p->n_tok * (p->n_head / j.group) < 4 * cpu->n_threads) {
@@ -678,6 +689,7 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
         j.group = g;
     }
     size_t floats = (size_t)j.group * ((size_t)p->head_dim + ATTN_CHUNK + 2);
+    if (j.n_split == 1) floats += (size_t)j.group * (size_t)j.max_ranges * ((size_t)p->head_dim + 2);
     j.scratch_stride = align64(floats * sizeof(float)) / sizeof(float);
     size_t scratch_bytes = (size_t)cpu->n_threads * j.scratch_stride * sizeof(float);
     size_t part_bytes = j.n_split > 1 ? (size_t)p->n_tok * (size_t)p->n_head * (size_t)j.n_split *
