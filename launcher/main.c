@@ -2,6 +2,7 @@
  * options, builds the engine through the runtime API, and turns statuses
  * into exit codes (0 ok, 1 runtime error, 2 usage error). */
 #include "cli.h"
+#include "cmd_serve.h"
 #include "cmd_synth.h"
 #include "cp_comm.h"
 #include "cp_gguf.h"
@@ -468,6 +469,7 @@ static void usage(FILE *f) {
             "commands:\n"
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
+            "  serve      serve the model over an OpenAI-compatible HTTP API\n"
             "  synth      write a random-weight model of a real architecture (benchmarks)\n"
             "  version    print the version\n\n"
             "'cparallel <command> --help' describes each command's options.\n",
@@ -483,6 +485,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
     if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
+    if (!strcmp(cmd, "serve")) return cp_cli_serve(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("cparallel %s\n", VERSION);
         return 0;

@@ -437,7 +437,7 @@ static void add_text(cp_sched_t s, req *r, int32_t tok) {
         set_error(r, "out of memory for generated text");
         return;
     }
-    memcpy(r->text + r->text_len, piece, len);
+    if (len) memcpy(r->text + r->text_len, piece, len);
     r->text_len += len;
     if (r->n_stop) {
         long at = find_stop(r);

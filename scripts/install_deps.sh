@@ -9,6 +9,15 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake pkg-config git ca-certificates python3 python3-pip unzip \
   libjansson-dev libgtest-dev googletest \
+  libmicrohttpd-dev curl python3-venv \
   openmpi-bin libopenmpi-dev \
   clang libclang-rt-14-dev >/dev/null
+# The server tests drive `cparallel serve` with the official openai client,
+# from a virtual environment at the repository root (Debian's pip refuses
+# system-wide installs). Made again only when it cannot import openai.
+VENV="${CP_TEST_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv-test}"
+if ! "$VENV/bin/python" -c "import openai" >/dev/null 2>&1; then
+  python3 -m venv --clear "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check openai
+fi
 echo "dependencies installed"
