@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 void cli_print_help(const char *cmd, const char *usage, const cli_opt *opts) {
     printf("usage: cparallel %s %s\n\noptions:\n", cmd, usage);
@@ -121,4 +122,21 @@ int cli_parse(const char *cmd, const char *usage, const cli_opt *opts, int argc,
 void cli_report_error(const char *what) {
     const char *d = cp_last_error_detail();
     fprintf(stderr, "cparallel: error: %s%s%s\n", what ? what : "", what && *d ? ": " : "", d);
+}
+
+bool cli_parse_device(const char *s, cp_device *dev, int *id) {
+    *id = -1;
+    if (!strcasecmp(s, "cpu")) {
+        *dev = CP_DEVICE_CPU;
+        return true;
+    }
+    if (strncasecmp(s, "cuda", 4) != 0) return false;
+    *dev = CP_DEVICE_CUDA;
+    if (s[4] == '\0') return true;
+    if (s[4] != ':' || s[5] < '0' || s[5] > '9') return false;
+    char *end;
+    long v = strtol(s + 5, &end, 10);
+    if (*end || v > 1024) return false;
+    *id = (int)v;
+    return true;
 }

@@ -8,6 +8,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "cp_tensor.h"
+
 typedef enum cli_kind { CLI_FLAG, CLI_STR, CLI_INT, CLI_FLOAT, CLI_U64 } cli_kind;
 
 typedef struct cli_opt {
@@ -28,6 +30,11 @@ int cli_parse(const char *cmd, const char *usage, const cli_opt *opts, int argc,
               int first);
 
 void cli_print_help(const char *cmd, const char *usage, const cli_opt *opts);
+
+/* The value of --device: "cpu", "cuda" (*id = -1: the caller picks the GPU,
+ * e.g. from the node-local rank) or "cuda:N" (*id = N). False for anything
+ * else. */
+bool cli_parse_device(const char *s, cp_device *dev, int *id);
 
 /* Prints "cparallel: error: <detail of the last runtime error>" to stderr. */
 void cli_report_error(const char *what);

@@ -42,24 +42,6 @@ static void on_progress(void *user, size_t done, size_t total) {
     p->last = pct;
 }
 
-/* "cpu", "cuda" (device 0) or "cuda:N". */
-static bool parse_device(const char *s, cp_device *dev, int *id) {
-    *id = 0;
-    if (!strcasecmp(s, "cpu")) {
-        *dev = CP_DEVICE_CPU;
-        return true;
-    }
-    if (strncasecmp(s, "cuda", 4) != 0) return false;
-    *dev = CP_DEVICE_CUDA;
-    if (s[4] == '\0') return true;
-    if (s[4] != ':' || s[5] < '0' || s[5] > '9') return false;
-    char *end;
-    long v = strtol(s + 5, &end, 10);
-    if (*end || v > 1024) return false;
-    *id = (int)v;
-    return true;
-}
-
 /* The served name by default: the file or directory name without ".gguf". */
 static void default_name(const char *path, char *out, size_t n) {
     size_t len = strlen(path);
@@ -139,7 +121,7 @@ int cp_cli_serve(int argc, char **argv) {
     }
     cp_device dev;
     int device_id;
-    if (!parse_device(device, &dev, &device_id)) {
+    if (!cli_parse_device(device, &dev, &device_id)) {
         fprintf(stderr,
                 "cparallel serve: error: invalid value '%s' for --device (expected cpu, cuda or "
                 "cuda:N)\n",
@@ -176,7 +158,7 @@ int cp_cli_serve(int argc, char **argv) {
         .model_path = model,
         .n_threads = threads,
         .device = dev,
-        .device_id = device_id,
+        .device_id = device_id < 0 ? 0 : device_id, /* one rank: the first GPU */
         .n_ctx = ctx,
         .n_seq = max_running,
         .kv_f32 = kv_f32,

@@ -87,24 +87,6 @@ static bool parse_dtype(const char *s, cp_dtype *out) {
     return false;
 }
 
-/* "cpu", "cuda" (device chosen per rank: *id stays -1) or "cuda:N". */
-static bool parse_device(const char *s, cp_device *dev, int *id) {
-    *id = -1;
-    if (!strcasecmp(s, "cpu")) {
-        *dev = CP_DEVICE_CPU;
-        return true;
-    }
-    if (strncasecmp(s, "cuda", 4) != 0) return false;
-    *dev = CP_DEVICE_CUDA;
-    if (s[4] == '\0') return true;
-    if (s[4] != ':' || s[5] < '0' || s[5] > '9') return false;
-    char *end;
-    long v = strtol(s + 5, &end, 10);
-    if (*end || v > 1024) return false;
-    *id = (int)v;
-    return true;
-}
-
 /* ---- ranks ---------------------------------------------------------------- */
 
 /* The world and its tensor-/pipeline-parallel groups for tp x pp ranks.
@@ -214,7 +196,7 @@ static int cmd_generate(int argc, char **argv) {
     }
     int device_id = -1;
     cp_device dev;
-    if (!parse_device(device, &dev, &device_id)) {
+    if (!cli_parse_device(device, &dev, &device_id)) {
         fprintf(stderr, "cparallel generate: error: invalid value '%s' for --device (expected cpu, cuda or cuda:N)\n", device);
         return 2;
     }

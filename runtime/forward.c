@@ -165,15 +165,14 @@ static cp_status reduce_into_x(cp_model_t m, float *part, int T, int Tp, int Ts,
     return cp_backend_add(m->be, s->x, s->x, s->xl, (size_t)Ts * dim);
 }
 
-/* The residual update after a row-parallel matmul: with sequence
- * parallelism reduce_into_x; otherwise the TP all-reduce of part (if any),
- * then x += part fused with the next RMSNorm into xb when norm_w is given. */
+/* The residual update after a row-parallel matmul: reduce_into_x, except
+ * that without sequence parallelism and with a next RMSNorm (norm_w) the
+ * add and the norm into xb are one fused step after the TP all-reduce. */
 static cp_status residual(cp_model_t m, float *part, int T, int Tp, int Ts, bool sp, const float *norm_w) {
-    if (sp) return reduce_into_x(m, part, T, Tp, Ts, sp);
+    if (sp || !norm_w) return reduce_into_x(m, part, T, Tp, Ts, sp);
     const cp_model_config *c = &m->cfg;
     if (m->tp_comm) CP_CHECK(act_allreduce(m, part, (size_t)T * c->dim));
-    if (norm_w) return cp_backend_add_rmsnorm(m->be, m->s.x, part, norm_w, T, c->dim, c->norm_eps, m->s.xb);
-    return cp_backend_add(m->be, m->s.x, m->s.x, part, (size_t)T * c->dim);
+    return cp_backend_add_rmsnorm(m->be, m->s.x, part, norm_w, T, c->dim, c->norm_eps, m->s.xb);
 }
 
 /* RMSNorm of the residual stream into xb, the input of the column-parallel
