@@ -264,7 +264,6 @@ static int cmd_generate(int argc, char **argv) {
         .pp_comm = rk.pp,
     };
     cp_engine_t e = NULL;
-    char *text = NULL;
     int32_t *ids = NULL;
     size_t n_ids = 0;
     rc = 1;
@@ -273,21 +272,18 @@ static int cmd_generate(int argc, char **argv) {
         goto out;
     }
     cp_tokenizer_t tok = cp_engine_tokenizer(e);
-    const char *input = prompt;
     if (chat) {
         cp_chat_msg msgs[2];
         size_t nm = 0;
         if (system) msgs[nm++] = (cp_chat_msg){"system", system};
         msgs[nm++] = (cp_chat_msg){"user", prompt};
         unsigned flags = CP_CHAT_GENERATION_PROMPT | (template_system ? CP_CHAT_TEMPLATE_SYSTEM : 0u);
-        if (cp_tokenizer_apply_chat(tok, msgs, nm, flags, &text) != CP_OK) {
-            cli_report_error("cannot apply the chat template");
+        /* control tokens come from the template's markup, never from the prompt */
+        if (cp_tokenizer_encode_chat(tok, msgs, nm, flags, &ids, &n_ids, NULL) != CP_OK) {
+            cli_report_error("cannot apply the chat template to the prompt");
             goto out;
         }
-        input = text;
-    }
-    /* special tokens in the text are parsed only for the template's own markup */
-    if (cp_tokenizer_encode(tok, input, strlen(input), true, chat, &ids, &n_ids) != CP_OK) {
+    } else if (cp_tokenizer_encode(tok, prompt, strlen(prompt), true, false, &ids, &n_ids) != CP_OK) {
         cli_report_error("cannot tokenize the prompt");
         goto out;
     }
@@ -320,7 +316,6 @@ static int cmd_generate(int argc, char **argv) {
     rc = 0;
 out:
     free(ids);
-    free(text);
     free(file_text);
     cp_engine_free(e);
     /* a rank that failed mid-collective would leave the others waiting:

@@ -21,6 +21,8 @@ typedef struct sbuf {
     char *p;
     size_t n, cap;
     bool oom;
+    cp_text_span *spans; /* where message contents landed (not markup) */
+    size_t n_spans, cap_spans;
 } sbuf;
 
 static void sb_add(sbuf *b, const char *s, size_t n) {
@@ -46,18 +48,59 @@ static void sb_str(sbuf *b, const char *s) {
     sb_add(b, s, strlen(s));
 }
 
+/* Records text[from, b->n) as message content: control-token text inside it
+ * is tokenized as plain text, never as control tokens. */
+static void sb_mark(sbuf *b, size_t from) {
+    if (b->oom || b->n == from) return;
+    if (b->n_spans && b->spans[b->n_spans - 1].off + b->spans[b->n_spans - 1].len == from) {
+        b->spans[b->n_spans - 1].len += b->n - from;
+        return;
+    }
+    if (b->n_spans == b->cap_spans) {
+        size_t cap = b->cap_spans ? 2 * b->cap_spans : 16;
+        cp_text_span *p = realloc(b->spans, cap * sizeof(*p));
+        if (!p) {
+            b->oom = true;
+            return;
+        }
+        b->spans = p;
+        b->cap_spans = cap;
+    }
+    b->spans[b->n_spans++] = (cp_text_span){from, b->n - from};
+}
+
+/* Drops the parts of content spans beyond the text's end (after trimming). */
+static void clamp_spans(sbuf *b) {
+    while (b->n_spans && b->spans[b->n_spans - 1].off >= b->n)
+        b->n_spans--;
+    if (b->n_spans) {
+        cp_text_span *l = &b->spans[b->n_spans - 1];
+        if (l->off + l->len > b->n) l->len = b->n - l->off;
+    }
+}
+
+/* Appends message content (user-controlled text). */
+static void sb_content(sbuf *b, const char *s) {
+    size_t from = b->n;
+    sb_str(b, s);
+    sb_mark(b, from);
+}
+
 static bool is_space(char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
 }
 
-/* Appends s without leading and trailing white space (Jinja's trim). */
+/* Appends message content s without leading and trailing white space
+ * (Jinja's trim). */
 static void sb_trimmed(sbuf *b, const char *s) {
     size_t n = strlen(s), a = 0;
     while (a < n && is_space(s[a]))
         a++;
     while (n > a && is_space(s[n - 1]))
         n--;
+    size_t from = b->n;
     sb_add(b, s + a, n - a);
+    sb_mark(b, from);
 }
 
 static chat_fmt detect(const char *t) {
@@ -130,7 +173,7 @@ static void chatml(sbuf *b, const char *tmpl, const cp_chat_msg *m, size_t n, bo
         sb_str(b, "<|im_start|>");
         sb_str(b, m[i].role);
         sb_str(b, "\n");
-        sb_str(b, m[i].content);
+        sb_content(b, m[i].content);
         sb_str(b, "<|im_end|>\n");
     }
     if (gen) sb_str(b, "<|im_start|>assistant\n");
@@ -159,12 +202,13 @@ static void llama2(sbuf *b, const cp_chat_msg *m, size_t n, const char *eos) {
             sb_str(b, first ? "[INST] " : "<s>[INST] ");
             if (first && sys) {
                 sb_str(b, "<<SYS>>\n");
-                sb_str(b, sys);
+                sb_content(b, sys);
                 sb_str(b, "\n<</SYS>>\n\n");
-                sb_str(b, m[i].content);
+                sb_content(b, m[i].content);
                 /* Jinja strips the combined text: only its tail can change */
                 while (b->n > 0 && is_space(b->p[b->n - 1]))
                     b->p[--b->n] = '\0';
+                clamp_spans(b);
             } else {
                 sb_trimmed(b, m[i].content);
             }
@@ -189,14 +233,14 @@ static void mistral(sbuf *b, const cp_chat_msg *m, size_t n, const char *eos) {
         if (strcmp(m[i].role, "user") == 0) {
             sb_str(b, "[INST] ");
             if (sys) {
-                sb_str(b, sys);
+                sb_content(b, sys);
                 sb_str(b, "\n\n");
                 sys = NULL;
             }
-            sb_str(b, m[i].content);
+            sb_content(b, m[i].content);
             sb_str(b, " [/INST]");
         } else if (strcmp(m[i].role, "assistant") == 0) {
-            sb_str(b, m[i].content);
+            sb_content(b, m[i].content);
             sb_str(b, eos);
         }
     }
@@ -228,18 +272,21 @@ static void role_tags(sbuf *b, const cp_chat_msg *m, size_t n, bool gen, const c
         sb_str(b, "<|");
         sb_str(b, m[i].role);
         sb_str(b, "|>\n");
-        sb_str(b, m[i].content);
+        sb_content(b, m[i].content);
         sb_str(b, end);
         sb_str(b, "\n");
     }
     if (gen) sb_str(b, "<|assistant|>\n");
 }
 
-cp_status cp_chat_format(const char *tmpl, const char *eos_text, const cp_chat_msg *msgs, size_t n,
-                         unsigned flags, char **out) {
+cp_status cp_chat_format_spans(const char *tmpl, const char *eos_text, const cp_chat_msg *msgs,
+                               size_t n, unsigned flags, char **out, cp_text_span **content,
+                               size_t *n_content) {
     const bool add_generation_prompt = (flags & CP_CHAT_GENERATION_PROMPT) != 0;
     if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_chat_format: out is NULL");
     *out = NULL;
+    if (content) *content = NULL;
+    if (n_content) *n_content = 0;
     if (n && !msgs)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_chat_format: %zu messages but msgs is NULL", n);
     for (size_t i = 0; i < n; i++)
@@ -262,8 +309,20 @@ cp_status cp_chat_format(const char *tmpl, const char *eos_text, const cp_chat_m
     }
     if (b.oom) {
         free(b.p);
+        free(b.spans);
         return CP_ERROR(CP_ERR_OOM, "out of memory formatting %zu chat messages", n);
     }
     *out = b.p;
+    if (content && n_content) {
+        *content = b.spans;
+        *n_content = b.n_spans;
+    } else {
+        free(b.spans);
+    }
     return CP_OK;
+}
+
+cp_status cp_chat_format(const char *tmpl, const char *eos_text, const cp_chat_msg *msgs, size_t n,
+                         unsigned flags, char **out) {
+    return cp_chat_format_spans(tmpl, eos_text, msgs, n, flags, out, NULL, NULL);
 }

@@ -95,6 +95,20 @@ void cp_tokenizer_free(cp_tokenizer_t tok);
 cp_status cp_tokenizer_encode(cp_tokenizer_t tok, const char *text, size_t len, bool add_special,
                               bool parse_special, int32_t **ids, size_t *n_ids);
 
+/* A byte range of a text. */
+typedef struct cp_text_span {
+    size_t off, len;
+} cp_text_span;
+
+/* cp_tokenizer_encode with parse_special, except that control-token text
+ * overlapping any of literal[n_literal] (ascending, disjoint) is tokenized
+ * as plain text: a chat template's markup gives control tokens while the
+ * same text inside a message stays text (no prompt injection of turn
+ * markers). */
+cp_status cp_tokenizer_encode_literal(cp_tokenizer_t tok, const char *text, size_t len,
+                                      bool add_special, const cp_text_span *literal,
+                                      size_t n_literal, int32_t **ids, size_t *n_ids);
+
 /* The bytes of token id (byte-level BPE pieces mapped back to bytes, "▁" ->
  * space, <0xAB> -> the byte). Control and unknown tokens give "" unless
  * special is true (then their text). *bytes points into tok (valid until
@@ -143,6 +157,15 @@ enum {
 cp_status cp_tokenizer_apply_chat(cp_tokenizer_t tok, const cp_chat_msg *msgs, size_t n,
                                   unsigned flags, char **out);
 
+/* Formats msgs with the model's chat template and encodes the result (BOS
+ * as the model asks): control tokens come from the template's markup only;
+ * control-token text inside a message's content (e.g. a user writing
+ * "<|im_end|><|im_start|>system") is tokenized as plain text. *ids as
+ * cp_tokenizer_encode; *text (optional, NULL ok) receives the formatted
+ * text (malloc'd). */
+cp_status cp_tokenizer_encode_chat(cp_tokenizer_t tok, const cp_chat_msg *msgs, size_t n,
+                                   unsigned flags, int32_t **ids, size_t *n_ids, char **text);
+
 /* Formats msgs with the chat format recognised from template text tmpl:
  * ChatML (<|im_start|>; with CP_CHAT_TEMPLATE_SYSTEM, a default system
  * message that the template itself contains is inserted when the first
@@ -156,6 +179,13 @@ cp_status cp_tokenizer_apply_chat(cp_tokenizer_t tok, const cp_chat_msg *msgs, s
  * Errors: CP_ERR_INVALID_ARG (NULL message, role or content), CP_ERR_OOM. */
 cp_status cp_chat_format(const char *tmpl, const char *eos_text, const cp_chat_msg *msgs, size_t n,
                          unsigned flags, char **out);
+
+/* cp_chat_format that also returns where message contents (not markup)
+ * lie in *out: *content[*n_content] ascending, disjoint (malloc'd, NULL
+ * when none; caller frees). */
+cp_status cp_chat_format_spans(const char *tmpl, const char *eos_text, const cp_chat_msg *msgs,
+                               size_t n, unsigned flags, char **out, cp_text_span **content,
+                               size_t *n_content);
 
 #ifdef __cplusplus
 }

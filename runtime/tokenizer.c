@@ -1037,8 +1037,25 @@ typedef struct frag {
 
 /* Splits the text at special-token occurrences: each candidate, longest
  * first, is cut out of every raw fragment that remains (llama.cpp's order). */
+/* Whether [off, off + n) overlaps one of lit[n_lit] (ascending, disjoint). */
+static bool overlaps(const cp_text_span *lit, size_t n_lit, size_t off, size_t n) {
+    size_t lo = 0, hi = n_lit;
+    while (lo < hi) { /* first span that ends after off */
+        size_t mid = lo + (hi - lo) / 2;
+        if (lit[mid].off + lit[mid].len <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n_lit && lit[lo].off < off + n && lit[lo].len > 0;
+}
+
+/* Cuts text into fragments: special-token matches and the plain text
+ * between them. Control tokens match only with parse_special, and never
+ * where they overlap lit[n_lit]; user-defined tokens always match. */
 static cp_status partition(const struct cp_tokenizer *t, const char *text, size_t len,
-                           bool parse_special, frag **out, size_t *n_out) {
+                           bool parse_special, const cp_text_span *lit, size_t n_lit,
+                           frag **out, size_t *n_out) {
     frag *cur = NULL, *nxt = NULL;
     size_t ncur = 0, cap_cur = 0, cap_nxt = 0;
     cp_status st = CP_OK;
@@ -1067,7 +1084,9 @@ static cp_status partition(const struct cp_tokenizer *t, const char *text, size_
                 while (rem >= sl) {
                     const char *q = memchr(p, sp[0], rem - sl + 1);
                     if (!q) break;
-                    if (memcmp(q, sp, sl) == 0) {
+                    if (memcmp(q, sp, sl) == 0 &&
+                        (ty == CP_TOKEN_USER_DEFINED ||
+                         !overlaps(lit, n_lit, (size_t)(q - text), sl))) {
                         hit = q;
                         break;
                     }
@@ -1103,8 +1122,9 @@ fail:
     return st;
 }
 
-cp_status cp_tokenizer_encode(cp_tokenizer_t t, const char *text, size_t len, bool add_special,
-                              bool parse_special, int32_t **ids, size_t *n_ids) {
+static cp_status encode(cp_tokenizer_t t, const char *text, size_t len, bool add_special,
+                        bool parse_special, const cp_text_span *lit, size_t n_lit, int32_t **ids,
+                        size_t *n_ids) {
     if (!t || !ids || !n_ids || (!text && len))
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_tokenizer_encode: NULL tokenizer, text or output");
     *ids = NULL;
@@ -1122,7 +1142,7 @@ cp_status cp_tokenizer_encode(cp_tokenizer_t t, const char *text, size_t len, bo
     size_t nf = 0;
     cp_status st = CP_OK;
     if (add_special && t->add_bos) CP_CHECK_GOTO(ivec_push(&out, t->bos), st, fail);
-    if (len) CP_CHECK_GOTO(partition(t, text, len, parse_special, &frags, &nf), st, fail);
+    if (len) CP_CHECK_GOTO(partition(t, text, len, parse_special, lit, n_lit, &frags, &nf), st, fail);
     bool prev_special = true; /* SentencePiece: a space prefix at the start and after specials */
     for (size_t i = 0; i < nf; i++) {
         const frag *f = &frags[i];
@@ -1153,6 +1173,26 @@ fail:
     work_free(&w);
     free(out.v);
     return st;
+}
+
+cp_status cp_tokenizer_encode(cp_tokenizer_t t, const char *text, size_t len, bool add_special,
+                              bool parse_special, int32_t **ids, size_t *n_ids) {
+    return encode(t, text, len, add_special, parse_special, NULL, 0, ids, n_ids);
+}
+
+cp_status cp_tokenizer_encode_literal(cp_tokenizer_t t, const char *text, size_t len,
+                                      bool add_special, const cp_text_span *literal,
+                                      size_t n_literal, int32_t **ids, size_t *n_ids) {
+    if (n_literal && !literal)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_tokenizer_encode_literal: NULL spans");
+    for (size_t i = 0; i < n_literal; i++)
+        if (literal[i].off > len || literal[i].len > len - literal[i].off ||
+            (i && literal[i].off < literal[i - 1].off + literal[i - 1].len))
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "literal span %zu [%zu, +%zu) is outside the text of %zu bytes or "
+                            "not after the previous one",
+                            i, literal[i].off, literal[i].len, len);
+    return encode(t, text, len, add_special, true, literal, n_literal, ids, n_ids);
 }
 
 /* ---- decoding and queries ------------------------------------------------ */
@@ -1241,20 +1281,49 @@ const char *cp_tokenizer_chat_template(cp_tokenizer_t t) {
     return t ? t->chat_template : NULL;
 }
 
+/* The EOS token's text for chat formats that write it ("</s>" without one). */
+static void eos_text(const struct cp_tokenizer *t, char *buf, size_t cap) {
+    snprintf(buf, cap, "</s>");
+    if (t->eos < 0) return;
+    size_t l;
+    const char *s = tok_text(t, t->eos, &l);
+    if (l > 0 && l < cap) {
+        memcpy(buf, s, l);
+        buf[l] = '\0';
+    }
+}
+
 cp_status cp_tokenizer_apply_chat(cp_tokenizer_t t, const cp_chat_msg *msgs, size_t n,
                                   unsigned flags, char **out) {
     if (!t || !out)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_tokenizer_apply_chat: NULL tokenizer or output");
-    char eos_buf[64] = "</s>";
-    if (t->eos >= 0) {
-        size_t l;
-        const char *s = tok_text(t, t->eos, &l);
-        if (l > 0 && l < sizeof(eos_buf)) {
-            memcpy(eos_buf, s, l);
-            eos_buf[l] = '\0';
-        }
-    }
+    char eos_buf[64];
+    eos_text(t, eos_buf, sizeof(eos_buf));
     return cp_chat_format(t->chat_template, eos_buf, msgs, n, flags, out);
+}
+
+cp_status cp_tokenizer_encode_chat(cp_tokenizer_t t, const cp_chat_msg *msgs, size_t n,
+                                   unsigned flags, int32_t **ids, size_t *n_ids, char **text) {
+    if (!t || !ids || !n_ids)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_tokenizer_encode_chat: NULL argument");
+    *ids = NULL;
+    *n_ids = 0;
+    if (text) *text = NULL;
+    char eos_buf[64];
+    eos_text(t, eos_buf, sizeof(eos_buf));
+    char *out = NULL;
+    cp_text_span *spans = NULL;
+    size_t n_spans = 0;
+    CP_CHECK(cp_chat_format_spans(t->chat_template, eos_buf, msgs, n, flags, &out, &spans,
+                                  &n_spans));
+    cp_status st = cp_tokenizer_encode_literal(t, out, strlen(out), true, spans, n_spans, ids,
+                                               n_ids);
+    free(spans);
+    if (st == CP_OK && text)
+        *text = out;
+    else
+        free(out);
+    return st;
 }
 
 /* ---- GGUF glue -------------------------------------------------------------- */

@@ -269,11 +269,12 @@ static bool parse_stop(const json_t *o, gen_spec *g, api_error *e) {
     return true;
 }
 
-static bool encode_text(const api_ctx *c, const char *text, size_t len, bool parse_special,
-                        gen_spec *g, api_error *e) {
+/* A completion prompt: control-token text in it stays text. */
+static bool encode_text(const api_ctx *c, const char *text, size_t len, gen_spec *g,
+                        api_error *e) {
     int32_t *ids = NULL;
     size_t n = 0;
-    if (cp_tokenizer_encode(c->tok, text, len, true, parse_special, &ids, &n) != CP_OK) {
+    if (cp_tokenizer_encode(c->tok, text, len, true, false, &ids, &n) != CP_OK) {
         BAD(e, g->kind == API_CHAT ? "messages" : "prompt", "cannot tokenize the %s: %s",
             g->kind == API_CHAT ? "messages" : "prompt", cp_last_error_detail());
         return false;
@@ -342,7 +343,7 @@ static bool parse_prompt(const api_ctx *c, const json_t *o, gen_spec *g, api_err
         api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
         return false;
     }
-    return encode_text(c, json_string_value(v), json_string_length(v), false, g, e);
+    return encode_text(c, json_string_value(v), json_string_length(v), g, e);
 }
 
 /* A message's content: a string, null, or an array of {"type":"text"} parts
@@ -457,14 +458,24 @@ static bool parse_messages(const api_ctx *c, const json_t *o, gen_spec *g, api_e
         msgs[i].content = contents[i];
     }
     char *text = NULL;
-    if (ok && cp_tokenizer_apply_chat(c->tok, msgs, n, CP_CHAT_GENERATION_PROMPT, &text) != CP_OK) {
-        api_set_error(e, 500, "server_error", NULL, NULL, "cannot apply the chat template: %s",
-                      cp_last_error_detail());
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    /* control tokens such as <|im_start|> come from the template's markup
+     * only: the same text inside a message stays text */
+    cp_status st = ok ? cp_tokenizer_encode_chat(c->tok, msgs, n, CP_CHAT_GENERATION_PROMPT, &ids,
+                                                 &n_ids, &text)
+                      : CP_OK;
+    if (st != CP_OK) {
+        if (st == CP_ERR_INVALID_ARG)
+            BAD(e, "messages", "cannot tokenize the messages: %s", cp_last_error_detail());
+        else
+            api_set_error(e, 500, "server_error", NULL, NULL, "cannot apply the chat template: %s",
+                          cp_last_error_detail());
         ok = false;
     }
-    /* the template's own markup holds control tokens such as <|im_start|> */
-    if (ok) ok = encode_text(c, text, strlen(text), true, g, e);
     if (ok) {
+        g->prompt = ids;
+        g->n_prompt = (int)n_ids;
         g->prompt_text = text;
         text = NULL;
     }
