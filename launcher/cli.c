@@ -140,3 +140,14 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id) {
     *id = (int)v;
     return true;
 }
+
+bool cli_parse_convert(const char *s, cp_dtype *out) {
+    static const cp_dtype ok[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q8_0,
+                                  CP_DTYPE_Q4_0, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K};
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+        if (!strcasecmp(s, cp_dtype_name(ok[i]))) {
+            *out = ok[i];
+            return true;
+        }
+    return false;
+}

@@ -36,6 +36,11 @@ void cli_print_help(const char *cmd, const char *usage, const cli_opt *opts);
  * else. */
 bool cli_parse_device(const char *s, cp_device *dev, int *id);
 
+/* The value of --convert: a weight type the loader converts to at load. */
+#define CLI_CONVERT_TYPES "f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k"
+#define CLI_CONVERT_HELP "convert weights at load to " CLI_CONVERT_TYPES
+bool cli_parse_convert(const char *s, cp_dtype *out);
+
 /* Prints "cparallel: error: <detail of the last runtime error>" to stderr. */
 void cli_report_error(const char *what);
 

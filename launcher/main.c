@@ -4,6 +4,7 @@
 #include "cli.h"
 #include "cmd_serve.h"
 #include "cmd_synth.h"
+#include "ranks.h"
 #include "cp_comm.h"
 #include "cp_gguf.h"
 #include "cp_plan.h"
@@ -76,56 +77,6 @@ static int read_file(const char *path, char **out) {
 }
 
 /* A weight type by its GGUF name, any case. */
-static bool parse_dtype(const char *s, cp_dtype *out) {
-    static const cp_dtype ok[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q8_0,
-                                  CP_DTYPE_Q4_0, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K};
-    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
-        if (!strcasecmp(s, cp_dtype_name(ok[i]))) {
-            *out = ok[i];
-            return true;
-        }
-    return false;
-}
-
-/* ---- ranks ---------------------------------------------------------------- */
-
-/* The world and its tensor-/pipeline-parallel groups for tp x pp ranks.
- * Returns 0, or the exit code after printing one line on every rank. */
-typedef struct ranks {
-    cp_comm_t world, tp, pp;
-    int rank, size;
-} ranks;
-
-static void ranks_free(ranks *r) {
-    cp_comm_free(r->tp);
-    cp_comm_free(r->pp);
-    cp_comm_free(r->world);
-}
-
-static int ranks_init(ranks *r, int tp, int pp, int timeout_ms) {
-    memset(r, 0, sizeof(*r));
-    if (cp_comm_init_world(CP_COMM_AUTO, timeout_ms, &r->world) != CP_OK) {
-        cli_report_error("cannot start the communicator");
-        return 1;
-    }
-    r->rank = cp_comm_rank(r->world);
-    r->size = cp_comm_size(r->world);
-    if (tp * pp != r->size) {
-        fprintf(stderr,
-                "cparallel: error: rank %d: --tp %d x --pp %d = %d ranks, but the job has %d (start it with "
-                "mpirun -np %d or change --tp/--pp)\n",
-                r->rank, tp, pp, tp * pp, r->size, tp * pp);
-        return 2;
-    }
-    /* ranks of one stage are consecutive: rank = pp_rank * tp + tp_rank */
-    if ((tp > 1 && cp_comm_split(r->world, r->rank / tp, r->rank, &r->tp) != CP_OK) ||
-        (pp > 1 && cp_comm_split(r->world, r->rank % tp, r->rank, &r->pp) != CP_OK)) {
-        cli_report_error("cannot create the parallel groups");
-        return 1;
-    }
-    return 0;
-}
-
 /* ---- generate ----------------------------------------------------------- */
 
 static bool print_token(void *user, int32_t token, const char *piece, size_t len) {
@@ -164,7 +115,7 @@ static int cmd_generate(int argc, char **argv) {
         {"ctx-size", 'c', CLI_INT, &ctx, 1, 1 << 24, "N", "context length in tokens (default: min(model's, 4096))", NULL},
         {"ignore-eos", 0, CLI_FLAG, &ignore_eos, 0, -1, NULL, "keep generating past end-of-text tokens (benchmarks)", NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
-        {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", "convert weights at load to f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k", NULL},
+        {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", CLI_CONVERT_HELP, NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
@@ -201,8 +152,8 @@ static int cmd_generate(int argc, char **argv) {
         return 2;
     }
     cp_dtype convert_dtype = CP_DTYPE_F32;
-    if (convert && !parse_dtype(convert, &convert_dtype)) {
-        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --convert (expected f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k)\n", convert);
+    if (convert && !cli_parse_convert(convert, &convert_dtype)) {
+        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --convert (expected " CLI_CONVERT_TYPES ")\n", convert);
         return 2;
     }
     char *file_text = NULL;
@@ -231,17 +182,7 @@ static int cmd_generate(int argc, char **argv) {
         return 1;
     }
 
-    /* ranks sharing a node share its cores unless told otherwise */
-    if (threads == 0 && cp_comm_local_size(rk.world) > 1) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = (int)(cores / cp_comm_local_size(rk.world));
-        if (threads < 1) threads = 1;
-    }
-    if (dev == CP_DEVICE_CUDA && device_id < 0) {
-        int count = 0;
-        cp_backend_cuda_device_count(&count);
-        device_id = count > 0 ? cp_comm_local_rank(rk.world) % count : 0;
-    }
+    ranks_node_defaults(&rk, dev, &threads, &device_id);
     progress_state ps = {isatty(2), -1};
     cp_engine_opts eo = {
         .model_path = model,

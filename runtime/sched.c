@@ -81,6 +81,9 @@ struct cp_sched {
     int max_running, max_waiting, max_step_tokens, prefill_chunk;
     bool prefix;
     int64_t fail_step; /* fault injection for tests: this forward step fails */
+    cp_status (*forward)(void *user, const cp_batch *b, float *logits);
+    cp_status (*idle)(void *user);
+    void *hook_user;
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -576,6 +579,9 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     /* lets tests exercise the error path of a failing forward step */
     const char *fail = getenv("CP_SCHED_FAIL_STEP");
     s->fail_step = fail ? atoll(fail) : 0;
+    s->forward = o->forward;
+    s->idle = o->idle;
+    s->hook_user = o->hook_user;
     s->lru_head = s->lru_tail = -1;
     s->next_id = 1;
     if (s->max_blocks > s->n_blocks) {
@@ -1066,7 +1072,7 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
     }
 
     step_batch *b = &s->b;
-    if (b->n_seq == 0) return CP_OK;
+    if (b->n_seq == 0) return s->idle ? s->idle(s->hook_user) : CP_OK;
     cp_batch batch = {
         .n_tok = b->n_tok,
         .tokens = b->tokens,
@@ -1083,7 +1089,8 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
         s->fail_step > 0 && s->stats.steps + 1 == s->fail_step
             ? CP_ERROR(CP_ERR_INTERNAL, "injected failure of step %lld (CP_SCHED_FAIL_STEP)",
                        (long long)s->fail_step)
-            : cp_model_forward(s->model, s->kv, &batch, s->logits);
+        : s->forward ? s->forward(s->hook_user, &batch, s->logits)
+                     : cp_model_forward(s->model, s->kv, &batch, s->logits);
     double t1 = cp_time_now();
     int n_sampled = 0, li = 0;
     for (int i = 0; i < b->n_seq; i++) {

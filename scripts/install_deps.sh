@@ -13,11 +13,12 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   openmpi-bin libopenmpi-dev \
   clang libclang-rt-14-dev >/dev/null
 # The server tests drive `cparallel serve` with the official openai client,
+# and the multi-rank ones write a small random model with the gguf package,
 # from a virtual environment at the repository root (Debian's pip refuses
-# system-wide installs). Made again only when it cannot import openai.
+# system-wide installs). Made again only when it cannot import them.
 VENV="${CP_TEST_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv-test}"
-if ! "$VENV/bin/python" -c "import openai" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import openai, gguf, numpy" >/dev/null 2>&1; then
   python3 -m venv --clear "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check openai
+  "$VENV/bin/pip" install -q --disable-pip-version-check openai gguf numpy
 fi
 echo "dependencies installed"

@@ -1,0 +1,67 @@
+/* cp_step_link.h - multi-rank serving: rank 0 runs the scheduler (and the
+ * HTTP front end) and every other rank follows it. For each forward step
+ * rank 0 broadcasts the step's batch descriptor (tokens, positions,
+ * sequence rows, KV block tables, logit rows) over the world communicator,
+ * then all ranks run cp_model_forward on it together, so TP, PP and SP work
+ * exactly as for one request. KV blocks are allocated by rank 0's scheduler
+ * only; the followers' caches hold the same blocks by id.
+ *
+ * Liveness: while rank 0 has no work it sends a heartbeat at least every
+ * CP_STEP_LINK_HEARTBEAT_MS, so a follower waiting for the next step stays
+ * inside the communicator's deadline and a dead rank is noticed within one
+ * deadline on either side: a follower whose wait expires returns
+ * CP_ERR_TIMEOUT naming rank 0; rank 0's next step or heartbeat fails with
+ * the communicator's error and the link stays broken (later calls fail at
+ * once with the first error). */
+#ifndef CP_STEP_LINK_H
+#define CP_STEP_LINK_H
+
+#include "cp_model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct cp_comm;
+
+#define CP_STEP_LINK_HEARTBEAT_MS 1000
+
+typedef struct cp_step_link *cp_step_link_t;
+
+/* Binds the world communicator (all tp x pp ranks, rank 0 leads) to this
+ * rank's model and KV cache (all borrowed). Every rank's cache must have
+ * the same number of blocks. Errors: CP_ERR_INVALID_ARG, CP_ERR_OOM. */
+cp_status cp_step_link_init(struct cp_comm *world, cp_model_t m, cp_kv_cache_t kv,
+                            cp_step_link_t *out);
+void cp_step_link_free(cp_step_link_t l);
+
+/* Rank 0: sends b to every rank, then runs cp_model_forward(b) with them
+ * (logits as cp_model_forward). The signature of cp_sched_opts.forward. */
+cp_status cp_step_link_forward(void *link, const cp_batch *b, float *logits);
+
+/* Rank 0, when idle: sends a heartbeat if none went out for
+ * CP_STEP_LINK_HEARTBEAT_MS. The signature of cp_sched_opts.idle. Fails
+ * once the link is broken. */
+cp_status cp_step_link_idle(void *link);
+
+/* Rank 0: tells the followers to return from cp_step_link_follow (with
+ * CP_OK when ok, else with CP_ERR_INTERNAL: rank 0 stopped after a
+ * failure). Safe on a broken link (then it does nothing). */
+cp_status cp_step_link_stop(cp_step_link_t l, bool ok);
+
+/* Followers: runs every step rank 0 sends until it stops them. Returns
+ * CP_OK on a clean stop; an error when rank 0 failed or vanished, or when
+ * a forward step failed here (rank 0 sees the same step fail). */
+cp_status cp_step_link_follow(cp_step_link_t l);
+
+typedef struct cp_step_link_stats {
+    int64_t steps, heartbeats;
+    double bcast_s; /* rank 0: time spent sending descriptors */
+} cp_step_link_stats;
+void cp_step_link_get_stats(cp_step_link_t l, cp_step_link_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CP_STEP_LINK_H */

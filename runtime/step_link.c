@@ -1,0 +1,234 @@
+/* step_link.c - rank 0 broadcasts each serving step's batch descriptor to
+ * the follower ranks, which run the same forward pass (see cp_step_link.h).
+ *
+ * Wire format, per message: a header of HDR_N int64 broadcast from rank 0,
+ *   {magic, command, seqno, n_tok, n_seq, max_blocks, n_logits, flag}
+ * then, for a step, one int32 body
+ *   tokens[n_tok] pos[n_tok] seq[n_tok] block_tables[n_seq * max_blocks]
+ *   logit_rows[n_logits]. */
+#include "cp_step_link.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cp_comm.h"
+
+enum { CMD_STEP = 1, CMD_HEARTBEAT = 2, CMD_STOP = 3 };
+enum { HDR_N = 8 };
+#define LINK_MAGIC 0x6370737465706c6bLL /* "cpsteplk" */
+
+struct cp_step_link {
+    cp_comm_t world;
+    cp_model_t model;
+    cp_kv_cache_t kv;
+    int rank, size;
+    int64_t seqno;
+    double last_send;
+    int32_t *body; /* followers: received descriptor; rank 0: packed one */
+    size_t body_cap;
+    float *logits; /* followers: the logits every rank receives */
+    size_t logits_cap;
+    cp_status broken; /* CP_OK, or the error that broke the link */
+    char broken_msg[256];
+    cp_step_link_stats stats;
+};
+
+cp_status cp_step_link_init(cp_comm_t world, cp_model_t m, cp_kv_cache_t kv, cp_step_link_t *out) {
+    if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_init: out is NULL");
+    *out = NULL;
+    if (!world || !m || !kv)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_init: NULL communicator, model or cache");
+    cp_step_link_t l = calloc(1, sizeof(*l));
+    if (!l) return CP_ERROR(CP_ERR_OOM, "out of memory for the step link");
+    l->world = world;
+    l->model = m;
+    l->kv = kv;
+    l->rank = cp_comm_rank(world);
+    l->size = cp_comm_size(world);
+    /* every rank must address the same blocks: compare the cache sizes */
+    int64_t blocks[2] = {cp_kv_cache_n_blocks(kv), -cp_kv_cache_n_blocks(kv)};
+    cp_status st = cp_comm_allreduce(world, blocks, blocks, 2, CP_DTYPE_I64, CP_REDUCE_MAX, NULL);
+    if (st != CP_OK) {
+        free(l);
+        return st;
+    }
+    if (blocks[0] != -blocks[1]) {
+        free(l);
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "the ranks' KV caches differ (%lld to %lld blocks): start every rank with "
+                        "the same --ctx-size, --max-running and --kv-f32",
+                        (long long)-blocks[1], (long long)blocks[0]);
+    }
+    l->last_send = cp_time_now();
+    *out = l;
+    return CP_OK;
+}
+
+void cp_step_link_free(cp_step_link_t l) {
+    if (!l) return;
+    free(l->body);
+    free(l->logits);
+    free(l);
+}
+
+void cp_step_link_get_stats(cp_step_link_t l, cp_step_link_stats *st) {
+    if (l && st) *st = l->stats;
+}
+
+static cp_status reserve_body(cp_step_link_t l, size_t n) {
+    if (n <= l->body_cap) return CP_OK;
+    int32_t *p = realloc(l->body, n * sizeof(*p));
+    if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for a step descriptor of %zu ids", n);
+    l->body = p;
+    l->body_cap = n;
+    return CP_OK;
+}
+
+/* Remembers the first communication failure: the ranks can no longer agree
+ * on what runs next, so every later call fails with it. */
+static cp_status brk(cp_step_link_t l, cp_status st) {
+    if (l->broken == CP_OK) {
+        l->broken = st;
+        snprintf(l->broken_msg, sizeof(l->broken_msg), "%s", cp_last_error());
+    }
+    return st;
+}
+
+static cp_status check_broken(cp_step_link_t l) {
+    if (l->broken == CP_OK) return CP_OK;
+    return CP_ERROR(l->broken, "the ranks lost step with each other: %s", l->broken_msg);
+}
+
+static cp_status send_header(cp_step_link_t l, int64_t cmd, const cp_batch *b, int64_t flag) {
+    int64_t h[HDR_N] = {LINK_MAGIC, cmd, ++l->seqno, 0, 0, 0, 0, flag};
+    if (b) {
+        h[3] = b->n_tok;
+        h[4] = b->n_seq;
+        h[5] = b->max_blocks;
+        h[6] = b->n_logits;
+    }
+    cp_status st = cp_comm_bcast(l->world, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+    l->last_send = cp_time_now();
+    return st;
+}
+
+static size_t body_len(int64_t n_tok, int64_t n_seq, int64_t max_blocks, int64_t n_logits) {
+    return (size_t)(3 * n_tok + n_seq * max_blocks + n_logits);
+}
+
+cp_status cp_step_link_forward(void *link, const cp_batch *b, float *logits) {
+    cp_step_link_t l = link;
+    if (!l || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward: NULL argument");
+    CP_CHECK(check_broken(l));
+    if (l->rank != 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward runs on rank 0 only");
+    if (l->size > 1) {
+        double t0 = cp_time_now();
+        size_t n = body_len(b->n_tok, b->n_seq, b->max_blocks, b->n_logits);
+        CP_CHECK(reserve_body(l, n));
+        int32_t *p = l->body;
+        memcpy(p, b->tokens, (size_t)b->n_tok * 4);
+        p += b->n_tok;
+        memcpy(p, b->pos, (size_t)b->n_tok * 4);
+        p += b->n_tok;
+        memcpy(p, b->seq, (size_t)b->n_tok * 4);
+        p += b->n_tok;
+        memcpy(p, b->block_tables, (size_t)b->n_seq * (size_t)b->max_blocks * 4);
+        p += (size_t)b->n_seq * (size_t)b->max_blocks;
+        if (b->n_logits) memcpy(p, b->logit_rows, (size_t)b->n_logits * 4);
+        cp_status st = send_header(l, CMD_STEP, b, 0);
+        if (st == CP_OK) st = cp_comm_bcast(l->world, l->body, n, CP_DTYPE_I32, 0, NULL);
+        if (st != CP_OK) return brk(l, st);
+        l->stats.bcast_s += cp_time_now() - t0;
+    }
+    l->stats.steps++;
+    cp_status st = cp_model_forward(l->model, l->kv, b, logits);
+    /* a batch the model rejects is rejected on every rank before any
+     * collective; anything else may have left the ranks apart */
+    if (st != CP_OK && st != CP_ERR_INVALID_ARG) brk(l, st);
+    return st;
+}
+
+cp_status cp_step_link_idle(void *link) {
+    cp_step_link_t l = link;
+    if (!l) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_idle: NULL link");
+    CP_CHECK(check_broken(l));
+    if (l->size == 1 || cp_time_now() - l->last_send < CP_STEP_LINK_HEARTBEAT_MS * 1e-3)
+        return CP_OK;
+    cp_status st = send_header(l, CMD_HEARTBEAT, NULL, 0);
+    if (st != CP_OK) return brk(l, st);
+    l->stats.heartbeats++;
+    return CP_OK;
+}
+
+cp_status cp_step_link_stop(cp_step_link_t l, bool ok) {
+    if (!l || l->size == 1 || l->rank != 0 || l->broken != CP_OK) return CP_OK;
+    cp_status st = send_header(l, CMD_STOP, NULL, ok ? 0 : 1);
+    if (st != CP_OK) brk(l, st);
+    return st;
+}
+
+cp_status cp_step_link_follow(cp_step_link_t l) {
+    if (!l) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_follow: NULL link");
+    if (l->rank == 0) return CP_ERROR(CP_ERR_INVALID_ARG, "rank 0 leads; it does not follow");
+    const cp_model_config *cfg = cp_model_get_config(l->model);
+    const int max_batch = 1 << 20;
+    for (;;) {
+        int64_t h[HDR_N];
+        cp_status st = cp_comm_bcast(l->world, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+        if (st != CP_OK)
+            return CP_ERROR(st, "rank %d: no step or heartbeat from rank 0 in time (%s)", l->rank,
+                            cp_last_error());
+        if (h[0] != LINK_MAGIC || h[2] != l->seqno + 1)
+            return CP_ERROR(CP_ERR_INTERNAL,
+                            "rank %d: unexpected message from rank 0 (magic %llx, seqno %lld after "
+                            "%lld): the ranks run different programs or versions",
+                            l->rank, (unsigned long long)h[0], (long long)h[2],
+                            (long long)l->seqno);
+        l->seqno = h[2];
+        if (h[1] == CMD_HEARTBEAT) {
+            l->stats.heartbeats++;
+            continue;
+        }
+        if (h[1] == CMD_STOP)
+            return h[7] ? CP_ERROR(CP_ERR_INTERNAL, "rank 0 stopped after a failure") : CP_OK;
+        if (h[1] != CMD_STEP)
+            return CP_ERROR(CP_ERR_INTERNAL, "rank %d: unknown command %lld from rank 0", l->rank,
+                            (long long)h[1]);
+        const int64_t n_tok = h[3], n_seq = h[4], max_blocks = h[5], n_logits = h[6];
+        if (n_tok < 1 || n_tok > max_batch || n_seq < 1 || n_seq > n_tok || max_blocks < 1 ||
+            max_blocks > (1 << 20) || n_logits < 0 || n_logits > n_tok)
+            return CP_ERROR(CP_ERR_INTERNAL,
+                            "rank %d: step descriptor out of range (n_tok %lld, n_seq %lld, "
+                            "max_blocks %lld, n_logits %lld)",
+                            l->rank, (long long)n_tok, (long long)n_seq, (long long)max_blocks,
+                            (long long)n_logits);
+        size_t n = body_len(n_tok, n_seq, max_blocks, n_logits);
+        CP_CHECK(reserve_body(l, n));
+        st = cp_comm_bcast(l->world, l->body, n, CP_DTYPE_I32, 0, NULL);
+        if (st != CP_OK) return st;
+        size_t nl = (size_t)n_logits * (size_t)cfg->n_vocab;
+        if (nl > l->logits_cap) {
+            float *p = realloc(l->logits, nl * sizeof(float));
+            if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu logits", nl);
+            l->logits = p;
+            l->logits_cap = nl;
+        }
+        const int32_t *p = l->body;
+        cp_batch b = {
+            .n_tok = (int)n_tok,
+            .tokens = p,
+            .pos = p + n_tok,
+            .seq = p + 2 * n_tok,
+            .block_tables = p + 3 * n_tok,
+            .n_seq = (int)n_seq,
+            .max_blocks = (int)max_blocks,
+            .logit_rows = p + 3 * n_tok + n_seq * max_blocks,
+            .n_logits = (int)n_logits,
+        };
+        l->stats.steps++;
+        st = cp_model_forward(l->model, l->kv, &b, l->logits);
+        if (st != CP_OK && st != CP_ERR_INVALID_ARG) return st;
+    }
+}
