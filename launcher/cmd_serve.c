@@ -113,7 +113,7 @@ int cp_cli_serve(int argc, char **argv) {
          "sequence parallelism for prompts inside the TP group (needs --tp > 1)", NULL},
         {"micro-batches", 0, CLI_INT, &micro, 1, 4096, "N",
          "pipeline micro-batches per step (default 4 x pp)", NULL},
-        {"timeout", 0, CLI_INT, &timeout_s, 1, 86400, "S",
+        {"collective-timeout", 0, CLI_INT, &timeout_s, 1, 86400, "S",
          "deadline of every collective between ranks, in seconds (default 60)", NULL},
         {0},
     };

@@ -10,7 +10,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake pkg-config git ca-certificates python3 python3-pip unzip \
   libjansson-dev libgtest-dev googletest \
   libmicrohttpd-dev curl python3-venv \
-  openmpi-bin libopenmpi-dev \
+  openmpi-bin libopenmpi-dev slurm-wlm \
   clang libclang-rt-14-dev >/dev/null
 # The server tests drive `cparallel serve` with the official openai client,
 # and the multi-rank ones write a small random model with the gguf package,

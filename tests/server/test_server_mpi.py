@@ -258,7 +258,7 @@ class Faults(unittest.TestCase):
         self.assertIn("--tp 3 x --pp 1 = 3 ranks, but the job has 2", p.stderr)
 
     def test_follower_killed(self):
-        srv = MpiServer(ARGS.model, 2, 1, 2, extra=("--timeout", "5"))
+        srv = MpiServer(ARGS.model, 2, 1, 2, extra=("--collective-timeout", "5"))
         try:
             self.assertEqual(srv.get("/health/ready")[0], 200, srv.log())
             follower = srv.ranks().get(1)
