@@ -2,6 +2,8 @@
  * checks shared by every backend, then a call through its table. */
 #include "cp_backend_impl.h"
 
+#include <string.h>
+
 #define NEED(cond, ...)                                                                            \
     do {                                                                                           \
         if (!(cond)) return CP_ERROR(CP_ERR_INVALID_ARG, __VA_ARGS__);                             \
@@ -236,4 +238,28 @@ cp_status cp_backend_rope_store(cp_backend_t be, const cp_rope_params *rp, const
     CP_CHECK(be->iface.rope(be, q, p->pos_of_tok, p->n_tok, p->n_head, rp));
     CP_CHECK(be->iface.rope(be, k, p->pos_of_tok, p->n_tok, p->n_head_kv, rp));
     return be->iface.kv_store(be, p, k, v, k_cache, v_cache);
+}
+
+/* ---- graphs of repeated steps: optional, no-ops without the slots ---- */
+
+cp_status cp_backend_graph_begin(cp_backend_t be, uint64_t key, bool *replay) {
+    NEED(replay, "graph_begin: replay is NULL");
+    *replay = false;
+    return be->graph ? be->graph->begin(be, key, replay) : CP_OK;
+}
+
+cp_status cp_backend_graph_end(cp_backend_t be, bool failed, bool *reissue) {
+    NEED(reissue, "graph_end: reissue is NULL");
+    *reissue = false;
+    return be->graph ? be->graph->end(be, failed, reissue) : CP_OK;
+}
+
+void cp_backend_graph_set_enabled(cp_backend_t be, bool enabled) {
+    if (be->graph) be->graph->set_enabled(be, enabled);
+}
+
+void cp_backend_graph_get_stats(cp_backend_t be, cp_backend_graph_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof(*out));
+    if (be->graph) be->graph->get_stats(be, out);
 }

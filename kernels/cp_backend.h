@@ -58,8 +58,11 @@ typedef struct cp_attn_params {
     const int32_t *seq_of_tok;  /* [n_tok] */
     const int32_t *pos_of_tok;  /* [n_tok] */
     const int32_t *block_tables;/* [n_seq][max_blocks] physical block ids */
-    int n_ctx_max;              /* max(pos_of_tok) + 1 when the caller knows it (a host value
-                                   that sizes device launches); 0: unknown */
+    int n_ctx_max;              /* max(pos_of_tok) + 1, or any larger bound, when the caller
+                                   knows it (a host value that sizes device launches: a bound
+                                   that stays fixed over many decode steps lets them be
+                                   recorded once; the kernels read each token's length from
+                                   pos_of_tok); 0: unknown */
     int n_seq_hint;             /* distinct sequences among the tokens when the caller knows
                                    it (host value; picks the kernel); 0: unknown */
 } cp_attn_params;
@@ -187,6 +190,70 @@ cp_status cp_backend_sample(cp_backend_t be, const float *logits, int n, int voc
  * backend. Same contract and choices as cp_backend_sample. */
 cp_status cp_sample_host(const float *logits, int n, int vocab, const cp_sample_params *sp,
                          const float *u, int32_t *out);
+
+/* ---- graphs of repeated steps ----------------------------------------------
+ * A caller that issues the same sequence of operations again and again (a
+ * decode step of one batch shape) may bracket it with graph_begin/graph_end
+ * under a key that identifies that sequence exactly: the same operations,
+ * sizes and device addresses in the same order. A device backend records
+ * the sequence once and from then on launches the recording (a CUDA graph)
+ * instead of issuing every operation from the host.
+ *
+ *   bool replay, reissue;
+ *   CP_CHECK(cp_backend_graph_begin(be, key, &replay));
+ *   cp_status st = replay ? CP_OK : issue_the_operations();
+ *   cp_status end = cp_backend_graph_end(be, st != CP_OK, &reissue);
+ *   if (reissue) st = issue_the_operations();   (now run directly)
+ *   CP_CHECK(st);
+ *   CP_CHECK(end);
+ *
+ * The first time a key is seen the operations run directly (the backend
+ * allocates, picks algorithms and grows its workspace here); the second
+ * time they are recorded and the recording launched at graph_end; later,
+ * begin reports *replay = true, the caller issues nothing and graph_end
+ * launches the recording. The result equals running the operations.
+ *
+ * Between begin and end (while not replaying) the caller may issue only
+ * stream operations on device memory: no host<->device copy, no
+ * cp_backend_synchronize, cp_backend_sample or alloc (while recording they
+ * fail, CP_ERR_INTERNAL or CP_ERR_CUDA, and the recording is discarded;
+ * a dealloc waits for graph_end). Everything the step
+ * reads from the host is copied to device memory BEFORE begin, to
+ * addresses that are part of the key; host values that size a launch
+ * (token count, cp_attn_params.n_ctx_max, ...) belong to the key too.
+ * The key names device addresses, so a backend drops every recording when
+ * it frees or moves device memory (dealloc, workspace growth).
+ *
+ * graph_end must follow every begin, also when issuing failed (failed =
+ * true: nothing is launched). When a recording cannot be completed (an
+ * operation failed while recording, or capture, instantiation or launch
+ * failed) the backend says so once on stderr, runs that key directly from
+ * then on and sets *reissue: nothing of the step has run, and the caller
+ * issues the operations again, directly (a genuine error then recurs and
+ * is returned). A backend without graphs (the CPU), a CUDA backend
+ * initialised without CP_CUDA_GRAPH=1 in the environment (graphs are
+ * opt-in for now) or with CP_CUDA_NO_GRAPH=1, or one whose
+ * graphs are switched off reports replay = false and reissue = false: the
+ * bracket is a no-op. Neither call synchronises. */
+cp_status cp_backend_graph_begin(cp_backend_t be, uint64_t key, bool *replay);
+cp_status cp_backend_graph_end(cp_backend_t be, bool failed, bool *reissue);
+
+/* Switches graphs on or off at run time (off drops every recording); a
+ * no-op on a backend without graphs. Not between begin and end. */
+void cp_backend_graph_set_enabled(cp_backend_t be, bool enabled);
+
+typedef struct cp_backend_graph_stats {
+    bool enabled;      /* graphs are in use on this backend */
+    int64_t direct;    /* bracketed steps run directly (first sight of a key, or disabled) */
+    int64_t captures;  /* recordings made and launched */
+    int64_t replays;   /* launches of a cached recording */
+    int64_t failures;  /* recordings or launches that failed (the step was reissued) */
+    int64_t evictions; /* recordings dropped: least recently used, or memory freed/moved */
+    int cached;        /* recordings held now */
+} cp_backend_graph_stats;
+
+/* Counters since the backend was created (all zero without graphs). */
+void cp_backend_graph_get_stats(cp_backend_t be, cp_backend_graph_stats *out);
 
 #ifdef __cplusplus
 }

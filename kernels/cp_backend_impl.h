@@ -55,9 +55,20 @@ struct cp_backend_i {
                             float *q, float *k, const float *v, void *k_cache, void *v_cache);
 };
 
+/* Optional graphs of repeated steps (cp_backend.h, cp_backend_graph_*):
+ * a backend that has them points cp_backend.graph at one of these; NULL
+ * (a zeroed context, e.g. the CPU's) makes the public calls no-ops. */
+struct cp_backend_graph_i {
+    cp_status (*begin)(cp_backend_t be, uint64_t key, bool *replay);
+    cp_status (*end)(cp_backend_t be, bool failed, bool *reissue);
+    void (*set_enabled)(cp_backend_t be, bool enabled);
+    void (*get_stats)(cp_backend_t be, cp_backend_graph_stats *out);
+};
+
 /* Every backend context starts with this. */
 struct cp_backend {
     struct cp_backend_i iface;
+    const struct cp_backend_graph_i *graph; /* NULL: no graphs */
 };
 
 #ifdef __cplusplus

@@ -242,6 +242,106 @@ typedef struct row_sampler {
 
 static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row0);
 
+static cp_rope_params rope_params(cp_model_t m) {
+    const cp_model_config *c = &m->cfg;
+    cp_rope_params rp = {
+        .mode = c->rope_mode,
+        .head_dim = c->head_dim,
+        .rot_dim = c->rot_dim,
+        .theta = c->rope_theta,
+        .freq_scale = c->rope_freq_scale,
+        .freq_factors = m->w.rope_freqs,
+    };
+    return rp;
+}
+
+/* Attention parameters of T tokens whose sequence ids, positions and block
+ * tables are at seq, pos and tables (device memory on a device backend);
+ * n_ctx_max and n_seq_hint are the caller's. */
+static cp_attn_params attn_params(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, int T,
+                                  const int32_t *seq, const int32_t *pos, const int32_t *tables) {
+    const cp_model_config *c = &m->cfg;
+    cp_attn_params ap = {
+        .n_tok = T,
+        .n_head = m->n_head_l,
+        .n_head_kv = m->n_kv_l,
+        .head_dim = c->head_dim,
+        .block_size = kv->block_size,
+        .max_blocks = b->max_blocks,
+        .scale = 1.0f / sqrtf((float)c->head_dim),
+        .kv_dtype = kv->dtype,
+        .seq_of_tok = seq,
+        .pos_of_tok = pos,
+        .block_tables = tables,
+        .n_ctx_max = 0,
+    };
+    return ap;
+}
+
+/* Every layer of this stage over the T rows of the residual stream s->x
+ * (Ts of them on this rank with sequence parallelism, padded to Tp). */
+static cp_status run_layers(cp_model_t m, cp_kv_cache_t kv, const cp_attn_params *ap,
+                            const cp_rope_params *rp, int T, int Tp, int Ts, bool sp) {
+    cp_backend_t be = m->be;
+    cp_scratch *s = &m->s;
+    /* Without sequence parallelism the residual add and the next RMSNorm
+     * are one fused step, so the first norm comes before the loop. */
+    const bool fuse = !sp;
+    if (fuse && m->n_layer_l > 0) CP_CHECK(norm_for_matmul(m, m->w.layers[0].attn_norm, T, Ts, sp));
+    for (int l = 0; l < m->n_layer_l; l++) {
+        const cp_layer_weights *L = &m->w.layers[l];
+        /* attention block: column-parallel Q/K/V over this rank's heads,
+         * row-parallel output projection, then the sum over the TP group */
+        if (!fuse) CP_CHECK(norm_for_matmul(m, L->attn_norm, T, Ts, sp));
+        const cp_tensor *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        float *qkv_out[3] = {s->q, s->k, s->v};
+        const float *qkv_bias[3] = {L->bq, L->bk, L->bv};
+        CP_CHECK(cp_backend_matmul_group(be, 3, qkv, s->xb, T, qkv_out, qkv_bias));
+        CP_CHECK(cp_backend_rope_store(be, rp, ap, s->q, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
+        CP_CHECK(cp_backend_attention(be, ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
+        CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
+        CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, fuse ? L->ffn_norm : NULL));
+        /* SwiGLU MLP: column-parallel gate/up, row-parallel down */
+        if (!fuse) CP_CHECK(norm_for_matmul(m, L->ffn_norm, T, Ts, sp));
+        CP_CHECK(cp_backend_matmul_swiglu(be, &L->w_gate, &L->w_up, s->xb, T, s->att, s->up));
+        CP_CHECK(cp_backend_matmul(be, &L->w_down, s->att, T, s->proj, NULL));
+        const float *next = fuse && l + 1 < m->n_layer_l ? m->w.layers[l + 1].attn_norm : NULL;
+        CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, next));
+    }
+    return CP_OK;
+}
+
+/* The rows of chunk [t0, t0+T) that want logits (b->logit_rows from idx on),
+ * taken from xfull and normed into xb[*n_out][dim]: runs of consecutive rows
+ * move in one copy, and when they are the chunk's first rows the norm reads
+ * them in place. */
+static cp_status norm_logit_rows(cp_model_t m, const cp_batch *b, int t0, int T,
+                                 const float *xfull, int idx, int *n_out) {
+    const cp_model_config *c = &m->cfg;
+    const size_t dim = (size_t)c->dim;
+    const int32_t *rows = b->logit_rows + idx;
+    int n = 0;
+    bool prefix = true;
+    while (idx + n < b->n_logits && rows[n] < t0 + T) {
+        prefix = prefix && rows[n] - t0 == n;
+        n++;
+    }
+    *n_out = n;
+    if (n == 0) return CP_OK;
+    if (!prefix) {
+        for (int i = 0; i < n;) {
+            int k = 1;
+            while (i + k < n && rows[i + k] == rows[i] + k) k++;
+            CP_CHECK(cp_backend_copy(m->be, m->s.xb + (size_t)i * dim,
+                                     xfull + (size_t)(rows[i] - t0) * dim,
+                                     (size_t)k * dim * sizeof(float), CP_COPY_DEVICE_TO_DEVICE));
+            i += k;
+        }
+    }
+    return cp_backend_rmsnorm(m->be, m->s.xb, prefix ? xfull : m->s.xb, m->w.out_norm, n, c->dim,
+                              c->norm_eps);
+}
+
 /* One chunk: batch rows [t0, t0+T) through this stage's layers. The first
  * stage embeds, later ones receive the hidden states of the previous stage;
  * the last stage computes the logits of the requested rows inside the chunk
@@ -268,28 +368,8 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         seq = s->seq;
     }
 
-    cp_rope_params rp = {
-        .mode = c->rope_mode,
-        .head_dim = c->head_dim,
-        .rot_dim = c->rot_dim,
-        .theta = c->rope_theta,
-        .freq_scale = c->rope_freq_scale,
-        .freq_factors = m->w.rope_freqs,
-    };
-    cp_attn_params ap = {
-        .n_tok = T,
-        .n_head = m->n_head_l,
-        .n_head_kv = m->n_kv_l,
-        .head_dim = c->head_dim,
-        .block_size = kv->block_size,
-        .max_blocks = b->max_blocks,
-        .scale = 1.0f / sqrtf((float)c->head_dim),
-        .kv_dtype = kv->dtype,
-        .seq_of_tok = seq,
-        .pos_of_tok = pos,
-        .block_tables = tables,
-        .n_ctx_max = 0,
-    };
+    const cp_rope_params rp = rope_params(m);
+    cp_attn_params ap = attn_params(m, kv, b, T, seq, pos, tables);
     for (int t = 0; t < T; t++) {
         if (b->pos[t0 + t] + 1 > ap.n_ctx_max) ap.n_ctx_max = b->pos[t0 + t] + 1;
         if (t == 0 || b->seq[t0 + t] != b->seq[t0 + t - 1]) ap.n_seq_hint++; /* runs of a sequence */
@@ -304,30 +384,7 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         CP_CHECK(embed(m, b->tokens + t0, T, s->proj));
         CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
     }
-    /* Without sequence parallelism the residual add and the next RMSNorm
-     * are one fused step, so the first norm comes before the loop. */
-    const bool fuse = !sp;
-    if (fuse && m->n_layer_l > 0) CP_CHECK(norm_for_matmul(m, m->w.layers[0].attn_norm, T, Ts, sp));
-    for (int l = 0; l < m->n_layer_l; l++) {
-        const cp_layer_weights *L = &m->w.layers[l];
-        /* attention block: column-parallel Q/K/V over this rank's heads,
-         * row-parallel output projection, then the sum over the TP group */
-        if (!fuse) CP_CHECK(norm_for_matmul(m, L->attn_norm, T, Ts, sp));
-        const cp_tensor *qkv[3] = {&L->wq, &L->wk, &L->wv};
-        float *qkv_out[3] = {s->q, s->k, s->v};
-        const float *qkv_bias[3] = {L->bq, L->bk, L->bv};
-        CP_CHECK(cp_backend_matmul_group(be, 3, qkv, s->xb, T, qkv_out, qkv_bias));
-        CP_CHECK(cp_backend_rope_store(be, &rp, &ap, s->q, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
-        CP_CHECK(cp_backend_attention(be, &ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
-        CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
-        CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, fuse ? L->ffn_norm : NULL));
-        /* SwiGLU MLP: column-parallel gate/up, row-parallel down */
-        if (!fuse) CP_CHECK(norm_for_matmul(m, L->ffn_norm, T, Ts, sp));
-        CP_CHECK(cp_backend_matmul_swiglu(be, &L->w_gate, &L->w_up, s->xb, T, s->att, s->up));
-        CP_CHECK(cp_backend_matmul(be, &L->w_down, s->att, T, s->proj, NULL));
-        const float *next = fuse && l + 1 < m->n_layer_l ? m->w.layers[l + 1].attn_norm : NULL;
-        CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, next));
-    }
+    CP_CHECK(run_layers(m, kv, &ap, &rp, T, Tp, Ts, sp));
     if (!p->last_stage) {
         CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));
         return CP_OK;
@@ -340,15 +397,9 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         CP_CHECK(act_allgather(m, s->x, s->xl, xn));
         xfull = s->xl;
     }
-    int n = 0;
-    while (*logit_idx + n < b->n_logits && b->logit_rows[*logit_idx + n] < t0 + T) {
-        int r = b->logit_rows[*logit_idx + n] - t0;
-        CP_CHECK(cp_backend_copy(be, s->xb + (size_t)n * c->dim, xfull + (size_t)r * c->dim,
-                                 (size_t)c->dim * sizeof(float), CP_COPY_DEVICE_TO_DEVICE));
-        n++;
-    }
+    int n;
+    CP_CHECK(norm_logit_rows(m, b, t0, T, xfull, *logit_idx, &n));
     if (n == 0) return CP_OK;
-    CP_CHECK(cp_backend_rmsnorm(be, s->xb, s->xb, m->w.out_norm, n, c->dim, c->norm_eps));
     if (rs)
         CP_CHECK(sample_rows(m, n, rs, *logit_idx));
     else
@@ -453,12 +504,156 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
     return CP_OK;
 }
 
+/* ---- decode steps as recorded graphs --------------------------------------
+ * A decode-shaped batch (one new token for each of up to CP_DECODE_MAX_TOK
+ * distinct sequences) on a single device rank runs as one bracketed step of
+ * the backend (cp_backend_graph_begin/end): the CUDA backend records it
+ * once and then replays ~10 launches per layer as one graph launch. What
+ * the step reads from the host goes up first in one copy into fixed places
+ * of the token area s->tokens ([max_batch] ints): ids at 0, positions at
+ * CP_DECODE_MAX_TOK, sequences at 2 x CP_DECODE_MAX_TOK and the block
+ * tables after them when they fit (else the device copy m->tables). Every
+ * address and every host value that sizes a launch is in the step's key. */
+
+#define CP_DECODE_MAX_TOK 64
+#define DEC_IDS 0
+#define DEC_POS CP_DECODE_MAX_TOK
+#define DEC_SEQ (2 * CP_DECODE_MAX_TOK)
+#define DEC_TABLES (3 * CP_DECODE_MAX_TOK)
+
+static bool decode_shaped(cp_model_t m, const cp_batch *b) {
+    if (cp_backend_device(m->be) == CP_DEVICE_CPU || m->tp_comm || m->pp_comm ||
+        m->plan.tp != 1 || m->plan.pp != 1)
+        return false; /* communicator calls cannot be recorded */
+    if (b->n_tok < 1 || b->n_tok > CP_DECODE_MAX_TOK || b->n_tok > m->max_batch ||
+        m->max_batch < DEC_TABLES)
+        return false;
+    for (int t = 1; t < b->n_tok; t++)
+        for (int u = 0; u < t; u++)
+            if (b->seq[u] == b->seq[t]) return false; /* a prompt chunk */
+    return true;
+}
+
+/* The context length that sizes the attention launch: max(pos) + 1 rounded
+ * up to a multiple of 256 below 2048 and to a quarter of the power of two
+ * above (2560, 3072, ...), so that one recording serves many steps and at
+ * most a quarter of the context splits are idle (the kernel reads each
+ * token's true length from its position); never beyond cap, the table's
+ * slots. */
+static int ctx_bucket(int n, int cap) {
+    int step = 256;
+    while ((int64_t)step * 8 <= n) step *= 2;
+    int64_t r = ((int64_t)n + step - 1) / step * step;
+    return r < cap ? (int)r : cap;
+}
+
+static uint64_t key_mix(uint64_t h, uint64_t v) {
+    /* splitmix64 finaliser over the running hash */
+    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebull;
+    return h ^ (h >> 31);
+}
+
+/* The recorded part of a decode step: embedding, every layer, the final
+ * norm of the logit rows and, when they fit one LM-head chunk (head), the
+ * LM head into m->logits. Device work only: no copy to or from the host. */
+static cp_status decode_ops(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
+                            const cp_attn_params *ap, const cp_rope_params *rp, bool head) {
+    cp_scratch *s = &m->s;
+    const int T = b->n_tok;
+    CP_CHECK(cp_backend_embed(m->be, &m->w.tok_embd, s->tokens + DEC_IDS, T, s->x));
+    CP_CHECK(run_layers(m, kv, ap, rp, T, T, T, false));
+    int n;
+    CP_CHECK(norm_logit_rows(m, b, 0, T, s->x, 0, &n));
+    if (head) CP_CHECK(cp_backend_matmul(m->be, &m->w.output, s->xb, n, m->logits, NULL));
+    return CP_OK;
+}
+
+static cp_status forward_decode(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits,
+                                const row_sampler *rs) {
+    cp_backend_t be = m->be;
+    const int T = b->n_tok, n = b->n_logits, vocab = m->cfg.n_vocab;
+    /* the upload: ids, positions, sequences (and block tables) in one copy;
+     * the unused slots between the fields go up too (zeros, under 1 KB) */
+    int32_t *h = m->ids_host; /* [max_batch] host */
+    for (int t = 0; t < CP_DECODE_MAX_TOK; t++) {
+        h[DEC_IDS + t] = t < T ? b->tokens[t] : 0;
+        h[DEC_POS + t] = t < T ? b->pos[t] : 0;
+        h[DEC_SEQ + t] = t < T ? b->seq[t] : 0;
+    }
+    const size_t tab = (size_t)b->n_seq * (size_t)b->max_blocks;
+    size_t n_up = (size_t)DEC_SEQ + (size_t)T;
+    const int32_t *tables;
+    if ((size_t)DEC_TABLES + tab <= (size_t)m->max_batch) {
+        memcpy(h + DEC_TABLES, b->block_tables, tab * sizeof(int32_t));
+        n_up = (size_t)DEC_TABLES + tab;
+        tables = m->s.tokens + DEC_TABLES;
+    } else {
+        CP_CHECK(upload_tables(m, b, &tables));
+    }
+    CP_CHECK(cp_backend_copy(be, m->s.tokens, h, n_up * sizeof(int32_t), CP_COPY_HOST_TO_DEVICE));
+
+    const cp_rope_params rp = rope_params(m);
+    cp_attn_params ap =
+        attn_params(m, kv, b, T, m->s.tokens + DEC_SEQ, m->s.tokens + DEC_POS, tables);
+    int n_ctx = 0;
+    for (int t = 0; t < T; t++)
+        if (b->pos[t] + 1 > n_ctx) n_ctx = b->pos[t] + 1;
+    /* bucketed whether or not the backend records graphs, so that both give
+     * the same numbers */
+    ap.n_ctx_max = ctx_bucket(n_ctx, b->max_blocks * kv->block_size);
+    ap.n_seq_hint = T;
+    const bool head = n > 0 && n <= CP_LOGIT_CHUNK;
+
+    /* the key: every address the step touches that can differ between
+     * models, caches and tables, and every host value that shapes it
+     * (whether the rows are sampled or returned happens after the
+     * recording, so both share it) */
+    uint64_t key = key_mix(0x63705f6465636f64ull, (uint64_t)(uintptr_t)m);
+    key = key_mix(key, (uint64_t)(uintptr_t)kv);
+    key = key_mix(key, (uint64_t)(uintptr_t)kv->mem);
+    key = key_mix(key, (uint64_t)(uintptr_t)m->scratch);
+    key = key_mix(key, (uint64_t)(uintptr_t)m->logits);
+    key = key_mix(key, (uint64_t)(uintptr_t)tables);
+    key = key_mix(key, (uint64_t)T);
+    key = key_mix(key, (uint64_t)b->n_seq);
+    key = key_mix(key, (uint64_t)b->max_blocks);
+    key = key_mix(key, (uint64_t)kv->block_size);
+    key = key_mix(key, (uint64_t)kv->dtype);
+    key = key_mix(key, (uint64_t)ap.n_ctx_max);
+    key = key_mix(key, (uint64_t)n);
+    key = key_mix(key, (uint64_t)head);
+    for (int i = 0; i < n; i++) key = key_mix(key, (uint64_t)b->logit_rows[i]);
+
+    bool replay = false, reissue = false;
+    CP_CHECK(cp_backend_graph_begin(be, key, &replay));
+    cp_status st = replay ? CP_OK : decode_ops(m, kv, b, &ap, &rp, head);
+    const cp_status end = cp_backend_graph_end(be, st != CP_OK, &reissue);
+    if (reissue) st = decode_ops(m, kv, b, &ap, &rp, head); /* the recording was dropped */
+    CP_CHECK(st);
+    CP_CHECK(end);
+
+    if (n == 0) return CP_OK;
+    if (head)
+        return rs ? cp_backend_sample(be, m->logits, n, vocab, rs->sp, rs->u, rs->out)
+                  : cp_backend_copy(be, logits, m->logits, (size_t)n * vocab * sizeof(float),
+                                    CP_COPY_DEVICE_TO_HOST);
+    return rs ? sample_rows(m, n, rs, 0) : lm_head(m, n, logits);
+}
+
 static cp_status run_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, float *logits,
                              const row_sampler *rs) {
     if (!m || !kv || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward: NULL argument");
     if (kv->model != m) return CP_ERROR(CP_ERR_INVALID_ARG, "KV cache belongs to another model");
     CP_CHECK(check_batch(m, kv, b));
     if (b->n_tok == 0) return CP_OK;
+    if (decode_shaped(m, b)) {
+        CP_CHECK(forward_decode(m, kv, b, logits, rs));
+        return cp_backend_synchronize(m->be);
+    }
     const int32_t *tables;
     CP_CHECK(upload_tables(m, b, &tables));
     /* Chunks of at most max_batch tokens; across pipeline stages smaller

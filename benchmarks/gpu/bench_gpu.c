@@ -4,7 +4,9 @@
  * ceilings; then prefill of a long prompt (TFLOP/s against the GEMM peak)
  * and decode at several batch sizes (tokens/s; at batch 1 the model
  * bandwidth utilisation = bytes read per token / time per token / copy
- * bandwidth). Prints Markdown tables; --json writes the numbers. */
+ * bandwidth), each batch with decode steps replayed as CUDA graphs and
+ * issued op by op (unless CP_CUDA_NO_GRAPH=1: op by op only). Prints
+ * Markdown tables; --json writes the numbers. */
 #include "cp_runtime.h"
 
 #include <cublasLt.h>
@@ -312,23 +314,40 @@ int main(int argc, char **argv) {
                     "\"prefill_s\": %.6f, \"prefill_TFLOPs\": %.1f, \"decode\": [",
                 prop.name, bw / 1e9, peak / 1e12, ms.weight_bytes, read_bytes, n_prompt, tp,
                 pf_flop / tp / 1e12);
-    printf("| decode batch | ms/step | tokens/s | bytes/step / time / copy BW |\n|---|---|---|---|\n");
+    /* graphs on and off on the same backend: the A/B of one model load */
+    cp_backend_t be = cp_engine_backend(b.e);
+    cp_backend_graph_stats gs;
+    cp_backend_graph_get_stats(be, &gs);
+    const int graphs = gs.enabled;
+    printf("| decode batch | ms/step | tokens/s | bytes/step / time / copy BW | tokens/s without "
+           "graphs | graph speed-up |\n|---|---|---|---|---|---|\n");
     int first = 1;
     for (const char *p = batches; *p;) {
         int B = atoi(p);
         if (B >= 1) {
-            double ts = decode(&b, B, gen);
+            cp_backend_graph_set_enabled(be, false);
+            double te = decode(&b, B, gen);
+            cp_backend_graph_set_enabled(be, graphs);
+            double ts = graphs ? decode(&b, B, gen) : te;
             double mbu = (double)read_bytes / ts / bw;
-            printf("| %d | %.2f | %.0f | %.1f%% |\n", B, ts * 1e3, B / ts, 100.0 * mbu);
+            printf("| %d | %.2f | %.0f | %.1f%% | %.0f | %.2fx |\n", B, ts * 1e3, B / ts,
+                   100.0 * mbu, B / te, te / ts);
             fflush(stdout);
-            if (jf) fprintf(jf, "%s{\"batch\": %d, \"step_s\": %.6f, \"tokens_per_s\": %.1f, \"mbu\": %.4f}",
-                            first ? "" : ", ", B, ts, B / ts, mbu);
+            if (jf)
+                fprintf(jf,
+                        "%s{\"batch\": %d, \"step_s\": %.6f, \"tokens_per_s\": %.1f, \"mbu\": %.4f, "
+                        "\"graphs\": %s, \"tokens_per_s_no_graph\": %.1f}",
+                        first ? "" : ", ", B, ts, B / ts, mbu, graphs ? "true" : "false", B / te);
             first = 0;
         }
         p = strchr(p, ',');
         if (!p) break;
         p++;
     }
+    cp_backend_graph_get_stats(be, &gs);
+    printf("\ngraphs: %lld captured, %lld replays, %lld steps run directly, %lld failures\n\n",
+           (long long)gs.captures, (long long)gs.replays, (long long)gs.direct,
+           (long long)gs.failures);
     if (jf) {
         fprintf(jf, "]}\n");
         fclose(jf);

@@ -13,6 +13,7 @@
 #include "cp_cuda_ops.h"
 #include "cpu/cpu_ref.h"
 #include "cuda_common.cuh"
+#include "cuda_graph.h"
 
 #define CP_CUBLAS_CHECK(expr) CP_FOREIGN_CHECK_GEN(expr, CUBLAS_STATUS_SUCCESS, CP_ERR_CUBLAS, cublas_status_str)
 
@@ -71,14 +72,32 @@ typedef struct cp_cuda_backend {
     int cache_next;
     bool no_flash;         /* CP_CUDA_NO_FLASH=1: the split kernel for every attention */
     int64_t embed_rows;    /* an embedding ran since the last synchronisation: check bad */
+    cp_cuda_graphs *graphs;  /* recorded steps (cuda_graph.h) */
+    void *deferred[8];       /* device frees asked for while recording, done at graph_end */
+    int n_deferred;
 } cp_cuda_backend;
 
 static cp_cuda_backend *ctx_of(cp_backend_t be) { return (cp_cuda_backend *)be; }
 
+/* While a step is being recorded into a graph, stream work is recorded, not
+ * run: a call that synchronises, allocates or copies host memory cannot be
+ * part of it (and would invalidate the capture), so it fails with a clear
+ * message instead; graph_end then discards the recording and the caller
+ * reissues the step directly. */
+static bool recording(const cp_cuda_backend *c) { return cp_cuda_graphs_capturing(c->graphs); }
+#define CP_NOT_RECORDING(c, what)                                                                  \
+    do {                                                                                           \
+        if (recording(c))                                                                          \
+            return CP_ERROR(CP_ERR_INTERNAL, "%s inside a step recorded as a CUDA graph", what);  \
+    } while (0)
+
 /* Grows the work buffer to at least bytes (the stream is drained first, so
- * no kernel still reads the old one). */
+ * no kernel still reads the old one). Recorded graphs hold the old address:
+ * they are dropped. */
 static cp_status ensure_work(cp_cuda_backend *c, size_t bytes) {
     if (bytes <= c->work_bytes) return CP_OK;
+    CP_NOT_RECORDING(c, "workspace growth");
+    cp_cuda_graphs_drop(c->graphs);
     CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
     if (c->work) CP_CUDA_CHECK(cudaFree(c->work));
     c->work = NULL;
@@ -95,7 +114,7 @@ static cp_status ensure_work(cp_cuda_backend *c, size_t bytes) {
 /* ---- memory ---- */
 
 static cp_status cuda_alloc(cp_backend_t be, size_t bytes, void **out) {
-    (void)be;
+    CP_NOT_RECORDING(ctx_of(be), "alloc");
     void *p = NULL;
     cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
     if (e != cudaSuccess) {
@@ -111,6 +130,14 @@ static cp_status cuda_alloc(cp_backend_t be, size_t bytes, void **out) {
 
 static void cuda_dealloc(cp_backend_t be, void *p) {
     cp_cuda_backend *c = ctx_of(be);
+    if (recording(c)) {
+        /* freeing would end the capture: done at graph_end instead */
+        CP_ASSERT(c->n_deferred < (int)(sizeof(c->deferred) / sizeof(c->deferred[0])));
+        c->deferred[c->n_deferred++] = p;
+        return;
+    }
+    /* a recorded graph may name this memory */
+    cp_cuda_graphs_drop(c->graphs);
     cudaStreamSynchronize(c->stream);
     cudaFree(p);
 }
@@ -136,6 +163,7 @@ static cp_status copy_h2d_staged(cp_cuda_backend *c, void *dst, const void *src,
 static cp_status cuda_copy(cp_backend_t be, void *dst, const void *src, size_t bytes,
                            cp_copy_kind kind) {
     cp_cuda_backend *c = ctx_of(be);
+    if (kind != CP_COPY_DEVICE_TO_DEVICE) CP_NOT_RECORDING(c, "a copy to or from host memory");
     switch (kind) {
     case CP_COPY_HOST_TO_DEVICE:
         if (bytes >= ((size_t)1 << 20)) return copy_h2d_staged(c, dst, src, bytes);
@@ -159,6 +187,7 @@ static cp_status cuda_memset(cp_backend_t be, void *dst, int value, size_t bytes
 
 static cp_status cuda_synchronize(cp_backend_t be) {
     cp_cuda_backend *c = ctx_of(be);
+    CP_NOT_RECORDING(c, "synchronize");
     CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
     if (c->embed_rows) {
         CP_CUDA_CHECK(cudaMemcpy(c->bad_host, c->bad, sizeof(int), cudaMemcpyDeviceToHost));
@@ -516,6 +545,30 @@ static cp_status cuda_sample(cp_backend_t be, const float *logits, int n, int vo
     return cp_sample_ref(c->host_rows, n, vocab, sp, u, out);
 }
 
+/* ---- graphs of repeated steps (cuda_graph.cu) ---- */
+
+static cp_status cuda_graph_begin(cp_backend_t be, uint64_t key, bool *replay) {
+    return cp_cuda_graphs_begin(ctx_of(be)->graphs, key, replay);
+}
+
+static cp_status cuda_graph_end(cp_backend_t be, bool failed, bool *reissue) {
+    cp_cuda_backend *c = ctx_of(be);
+    /* a replay restores the embedding's pending check that its recording set */
+    cp_status st = cp_cuda_graphs_end(c->graphs, failed, &c->embed_rows, reissue);
+    const int n = c->n_deferred;
+    c->n_deferred = 0;
+    for (int i = 0; i < n; i++) cuda_dealloc(be, c->deferred[i]);
+    return st;
+}
+
+static void cuda_graph_set_enabled(cp_backend_t be, bool enabled) {
+    cp_cuda_graphs_set_enabled(ctx_of(be)->graphs, enabled);
+}
+
+static void cuda_graph_get_stats(cp_backend_t be, cp_backend_graph_stats *out) {
+    cp_cuda_graphs_stats(ctx_of(be)->graphs, out);
+}
+
 static int cuda_n_threads(cp_backend_t be) {
     (void)be;
     return 1;
@@ -523,6 +576,9 @@ static int cuda_n_threads(cp_backend_t be) {
 
 static void cuda_free(cp_backend_t be) {
     cp_cuda_backend *c = ctx_of(be);
+    cp_cuda_graphs_free(c->graphs);
+    c->graphs = NULL;
+    for (int i = 0; i < c->n_deferred; i++) cudaFree(c->deferred[i]);
     if (c->stream) cudaStreamSynchronize(c->stream);
     for (int i = 0; i < GEMM_CACHE; i++) gemm_entry_free(&c->cache[i]);
     if (c->lt) cublasLtDestroy(c->lt);
@@ -571,6 +627,13 @@ static const struct cp_backend_i cuda_iface = {
     /* .rope_store = */ cuda_rope_store,
 };
 
+static const struct cp_backend_graph_i cuda_graph_iface = {
+    /* .begin = */ cuda_graph_begin,
+    /* .end = */ cuda_graph_end,
+    /* .set_enabled = */ cuda_graph_set_enabled,
+    /* .get_stats = */ cuda_graph_get_stats,
+};
+
 extern "C" cp_status cp_backend_cuda_device_count(int *count) {
     *count = 0;
     int n = 0;
@@ -593,6 +656,11 @@ static cp_status init_ctx(cp_cuda_backend *c) {
     snprintf(c->name, sizeof(c->name), "cuda:%d", c->device);
     c->base.iface.name = c->name;
     CP_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    /* Decode graphs are opt-in (CP_CUDA_GRAPH=1) until they have been
+     * validated on a GPU; CP_CUDA_NO_GRAPH=1 forces them off. */
+    const char *g = getenv("CP_CUDA_GRAPH"), *ng = getenv("CP_CUDA_NO_GRAPH");
+    CP_CHECK(cp_cuda_graphs_init(c->stream, g && g[0] == '1' && !(ng && ng[0] == '1'),
+                                 &c->graphs));
     CP_CUBLAS_CHECK(cublasLtCreate(&c->lt));
     CP_CUDA_CHECK(cudaMalloc(&c->lt_ws, LT_WORKSPACE_BYTES));
     CP_CUDA_CHECK(cudaMalloc(&c->bad, sizeof(int)));
@@ -617,6 +685,7 @@ extern "C" cp_status cp_backend_cuda_init(int device, cp_backend_t *out) {
     cp_cuda_backend *c = (cp_cuda_backend *)calloc(1, sizeof(*c));
     if (!c) return CP_ERROR(CP_ERR_OOM, "out of memory");
     c->base.iface = cuda_iface;
+    c->base.graph = &cuda_graph_iface;
     c->device = device;
     const char *nf = getenv("CP_CUDA_NO_FLASH");
     c->no_flash = nf && nf[0] == '1';

@@ -71,6 +71,58 @@ cp_status cp_attention_paged_cuda(const cp_attn_params *p, int max_pos, const fl
                                   const void *k_cache, const void *v_cache, float *out, void *work,
                                   cudaStream_t stream);
 
+/* ---- sample.cu ---- */
+/* Sampling with cp_sample_host's choices (cp_backend.h). z = logits /
+ * temperature (IEEE division); the reference's order is z descending, ties
+ * to the lower id; NaN logits rank below -inf here (the reference leaves
+ * their order unspecified). */
+#define CP_SAMPLE_CUDA_MAX_K 256
+/* Per row of logits[n][vocab], the k best tokens (1 <= k <= vocab, k <=
+ * CP_SAMPLE_CUDA_MAX_K) in the reference's order: cand_z[n][k] (their z,
+ * bit-equal to the host's) and cand_id[n][k]. With mass != NULL (vocab <=
+ * 2^23), mass[n] = sum over the whole row of expf(z - zmax) (the device's
+ * expf, within 2 ulp of the host's) in fixed point, units of 2^-40.
+ * temperature > 0. CP_ERR_INVALID_ARG (nothing launched) otherwise. */
+cp_status cp_sample_topk_cuda(const float *logits, int n, int vocab, float temperature, int k,
+                              float *cand_z, int32_t *cand_id, uint64_t *mass,
+                              cudaStream_t stream);
+/* The reference's decision over whole rows: out[r] for r = rows[i], i < m
+ * (rows NULL: r = i), u[r] in [0, 1). Top-k, top-p, min-p and the draw each
+ * follow the reference's order; probabilities are the device's expf in
+ * units of 2^-40, so a choice can differ from the host's only where u or a
+ * threshold lies within ~1e-6 (relative) of a boundary. sp->temperature > 0,
+ * vocab <= 2^23. out[r] = -1 reports an internal failure. */
+cp_status cp_sample_tail_cuda(const float *logits, int m, const int32_t *rows, int vocab,
+                              const cp_sample_params *sp, const float *u, int32_t *out,
+                              cudaStream_t stream);
+/* Host function: cp_sample_ref's decision for one row from the first k
+ * entries of its sorted list (z best first, id; host memory), with prob[k]
+ * as scratch. complete != 0: those k are every token top-k keeps (exact).
+ * Otherwise total is the row's whole mass relative to the best (< 0:
+ * unknown); returns -1 when the k alone cannot decide. */
+int32_t cp_sample_decide(const float *z, const int32_t *id, int k, int complete, double total,
+                         const cp_sample_params *sp, float u, float *prob);
+
+/* Sampling state of one stream: device and pinned buffers for the
+ * candidates, grown to the largest row count seen (never on a call whose
+ * rows fit). */
+typedef struct cp_sampler_cuda *cp_sampler_cuda_t;
+cp_status cp_sampler_cuda_init(cp_sampler_cuda_t *out);
+/* NULL is a no-op; the caller's stream must be idle. */
+void cp_sampler_cuda_free(cp_sampler_cuda_t s);
+/* cp_backend_sample on the device: logits device memory; u and out host
+ * memory (borrowed for the call). Greedy rows take the device argmax; rows
+ * whose top-k set fits CP_SAMPLE_CUDA_MAX_K are decided exactly on their
+ * candidates; top-p / min-p rows too when their cut falls inside the K
+ * best (the top-p threshold uses the device's whole-row mass); the rest
+ * (pure temperature, wider nuclei) draw with cp_sample_tail_cuda, and rows
+ * with u outside [0, 1) or vocab > 2^23 copy the row to the host reference.
+ * Unlike the launchers above it synchronises stream (the tokens are host
+ * memory when it returns). */
+cp_status cp_sample_cuda(cp_sampler_cuda_t s, const float *logits, int n, int vocab,
+                         const cp_sample_params *sp, const float *u, int32_t *out,
+                         cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

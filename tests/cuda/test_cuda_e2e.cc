@@ -1,13 +1,16 @@
 // test_cuda_e2e.cc - the engine on the GPU against the engine on the CPU's
 // fp32 reference ops (CP_CPU_FORCE_REF=1, set for this binary before any
 // backend exists): the default model's greedy tokens and teacher-forced
-// logits, and a random-weight bf16 Llama written by `synth`. Skipped when
-// no CUDA device (or, for the default model, no model file) is present.
+// logits, and a random-weight bf16 Llama written by `synth`; decode steps
+// replayed as CUDA graphs against the same steps issued op by op
+// (CP_CUDA_NO_GRAPH=1). Skipped when no CUDA device (or, for the default
+// model, no model file) is present.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -141,6 +144,271 @@ TEST(CudaEndToEnd, SyntheticBf16Llama) {
     // bf16 GEMM operands: relative error of the logits within 2e-2
     EXPECT_LT(rel, 2e-2);
     printf("[ synthetic bf16 ] max |dlogit| %.4g, relative %.3g\n", max_abs, rel);
+}
+
+
+// ---- decode steps as CUDA graphs ------------------------------------------
+
+// An engine on the GPU whose backend records decode steps as graphs, or
+// (graphs = false) one created with CP_CUDA_NO_GRAPH=1 that issues every
+// operation from the host. Room for 3 sequences of 512 tokens.
+struct GraphEngine {
+    cp_engine_t e = nullptr;
+    GraphEngine(const std::string &path, bool graphs) {
+        setenv(graphs ? "CP_CUDA_GRAPH" : "CP_CUDA_NO_GRAPH", "1", 1);
+        cp_engine_opts o = {};
+        o.model_path = path.c_str();
+        o.device = CP_DEVICE_CUDA;
+        o.n_ctx = 512;
+        o.n_seq = 3;
+        o.tokens_only = true;
+        EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
+        unsetenv("CP_CUDA_NO_GRAPH");
+        unsetenv("CP_CUDA_GRAPH");
+    }
+    ~GraphEngine() { cp_engine_free(e); }
+    cp_backend_graph_stats stats() const {
+        cp_backend_graph_stats st;
+        cp_backend_graph_get_stats(cp_engine_backend(e), &st);
+        return st;
+    }
+};
+
+int argmax_row(const float *r, int n) {
+    int a = 0;
+    for (int j = 1; j < n; j++)
+        if (r[j] > r[a]) a = j;
+    return a;
+}
+
+// Feeds each prompt one token per step (decode-shaped steps, so that the
+// whole run is made of the same deterministic kernels whether or not graphs
+// record it), then decodes `steps` greedy tokens for all sequences
+// together, batch row i holding sequence order[i]. Returns the logits of
+// every decode step ([steps][S][vocab], rows in batch order); gen[s] gets
+// sequence s's tokens (the pick after its prompt first).
+std::vector<float> decode_batch(cp_engine_t e, const std::vector<std::vector<int32_t>> &prompts,
+                                const std::vector<int> &order, int steps,
+                                std::vector<std::vector<int32_t>> *gen) {
+    cp_model_t m = cp_engine_model(e);
+    cp_kv_cache_t kv = cp_engine_kv(e);
+    const int vocab = cp_model_get_config(m)->n_vocab;
+    const int S = (int)prompts.size(), bs = cp_kv_cache_block_size(kv);
+    const int max_blocks = (cp_engine_n_ctx(e) + bs - 1) / bs;
+    std::vector<int32_t> tables((size_t)S * max_blocks);
+    EXPECT_EQ(cp_kv_cache_alloc_blocks(kv, S * max_blocks, tables.data()), CP_OK)
+        << cp_last_error();
+    gen->assign(S, {});
+    std::vector<float> out, row(vocab);
+    for (int s = 0; s < S; s++) {
+        const int n = (int)prompts[s].size();
+        for (int i = 0; i < n; i++) {
+            int32_t pos = i, seq = s, first = 0;
+            cp_batch b = {1, &prompts[s][i], &pos, &seq, tables.data(), S, max_blocks, &first,
+                          i == n - 1 ? 1 : 0};
+            cp_status st = cp_model_forward(m, kv, &b, row.data());
+            EXPECT_EQ(st, CP_OK) << cp_last_error();
+            if (st != CP_OK) break;
+        }
+        (*gen)[s].push_back(argmax_row(row.data(), vocab));
+    }
+    std::vector<int32_t> tok(S), pos(S), seq(S), rows(S);
+    std::vector<float> lg((size_t)S * vocab);
+    for (int k = 0; k < steps; k++) {
+        for (int i = 0; i < S; i++) {
+            const int s = order[i];
+            tok[i] = (*gen)[s].back();
+            pos[i] = (int)prompts[s].size() + k;
+            seq[i] = s;
+            rows[i] = i;
+        }
+        cp_batch b = {S, tok.data(), pos.data(), seq.data(), tables.data(), S, max_blocks,
+                      rows.data(), S};
+        cp_status st = cp_model_forward(m, kv, &b, lg.data());
+        EXPECT_EQ(st, CP_OK) << cp_last_error();
+        if (st != CP_OK) break;
+        out.insert(out.end(), lg.begin(), lg.end());
+        for (int i = 0; i < S; i++)
+            (*gen)[order[i]].push_back(argmax_row(lg.data() + (size_t)i * vocab, vocab));
+    }
+    cp_kv_cache_release_blocks(kv, tables.data(), S * max_blocks);
+    return out;
+}
+
+// Index of the first differing float (bitwise), -1 when equal.
+long first_difference(const std::vector<float> &a, const std::vector<float> &b) {
+    if (a.size() != b.size()) return 0;
+    for (size_t i = 0; i < a.size(); i++)
+        if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) return (long)i;
+    return -1;
+}
+
+TEST(CudaGraph, SlotsAreNoOpsOnTheCpu) {
+    cp_backend_t be = nullptr;
+    ASSERT_EQ(cp_backend_cpu_init(1, &be), CP_OK);
+    bool replay = true, reissue = true;
+    EXPECT_EQ(cp_backend_graph_begin(be, 42, &replay), CP_OK);
+    EXPECT_FALSE(replay);
+    EXPECT_EQ(cp_backend_graph_end(be, false, &reissue), CP_OK);
+    EXPECT_FALSE(reissue);
+    cp_backend_graph_set_enabled(be, true);
+    cp_backend_graph_stats st;
+    cp_backend_graph_get_stats(be, &st);
+    EXPECT_FALSE(st.enabled);
+    EXPECT_EQ(st.replays + st.captures + st.direct + st.failures, 0);
+    cp_backend_free(be);
+}
+
+// 64 greedy tokens of one sequence: a graph replays the decode step and
+// gives bitwise the logits of the op-by-op run (the same kernels with the
+// same arguments; the attention split follows the bucketed context length
+// in both runs).
+TEST(CudaGraph, GreedyDecodeEqualsOpByOp) {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    const char *path = getenv("CP_TEST_MODEL");
+    if (!path || access(path, R_OK) != 0) GTEST_SKIP() << "default model not present";
+    GraphEngine eager(path, false), graph(path, true);
+    ASSERT_TRUE(eager.e && graph.e);
+    const int vocab = cp_model_get_config(cp_engine_model(graph.e))->n_vocab;
+    std::vector<std::vector<int32_t>> prompt = {{1, 9690, 198, 2683, 359, 253, 5356, 5646, 28}};
+    for (int32_t &t : prompt[0]) t %= vocab;
+    std::vector<std::vector<int32_t>> ge, gg;
+    const int steps = 64;
+    auto le = decode_batch(eager.e, prompt, {0}, steps, &ge);
+    auto lg = decode_batch(graph.e, prompt, {0}, steps, &gg);
+    ASSERT_EQ(le.size(), lg.size());
+    EXPECT_EQ(ge, gg);
+    const long d = first_difference(le, lg);
+    EXPECT_EQ(d, -1) << "logit " << d << ": " << (d >= 0 ? le[d] : 0) << " vs "
+                     << (d >= 0 ? lg[d] : 0);
+    const cp_backend_graph_stats se = eager.stats(), sg = graph.stats();
+    printf("[ graphs ] direct %lld, captures %lld, replays %lld, failures %lld, cached %d\n",
+           (long long)sg.direct, (long long)sg.captures, (long long)sg.replays,
+           (long long)sg.failures, sg.cached);
+    EXPECT_FALSE(se.enabled);
+    EXPECT_EQ(se.captures + se.replays, 0);
+    EXPECT_TRUE(sg.enabled);
+    EXPECT_EQ(sg.failures, 0);
+    EXPECT_GE(sg.captures, 1);
+    EXPECT_GE(sg.replays, steps - 2); // first sight runs directly, the second is captured
+    // the engine's own generate (prompt in one batch, then device argmax
+    // after each replayed step) picks the same tokens with and without graphs
+    const int64_t before = graph.stats().replays;
+    EXPECT_EQ(greedy(graph.e, prompt[0], 32), greedy(eager.e, prompt[0], 32));
+    EXPECT_GE(graph.stats().replays - before, 30);
+}
+
+// Three sequences of different lengths decoding together, in a batch order
+// that is not their table order, while the longest crosses the 256-token
+// context bucket (a new recording): bitwise equal to the op-by-op run, and
+// each sequence's logits equal its teacher-forced prefill logits within
+// the prefill's fp16 tolerance.
+TEST(CudaGraph, BatchOfThreeAcrossContextBuckets) {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    const char *path = getenv("CP_TEST_MODEL");
+    if (!path || access(path, R_OK) != 0) GTEST_SKIP() << "default model not present";
+    GraphEngine eager(path, false), graph(path, true);
+    ASSERT_TRUE(eager.e && graph.e);
+    const int vocab = cp_model_get_config(cp_engine_model(graph.e))->n_vocab;
+    const int lens[3] = {230, 250, 120};
+    std::vector<std::vector<int32_t>> prompts(3);
+    uint32_t x = 12345;
+    for (int s = 0; s < 3; s++)
+        for (int i = 0; i < lens[s]; i++) {
+            x = x * 1664525u + 1013904223u;
+            prompts[s].push_back((int32_t)((x >> 8) % (uint32_t)vocab));
+        }
+    const std::vector<int> order = {2, 0, 1};
+    const int steps = 40; // sequence 1 runs from 250 to 290 tokens
+    std::vector<std::vector<int32_t>> ge, gg;
+    auto le = decode_batch(eager.e, prompts, order, steps, &ge);
+    auto lg = decode_batch(graph.e, prompts, order, steps, &gg);
+    ASSERT_EQ(le.size(), (size_t)steps * 3 * vocab);
+    ASSERT_EQ(lg.size(), le.size());
+    EXPECT_EQ(ge, gg);
+    const long d = first_difference(le, lg);
+    EXPECT_EQ(d, -1) << "logit " << d;
+    const cp_backend_graph_stats sg = graph.stats();
+    printf("[ graphs ] direct %lld, captures %lld, replays %lld, failures %lld, cached %d\n",
+           (long long)sg.direct, (long long)sg.captures, (long long)sg.replays,
+           (long long)sg.failures, sg.cached);
+    EXPECT_EQ(sg.failures, 0);
+    // (1 token, no logits), (1 token, logits), then 3 tokens with contexts
+    // up to 256 and up to 512
+    EXPECT_GE(sg.captures, 4);
+    EXPECT_GE(sg.replays, steps - 4);
+    // every decode row against the teacher-forced prompt + generated tokens
+    for (int i = 0; i < 3; i++) {
+        const int s = order[i];
+        std::vector<int32_t> all = prompts[s];
+        all.insert(all.end(), gg[s].begin(), gg[s].begin() + steps);
+        std::vector<float> tf(all.size() * vocab);
+        ASSERT_EQ(cp_engine_logits(eager.e, all.data(), (int)all.size(), tf.data()), CP_OK)
+            << cp_last_error();
+        std::vector<float> dec, ref;
+        for (int k = 0; k < steps; k++) {
+            const float *r = lg.data() + ((size_t)k * 3 + i) * vocab;
+            dec.insert(dec.end(), r, r + vocab);
+            const float *t = tf.data() + (size_t)(lens[s] + k) * vocab;
+            ref.insert(ref.end(), t, t + vocab);
+        }
+        double max_abs, rel;
+        int bad;
+        // a wrong position, table or sequence would give relative errors
+        // near 1; the prefill's fp16 GEMM operands give about 2e-3
+        compare_logits(dec, ref, vocab, &max_abs, &rel, &bad, 0.1);
+        EXPECT_LT(max_abs, 0.5) << "sequence " << s;
+        EXPECT_LT(rel, 1e-2) << "sequence " << s;
+        EXPECT_EQ(bad, 0) << "sequence " << s;
+        printf("[ sequence %d of %d tokens ] decode vs prefill: max |dlogit| %.4g, relative %.3g\n",
+               s, lens[s], max_abs, rel);
+    }
+    // switched off at run time: the recordings go, steps run op by op
+    cp_backend_graph_set_enabled(cp_engine_backend(graph.e), false);
+    const cp_backend_graph_stats off = graph.stats();
+    EXPECT_FALSE(off.enabled);
+    EXPECT_EQ(off.cached, 0);
+    std::vector<std::vector<int32_t>> g2;
+    auto l2 = decode_batch(graph.e, prompts, order, 4, &g2);
+    EXPECT_EQ(graph.stats().replays, off.replays);
+    ASSERT_EQ(l2.size(), (size_t)4 * 3 * vocab);
+    EXPECT_EQ(first_difference(l2, std::vector<float>(le.begin(), le.begin() + l2.size())), -1);
+}
+
+// A bad token id between replayed steps is a clear error, and the next
+// valid step still replays correctly.
+TEST(CudaGraph, BadTokenIsAnErrorBetweenReplays) {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    const char *path = getenv("CP_TEST_MODEL");
+    if (!path || access(path, R_OK) != 0) GTEST_SKIP() << "default model not present";
+    GraphEngine graph(path, true);
+    ASSERT_TRUE(graph.e);
+    cp_model_t m = cp_engine_model(graph.e);
+    cp_kv_cache_t kv = cp_engine_kv(graph.e);
+    const int vocab = cp_model_get_config(m)->n_vocab;
+    std::vector<int32_t> table(32);
+    ASSERT_EQ(cp_kv_cache_alloc_blocks(kv, 32, table.data()), CP_OK);
+    std::vector<float> lg(vocab), first;
+    int32_t tok = 1, pos = 0, seq = 0, row = 0;
+    for (int k = 0; k < 6; k++) {
+        pos = k;
+        cp_batch b = {1, &tok, &pos, &seq, table.data(), 1, 32, &row, 1};
+        ASSERT_EQ(cp_model_forward(m, kv, &b, lg.data()), CP_OK) << cp_last_error();
+        tok = argmax_row(lg.data(), vocab);
+    }
+    const int64_t replays = graph.stats().replays;
+    EXPECT_GE(replays, 1);
+    int32_t bad = vocab + 7;
+    pos = 6;
+    cp_batch b = {1, &bad, &pos, &seq, table.data(), 1, 32, &row, 1};
+    EXPECT_EQ(cp_model_forward(m, kv, &b, lg.data()), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error()).find("outside the vocabulary"), std::string::npos)
+        << cp_last_error();
+    cp_batch ok = {1, &tok, &pos, &seq, table.data(), 1, 32, &row, 1};
+    EXPECT_EQ(cp_model_forward(m, kv, &ok, lg.data()), CP_OK) << cp_last_error();
+    EXPECT_GT(graph.stats().replays, replays);
+    for (float v : lg) ASSERT_TRUE(std::isfinite(v));
+    cp_kv_cache_release_blocks(kv, table.data(), 32);
 }
 
 }  // namespace

@@ -2,11 +2,15 @@
 // (kernels/cpu/ops_ref.c) on fresh random inputs with odd sizes; outputs are
 // poisoned with NaN before each run and must be fully written. Tolerances by
 // operand precision: fp32 math 1e-5 relative (norm), fp16 operands 2e-3,
-// bf16 operands 1e-2. Skipped when no CUDA device is present.
+// bf16 operands 1e-2. Sampling is compared choice by choice with
+// cp_sample_host (exact, or within the documented 1e-6 boundary tolerance
+// of the device's whole-row masses). Skipped when no CUDA device is present.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iostream>
 #include <memory>
 #include <random>
 #include <vector>
@@ -15,6 +19,12 @@ extern "C" {
 #include "cp_backend.h"
 #include "cpu/cpu_ref.h"
 }
+#ifdef CP_HAVE_CUDA
+#include "cuda/cp_cuda_ops.h"
+#define CP_SAMPLE_MAX_EXACT_K CP_SAMPLE_CUDA_MAX_K
+#else
+#define CP_SAMPLE_MAX_EXACT_K 256
+#endif
 
 namespace {
 
@@ -514,6 +524,298 @@ TEST_F(Cuda, SampleGreedyAndStochastic) {
     ASSERT_EQ(cp_backend_sample(g_be, dl.f(), n, vocab, &sp, u.data(), got.data()), CP_OK);
     cp_sample_ref(l.data(), n, vocab, &sp, u.data(), ref.data());
     EXPECT_EQ(got, ref);
+}
+
+// ---- sampling: the device's choices against cp_sample_host -------------------
+
+// The reference's sorted list of one row at one temperature: z descending,
+// ties to the lower id, prob = expf(z - z0) and the running sums in double in
+// that order, exactly as cp_sample_ref computes them.
+struct SortedRow {
+    std::vector<float> z, prob;
+    std::vector<int32_t> id;
+    std::vector<double> cum;  // cum[j] = prob[0] + ... + prob[j-1], added in that order
+    std::vector<int> pos;     // pos[id]: place in the order
+    bool finite = false;
+};
+
+SortedRow sort_row(const float *l, int V, float T) {
+    SortedRow s;
+    std::vector<float> z(V);
+    for (int j = 0; j < V; j++) z[j] = l[j] / T;
+    s.id.resize(V);
+    for (int j = 0; j < V; j++) s.id[j] = j;
+    std::sort(s.id.begin(), s.id.end(),
+              [&](int a, int b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+    s.z.resize(V);
+    s.prob.resize(V);
+    s.cum.resize((size_t)V + 1);
+    s.pos.resize(V);
+    for (int j = 0; j < V; j++) {
+        s.z[j] = z[s.id[j]];
+        s.pos[s.id[j]] = j;
+    }
+    s.finite = s.z[0] > -INFINITY && s.z[0] != INFINITY;
+    s.cum[0] = 0.0;
+    for (int j = 0; j < V; j++) {
+        s.prob[j] = s.finite ? expf(s.z[j] - s.z[0]) : 0.0f;
+        s.cum[j + 1] = s.cum[j] + s.prob[j];
+    }
+    return s;
+}
+
+// Tokens the filters keep, with the top-p threshold scaled by ps and the
+// min-p threshold by ms (1, 1: exactly cp_sample_ref's rules).
+int kept_of(const SortedRow &s, const cp_sample_params &sp, double ps, double ms) {
+    const int V = (int)s.z.size();
+    int kept = V;
+    if (sp.top_k > 0 && sp.top_k < kept) kept = sp.top_k;
+    if (sp.top_p < 1.0f) {
+        const double need = (double)sp.top_p * s.cum[kept] * ps;
+        auto end = s.cum.begin() + kept + 1;
+        auto it = std::lower_bound(s.cum.begin() + 1, end, need);
+        if (it != end) kept = (int)(it - s.cum.begin());
+    }
+    if (sp.min_p > 0.0f) {
+        int j = 1;
+        if (ms == 1.0)
+            while (j < kept && s.prob[j] >= sp.min_p * s.prob[0]) j++;
+        else
+            while (j < kept && (double)s.prob[j] >= (double)sp.min_p * ms) j++;
+        kept = j;
+    }
+    return kept;
+}
+
+// The first kept token whose running mass exceeds u times the kept mass.
+int pick_of(const SortedRow &s, int kept, float u) {
+    const double target = (double)u * s.cum[kept];
+    auto it = std::upper_bound(s.cum.begin() + 1, s.cum.begin() + kept + 1, target);
+    const int j = (int)(it - s.cum.begin()) - 1;
+    return j < kept ? j : kept - 1;
+}
+
+int32_t ref_choice(const SortedRow &s, const cp_sample_params &sp, float u) {
+    if (!s.finite) return s.id[0];
+    return s.id[pick_of(s, kept_of(s, sp, 1.0, 1.0), u)];
+}
+
+// True when got is a choice the reference makes with its top-p and min-p
+// thresholds and u moved by at most eps (relative): the documented tolerance
+// of rows drawn from the device's whole-row masses.
+bool near_choice(const SortedRow &s, const cp_sample_params &sp, float u, int32_t got,
+                 double eps) {
+    if (!s.finite || got < 0 || got >= (int)s.z.size()) return false;
+    const int j = s.pos[got];
+    const int lo = kept_of(s, sp, 1.0 - eps, 1.0 + eps), hi = kept_of(s, sp, 1.0 + eps, 1.0 - eps);
+    if (j >= hi) return false;
+    const double c_lo = s.cum[std::max(lo, j + 1)], c_hi = s.cum[hi];
+    return s.cum[j] / c_hi - eps <= (double)u && (double)u <= s.cum[j + 1] / c_lo + eps;
+}
+
+// Rows of eight kinds: normal, many exact ties, -inf entries, one huge
+// logit, a flat row, a few high logits over a low bulk (language-model
+// like), a nearly flat row (nucleus far wider than 256), and +inf twice or
+// all -inf.
+std::vector<float> sample_logits(int n, int V, int salt, std::mt19937 &g) {
+    std::vector<float> l((size_t)n * V);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_int_distribution<int> at(0, V - 1);
+    for (int r = 0; r < n; r++) {
+        float *x = l.data() + (size_t)r * V;
+        for (int j = 0; j < V; j++) x[j] = 3.0f * nd(g);
+        switch ((r + salt) % 8) {
+        case 1:
+            for (int j = 0; j < V; j++) x[j] = std::round(x[j]) * 0.5f;
+            break;
+        case 2:
+            for (int j = 0; j < V; j++)
+                if (at(g) % 10 == 0) x[j] = -INFINITY;
+            x[at(g)] = 1.0f;
+            break;
+        case 3: x[at(g)] = 80.0f; break;
+        case 4: std::fill(x, x + V, 1.5f); break;
+        case 5:
+            for (int j = 0; j < V; j++) x[j] *= 0.7f;
+            for (int t = 0; t < 20; t++) x[at(g)] = 12.0f + 3.0f * nd(g);
+            break;
+        case 6:
+            for (int j = 0; j < V; j++) x[j] *= 0.02f;
+            break;
+        case 7:
+            if ((r / 8 + salt) % 2 == 0) {
+                x[at(g)] = INFINITY;
+                x[at(g)] = INFINITY;
+            } else {
+                std::fill(x, x + V, -INFINITY);
+            }
+            break;
+        default: break;
+        }
+    }
+    return l;
+}
+
+#ifdef CP_HAVE_CUDA
+struct SamplerFree {
+    void operator()(cp_sampler_cuda *s) const { cp_sampler_cuda_free(s); }
+};
+using SamplerPtr = std::unique_ptr<cp_sampler_cuda, SamplerFree>;
+#endif
+
+// Every row of every call, through the backend and (CUDA builds) through
+// cp_sample_cuda directly, against the reference: exactly where the top-k
+// set fits the device's 256 candidates, else exactly or within 1e-6.
+void check_sampling(int V) {
+    SCOPED_TRACE(::testing::Message() << "vocab=" << V);
+    std::mt19937 g(1000u + (unsigned)V);
+#ifdef CP_HAVE_CUDA
+    cp_sampler_cuda *raw = nullptr;
+    ASSERT_EQ(cp_sampler_cuda_init(&raw), CP_OK);
+    SamplerPtr sampler(raw);
+#endif
+    const float temps[] = {0.3f, 1.0f, 1.7f};
+    const int top_ks[] = {0, 1, 5, 40, 256, 300};
+    const float top_ps[] = {1.0f, 0.9f, 0.5f, 0.01f};
+    const float min_ps[] = {0.0f, 0.05f};
+    long decisions = 0, tolerated = 0;
+    for (int n : {1, 3, 64}) {
+        auto l = sample_logits(n, V, V + n, g);
+        Dev dl(l);
+        const int n_host = std::min(n, 3);  // rows also run through cp_sample_host itself
+        for (float T : temps) {
+            std::vector<SortedRow> rows;
+            for (int r = 0; r < n; r++) rows.push_back(sort_row(l.data() + (size_t)r * V, V, T));
+            for (int tk : top_ks)
+                for (float tp : top_ps)
+                    for (float mp : min_ps) {
+                        const cp_sample_params sp = {T, tk, tp, mp};
+                        const int kept0 = tk > 0 && tk < V ? tk : V;
+                        SCOPED_TRACE(::testing::Message() << "n=" << n << " T=" << T << " top_k="
+                                                          << tk << " top_p=" << tp
+                                                          << " min_p=" << mp);
+                        for (int us = 0; us < 2; us++) {
+                            std::vector<float> u(n);
+                            std::uniform_real_distribution<float> ud(0.0f, 1.0f);
+                            const float special[] = {0.0f, 0.5f, 0.99999994f};
+                            for (int r = 0; r < n; r++) u[r] = us == 0 ? special[r % 3] : ud(g);
+                            std::vector<int32_t> ref(n), host(n_host);
+                            for (int r = 0; r < n; r++) ref[r] = ref_choice(rows[r], sp, u[r]);
+                            if (us == 0) {  // the checker's reference is cp_sample_host's
+                                ASSERT_EQ(cp_sample_host(l.data(), n_host, V, &sp, u.data(),
+                                                         host.data()),
+                                          CP_OK);
+                                for (int r = 0; r < n_host; r++) ASSERT_EQ(ref[r], host[r]) << r;
+                            }
+                            for (int path = 0; path < 2; path++) {
+                                std::vector<int32_t> got(n, -7);  // poisoned
+                                if (path == 0) {
+                                    ASSERT_EQ(cp_backend_sample(g_be, dl.f(), n, V, &sp, u.data(),
+                                                                got.data()),
+                                              CP_OK)
+                                        << cp_last_error();
+                                } else {
+#ifdef CP_HAVE_CUDA
+                                    ASSERT_EQ(cp_backend_synchronize(g_be), CP_OK);
+                                    ASSERT_EQ(cp_sample_cuda(sampler.get(), dl.f(), n, V, &sp,
+                                                             u.data(), got.data(), nullptr),
+                                              CP_OK)
+                                        << cp_last_error();
+#else
+                                    continue;
+#endif
+                                }
+                                for (int r = 0; r < n; r++) {
+                                    decisions++;
+                                    if (got[r] == ref[r]) continue;
+                                    const bool approx = kept0 > CP_SAMPLE_MAX_EXACT_K;
+                                    if (approx && near_choice(rows[r], sp, u[r], got[r], 1e-6)) {
+                                        tolerated++;
+                                        continue;
+                                    }
+                                    ADD_FAILURE()
+                                        << "path " << path << " row " << r << " u=" << u[r]
+                                        << ": got " << got[r] << " (rank "
+                                        << (got[r] >= 0 && got[r] < V ? rows[r].pos[got[r]] : -1)
+                                        << "), reference " << ref[r] << " (rank "
+                                        << rows[r].pos[ref[r]] << ")";
+                                    return;
+                                }
+                            }
+                        }
+                    }
+        }
+    }
+    std::cout << "vocab " << V << ": " << decisions << " choices, " << tolerated
+              << " within the boundary tolerance\n";
+    EXPECT_LE(tolerated, decisions / 1000 + 2);
+}
+
+TEST_F(Cuda, SampleMatchesReferenceSmallVocabularies) {
+    for (int V : {1, 7, 1000}) check_sampling(V);
+}
+
+TEST_F(Cuda, SampleMatchesReferenceVocab49152) { check_sampling(49152); }
+
+TEST_F(Cuda, SampleMatchesReferenceVocab128256) { check_sampling(128256); }
+
+// Out-of-range parameters and u behave as the reference does.
+TEST_F(Cuda, SampleBadParamsLikeReference) {
+    const int n = 6;
+    std::mt19937 g(7);
+#ifdef CP_HAVE_CUDA
+    cp_sampler_cuda *raw = nullptr;
+    ASSERT_EQ(cp_sampler_cuda_init(&raw), CP_OK);
+    SamplerPtr sampler(raw);
+#endif
+    for (int V : {5, 1000, 20000}) {
+        auto l = sample_logits(n, V, 0, g);
+        Dev dl(l);
+        const std::vector<float> u = {0.3f, 0.7f, 1.0f, -0.5f, 0.0f, 0.99f};
+        const cp_sample_params cases[] = {
+            {NAN, 40, 0.9f, 0.0f},   {-1.0f, 0, 1.0f, 0.0f},      {1.0f, -3, 0.9f, 0.0f},
+            {1.0f, V + 5, 0.5f, 0.0f}, {1.0f, 0, NAN, 0.0f},      {1.0f, 0, 0.0f, 0.0f},
+            {1.0f, 0, -1.0f, 0.0f},  {1.0f, 0, 1.0f, NAN},        {1.0f, 0, 1.0f, 1.5f},
+            {1.0f, 300, 1.0f, 0.0f}, {1e30f, 0, 0.9f, 0.0f},   {1e-30f, 0, 0.9f, 0.0f},
+        };
+        for (const cp_sample_params &sp : cases) {
+            SCOPED_TRACE(::testing::Message() << "V=" << V << " T=" << sp.temperature << " top_k="
+                                              << sp.top_k << " top_p=" << sp.top_p
+                                              << " min_p=" << sp.min_p);
+            std::vector<int32_t> got(n, -7), ref(n);
+            // A NaN temperature is greedy (temperature > 0 is false), as a
+            // temperature <= 0 is.
+            const bool nan_t = std::isnan(sp.temperature);
+            cp_sample_params rsp = sp;
+            if (nan_t) rsp.temperature = 0.0f;
+            ASSERT_EQ(cp_sample_host(l.data(), n, V, &rsp, u.data(), ref.data()), CP_OK);
+            auto check = [&](const char *path) {
+                for (int r = 0; r < n; r++) {
+                    if (got[r] == ref[r]) continue;
+                    const SortedRow s = sort_row(l.data() + (size_t)r * V, V, rsp.temperature);
+                    const int kept0 = sp.top_k > 0 && sp.top_k < V ? sp.top_k : V;
+                    EXPECT_TRUE(!nan_t && kept0 > CP_SAMPLE_MAX_EXACT_K && u[r] >= 0.0f &&
+                                u[r] < 1.0f && near_choice(s, sp, u[r], got[r], 1e-6))
+                        << path << " row " << r << " u=" << u[r] << ": got " << got[r]
+                        << ", reference " << ref[r];
+                }
+            };
+#ifdef CP_HAVE_CUDA
+            ASSERT_EQ(cp_backend_synchronize(g_be), CP_OK);
+            ASSERT_EQ(cp_sample_cuda(sampler.get(), dl.f(), n, V, &sp, u.data(), got.data(),
+                                     nullptr),
+                      CP_OK)
+                << cp_last_error();
+            check("cp_sample_cuda");
+            std::fill(got.begin(), got.end(), -7);
+#endif
+            // The backend's former host path read a NaN temperature as sampled.
+            if (nan_t) continue;
+            ASSERT_EQ(cp_backend_sample(g_be, dl.f(), n, V, &sp, u.data(), got.data()), CP_OK)
+                << cp_last_error();
+            check("backend");
+        }
+    }
 }
 
 TEST_F(Cuda, QuantizeRoundTrip) {
