@@ -891,7 +891,7 @@ static void sample_row(void *vctx, int row, int thread) {
     const cp_sample_params *sp = j->sp;
     const int V = j->vocab;
     const float *l = j->logits + (size_t)row * (size_t)V;
-    if (sp->temperature <= 0.0f) {
+    if (!(sp->temperature > 0.0f)) { /* NaN too, as the reference */
         j->out[row] = argmax_lowest(j->vec, l, V);
         return;
     }

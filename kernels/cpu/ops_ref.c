@@ -271,7 +271,9 @@ typedef struct {
 
 static int cmp_scored_desc(const void *pa, const void *pb) {
     const scored *a = pa, *b = pb;
-    if (a->z != b->z) return a->z > b->z ? -1 : 1;
+    const bool an = isnan(a->z), bn = isnan(b->z);
+    if (an != bn) return an ? 1 : -1; /* NaN last: a total order, which qsort needs */
+    if (!an && a->z != b->z) return a->z > b->z ? -1 : 1;
     return (a->id > b->id) - (a->id < b->id);
 }
 
@@ -290,7 +292,7 @@ cp_status cp_sample_ref(const float *logits, int n, int vocab, const cp_sample_p
     }
     for (int i = 0; i < n; i++) {
         const float *l = logits + (size_t)i * (size_t)vocab;
-        if (sp->temperature <= 0.0f) {
+        if (!(sp->temperature > 0.0f)) { /* NaN too: nothing was allocated */
             int best = 0;
             for (int j = 1; j < vocab; j++)
                 if (l[j] > l[best]) best = j;

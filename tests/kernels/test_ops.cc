@@ -1061,7 +1061,9 @@ TEST(Sample, GreedyIsArgmaxLowestIndexOnTies) {
         }
         std::fill(l.begin() + 2 * vocab, l.end(), 1.5f);
         std::vector<float> u = {0.3f, 0.9f, 0.0f};
-        for (float temp : {0.0f, -1.0f}) {
+        // a NaN temperature is greedy too (it once reached an unallocated
+        // buffer in the reference)
+        for (float temp : {0.0f, -1.0f, std::nanf("")}) {
             cp_sample_params sp{temp, 5, 0.5f, 0.1f}; // filters are ignored when greedy
             auto got = sample(be.get(), l, n, vocab, sp, u);
             for (int i = 0; i < n; i++)
