@@ -66,7 +66,7 @@ int cp_cli_serve(int argc, char **argv) {
     const char *device = "cpu", *convert = NULL;
     int port = 8080, max_running = 16, max_waiting = 256, ctx = 0, max_tokens_limit = 4096;
     int max_body = 1 << 20, threads = 0, drain_timeout = 30, tp = 1, pp = 1, prefill_chunk = 0;
-    int timeout_s = 60, micro = 0;
+    int timeout_s = 60, micro = 0, max_step_tokens = 0;
     bool log_prompts = false, kv_f32 = false, no_prefix_cache = false, no_progress = false;
     bool sp = false;
     const cli_opt opts[] = {
@@ -95,6 +95,10 @@ int cp_cli_serve(int argc, char **argv) {
         {"device", 0, CLI_STR, &device, 0, -1, "DEV", "cpu (default), cuda or cuda:N", NULL},
         {"drain-timeout", 0, CLI_INT, &drain_timeout, 0, 86400, "S",
          "on SIGTERM/SIGINT, seconds in-flight requests may still run (default 30)", NULL},
+        {"max-step-tokens", 0, CLI_INT, &max_step_tokens, 1, 1 << 20, "N",
+         "tokens per forward step, decodes + prompt chunks (default: the model's max batch); "
+         "lower bounds the pause of running streams while prompts are prefilled",
+         NULL},
         {"prefill-chunk", 0, CLI_INT, &prefill_chunk, 1, 1 << 20, "N",
          "prompt tokens of one sequence per step (default 256)", NULL},
         {"no-prefix-cache", 0, CLI_FLAG, &no_prefix_cache, 0, -1, NULL,
@@ -239,6 +243,7 @@ int cp_cli_serve(int argc, char **argv) {
         .sched = {.max_running = max_running,
                   .max_waiting = max_waiting,
                   .prefill_chunk = prefill_chunk,
+                  .max_step_tokens = max_step_tokens,
                   .no_prefix_cache = no_prefix_cache},
     };
     if (rk.size > 1) {
