@@ -151,3 +151,17 @@ bool cli_parse_convert(const char *s, cp_dtype *out) {
         }
     return false;
 }
+
+void cli_on_progress(void *user, size_t done, size_t total) {
+    cli_progress *p = user;
+    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
+    if (p->tty) {
+        if (pct != p->last)
+            fprintf(stderr, "\rloading model: %3d%% (%.1f / %.1f MB)", pct, done / 1e6,
+                    total / 1e6);
+        if (pct >= 100 && p->last < 100) fputc('\n', stderr);
+    } else if (pct / 25 != p->last / 25 || (pct >= 100 && p->last < 100)) {
+        fprintf(stderr, "loading model: %d%% (%.1f / %.1f MB)\n", pct, done / 1e6, total / 1e6);
+    }
+    p->last = pct;
+}

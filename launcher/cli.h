@@ -6,6 +6,7 @@
 #define CP_CLI_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "cp_tensor.h"
@@ -40,6 +41,14 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id);
 #define CLI_CONVERT_TYPES "f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k"
 #define CLI_CONVERT_HELP "convert weights at load to " CLI_CONVERT_TYPES
 bool cli_parse_convert(const char *s, cp_dtype *out);
+
+/* Model-load progress on stderr for cp_engine_opts.progress: a line
+ * rewritten in place on a terminal, else a line per quarter. */
+typedef struct cli_progress {
+    bool tty;
+    int last; /* -1 before the first call */
+} cli_progress;
+void cli_on_progress(void *user, size_t done, size_t total);
 
 /* Prints "cparallel: error: <detail of the last runtime error>" to stderr. */
 void cli_report_error(const char *what);

@@ -27,25 +27,6 @@ static void on_signal(int sig) {
     if (s) cp_server_request_stop(s);
 }
 
-typedef struct load_progress {
-    bool tty;
-    int last;
-} load_progress;
-
-static void on_progress(void *user, size_t done, size_t total) {
-    load_progress *p = user;
-    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
-    if (p->tty) {
-        if (pct != p->last)
-            fprintf(stderr, "\rloading model: %3d%% (%.1f / %.1f MB)", pct, done / 1e6,
-                    total / 1e6);
-        if (pct >= 100 && p->last < 100) fputc('\n', stderr);
-    } else if (pct / 25 != p->last / 25 || (pct >= 100 && p->last < 100)) {
-        fprintf(stderr, "loading model: %d%% (%.1f / %.1f MB)\n", pct, done / 1e6, total / 1e6);
-    }
-    p->last = pct;
-}
-
 /* The served name by default: the file or directory name without ".gguf". */
 static void default_name(const char *path, char *out, size_t n) {
     size_t len = strlen(path);
@@ -176,7 +157,7 @@ int cp_cli_serve(int argc, char **argv) {
         signal(SIGINT, SIG_IGN);
     }
 
-    load_progress lp = {isatty(2), -1};
+    cli_progress lp = {isatty(2), -1};
     cp_engine_opts eo = {
         .model_path = model,
         .n_threads = threads,
@@ -187,7 +168,7 @@ int cp_cli_serve(int argc, char **argv) {
         .kv_f32 = kv_f32,
         .convert_weights = convert != NULL,
         .weight_dtype = convert_dtype,
-        .progress = no_progress || !lead ? NULL : on_progress,
+        .progress = no_progress || !lead ? NULL : cli_on_progress,
         .progress_user = &lp,
         .tp = tp,
         .pp = pp,

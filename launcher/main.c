@@ -20,25 +20,6 @@
 
 static const char *VERSION = "0.1.0";
 
-/* ---- load progress on stderr ------------------------------------------- */
-
-typedef struct progress_state {
-    bool tty;
-    int last;
-} progress_state;
-
-static void on_progress(void *user, size_t done, size_t total) {
-    progress_state *p = user;
-    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
-    if (p->tty) {
-        if (pct != p->last) fprintf(stderr, "\rloading model: %3d%% (%.1f / %.1f MB)", pct, done / 1e6, total / 1e6);
-        if (pct >= 100 && p->last < 100) fputc('\n', stderr);
-    } else if (pct / 25 != p->last / 25 || (pct >= 100 && p->last < 100)) {
-        fprintf(stderr, "loading model: %d%% (%.1f / %.1f MB)\n", pct, done / 1e6, total / 1e6);
-    }
-    p->last = pct;
-}
-
 static int read_file(const char *path, char **out) {
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -183,7 +164,7 @@ static int cmd_generate(int argc, char **argv) {
     }
 
     ranks_node_defaults(&rk, dev, &threads, &device_id);
-    progress_state ps = {isatty(2), -1};
+    cli_progress ps = {isatty(2), -1};
     cp_engine_opts eo = {
         .model_path = model,
         .n_threads = threads,
@@ -194,7 +175,7 @@ static int cmd_generate(int argc, char **argv) {
         .kv_f32 = kv_f32,
         .convert_weights = convert != NULL,
         .weight_dtype = convert_dtype,
-        .progress = no_progress || !lead ? NULL : on_progress,
+        .progress = no_progress || !lead ? NULL : cli_on_progress,
         .progress_user = &ps,
         .tp = tp,
         .pp = pp,
