@@ -40,12 +40,16 @@ const char *cp_last_error_detail(void) { return err_detail ? err_detail : ""; }
 cp_status cp_set_error(cp_status st, const char *file, int line, const char *fmt, ...) {
     const char *base = strrchr(file, '/');
     base = base ? base + 1 : file;
-    int n = snprintf(err_full, sizeof(err_full), "%s:%d: ", base, line);
+    /* formatted aside first: the arguments may quote the previous error
+     * (cp_last_error()), which lives in err_full */
+    char tmp[CP_ERR_BUF];
+    int n = snprintf(tmp, sizeof(tmp), "%s:%d: ", base, line);
     if (n < 0 || n >= CP_ERR_BUF) n = 0;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(err_full + n, sizeof(err_full) - (size_t)n, fmt, ap);
+    vsnprintf(tmp + n, sizeof(tmp) - (size_t)n, fmt, ap);
     va_end(ap);
+    memcpy(err_full, tmp, sizeof(err_full));
     err_detail = err_full + n;
     return st;
 }

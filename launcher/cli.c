@@ -80,6 +80,16 @@ int cli_parse(const char *cmd, const char *usage, const cli_opt *opts, int argc,
         case CLI_STR:
             *(const char **)o->dst = val;
             break;
+        case CLI_LIST: {
+            cli_list *l = o->dst;
+            if (l->n == CLI_LIST_MAX) {
+                fprintf(stderr, "cparallel %s: error: --%s is given more than %d times\n", cmd,
+                        o->name, CLI_LIST_MAX);
+                return 2;
+            }
+            l->v[l->n++] = val;
+            break;
+        }
         case CLI_INT: {
             long v = strtol(val, &end, 10);
             if (!*val || *end || errno || (o->min <= o->max && (v < o->min || v > o->max)))
@@ -107,7 +117,7 @@ int cli_parse(const char *cmd, const char *usage, const cli_opt *opts, int argc,
         continue;
     bad_value: {
         char range[96] = "";
-        if (o->kind != CLI_STR && o->min <= o->max)
+        if (o->kind != CLI_STR && o->kind != CLI_LIST && o->min <= o->max)
             snprintf(range, sizeof(range), " (expected %s from %g to %g)",
                      o->kind == CLI_FLOAT ? "a number" : "an integer", o->min, o->max);
         else if (o->kind == CLI_U64)

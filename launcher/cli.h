@@ -11,13 +11,20 @@
 
 #include "cp_tensor.h"
 
-typedef enum cli_kind { CLI_FLAG, CLI_STR, CLI_INT, CLI_FLOAT, CLI_U64 } cli_kind;
+typedef enum cli_kind { CLI_FLAG, CLI_STR, CLI_INT, CLI_FLOAT, CLI_U64, CLI_LIST } cli_kind;
+
+/* The values of an option that may be given several times (CLI_LIST). */
+#define CLI_LIST_MAX 32
+typedef struct cli_list {
+    const char *v[CLI_LIST_MAX];
+    int n;
+} cli_list;
 
 typedef struct cli_opt {
     const char *name;   /* long name without "--" */
     char short_name;    /* 0 for none */
     cli_kind kind;
-    void *dst;          /* bool*, const char**, int*, float*, uint64_t* */
+    void *dst;          /* bool*, const char**, int*, float*, uint64_t*, cli_list* */
     double min, max;    /* inclusive range for numbers (ignored when min > max) */
     const char *meta;   /* value placeholder in help, e.g. "N" */
     const char *help;

@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "cp_comm.h"
+#include "cp_hooks.h"
 #include "cp_runtime.h"
 #include "cp_server.h"
 #include "cp_step_link.h"
@@ -22,9 +23,36 @@
 static cp_server_t volatile g_server; /* for the signal handler */
 
 static void on_signal(int sig) {
-    (void)sig;
     cp_server_t s = g_server;
-    if (s) cp_server_request_stop(s);
+    if (!s) return;
+    if (sig == SIGUSR1)
+        cp_server_request_fault(s);
+    else
+        cp_server_request_stop(s);
+}
+
+/* Lifecycle events of the server become hook runs (rank 0). */
+typedef struct hook_ctx {
+    cp_hooks *hooks;
+    const char *region;
+    ranks *rk;
+} hook_ctx;
+
+static void fire(hook_ctx *hc, cp_hook_kind kind, int in_flight, const char *message) {
+    if (kind == CP_HOOK_FAULT) ranks_fault_reported(hc->rk);
+    cp_hook_event ev = {.kind = kind,
+                        .rank = hc->rk->rank,
+                        .region = hc->region,
+                        .in_flight = in_flight,
+                        .message = message};
+    cp_hooks_fire(hc->hooks, &ev);
+}
+
+static void on_state(void *user, const cp_server_state_event *ev) {
+    cp_hook_kind kind = ev->state == CP_SERVER_READY      ? CP_HOOK_READY
+                        : ev->state == CP_SERVER_DRAINING ? CP_HOOK_DRAIN
+                                                          : CP_HOOK_FAULT;
+    fire(user, kind, ev->in_flight, ev->message);
 }
 
 /* The served name by default: the file or directory name without ".gguf". */
@@ -47,7 +75,9 @@ int cp_cli_serve(int argc, char **argv) {
     const char *device = "cpu", *convert = NULL;
     int port = 8080, max_running = 16, max_waiting = 256, ctx = 0, max_tokens_limit = 4096;
     int max_body = 1 << 20, threads = 0, drain_timeout = 30, tp = 1, pp = 1, prefill_chunk = 0;
-    int timeout_s = 60, micro = 0, max_step_tokens = 0;
+    int timeout_s = 60, micro = 0, max_step_tokens = 0, hook_timeout = 10;
+    const char *region = NULL;
+    cli_list hook_specs = {0};
     bool log_prompts = false, kv_f32 = false, no_prefix_cache = false, no_progress = false;
     bool sp = false;
     const cli_opt opts[] = {
@@ -100,6 +130,14 @@ int cp_cli_serve(int argc, char **argv) {
          "pipeline micro-batches per step (default 4 x pp)", NULL},
         {"collective-timeout", 0, CLI_INT, &timeout_s, 1, 86400, "S",
          "deadline of every collective between ranks, in seconds (default 60)", NULL},
+        {"region", 0, CLI_STR, &region, 0, -1, "NAME",
+         "the deployment's label in /health, /metrics and hook events", NULL},
+        {"hook", 0, CLI_LIST, &hook_specs, 0, -1, "KIND=PATH",
+         "run the executable PATH with a JSON event on stdin when the server becomes ready, "
+         "starts to drain or fails (KIND: ready, drain, fault; repeatable)",
+         NULL},
+        {"hook-timeout", 0, CLI_INT, &hook_timeout, 1, 3600, "S",
+         "seconds a hook may run before it is killed (default 10)", NULL},
         {0},
     };
     int rc =
@@ -131,6 +169,17 @@ int cp_cli_serve(int argc, char **argv) {
                 convert);
         return 2;
     }
+    cp_hooks *hooks = NULL;
+    if (cp_hooks_create(hook_timeout * 1000, &hooks) != CP_OK) {
+        cli_report_error("cannot set up the hooks");
+        return 1;
+    }
+    for (int i = 0; i < hook_specs.n; i++)
+        if (cp_hooks_add(hooks, hook_specs.v[i]) != CP_OK) {
+            fprintf(stderr, "cparallel serve: error: --hook: %s\n", cp_last_error_detail());
+            cp_hooks_free(hooks);
+            return 2;
+        }
     if (!api_key) api_key = getenv("CPARALLEL_API_KEY");
     char name_buf[256];
     if (!model_name) {
@@ -139,14 +188,19 @@ int cp_cli_serve(int argc, char **argv) {
     }
     if (!*model_name) {
         fprintf(stderr, "cparallel serve: error: --model-name must not be empty\n");
+        cp_hooks_free(hooks);
         return 2;
     }
     ranks rk;
     rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
+    if (!rc && rk.size > 1) rc = ranks_learn_peers(&rk);
     if (rc) {
         ranks_free(&rk);
+        cp_hooks_free(hooks);
         return rc;
     }
+    hook_ctx hc = {.hooks = hooks, .region = region, .rk = &rk};
+    char lost[800] = ""; /* a follower: why it lost the job */
     const bool lead = rk.rank == 0;
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     signal(SIGPIPE, SIG_IGN);
@@ -155,6 +209,7 @@ int cp_cli_serve(int argc, char **argv) {
     if (!lead) {
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
+        signal(SIGUSR1, SIG_IGN);
     }
 
     cli_progress lp = {isatty(2), -1};
@@ -183,7 +238,13 @@ int cp_cli_serve(int argc, char **argv) {
     cp_step_link_t link = NULL;
     rc = 1;
     cp_status st = cp_engine_init(&eo, &e);
-    if (st != CP_OK) cli_report_error("cannot load the model");
+    if (st != CP_OK) {
+        cli_report_error("cannot load the model");
+        char msg[600];
+        snprintf(msg, sizeof(msg), "rank %d cannot load the model: %s", rk.rank,
+                 cp_last_error_detail());
+        fire(&hc, CP_HOOK_FAULT, 0, msg);
+    }
     /* every rank learns whether every rank loaded, so none waits in vain */
     if (rk.size > 1) {
         int64_t failed = st != CP_OK;
@@ -206,6 +267,7 @@ int cp_cli_serve(int argc, char **argv) {
     }
     if (!lead) {
         if (cp_step_link_follow(link) != CP_OK) {
+            snprintf(lost, sizeof(lost), "%s", cp_last_error_detail());
             cli_report_error("serving stopped");
             goto out;
         }
@@ -221,6 +283,9 @@ int cp_cli_serve(int argc, char **argv) {
         .max_body = (size_t)max_body,
         .drain_timeout_s = drain_timeout,
         .log_prompts = log_prompts,
+        .region = region,
+        .on_state = on_state,
+        .state_user = &hc,
         .sched = {.max_running = max_running,
                   .max_waiting = max_waiting,
                   .prefill_chunk = prefill_chunk,
@@ -243,6 +308,7 @@ int cp_cli_serve(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
     const char *h = cp_server_host(srv);
     bool v6 = strchr(h, ':') != NULL;
     if (rk.size > 1)
@@ -260,13 +326,29 @@ out:
     if (lead) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
+        signal(SIGUSR1, SIG_DFL);
     }
     g_server = NULL;
     cp_server_free(srv);
     /* followers wait for this (or for their deadline when rank 0 is gone) */
-    if (lead && link) cp_step_link_stop(link, rc == 0);
+    if (lead && link && cp_step_link_stop(link, rc == 0) != CP_OK && rc == 0) {
+        cli_report_error("the other ranks did not take the stop");
+        fire(&hc, CP_HOOK_FAULT, 0, cp_last_error_detail());
+        rc = 1;
+    }
+    /* rank 0 reports faults while it lives; its loss is reported by one
+     * follower of its host */
+    if (!lead && rc != 0 && cp_hooks_has(hooks, CP_HOOK_FAULT) &&
+        ranks_reports_lead_loss(&rk, timeout_s + hook_timeout + 10.0)) {
+        char msg[900];
+        snprintf(msg, sizeof(msg), "rank 0 is gone; rank %d: %s", rk.rank,
+                 lost[0] ? lost : "the job failed");
+        fire(&hc, CP_HOOK_FAULT, -1, msg);
+    }
     cp_step_link_free(link);
     cp_engine_free(e);
+    /* hooks are bounded by --hook-timeout: the exit waits for them */
+    cp_hooks_free(hooks);
     ranks_free(&rk);
     return rc;
 }

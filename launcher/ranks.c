@@ -2,14 +2,22 @@
  * command (see ranks.h). */
 #include "ranks.h"
 
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cli.h"
 #include "cp_backend.h"
+#include "cp_common.h"
 
 void ranks_free(ranks *r) {
+    /* rank 0 leaves a reported fault's mark for the follower that checks it */
+    if (r->rank == 0 && r->mark[0] && !r->reported) unlink(r->mark);
+    free(r->peers);
     cp_comm_free(r->tp);
     cp_comm_free(r->pp);
     cp_comm_free(r->world);
@@ -52,4 +60,104 @@ void ranks_node_defaults(const ranks *r, cp_device dev, int *threads, int *devic
         cp_backend_cuda_device_count(&count);
         *device_id = count > 0 ? cp_comm_local_rank(r->world) % count : 0;
     }
+}
+
+static int designated(const ranks *r);
+static bool gone(int64_t pid);
+
+static int64_t host_hash(void) {
+    char host[256] = "";
+    gethostname(host, sizeof(host) - 1);
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *p = host; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    return (int64_t)(h >> 1);
+}
+
+int ranks_learn_peers(ranks *r) {
+    free(r->peers);
+    r->peers = malloc((size_t)r->size * 2 * sizeof(int64_t));
+    if (!r->peers) {
+        fprintf(stderr, "cparallel: error: out of memory\n");
+        return 1;
+    }
+    int64_t me[2] = {(int64_t)getpid(), host_hash()};
+    if (cp_comm_allgather(r->world, me, r->peers, 2, CP_DTYPE_I64, NULL) != CP_OK) {
+        cli_report_error("the ranks could not exchange their process ids");
+        free(r->peers);
+        r->peers = NULL;
+        return 1;
+    }
+    r->mark[0] = '\0';
+    if (designated(r) > 0 && (r->rank == 0 || r->rank == designated(r))) {
+        const char *dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+        snprintf(r->mark, sizeof(r->mark), "%s/cparallel-fault-%lld-%llx", dir,
+                 (long long)r->peers[0], (unsigned long long)r->peers[1]);
+        if (r->rank == 0) {
+            FILE *f = fopen(r->mark, "w");
+            if (f)
+                fclose(f);
+            else
+                r->mark[0] = '\0';
+        }
+    }
+    return 0;
+}
+
+/* Whether a process of this host is gone (a zombie counts as gone). */
+static bool gone(int64_t pid) {
+    if (kill((pid_t)pid, 0) != 0) return errno == ESRCH;
+    char path[64], buf[256];
+    snprintf(path, sizeof(path), "/proc/%lld/stat", (long long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *paren = strrchr(buf, ')'); /* "pid (comm) S ..." */
+    return paren && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
+/* The follower that reports rank 0's loss: the lowest rank on its host. */
+static int designated(const ranks *r) {
+    for (int q = 1; q < r->size; q++)
+        if (r->peers[2 * q + 1] == r->peers[1]) return q;
+    return -1;
+}
+
+void ranks_fault_reported(ranks *r) {
+    r->reported = true;
+    if (r->rank != 0 || !r->mark[0]) return;
+    FILE *f = fopen(r->mark, "w");
+    if (!f) return;
+    fputs("reported\n", f);
+    fclose(f);
+}
+
+static bool marked(const char *path) {
+    char buf[16] = "";
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return !strncmp(buf, "reported", 8);
+}
+
+bool ranks_reports_lead_loss(ranks *r, double wait_s) {
+    if (!r->peers || r->rank == 0 || !r->mark[0] || designated(r) != r->rank) return false;
+    double until = cp_time_now() + wait_s;
+    bool report = false;
+    for (;;) {
+        if (marked(r->mark)) break;
+        if (gone(r->peers[0])) {
+            report = !marked(r->mark);
+            break;
+        }
+        if (cp_time_now() >= until) break; /* alive and silent: it still reports itself */
+        nanosleep(&(struct timespec){0, 50000000L}, NULL);
+    }
+    unlink(r->mark);
+    r->mark[0] = '\0';
+    return report;
 }

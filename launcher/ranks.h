@@ -10,6 +10,9 @@
 typedef struct ranks {
     cp_comm_t world, tp, pp;
     int rank, size;
+    int64_t *peers; /* [size][2] {pid, host hash} after ranks_learn_peers, else NULL */
+    char mark[128]; /* the fault mark file of rank 0's host ("" when none) */
+    bool reported;  /* rank 0: a fault was reported */
 } ranks;
 
 /* The world and its groups for tp x pp ranks (rank = stage * tp + tp rank).
@@ -21,5 +24,21 @@ void ranks_free(ranks *r);
 /* Ranks sharing a node share its cores (when *threads is 0) and take its
  * GPUs in turn by node-local rank (when dev is CUDA and *device_id < 0). */
 void ranks_node_defaults(const ranks *r, cp_device dev, int *threads, int *device_id);
+
+/* Every rank learns each rank's pid and host (collective). Returns 0, or
+ * 1 after printing why. */
+int ranks_learn_peers(ranks *r);
+
+/* Exactly one process reports a fault of the job: rank 0 while it lives,
+ * else the lowest follower on rank 0's host. They agree through a small
+ * mark file on that host (in /dev/shm), made by ranks_learn_peers when
+ * rank 0 has a follower beside it: rank 0 calls ranks_fault_reported when
+ * it ran its fault hook, and a follower that lost the job calls
+ * ranks_reports_lead_loss, which waits (up to wait_s) until rank 0 either
+ * marked the fault or is gone, and is true only when rank 0 is gone
+ * without a mark and this rank is the designated follower. Ranks on other
+ * hosts cannot tell and get false. The mark is removed at the end. */
+void ranks_fault_reported(ranks *r);
+bool ranks_reports_lead_loss(ranks *r, double wait_s);
 
 #endif /* CP_LAUNCHER_RANKS_H */

@@ -282,7 +282,6 @@ static void role_tags(sbuf *b, const cp_chat_msg *m, size_t n, bool gen, const c
 cp_status cp_chat_format_spans(const char *tmpl, const char *eos_text, const cp_chat_msg *msgs,
                                size_t n, unsigned flags, char **out, cp_text_span **content,
                                size_t *n_content) {
-    const bool add_generation_prompt = (flags & CP_CHAT_GENERATION_PROMPT) != 0;
     if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_chat_format: out is NULL");
     *out = NULL;
     if (content) *content = NULL;
@@ -294,6 +293,29 @@ cp_status cp_chat_format_spans(const char *tmpl, const char *eos_text, const cp_
             return CP_ERROR(CP_ERR_INVALID_ARG, "chat message %zu has no %s", i,
                             msgs[i].role ? "content" : "role");
     const char *eos = eos_text ? eos_text : "</s>";
+    /* continuing: the final assistant message is written with a marker as
+     * its content, the text is cut where the marker lands (so the turn stays
+     * open: no end-of-turn markup) and the content follows verbatim */
+    static const char marker[] = "\x01cparallel-continue\x01";
+    const bool cont = (flags & CP_CHAT_CONTINUE_FINAL) != 0;
+    cp_chat_msg *copy = NULL;
+    const char *final_content = NULL;
+    if (cont) {
+        if (n == 0 || strcmp(msgs[n - 1].role, "assistant") != 0)
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "continuing the final message needs an assistant message last");
+        for (size_t i = 0; i < n; i++)
+            if (strstr(msgs[i].content, marker))
+                return CP_ERROR(CP_ERR_INVALID_ARG, "chat message %zu holds a reserved marker", i);
+        if (!(copy = malloc(n * sizeof(*copy))))
+            return CP_ERROR(CP_ERR_OOM, "out of memory formatting %zu chat messages", n);
+        memcpy(copy, msgs, n * sizeof(*copy));
+        final_content = msgs[n - 1].content;
+        copy[n - 1].content = marker;
+        msgs = copy;
+    }
+    const bool add_generation_prompt =
+        !cont && (flags & CP_CHAT_GENERATION_PROMPT) != 0;
     sbuf b = {0};
     sb_add(&b, "", 0); /* an empty conversation still yields "" */
     switch (detect(tmpl)) {
@@ -306,6 +328,24 @@ cp_status cp_chat_format_spans(const char *tmpl, const char *eos_text, const cp_
     case FMT_GEMMA: gemma(&b, msgs, n, add_generation_prompt); break;
     case FMT_PHI3: role_tags(&b, msgs, n, add_generation_prompt, "<|end|>"); break;
     case FMT_ZEPHYR: role_tags(&b, msgs, n, add_generation_prompt, eos); break;
+    }
+    if (cont) {
+        const char *at = NULL;
+        for (const char *p = b.p ? strstr(b.p, marker) : NULL; p; p = strstr(p + 1, marker))
+            at = p;
+        free(copy);
+        if (!at && !b.oom) {
+            free(b.p);
+            free(b.spans);
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "this chat format cannot continue the final assistant message");
+        }
+        if (at) {
+            b.n = (size_t)(at - b.p);
+            b.p[b.n] = '\0';
+            clamp_spans(&b);
+            sb_content(&b, final_content);
+        }
     }
     if (b.oom) {
         free(b.p);

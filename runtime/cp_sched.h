@@ -134,6 +134,8 @@ typedef struct cp_sched_stats {
     int64_t prefix_lookups, prefix_hits;     /* full prompt blocks looked up / found */
     int64_t prompt_tokens, generated_tokens; /* totals since init */
     int64_t preemptions, steps;
+    int64_t failed_steps;                    /* forward steps that failed (their requests
+                                                ended with CP_FINISH_ERROR) */
     double last_step_s;                      /* duration of the latest forward step */
 } cp_sched_stats;
 

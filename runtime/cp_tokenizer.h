@@ -151,6 +151,12 @@ enum {
      * has none. Off, the conversation is formatted as given, as llama.cpp's
      * built-in ChatML does. */
     CP_CHAT_TEMPLATE_SYSTEM = 1u << 1,
+    /* The last message (an assistant one) is left open for the model to go
+     * on with: its content ends the text, verbatim, with no end-of-turn
+     * markup (vLLM's continue_final_message); the generation prompt is not
+     * added. A conversation that does not end with an assistant message is
+     * CP_ERR_INVALID_ARG. */
+    CP_CHAT_CONTINUE_FINAL = 1u << 2,
 };
 
 /* Formats msgs with the model's chat template (see cp_chat_format). */

@@ -1114,6 +1114,7 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
         run_remove(s, r);
     }
     s->stats.steps++;
+    if (st != CP_OK) s->stats.failed_steps++;
     s->stats.generated_tokens += n_sampled;
     s->stats.last_step_s = t1 - t0;
     update_kv_stats(s);

@@ -146,6 +146,8 @@ static const struct {
     {"tools", FOR_CHAT},
     {"tool_choice", FOR_CHAT},
     {"parallel_tool_calls", FOR_CHAT},
+    {"continue_final_message", FOR_CHAT},
+    {"add_generation_prompt", FOR_CHAT},
 };
 
 static bool known_field(const char *key, api_kind k) {
@@ -462,9 +464,25 @@ static bool parse_messages(const api_ctx *c, const json_t *o, gen_spec *g, api_e
     size_t n_ids = 0;
     /* control tokens such as <|im_start|> come from the template's markup
      * only: the same text inside a message stays text */
-    cp_status st = ok ? cp_tokenizer_encode_chat(c->tok, msgs, n, CP_CHAT_GENERATION_PROMPT, &ids,
-                                                 &n_ids, &text)
-                      : CP_OK;
+    /* continue_final_message (vLLM's name): the model goes on with the last
+     * assistant message, as a router does to resume a broken stream */
+    bool cont = false, gen_prompt = true;
+    if (ok && (get_bool(o, "continue_final_message", &cont, e) < 0 ||
+               get_bool(o, "add_generation_prompt", &gen_prompt, e) < 0))
+        ok = false;
+    if (ok && cont && gen_prompt && json_object_get(o, "add_generation_prompt")) {
+        BAD(e, "add_generation_prompt",
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true");
+        ok = false;
+    }
+    if (ok && cont && strcmp(msgs[n - 1].role, "assistant") != 0) {
+        BAD(e, "continue_final_message",
+            "'continue_final_message' needs an assistant message last");
+        ok = false;
+    }
+    unsigned flags = cont ? CP_CHAT_CONTINUE_FINAL : gen_prompt ? CP_CHAT_GENERATION_PROMPT : 0u;
+    cp_status st =
+        ok ? cp_tokenizer_encode_chat(c->tok, msgs, n, flags, &ids, &n_ids, &text) : CP_OK;
     if (st != CP_OK) {
         if (st == CP_ERR_INVALID_ARG)
             BAD(e, "messages", "cannot tokenize the messages: %s", cp_last_error_detail());
@@ -529,7 +547,7 @@ static bool parse_stream(const json_t *o, gen_spec *g, api_error *e) {
     const char *key;
     const json_t *val;
     json_object_foreach((json_t *)so, key, val) {
-        if (strcmp(key, "include_usage") != 0) {
+        if (strcmp(key, "include_usage") != 0 && strcmp(key, "continuous_usage_stats") != 0) {
             char param[64];
             snprintf(param, sizeof(param), "stream_options.%.40s", key);
             BAD(e, param, "unknown field '%s'", param);
@@ -538,6 +556,10 @@ static bool parse_stream(const json_t *o, gen_spec *g, api_error *e) {
     }
     if (get_bool(so, "include_usage", &g->include_usage, e) < 0) {
         snprintf(e->param, sizeof(e->param), "stream_options.include_usage");
+        return false;
+    }
+    if (get_bool(so, "continuous_usage_stats", &g->continuous_usage, e) < 0) {
+        snprintf(e->param, sizeof(e->param), "stream_options.continuous_usage_stats");
         return false;
     }
     return true;
@@ -877,7 +899,10 @@ char *api_chunk(const api_ctx *c, api_kind k, const char *id, long created, cons
     json_array_append_new(choices, choice);
     json_object_set_new(o, "choices", choices);
     if (k == API_CHAT) json_object_set_new(o, "system_fingerprint", json_null());
-    if (a->usage_null) json_object_set_new(o, "usage", json_null());
+    if (a->usage_now)
+        json_object_set_new(o, "usage", usage(a->n_prompt, a->n_generated, a->n_cached));
+    else if (a->usage_null)
+        json_object_set_new(o, "usage", json_null());
     return dump(o);
 }
 
@@ -899,6 +924,14 @@ static json_t *model_object(const api_ctx *c, long created) {
     json_object_set_new(m, "owned_by", json_string("cparallel"));
     json_object_set_new(m, "max_model_len", json_integer(c->n_ctx));
     return m;
+}
+
+char *api_health(const char *state, const char *region) {
+    json_t *o = json_object();
+    if (!o) return NULL;
+    json_object_set_new(o, "status", json_string(state));
+    json_object_set_new(o, "region", region ? json_text(region, strlen(region)) : json_null());
+    return dump(o);
 }
 
 char *api_models(const api_ctx *c, long created) {

@@ -126,8 +126,30 @@ static void gauge(sbuf *b, const char *name, const char *help, double v) {
     sb_printf(b, "%s %.9g\n", name, v);
 }
 
-char *metrics_render(metrics *m, const cp_sched_stats *st) {
+/* A label value with \\, \" and newlines escaped, as the format asks. */
+static void label_value(sbuf *b, const char *v) {
+    for (; *v; v++) {
+        if (*v == '\\' || *v == '"')
+            sb_printf(b, "\\%c", *v);
+        else if (*v == '\n')
+            sb_str(b, "\\n");
+        else
+            sb_add(b, v, 1);
+    }
+}
+
+char *metrics_render(metrics *m, const cp_sched_stats *st, const metrics_info *info) {
     sbuf b = {0};
+    header(&b, "cparallel_info", "gauge", "The served model and the deployment's region (always 1).");
+    sb_str(&b, "cparallel_info{model=\"");
+    label_value(&b, info->model ? info->model : "");
+    sb_str(&b, "\",region=\"");
+    label_value(&b, info->region ? info->region : "");
+    sb_str(&b, "\"} 1\n");
+    gauge(&b, "cparallel_ready", "1 while the server admits requests, 0 draining or failed.",
+          info->ready ? 1 : 0);
+    gauge(&b, "cparallel_fault", "1 once the server failed (it exits non-zero soon).",
+          info->faulted ? 1 : 0);
     pthread_mutex_lock(&m->mu);
     header(&b, "cparallel_requests_total", "counter",
            "HTTP requests answered, by endpoint and status.");
@@ -163,6 +185,8 @@ char *metrics_render(metrics *m, const cp_sched_stats *st) {
     sb_printf(&b, "cparallel_preemptions_total %lld\n", (long long)st->preemptions);
     header(&b, "cparallel_steps_total", "counter", "Forward steps run by the scheduler.");
     sb_printf(&b, "cparallel_steps_total %lld\n", (long long)st->steps);
+    header(&b, "cparallel_failed_steps_total", "counter", "Forward steps that failed.");
+    sb_printf(&b, "cparallel_failed_steps_total %lld\n", (long long)st->failed_steps);
     if (b.oom) {
         sb_free(&b);
         return NULL;

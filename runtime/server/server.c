@@ -53,7 +53,7 @@ struct cp_server {
     struct MHD_Daemon *daemon;
     int listen_fd;
     int port;
-    char *host, *api_key, *model_name;
+    char *host, *api_key, *model_name, *region;
     size_t max_body;
     int drain_timeout_s;
     bool log_prompts;
@@ -62,8 +62,12 @@ struct cp_server {
     long started; /* wall-clock seconds at init */
 
     atomic_int stop_requests; /* from cp_server_request_stop (signal handlers) */
+    atomic_int fault_requests; /* from cp_server_request_fault (signal handlers) */
     atomic_bool draining;     /* new work gets 503 */
+    atomic_bool faulted;      /* failed: answers are retryable 503s, the run ends with an error */
     atomic_bool stopping;     /* waits give up: the daemon is going down */
+    void (*on_state)(void *user, const cp_server_state_event *ev);
+    void *state_user;
 
     pthread_mutex_t mu; /* guards what follows */
     req *active;        /* submitted requests without their final event */
@@ -76,6 +80,9 @@ struct cp_server {
     double last_ok, last_fail; /* cp_time_now() of the latest forward success / failure */
     bool probe_running;
     int64_t probe_id;
+    char step_error[512]; /* the latest failed step's error */
+    int step_failed;      /* requests ended by failed steps not yet reported */
+    char fault[512];      /* why the server failed (set once, before faulted) */
 };
 
 struct req {
@@ -273,6 +280,10 @@ static void on_probe_event(void *user, const cp_sched_event *ev) {
 /* 200 when a forward step succeeded within READY_FRESH_S (probing through
  * the scheduler when the last one is older), else 503 with *why. */
 static int ready_status(cp_server_t s, const char **why) {
+    if (atomic_load(&s->faulted)) {
+        *why = "the server failed and is going down";
+        return 503;
+    }
     if (atomic_load(&s->draining)) {
         *why = "the server is draining";
         return 503;
@@ -392,8 +403,14 @@ static void on_event(void *user, const cp_sched_event *ev) {
             metrics_tpot(s->metrics, (r->cb_last_t - r->cb_first_t) / (ev->n_generated - 1));
         if ((ev->finish == CP_FINISH_STOP || ev->finish == CP_FINISH_LENGTH) && ev->n_generated > 0)
             health_mark(s, true);
-        else if (ev->finish == CP_FINISH_ERROR)
+        else if (ev->finish == CP_FINISH_ERROR) {
             health_mark(s, false);
+            pthread_mutex_lock(&s->health_mu);
+            snprintf(s->step_error, sizeof(s->step_error), "%s",
+                     ev->error ? ev->error : "unknown error");
+            s->step_failed++;
+            pthread_mutex_unlock(&s->health_mu);
+        }
         active_remove(s, r);
     }
     ev_item *it = copy_event(ev, r->spec.top_logprobs > 0 ? r->spec.top_logprobs : 0);
@@ -487,6 +504,33 @@ static void sse(req *r, char *json) {
     free(json);
 }
 
+/* The retryable error that ends a request the server could not finish: a
+ * failed step or a fault (503 server_fault), or a shutdown (503 cancelled). */
+static void ended_error(const req *r, cp_finish_reason f, const char *error, api_error *e) {
+    cp_server_t s = r->srv;
+    if (f == CP_FINISH_ERROR)
+        api_set_error(e, 503, "service_unavailable", NULL, "server_fault",
+                      "generation failed: %s; the server is failing over, retry on another "
+                      "replica",
+                      error && *error ? error : "unknown error");
+    else if (atomic_load(&s->faulted))
+        api_set_error(e, 503, "service_unavailable", NULL, "server_fault",
+                      "the server failed and is going down; retry on another replica");
+    else
+        api_set_error(e, 503, "service_unavailable", NULL, "cancelled",
+                      "the request was cancelled (the server is shutting down or the client "
+                      "left); retry");
+}
+
+/* continuous_usage_stats: the chunk carries the token counts so far. */
+static void usage_so_far(const req *r, chunk_args *a) {
+    if (!r->spec.continuous_usage) return;
+    a->usage_now = true;
+    a->n_prompt = r->n_prompt > 0 ? r->n_prompt : r->spec.n_prompt;
+    a->n_generated = r->n_generated;
+    a->n_cached = r->n_cached;
+}
+
 /* Formats one event as SSE data into r->out (and the end of the stream
  * after the final one). */
 static void stream_event(req *r, const ev_item *it) {
@@ -502,6 +546,7 @@ static void stream_event(req *r, const ev_item *it) {
                         .lp = want_lp ? &tmp : NULL,
                         .text_offset = r->text_offset,
                         .usage_null = r->spec.include_usage};
+        usage_so_far(r, &a);
         sse(r, api_chunk(&s->api, k, r->id, r->created, &a));
         lp_free(&tmp);
         r->text_offset += it->len;
@@ -509,18 +554,14 @@ static void stream_event(req *r, const ev_item *it) {
     if (it->finish == CP_FINISH_NONE) return;
     if (it->finish == CP_FINISH_STOP || it->finish == CP_FINISH_LENGTH) {
         chunk_args a = {.finish = it->finish, .usage_null = r->spec.include_usage};
+        usage_so_far(r, &a);
         sse(r, api_chunk(&s->api, k, r->id, r->created, &a));
         if (r->spec.include_usage)
             sse(r, api_usage_chunk(&s->api, k, r->id, r->created, r->n_prompt, r->n_generated,
                                    r->n_cached));
     } else {
         api_error e;
-        if (it->finish == CP_FINISH_CANCELLED)
-            api_set_error(&e, 503, "service_unavailable", NULL, "cancelled",
-                          "the request was cancelled (the server is shutting down); retry");
-        else
-            api_set_error(&e, 500, "server_error", NULL, NULL, "generation failed: %s",
-                          it->error ? it->error : "unknown error");
+        ended_error(r, it->finish, it->error, &e);
         r->err_type = e.type;
         sse(r, api_error_body(&e));
     }
@@ -541,6 +582,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         if (r->spec.kind == API_CHAT && !r->role_sent) {
             /* the role first, before any token is ready */
             chunk_args a = {.role_only = true, .usage_null = r->spec.include_usage};
+            usage_so_far(r, &a);
             sse(r, api_chunk(&s->api, API_CHAT, r->id, r->created, &a));
             r->role_sent = true;
             continue;
@@ -606,6 +648,9 @@ static enum MHD_Result handle_generate(req *r, struct MHD_Connection *c, api_kin
         return queue_error(r, c, &e);
     r->has_spec = true;
     r->lp.k = r->spec.top_logprobs > 0 ? r->spec.top_logprobs : 0;
+    if (atomic_load(&s->faulted))
+        return fail(r, c, 503, "service_unavailable", NULL, "server_fault",
+                    "the server failed and is going down; retry on another replica");
     if (atomic_load(&s->draining))
         return fail(r, c, 503, "service_unavailable", NULL, "draining",
                     "the server is shutting down; retry on another replica");
@@ -689,14 +734,10 @@ static enum MHD_Result handle_generate(req *r, struct MHD_Connection *c, api_kin
         free(it);
         it = n;
     }
-    if (!finished || r->finish == CP_FINISH_CANCELLED)
-        return fail(
-            r, c, 503, "service_unavailable", NULL, "cancelled",
-            "the request was cancelled (the server is shutting down or the client left); retry");
-    if (r->finish == CP_FINISH_ERROR) {
-        char msg[320];
-        snprintf(msg, sizeof(msg), "generation failed: %s", r->error);
-        return fail(r, c, 500, "server_error", NULL, NULL, msg);
+    if (!finished || r->finish == CP_FINISH_CANCELLED || r->finish == CP_FINISH_ERROR) {
+        api_error e;
+        ended_error(r, finished ? r->finish : CP_FINISH_CANCELLED, r->error, &e);
+        return queue_error(r, c, &e);
     }
     gen_result res = {.text = r->text.p,
                       .len = r->text.len,
@@ -830,22 +871,28 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *c, const char
         return queue(r, c, 200,
                      model_path ? api_model(&s->api, s->started) : api_models(&s->api, s->started),
                      NULL, NULL, NULL);
-    case EP_HEALTH:
-        return queue(
-            r, c, 200,
-            strdup(atomic_load(&s->draining) ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}"),
-            NULL, NULL, NULL);
+    case EP_HEALTH: {
+        /* liveness: 503 once failed (the process exits soon anyway) */
+        bool failed = atomic_load(&s->faulted);
+        const char *state = failed ? "failed" : atomic_load(&s->draining) ? "draining" : "ok";
+        return queue(r, c, failed ? 503 : 200, api_health(state, s->region), NULL,
+                     failed ? "5" : NULL, NULL);
+    }
     case EP_READY: {
         const char *why = NULL;
         int st = ready_status(s, &why);
-        if (st == 200) return queue(r, c, 200, strdup("{\"status\":\"ready\"}"), NULL, NULL, NULL);
+        if (st == 200) return queue(r, c, 200, api_health("ready", s->region), NULL, NULL, NULL);
         return fail(r, c, 503, "service_unavailable", NULL, "not_ready", why);
     }
     case EP_METRICS: {
         cp_sched_stats st;
         cp_sched_get_stats(s->sched, &st);
-        return queue(r, c, 200, metrics_render(s->metrics, &st), "text/plain; version=0.0.4", NULL,
-                     NULL);
+        metrics_info info = {.model = s->model_name,
+                             .region = s->region,
+                             .ready = !atomic_load(&s->draining),
+                             .faulted = atomic_load(&s->faulted)};
+        return queue(r, c, 200, metrics_render(s->metrics, &st, &info),
+                     "text/plain; version=0.0.4", NULL, NULL);
     }
     default: return fail(r, c, 404, "not_found_error", NULL, "not_found", "unknown path");
     }
@@ -971,13 +1018,19 @@ cp_status cp_server_init(cp_engine_t e, const cp_server_opts *o, cp_server_t *ou
     pthread_mutex_init(&s->health_mu, NULL);
     pthread_cond_init(&s->health_cv, NULL);
     atomic_init(&s->stop_requests, 0);
+    atomic_init(&s->fault_requests, 0);
     atomic_init(&s->draining, false);
+    atomic_init(&s->faulted, false);
     atomic_init(&s->stopping, false);
+    s->on_state = o->on_state;
+    s->state_user = o->state_user;
     s->host = strdup(o->host && *o->host ? o->host : "127.0.0.1");
     s->api_key = o->api_key && *o->api_key ? strdup(o->api_key) : NULL;
     s->model_name = strdup(o->model_name && *o->model_name ? o->model_name : "default");
+    s->region = o->region && *o->region ? strdup(o->region) : NULL;
     s->metrics = metrics_new();
-    if (!s->host || !s->model_name || !s->metrics || (o->api_key && *o->api_key && !s->api_key)) {
+    if (!s->host || !s->model_name || !s->metrics || (o->api_key && *o->api_key && !s->api_key) ||
+        (o->region && *o->region && !s->region)) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
     }
@@ -1037,6 +1090,12 @@ void cp_server_request_stop(cp_server_t s) {
     atomic_fetch_add(&s->stop_requests, 1);
 }
 
+void cp_server_request_fault(cp_server_t s) {
+    if (!s) return;
+    atomic_store(&s->draining, true);
+    atomic_fetch_add(&s->fault_requests, 1);
+}
+
 static int count_active(cp_server_t s) {
     pthread_mutex_lock(&s->mu);
     int n = s->n_active;
@@ -1070,23 +1129,68 @@ static void cancel_all(cp_server_t s) {
     if (probe >= 0) cp_sched_cancel(s->sched, probe);
 }
 
+static void emit(cp_server_t s, cp_server_state state, int in_flight, const char *message) {
+    if (!s->on_state) return;
+    cp_server_state_event ev = {.state = state, .in_flight = in_flight, .message = message};
+    s->on_state(s->state_user, &ev);
+}
+
+/* Turns the server unready for good and ends what is in flight with a
+ * retryable error (delivered by the next scheduler steps). */
+static void enter_fault(cp_server_t s, const char *why) {
+    snprintf(s->fault, sizeof(s->fault), "%s", why);
+    atomic_store(&s->faulted, true);
+    atomic_store(&s->draining, true);
+    cp_sched_drain(s->sched);
+    health_mark(s, false);
+    /* in flight: what is still running, and what the failed step ended */
+    pthread_mutex_lock(&s->health_mu);
+    int n = count_active(s) + s->step_failed;
+    s->step_failed = 0;
+    pthread_mutex_unlock(&s->health_mu);
+    fprintf(stderr,
+            "cparallel: error: fault: %s; not ready, %d request(s) in flight end with a retryable "
+            "error\n",
+            why, n);
+    fflush(stderr);
+    emit(s, CP_SERVER_FAULT, n, why);
+    cancel_all(s);
+}
+
 cp_status cp_server_run(cp_server_t s) {
-    enum { RUN, DRAIN, CANCEL, FLUSH } phase = RUN;
+    enum { RUN, DRAIN, CANCEL, FAULT, FLUSH } phase = RUN;
     double deadline = 0;
     cp_status result = CP_OK;
+    cp_sched_stats ss;
+    cp_sched_get_stats(s->sched, &ss);
+    int64_t failed_seen = ss.failed_steps;
+    emit(s, CP_SERVER_READY, 0, "the server answers requests");
     for (;;) {
         bool worked = false;
         cp_status st = cp_sched_step(s->sched, phase == RUN ? 100 : 20, &worked);
-        if (st != CP_OK) {
-            fprintf(stderr, "cparallel: error: the scheduler failed: %s; shutting down\n",
-                    cp_last_error_detail());
-            health_mark(s, false);
-            result = st;
-            atomic_store(&s->draining, true);
-            break;
+        double now = cp_time_now();
+        if (!atomic_load(&s->faulted)) {
+            char why[600] = "";
+            cp_sched_get_stats(s->sched, &ss);
+            if (st != CP_OK) {
+                snprintf(why, sizeof(why), "the scheduler failed: %s", cp_last_error_detail());
+                result = st;
+            } else if (ss.failed_steps > failed_seen) {
+                failed_seen = ss.failed_steps;
+                pthread_mutex_lock(&s->health_mu);
+                snprintf(why, sizeof(why), "a forward step failed: %s", s->step_error);
+                pthread_mutex_unlock(&s->health_mu);
+            } else if (atomic_load(&s->fault_requests) > 0) {
+                snprintf(why, sizeof(why), "a fault stop was requested (SIGUSR1)");
+            }
+            if (why[0]) {
+                if (result == CP_OK) result = CP_ERR_INTERNAL;
+                enter_fault(s, why);
+                phase = FAULT;
+                deadline = now + FLUSH_S;
+            }
         }
         int stops = atomic_load(&s->stop_requests);
-        double now = cp_time_now();
         if (phase == RUN && stops > 0) {
             atomic_store(&s->draining, true);
             cp_sched_drain(s->sched);
@@ -1094,6 +1198,7 @@ cp_status cp_server_run(cp_server_t s) {
             deadline = now + s->drain_timeout_s;
             fprintf(stderr, "cparallel: draining: %d request(s) in flight, up to %d s\n",
                     count_active(s), s->drain_timeout_s);
+            emit(s, CP_SERVER_DRAINING, count_active(s), "a stop was requested: draining");
         }
         if (phase == DRAIN) {
             if (count_active(s) == 0) {
@@ -1107,7 +1212,7 @@ cp_status cp_server_run(cp_server_t s) {
                 deadline = now + FLUSH_S;
             }
         }
-        if (phase == CANCEL && (count_active(s) == 0 || now >= deadline)) {
+        if ((phase == CANCEL || phase == FAULT) && (count_active(s) == 0 || now >= deadline)) {
             phase = FLUSH;
             deadline = now + FLUSH_S;
         }
@@ -1127,8 +1232,12 @@ cp_status cp_server_run(cp_server_t s) {
         MHD_stop_daemon(s->daemon);
         s->daemon = NULL;
     }
-    if (result == CP_OK) fprintf(stderr, "cparallel: stopped\n");
-    return result;
+    if (result == CP_OK) {
+        fprintf(stderr, "cparallel: stopped\n");
+        return CP_OK;
+    }
+    /* the caller reports it */
+    return CP_ERROR(result, "%s", s->fault);
 }
 
 void cp_server_free(cp_server_t s) {
@@ -1144,6 +1253,7 @@ void cp_server_free(cp_server_t s) {
     free(s->host);
     free(s->api_key);
     free(s->model_name);
+    free(s->region);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->health_mu);
     pthread_cond_destroy(&s->health_cv);

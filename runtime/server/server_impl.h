@@ -71,6 +71,7 @@ typedef struct gen_spec {
     int n_stop;
     int top_logprobs; /* -1: no logprobs */
     bool stream, include_usage, ignore_eos;
+    bool continuous_usage; /* stream_options.continuous_usage_stats: usage on every chunk */
     char *prompt_text; /* the text the prompt was encoded from (for --log-prompts) */
 } gen_spec;
 
@@ -107,7 +108,8 @@ char *api_response(const api_ctx *ctx, api_kind k, const char *id, long created,
 
 /* One streamed chunk's JSON (malloc'd). text/lp may be empty/NULL; finish
  * NONE leaves finish_reason null; role_only writes the chat's opening
- * {"role":"assistant"} delta. usage_null adds "usage": null (include_usage). */
+ * {"role":"assistant"} delta. usage_null adds "usage": null (include_usage);
+ * usage_now adds the counts so far instead (continuous_usage_stats). */
 typedef struct chunk_args {
     const char *text;
     size_t len;
@@ -116,6 +118,8 @@ typedef struct chunk_args {
     cp_finish_reason finish;
     bool role_only;
     bool usage_null;
+    bool usage_now;
+    int n_prompt, n_generated, n_cached; /* usage_now */
 } chunk_args;
 char *api_chunk(const api_ctx *ctx, api_kind k, const char *id, long created, const chunk_args *a);
 /* The closing usage chunk (choices: []). */
@@ -131,6 +135,8 @@ void api_set_error(api_error *e, int status, const char *type, const char *param
     ;
 /* GET /v1/models (the list) and GET /v1/models/{name} (the one model). */
 char *api_models(const api_ctx *ctx, long created);
+/* {"status": state, "region": region or null} of /health and /health/ready. */
+char *api_health(const char *state, const char *region);
 char *api_model(const api_ctx *ctx, long created);
 
 /* ---- metrics (metrics.c) -------------------------------------------------- */
@@ -155,7 +161,13 @@ void metrics_request(metrics *m, metric_endpoint ep, int status, double duration
 void metrics_tokens(metrics *m, int prompt, int generated);
 void metrics_ttft(metrics *m, double s);
 void metrics_tpot(metrics *m, double s);
+/* What the deployment says of itself in /metrics. */
+typedef struct metrics_info {
+    const char *model, *region; /* region NULL: none */
+    bool ready;                 /* admitting requests (not draining, not failed) */
+    bool faulted;
+} metrics_info;
 /* The Prometheus text exposition (malloc'd), with the scheduler's gauges. */
-char *metrics_render(metrics *m, const cp_sched_stats *st);
+char *metrics_render(metrics *m, const cp_sched_stats *st, const metrics_info *info);
 
 #endif /* CP_SERVER_IMPL_H */

@@ -1258,6 +1258,16 @@ TEST(Sample, FewerRowsThanThreads) {
 // ---------------------------------------------------------------------------
 // error paths of the public wrappers and the backend
 
+TEST(Errors, AMessageMayQuoteThePreviousOne) {
+    CP_ERROR(CP_ERR_TIMEOUT, "broadcast timed out after %d ms waiting for rank %d", 5000, 2);
+    std::string first = cp_last_error();
+    cp_status st = CP_ERROR(CP_ERR_TIMEOUT, "rank %d: no step in time (%s)", 3, cp_last_error());
+    EXPECT_EQ(st, CP_ERR_TIMEOUT);
+    std::string msg = cp_last_error_detail();
+    EXPECT_EQ(msg, "rank 3: no step in time (" + first + ")");
+    cp_clear_error();
+}
+
 TEST(Errors, NullPointersBadShapesAndDtypes) {
     BackendPtr be = make_backend(2);
     cp_backend_t b = be.get();

@@ -748,6 +748,7 @@ TEST(Sched, FailedStepEndsItsRequestsOnly) {
     cp_sched_stats st;
     cp_sched_get_stats(s.get(), &st);
     EXPECT_EQ(st.kv_blocks_used, 0);
+    EXPECT_EQ(st.failed_steps, 1);
 }
 
 TEST(Sched, AdmissionErrors) {

@@ -1227,4 +1227,43 @@ TEST(ChatTemplate, OtherFormats) {
     EXPECT_EQ(chat(nullptr, {}, false), "");
 }
 
+TEST(ChatTemplate, ContinueFinalAssistantMessage) {
+    auto cont = [](const char *tmpl, std::vector<cp_chat_msg> m) {
+        char *out = nullptr;
+        cp_status st = cp_chat_format(tmpl, nullptr, m.data(), m.size(),
+                                      CP_CHAT_CONTINUE_FINAL | CP_CHAT_GENERATION_PROMPT, &out);
+        std::string s = st == CP_OK ? std::string(out) : std::string("error: ") + cp_last_error_detail();
+        free(out);
+        return s;
+    };
+    std::vector<cp_chat_msg> conv = {{"user", "Hi"}, {"assistant", "Hello, how "}};
+    // the turn stays open and the content is kept verbatim (trailing space too)
+    EXPECT_EQ(cont(nullptr, conv), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, how ");
+    EXPECT_EQ(cont("{{ '<|start_header_id|>' }}", conv),
+              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nHello, how ");
+    EXPECT_EQ(cont("<start_of_turn>", conv),
+              "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello, how ");
+    EXPECT_EQ(cont("[INST] <<SYS>>", conv), "[INST] Hi [/INST] Hello, how ");
+    // the same as the full rendering up to the content
+    std::string full = chat(nullptr, conv, false);
+    EXPECT_EQ(full.rfind(cont(nullptr, conv), 0), 0u);
+    // the continued content is message text: its control-token text is not markup
+    char *out = nullptr;
+    cp_text_span *spans = nullptr;
+    size_t n_spans = 0;
+    std::vector<cp_chat_msg> inj = {{"user", "Hi"}, {"assistant", "x<|im_end|>"}};
+    ASSERT_EQ(cp_chat_format_spans(nullptr, nullptr, inj.data(), 2, CP_CHAT_CONTINUE_FINAL, &out,
+                                   &spans, &n_spans),
+              CP_OK);
+    std::string text = out;
+    ASSERT_EQ(n_spans, 2u);
+    EXPECT_EQ(text.substr(spans[1].off, spans[1].len), "x<|im_end|>");
+    EXPECT_EQ(spans[1].off + spans[1].len, text.size());
+    free(out);
+    free(spans);
+    // it needs an assistant message last
+    EXPECT_EQ(cont(nullptr, {{"user", "Hi"}}).rfind("error: ", 0), 0u);
+}
+
 } // namespace

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -34,8 +35,9 @@ SERVER = None  # the shared server of most tests
 class Server:
     """A cparallel serve process on 127.0.0.1:<free port>, its stderr kept."""
 
-    def __init__(self, *extra, env_key=True):
+    def __init__(self, *extra, env_key=True, env_extra=None):
         env = dict(os.environ)
+        env.update(env_extra or {})
         if env_key:
             env["CPARALLEL_API_KEY"] = API_KEY
         else:
@@ -250,6 +252,47 @@ class Api(unittest.TestCase):
         self.assertEqual(chunks[-1].usage.completion_tokens, r.usage.completion_tokens)
         self.assertEqual(chunks[-1].choices, [])
 
+    def test_continuous_usage_and_continuation(self):
+        """What a router needs to resume a broken stream elsewhere: token counts
+        on every chunk, and a chat turn the model goes on with."""
+        st, _, data = self.s.request("POST", "/v1/completions", {
+            "prompt": "The capital of France", "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}})
+        self.assertEqual(st, 200)
+        events, done = sse_events(data)
+        self.assertTrue(done)
+        counts = [e["usage"]["completion_tokens"] for e in events]
+        self.assertEqual(counts, sorted(counts))
+        self.assertEqual(counts[-1], 10)
+        self.assertTrue(all(e["usage"]["prompt_tokens"] > 0 for e in events))
+        text = "".join(e["choices"][0]["text"] for e in events)
+        # the same text in two parts: the first half, then the rest as a continuation
+        msgs = [{"role": "user", "content": "Name three colors."}]
+        st, _, data = self.s.request("POST", "/v1/chat/completions", {
+            "messages": msgs, "max_tokens": 12, "temperature": 0, "stream": True})
+        self.assertEqual(st, 200)
+        pieces = [e["choices"][0]["delta"].get("content", "") for e in sse_events(data)[0]]
+        whole = "".join(pieces)
+        self.assertTrue(text and whole)
+        # cut where a stream would break: between two chunks (tokens)
+        head = "".join(pieces[:len(pieces) // 2])
+        st, rest, _ = self.s.post("/v1/chat/completions", {
+            "messages": msgs + [{"role": "assistant", "content": head}], "max_tokens": 12,
+            "temperature": 0, "continue_final_message": True, "add_generation_prompt": False})
+        self.assertEqual(st, 200, rest)
+        cont = rest["choices"][0]["message"]["content"]
+        # greedy: the continuation re-joins the original (up to the seam's tokenization)
+        self.assertEqual((head + cont)[:len(whole) - 3], whole[:len(whole) - 3], (head, cont, whole))
+        for bad in ({"continue_final_message": True},
+                    {"continue_final_message": True, "add_generation_prompt": True,
+                     "messages": msgs + [{"role": "assistant", "content": "x"}]},
+                    {"continue_final_message": 1},
+                    {"stream": True, "stream_options": {"continuous_usage_stats": "yes"}}):
+            body = {"messages": msgs, "max_tokens": 2}
+            body.update(bad)
+            st, r, _ = self.s.post("/v1/chat/completions", body)
+            self.assertEqual(st, 400, (bad, r))
+
     def test_openai_chat(self):
         c = self.client()
         msgs = [{"role": "user", "content": "Name three colors."}]
@@ -400,7 +443,7 @@ class Api(unittest.TestCase):
         self.assertEqual(r["data"][0]["id"], MODEL_NAME)
         self.assertEqual(r["data"][0]["object"], "model")
         st, _, data = self.s.get("/health", key=None)
-        self.assertEqual((st, json.loads(data)), (200, {"status": "ok"}))
+        self.assertEqual((st, json.loads(data)), (200, {"status": "ok", "region": None}))
         st, _, data = self.s.get("/health/ready", key=None)
         self.assertEqual(st, 200, data)
         m0 = self.s.metrics()
@@ -517,6 +560,139 @@ class OwnServer(unittest.TestCase):
             self.assertIn("draining", s.log())
         finally:
             s.kill()
+
+    def hooks(self, tmp):
+        """A hook script that appends its stdin event to tmp/events.jsonl."""
+        path = os.path.join(tmp, "hook.sh")
+        with open(path, "w") as f:
+            f.write(f"#!/bin/sh\ncat >> {tmp}/events.jsonl\n")
+        os.chmod(path, 0o755)
+        return path
+
+    def events(self, tmp):
+        try:
+            with open(os.path.join(tmp, "events.jsonl")) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def test_sigterm_drain_runs_hooks(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            hook = self.hooks(tmp)
+            s = Server("--region", "eu-west", "--hook", f"ready={hook}", "--hook", f"drain={hook}",
+                       "--hook", f"fault={hook}")
+            try:
+                st, _, data = s.get("/health/ready", key=None)
+                self.assertEqual((st, json.loads(data)), (200, {"status": "ready", "region": "eu-west"}))
+                self.assertIn('cparallel_info{model="smollm2-test",region="eu-west"}', s.get("/metrics")[2].decode())
+                result = {}
+                t = threading.Thread(target=lambda: result.update(r=s.post("/v1/completions", {
+                    "prompt": "Write an essay.", "max_tokens": 60, "ignore_eos": True, "temperature": 0})))
+                t.start()
+                deadline = time.time() + 20
+                while time.time() < deadline and s.metrics()["cparallel_running_sequences"] < 1:
+                    time.sleep(0.05)
+                s.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                try:
+                    st, r, headers = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+                    self.assertEqual((st, r["error"]["code"]), (503, "draining"), r)
+                    self.assertIn("Retry-After", headers)
+                except (ConnectionError, OSError):
+                    pass
+                t.join(60)
+                self.assertEqual(result["r"][0], 200, result["r"][1])
+                self.assertEqual(s.proc.wait(30), 0, s.log())
+                kinds = [e["kind"] for e in self.events(tmp)]
+                self.assertEqual(sorted(kinds), ["drain", "ready"], s.log())
+                drain = [e for e in self.events(tmp) if e["kind"] == "drain"][0]
+                self.assertEqual((drain["rank"], drain["region"], drain["in_flight"]), (0, "eu-west", 1))
+                self.assertEqual(drain["pid"], s.proc.pid)
+                for key in ("host", "time", "unix_time", "message"):
+                    self.assertIn(key, drain)
+            finally:
+                s.kill()
+
+    def test_sigusr1_fails_over(self):
+        """SIGUSR1: not ready at once, in-flight requests end with a retryable
+        error (plain: 503 server_fault; streams: an error event), the fault
+        hook runs once, the exit is non-zero."""
+        with tempfile.TemporaryDirectory() as tmp:
+            hook = self.hooks(tmp)
+            s = Server("--region", "us-east", "--hook", f"fault={hook}", "--hook", f"drain={hook}")
+            try:
+                result = {}
+                body = {"prompt": "Write an essay.", "max_tokens": 400, "ignore_eos": True,
+                        "temperature": 0}
+                t1 = threading.Thread(target=lambda: result.update(plain=s.post("/v1/completions", body)))
+                t2 = threading.Thread(target=lambda: result.update(
+                    stream=s.request("POST", "/v1/completions", dict(body, stream=True))))
+                t1.start()
+                t2.start()
+                deadline = time.time() + 20
+                while time.time() < deadline and s.metrics()["cparallel_running_sequences"] < 2:
+                    time.sleep(0.05)
+                t0 = time.time()
+                s.proc.send_signal(signal.SIGUSR1)
+                t1.join(30)
+                t2.join(30)
+                rc = s.proc.wait(30)
+                self.assertNotEqual(rc, 0, s.log())
+                self.assertLess(time.time() - t0, 15)
+                st, r, headers = result["plain"]
+                self.assertEqual((st, r["error"]["code"]), (503, "server_fault"), r)
+                self.assertIn("Retry-After", headers)
+                st, _, data = result["stream"]
+                self.assertEqual(st, 200)
+                events, done = sse_events(data)
+                self.assertTrue(done)
+                self.assertEqual(events[-1]["error"]["code"], "server_fault", events[-1])
+                evs = self.events(tmp)
+                self.assertEqual([e["kind"] for e in evs], ["fault"], s.log())
+                self.assertEqual((evs[0]["region"], evs[0]["in_flight"]), ("us-east", 2))
+                self.assertIn("SIGUSR1", evs[0]["message"])
+                self.assertIn("fault: a fault stop was requested", s.log())
+            finally:
+                s.kill()
+
+    def test_failed_step_is_a_fault(self):
+        """A forward step that fails (a device error, say) fails the server
+        over rather than answering errors forever."""
+        s = Server(env_extra={"CP_SCHED_FAIL_STEP": "3"})
+        try:
+            st, r, headers = s.post("/v1/completions", {"prompt": "Hello", "max_tokens": 8})
+            self.assertEqual((st, r["error"]["code"]), (503, "server_fault"), r)
+            self.assertIn("injected failure", r["error"]["message"])
+            self.assertNotEqual(s.proc.wait(30), 0, s.log())
+            self.assertIn("fault: a forward step failed", s.log())
+        finally:
+            s.kill()
+
+    def test_hook_errors_and_timeout(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for spec, msg in (("fault", "is not KIND=PATH"), ("panic=/bin/true", "unknown hook kind"),
+                              (f"fault={tmp}/missing", "No such file"),
+                              (f"fault={tmp}", "not an executable file")):
+                p = subprocess.run([ARGS.cparallel, "serve", "--model", ARGS.model, "--hook", spec],
+                                   capture_output=True, text=True, timeout=30)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertIn(msg, p.stderr)
+            slow = os.path.join(tmp, "slow.sh")
+            with open(slow, "w") as f:
+                f.write(f"#!/bin/sh\necho started > {tmp}/slow.out\nexec sleep 100\n")
+            os.chmod(slow, 0o755)
+            s = Server("--hook", f"fault={slow}", "--hook-timeout", "1")
+            try:
+                t0 = time.time()
+                s.proc.send_signal(signal.SIGUSR1)
+                self.assertNotEqual(s.proc.wait(30), 0)
+                self.assertLess(time.time() - t0, 10)
+                self.assertIn("killed after", s.log())
+                self.assertTrue(os.path.exists(f"{tmp}/slow.out"))
+            finally:
+                s.kill()
+            out = subprocess.run(["pgrep", "-f", slow], capture_output=True, text=True)
+            self.assertEqual(out.stdout.strip(), "", "the hook outlived its timeout")
 
     def test_drain_timeout_cancels(self):
         s = Server("--drain-timeout", "1")

@@ -48,8 +48,8 @@ MAX_TOKENS = 16
 class MpiServer:
     """mpirun -np N cparallel serve ... on 127.0.0.1:<free port>."""
 
-    def __init__(self, model, np_, tp=1, pp=1, extra=(), env=None):
-        cmd = [ARGS.mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none",
+    def __init__(self, model, np_, tp=1, pp=1, extra=(), env=None, mpi_args=()):
+        cmd = [ARGS.mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none", *mpi_args,
                ARGS.cparallel, "serve", "--model", model, "--port", "0", "--model-name", "m",
                "--threads", "1", "--ctx-size", "512", "--max-running", "8", "--no-progress",
                "--tp", str(tp), "--pp", str(pp), *extra]
@@ -276,6 +276,109 @@ class Faults(unittest.TestCase):
             self.assertLess(time.time() - t0, 60)
         finally:
             srv.kill()
+
+
+def gone(pid):
+    """Whether a process has ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+class Faults(unittest.TestCase):
+    """kill -9 of one rank of an np=4 serve under load: the other ranks
+    exit non-zero within the collective deadline, the fault hook runs once
+    with the right event, nothing is left behind. mpirun aborts a job whose
+    rank died a second later by default; --mca odls_base_sigkill_timeout
+    gives the ranks the time to report it themselves, as srun does."""
+
+    TIMEOUT = 5
+
+    def kill_one(self, victim):
+        with tempfile.TemporaryDirectory() as tmp:
+            hook = os.path.join(tmp, "hook.sh")
+            with open(hook, "w") as f:
+                f.write(f"#!/bin/sh\ncat >> {tmp}/events.jsonl\n")
+            os.chmod(hook, 0o755)
+            srv = MpiServer(ARGS.model, 4, 1, 4, mpi_args=("--mca", "odls_base_sigkill_timeout", "12"),
+                            extra=("--collective-timeout", str(self.TIMEOUT), "--region", "test-r",
+                                   "--hook", f"fault={hook}"))
+            try:
+                self.assertEqual(srv.get("/health/ready")[0], 200, srv.log())
+                ranks = srv.ranks()
+                self.assertEqual(sorted(ranks), [0, 1, 2, 3], srv.log())
+                results = [None] * 6
+
+                def one(i):
+                    try:
+                        results[i] = srv.post("/v1/completions", {
+                            "prompt": f"Story {i}:", "max_tokens": 200, "ignore_eos": True,
+                            "stream": i % 2 == 0}, timeout=60)
+                    except (OSError, http.client.HTTPException) as e:
+                        results[i] = ("dropped", str(e))
+
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+                for t in threads:
+                    t.start()
+                time.sleep(1.5)  # under load: every request is running
+                os.kill(ranks[victim], signal.SIGKILL)
+                t0 = time.time()
+                survivors = [pid for r, pid in ranks.items() if r != victim]
+                while time.time() - t0 < 60 and not all(gone(p) for p in survivors):
+                    time.sleep(0.1)
+                took = time.time() - t0
+                self.assertTrue(all(gone(p) for p in survivors), srv.log())
+                # the deadline, its diagnosis and the hook: well under 4 deadlines
+                self.assertLess(took, 4 * self.TIMEOUT, srv.log())
+                for t in threads:
+                    t.join(60)
+                rc = srv.proc.wait(60)
+                self.assertNotEqual(rc, 0, srv.log())
+                log = srv.log()
+                for i, r in enumerate(results):
+                    # when rank 0 lives each ends with a retryable error (else the
+                    # connections drop)
+                    self.assertIsNotNone(r)
+                    if victim != 0:
+                        st, data = r
+                        if i % 2 == 0:
+                            self.assertEqual(st, 200, data)
+                            self.assertIn(b'"code":"server_fault"', data)
+                        else:
+                            self.assertEqual(st, 503, data)
+                            self.assertEqual(json.loads(data)["error"]["code"], "server_fault")
+                with open(os.path.join(tmp, "events.jsonl")) as f:
+                    events = [json.loads(line) for line in f]
+                self.assertEqual(len(events), 1, log)
+                ev = events[0]
+                self.assertEqual((ev["kind"], ev["region"]), ("fault", "test-r"))
+                if victim == 0:
+                    self.assertEqual(ev["rank"], 1)
+                    self.assertIn("rank 0 is gone", ev["message"])
+                else:
+                    self.assertEqual(ev["rank"], 0)
+                    # the ranks time out around the same moment, so the one named
+                    # may be the dead rank or one that already gave up on it
+                    self.assertIn("timed out", ev["message"])
+                    self.assertEqual(ev["in_flight"], 6)
+                    self.assertIn("the server stopped after a failure", log)
+                self.assertEqual(log.count("serving stopped"), 3 if victim == 0 else 2, log)
+                left = subprocess.run(["pgrep", "-f", hook], capture_output=True, text=True).stdout
+                self.assertEqual(left.strip(), "")
+                self.assertFalse([f for f in os.listdir("/dev/shm")
+                                  if f.startswith(f"cparallel-fault-{ranks[0]}-")])
+                print(f"  kill -9 rank {victim}: other ranks gone after {took:.1f} s, "
+                      f"hook ran on rank {ev['rank']}", file=sys.stderr)
+            finally:
+                srv.kill()
+
+    def test_kill_follower_under_load(self):
+        self.kill_one(2)
+
+    def test_kill_rank0_under_load(self):
+        self.kill_one(0)
 
 
 def make_rand_model(tmp):
