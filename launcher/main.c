@@ -2,6 +2,7 @@
  * options, builds the engine through the runtime API, and turns statuses
  * into exit codes (0 ok, 1 runtime error, 2 usage error). */
 #include "cli.h"
+#include "cmd_eval.h"
 #include "cmd_serve.h"
 #include "cmd_synth.h"
 #include "ranks.h"
@@ -366,6 +367,7 @@ static void usage(FILE *f) {
             "cparallel %s - serve and run large language models across ranks\n\n"
             "usage: cparallel <command> [options]\n\n"
             "commands:\n"
+            "  eval       perplexity on a text; KL and top-1 agreement against a reference\n"
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
             "  serve      serve the model over an OpenAI-compatible HTTP API\n"
@@ -383,6 +385,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
+    if (!strcmp(cmd, "eval")) return cp_cli_eval(argc, argv);
     if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
     if (!strcmp(cmd, "serve")) return cp_cli_serve(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {

@@ -1,0 +1,139 @@
+/* eval.c - sliding-window perplexity, and KL divergence and top-1
+ * agreement against a reference, computed in double precision from the
+ * full logits of each window (cp_engine_logits). */
+#include "cp_eval.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cp_model.h"
+
+/* log-sum-exp of z[V] and its argmax (first of ties). */
+static double lse_argmax(const float *z, int V, int *amax) {
+    int best = 0;
+    for (int v = 1; v < V; v++)
+        if (z[v] > z[best]) best = v;
+    double mx = z[best], s = 0;
+    for (int v = 0; v < V; v++)
+        s += exp((double)z[v] - mx);
+    *amax = best;
+    return mx + log(s);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double quantile(const double *sorted, int64_t n, double q) {
+    if (n <= 0) return 0;
+    double at = q * (double)(n - 1);
+    int64_t i = (int64_t)at;
+    if (i >= n - 1) return sorted[n - 1];
+    double f = at - (double)i;
+    return sorted[i] * (1 - f) + sorted[i + 1] * f;
+}
+
+cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, size_t n,
+                       const cp_eval_opts *opts, cp_eval_result *out) {
+    if (!m || !tokens || !out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_eval_text: NULL argument");
+    memset(out, 0, sizeof(*out));
+    if (n < 2) return CP_ERROR(CP_ERR_INVALID_ARG, "the text has %zu token(s); at least 2 are needed", n);
+    cp_eval_opts o = opts ? *opts : (cp_eval_opts){0};
+    int n_ctx = cp_engine_n_ctx(m);
+    if (ref && cp_engine_n_ctx(ref) < n_ctx) n_ctx = cp_engine_n_ctx(ref);
+    int ctx = o.ctx > 0 ? o.ctx : (n_ctx < 512 ? n_ctx : 512);
+    if (ctx > n_ctx)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "a window of %d tokens does not fit the context of %d (raise --ctx-size or "
+                        "lower --ctx)",
+                        ctx, n_ctx);
+    if (ctx < 2) return CP_ERROR(CP_ERR_INVALID_ARG, "a window needs at least 2 tokens, not %d", ctx);
+    int stride = o.stride > 0 ? o.stride : ctx / 2;
+    /* the token a window starts with has no prediction inside it: windows
+     * overlap by at least one token so that every token is scored */
+    if (stride > ctx - 1)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "a stride of %d would leave tokens unscored: it must be below the window "
+                        "(%d)",
+                        stride, ctx);
+    const int V = cp_model_get_config(cp_engine_model(m))->n_vocab;
+    if (ref && cp_model_get_config(cp_engine_model(ref))->n_vocab != V)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "the reference has a vocabulary of %d tokens, the model %d: they must "
+                        "share one tokenizer",
+                        cp_model_get_config(cp_engine_model(ref))->n_vocab, V);
+    for (size_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= V)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "token %zu is %d, outside the vocabulary of %d", i,
+                            (int)tokens[i], V);
+
+    cp_status st = CP_OK;
+    float *zm = malloc((size_t)ctx * V * sizeof(float));
+    float *zr = ref ? malloc((size_t)ctx * V * sizeof(float)) : NULL;
+    double *kl = ref ? malloc(n * sizeof(double)) : NULL;
+    if (!zm || (ref && (!zr || !kl))) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory for the logits of a %d-token window (%d tokens "
+                      "of vocabulary)", ctx, V);
+        goto done;
+    }
+    double t0 = cp_time_now(), nll = 0, ref_nll = 0;
+    int64_t scored = 0, agree = 0;
+    size_t prev_end = 0;
+    for (size_t begin = 0;; begin += (size_t)stride) {
+        size_t end = begin + (size_t)ctx < n ? begin + (size_t)ctx : n;
+        size_t first = prev_end > begin + 1 ? prev_end : begin + 1;
+        int len = (int)(end - begin);
+        CP_CHECK_GOTO(cp_engine_logits(m, tokens + begin, len, zm), st, done);
+        if (ref) CP_CHECK_GOTO(cp_engine_logits(ref, tokens + begin, len, zr), st, done);
+        for (size_t t = first; t < end; t++) {
+            const size_t row = t - 1 - begin;
+            const float *a = zm + row * (size_t)V;
+            int am, ar;
+            double lm = lse_argmax(a, V, &am);
+            nll -= (double)a[tokens[t]] - lm;
+            if (ref) {
+                const float *b = zr + row * (size_t)V;
+                double lr = lse_argmax(b, V, &ar);
+                ref_nll -= (double)b[tokens[t]] - lr;
+                double d = 0;
+                for (int v = 0; v < V; v++) {
+                    double lpr = (double)b[v] - lr, lpm = (double)a[v] - lm;
+                    d += exp(lpr) * (lpr - lpm);
+                }
+                kl[scored] = d > 0 ? d : 0; /* rounding can leave -1e-17 */
+                agree += am == ar;
+            }
+            scored++;
+        }
+        out->n_windows++;
+        prev_end = end;
+        if (o.progress) o.progress(o.progress_user, end, n);
+        if (end == n) break;
+    }
+    out->n_scored = scored;
+    out->ctx = ctx;
+    out->stride = stride;
+    out->nll = nll / (double)scored;
+    out->ppl = exp(out->nll);
+    if (ref) {
+        out->ref_nll = ref_nll / (double)scored;
+        out->ref_ppl = exp(out->ref_nll);
+        double sum = 0;
+        for (int64_t i = 0; i < scored; i++)
+            sum += kl[i];
+        qsort(kl, (size_t)scored, sizeof(double), cmp_double);
+        out->kl_mean = sum / (double)scored;
+        out->kl_p50 = quantile(kl, scored, 0.50);
+        out->kl_p99 = quantile(kl, scored, 0.99);
+        out->kl_max = kl[scored - 1];
+        out->top1 = (double)agree / (double)scored;
+    }
+    out->seconds = cp_time_now() - t0;
+done:
+    free(zm);
+    free(zr);
+    free(kl);
+    return st;
+}
