@@ -9,7 +9,7 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake pkg-config git ca-certificates python3 python3-pip unzip \
   libjansson-dev libgtest-dev googletest \
-  libmicrohttpd-dev libcurl4-openssl-dev curl python3-venv \
+  libmicrohttpd-dev libcurl4-openssl-dev curl python3-venv python3-doc \
   openmpi-bin libopenmpi-dev slurm-wlm \
   clang libclang-rt-14-dev >/dev/null
 # The server tests drive `cparallel serve` with the official openai client,

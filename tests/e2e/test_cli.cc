@@ -9,6 +9,7 @@ extern "C" {
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -256,6 +257,53 @@ TEST(Cli, MultiRankGenerateEqualsSingleRank) {
     Result three = run_mpi(3, args + " --tp 3");
     ASSERT_EQ(three.code, 0) << three.err;
     EXPECT_NE(three.out.find("The capital of France is Paris."), std::string::npos) << three.out;
+}
+
+// English prose nobody on the project wrote: the Python tutorial's first
+// chapter, from Debian's python3-doc (scripts/install_deps.sh installs it).
+std::string eval_text() {
+    for (const char *v : {"3.11", "3.12", "3.13", "3"}) {
+        std::string p = std::string("/usr/share/doc/python") + v +
+                        "/html/_sources/tutorial/appetite.rst.txt";
+        if (std::ifstream(p).good()) return p;
+    }
+    return "";
+}
+
+double json_number(const std::string &json, const std::string &key) {
+    std::smatch m;
+    if (!std::regex_search(json, m, std::regex("\"" + key + "\":([-0-9.eE+]+)"))) return NAN;
+    return std::stod(m[1]);
+}
+
+TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    std::string text = eval_text();
+    if (text.empty()) GTEST_SKIP() << "no evaluation text (install python3-doc)";
+    std::string args = "eval --no-progress --json --model " + model() + " --text " + text +
+                       " --ctx 128 --max-tokens 300";
+    Result one = run(args + " --reference " + model());
+    ASSERT_EQ(one.code, 0) << one.err;
+    double ppl = json_number(one.out, "ppl");
+    // a 135M model on plain English prose: neither chance (49152) nor memorized
+    EXPECT_GT(ppl, 5.0) << one.out;
+    EXPECT_LT(ppl, 60.0) << one.out;
+    EXPECT_EQ(json_number(one.out, "tokens"), 300) << one.out;
+    EXPECT_DOUBLE_EQ(json_number(one.out, "top1"), 1.0) << one.out;
+    EXPECT_LT(json_number(one.out, "kl_max"), 1e-9) << one.out;
+    if (!mpirun(2).empty()) {
+        Result two = run_mpi(2, args + " --pp 2");
+        ASSERT_EQ(two.code, 0) << two.err;
+        // pipeline stages compute what one rank does
+        EXPECT_NEAR(json_number(two.out, "ppl"), ppl, 1e-6 * ppl) << two.out;
+    }
+    Result bad = run("eval --model " + model() + " --text " + text + " --ctx 64 --stride 64");
+    EXPECT_EQ(bad.code, 2);
+    EXPECT_NE(bad.err.find("--stride 64 must be below --ctx 64"), std::string::npos) << bad.err;
+    bad = run("eval --no-progress --model " + model() + " --text /nonexistent/text.txt");
+    EXPECT_EQ(bad.code, 1);
+    EXPECT_NE(bad.err.find("cannot open the text '/nonexistent/text.txt'"), std::string::npos)
+        << bad.err;
 }
 
 TEST(Cli, MultiRankLayoutMismatchIsAnError) {
