@@ -3,6 +3,7 @@
  * into exit codes (0 ok, 1 runtime error, 2 usage error). */
 #include "cli.h"
 #include "cmd_eval.h"
+#include "cmd_quantize.h"
 #include "cmd_serve.h"
 #include "cmd_synth.h"
 #include "ranks.h"
@@ -370,6 +371,7 @@ static void usage(FILE *f) {
             "  eval       perplexity on a text; KL and top-1 agreement against a reference\n"
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
+            "  quantize   rewrite a GGUF model in a smaller weight type, accuracy checked\n"
             "  serve      serve the model over an OpenAI-compatible HTTP API\n"
             "  synth      write a random-weight model of a real architecture (benchmarks)\n"
             "  version    print the version\n\n"
@@ -386,6 +388,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
     if (!strcmp(cmd, "eval")) return cp_cli_eval(argc, argv);
+    if (!strcmp(cmd, "quantize")) return cp_cli_quantize(argc, argv);
     if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
     if (!strcmp(cmd, "serve")) return cp_cli_serve(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {

@@ -27,6 +27,10 @@ typedef struct cp_plan_shape {
      * weight types: split points inside a row must fall on block boundaries.
      * 1 for unquantized weights. */
     int row_block;
+    /* When > 0, the attention output's own block, and row_block is then the
+     * FFN down's alone (a mixed model, e.g. Q4_K FFN down with a Q4_0
+     * attention output); 0: row_block covers both. */
+    int attn_row_block;
 } cp_plan_shape;
 
 typedef struct cp_plan_opts {

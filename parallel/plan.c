@@ -22,7 +22,8 @@ static bool tp_heads_ok(const cp_plan_shape *s, int tp) {
     if (s->n_head % tp != 0) return false;
     if (!(s->n_head_kv % tp == 0 || tp % s->n_head_kv == 0)) return false;
     /* the row-parallel O projection is cut after each rank's heads */
-    if (((s->n_head / tp) * s->head_dim) % s->row_block != 0) return false;
+    int block = s->attn_row_block > 0 ? s->attn_row_block : s->row_block;
+    if (((s->n_head / tp) * s->head_dim) % block != 0) return false;
     return true;
 }
 

@@ -95,6 +95,12 @@ bool cp_gguf_get_bool_or(cp_gguf_t g, const char *key, bool dflt);
  * returns false when the key is missing or not a string. */
 bool cp_gguf_get_str_buf(cp_gguf_t g, const char *key, char *buf, size_t cap);
 
+/* The metadata section as stored (all n_kv entries, in the file's
+ * encoding), for writing a new file with the same metadata. */
+const void *cp_gguf_kv_bytes(cp_gguf_t g, size_t *len);
+/* The tensor data alignment (general.alignment, default 32). */
+size_t cp_gguf_alignment(cp_gguf_t g);
+
 /* ---- tensors --------------------------------------------------------- */
 int64_t cp_gguf_n_tensors(cp_gguf_t g);
 /* Tensor i as a cp_weight_info (name NUL-terminated, data inside the map). */

@@ -50,6 +50,7 @@ struct cp_gguf {
     char *names; /* NUL-terminated copies of the tensor names */
     size_t alignment;
     size_t data_offset;
+    size_t kv_begin, kv_end; /* the metadata section's bytes */
 };
 
 typedef struct cursor {
@@ -266,6 +267,7 @@ static cp_status parse(cp_gguf_t g) {
 
     char what[160];
     c.what = what;
+    g->kv_begin = c.off;
     for (uint64_t i = 0; i < n_kv; i++) {
         gguf_kv *kv = &g->kv[i];
         snprintf(what, sizeof(what), "metadata entry %llu", (unsigned long long)i);
@@ -282,6 +284,7 @@ static cp_status parse(cp_gguf_t g) {
                 return CP_ERROR(CP_ERR_FORMAT, "GGUF file is corrupt: duplicate %s", what);
     }
 
+    g->kv_end = c.off;
     g->alignment = GGUF_DEFAULT_ALIGNMENT;
     int64_t ai = cp_gguf_find_key(g, "general.alignment");
     if (ai >= 0) {
@@ -474,6 +477,13 @@ size_t cp_gguf_data_offset(cp_gguf_t g) { return g->data_offset; }
 uint32_t cp_gguf_version(cp_gguf_t g) { return g->version; }
 size_t cp_gguf_file_size(cp_gguf_t g) { return g->size; }
 int64_t cp_gguf_n_kv(cp_gguf_t g) { return g->n_kv; }
+
+const void *cp_gguf_kv_bytes(cp_gguf_t g, size_t *len) {
+    *len = g->kv_end - g->kv_begin;
+    return g->base + g->kv_begin;
+}
+
+size_t cp_gguf_alignment(cp_gguf_t g) { return g->alignment; }
 
 int64_t cp_gguf_find_key(cp_gguf_t g, const char *key) {
     for (int64_t i = 0; i < g->n_kv; i++)

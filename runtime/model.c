@@ -269,14 +269,16 @@ static cp_status llama3_freq_factors(cp_model_t m) {
     return st;
 }
 
-/* The largest block size of the row-parallel matrices (attention output,
- * FFN down): tensor-parallel split points must fall on its multiples. */
-static int row_block(cp_model_t m) {
+/* The largest block size of the row-parallel matrices (names: attention
+ * output, FFN down): tensor-parallel split points must fall on its
+ * multiples. */
+static int row_block(cp_model_t m, bool attn, bool ffn) {
     int rb = 1;
     char name[64];
     for (int l = 0; l < m->cfg.n_layer; l++) {
         const char *names[2] = {"attn_output.weight", "ffn_down.weight"};
         for (int k = 0; k < 2; k++) {
+            if ((k == 0 && !attn) || (k == 1 && !ffn)) continue;
             snprintf(name, sizeof(name), "blk.%d.%s", l, names[k]);
             const cp_weight_info *w = find_weight(m, name);
             if (w && cp_dtype_block_size(w->dtype) > rb) rb = (int)cp_dtype_block_size(w->dtype);
@@ -287,7 +289,8 @@ static int row_block(cp_model_t m) {
 
 static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     const cp_model_config *c = &m->cfg;
-    cp_plan_shape s = {c->n_layer, c->n_head, c->n_head_kv, c->head_dim, c->ffn_dim, c->n_vocab, row_block(m)};
+    cp_plan_shape s = {c->n_layer,  c->n_head,  c->n_head_kv,           c->head_dim,
+                       c->ffn_dim,  c->n_vocab, row_block(m, false, true), row_block(m, true, false)};
     cp_plan_opts po = {o->tp > 0 ? o->tp : 1, o->pp > 0 ? o->pp : 1, o->edge_layer_discount};
     CP_CHECK(cp_plan_init(&s, &po, o->rank, &m->plan));
     if (o->inspect_only) return CP_OK;

@@ -306,6 +306,35 @@ TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
         << bad.err;
 }
 
+TEST(Cli, QuantizeWritesOnlyWithinTheAccuracyBound) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    std::string text = eval_text();
+    if (text.empty()) GTEST_SKIP() << "no evaluation text (install python3-doc)";
+    std::string out = ::testing::TempDir() + "quant_cli_" + std::to_string(getpid()) + ".gguf";
+    std::string common = "quantize --no-progress --model " + model() + " --out " + out +
+                         " --eval-ctx 128 --eval-tokens 300";
+    // Q4_K (Q4_0 where rows are 576 wide) re-quantizing Q4_1 weights: > 5%
+    Result r = run(common + " --type q4_k");
+    EXPECT_EQ(r.code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find("not written: perplexity rose by"), std::string::npos) << r.err;
+    EXPECT_NE(r.out.find("KL(orig || quant)"), std::string::npos) << r.out;
+    EXPECT_FALSE(std::ifstream(out).good()) << "nothing may be left at --out";
+    r = run(common + " --type q4_k --force");
+    EXPECT_EQ(r.code, 0) << r.err;
+    EXPECT_TRUE(std::ifstream(out).good());
+    // Q8_0 stays within the bound and the result generates text
+    r = run(common + " --type q8_0 --max-ppl-increase 3");
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+    EXPECT_NE(r.out.find("written"), std::string::npos) << r.out;
+    r = run("generate --no-progress --model " + out + " --prompt 'The capital of France is' --temperature 0 -n 4");
+    EXPECT_EQ(r.code, 0) << r.err;
+    EXPECT_NE(r.out.find("Paris"), std::string::npos) << r.out;
+    r = run("quantize --model " + model() + " --out " + out + " --type q3_k");
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("invalid value 'q3_k' for --type"), std::string::npos) << r.err;
+    unlink(out.c_str());
+}
+
 TEST(Cli, MultiRankLayoutMismatchIsAnError) {
     if (!have_model()) GTEST_SKIP() << "default model not present";
     if (mpirun(2).empty()) GTEST_SKIP() << "mpirun not installed";

@@ -144,6 +144,17 @@ TEST(Plan, RefusesLayoutsThatDoNotFitAndNamesValidOnes) {
     EXPECT_EQ(cp_plan_init(&k, &tp4, 0, &p), CP_ERR_INVALID_ARG);
     EXPECT_NE(std::string(cp_last_error_detail()).find("quantization block"), std::string::npos);
 
+    // a mixed model: 256-element blocks in FFN down, 32 in the attention
+    // output (SmolLM2 quantized to Q4_K, whose 576-wide rows fall back to Q4_0)
+    cp_plan_shape mixed = {30, 9, 3, 64, 1536, 49152, 256, 32};
+    cp_plan_opts tp1 = {1, 1, 0}, tp3 = {3, 1, 0};
+    EXPECT_EQ(cp_plan_init(&mixed, &tp1, 0, &p), CP_OK) << cp_last_error();
+    EXPECT_EQ(cp_plan_init(&mixed, &tp3, 2, &p), CP_OK) << cp_last_error();
+    EXPECT_EQ((p.ffn_end - p.ffn_begin) % 256, 0);
+    cp_plan_shape coarse = mixed;
+    coarse.attn_row_block = 0; // one block for both: 576 is not whole 256-blocks
+    EXPECT_EQ(cp_plan_init(&coarse, &tp1, 0, &p), CP_ERR_INVALID_ARG);
+
     cp_plan_opts bad_rank = {3, 1, 0};
     EXPECT_EQ(cp_plan_init(&s, &bad_rank, 3, &p), CP_ERR_INVALID_ARG);
     cp_plan_opts zero = {0, 1, 0};

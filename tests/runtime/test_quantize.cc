@@ -1,0 +1,178 @@
+// test_quantize.cc - cp_quantize_gguf on the default model: the output is a
+// GGUF with the same metadata, names and shapes, matrices in the target
+// type (or its fallback), values within the type's rounding, and a model
+// that loads and stays close to the original; bad input fails cleanly.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "cp_backend.h"
+#include "cp_eval.h"
+#include "cp_gguf.h"
+#include "cp_quantize.h"
+#include "cp_runtime.h"
+#include "cp_tokenizer.h"
+
+namespace {
+
+std::string model_path() {
+    const char *e = getenv("CP_TEST_MODEL");
+    return (e && *e) ? e : CP_SOURCE_DIR "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+bool have_model() { return access(model_path().c_str(), R_OK) == 0; }
+
+std::string tmp_path(const char *name) {
+    return ::testing::TempDir() + "quant_" + std::to_string(getpid()) + "_" + name;
+}
+
+struct Gguf {
+    cp_gguf_t g = nullptr;
+    explicit Gguf(const std::string &p) { EXPECT_EQ(cp_gguf_open(p.c_str(), &g), CP_OK) << cp_last_error(); }
+    ~Gguf() { cp_gguf_close(g); }
+};
+
+std::vector<float> dequant(const cp_weight_info *w, int64_t row) {
+    cp_backend_t be = nullptr;
+    EXPECT_EQ(cp_backend_cpu_init(1, &be), CP_OK);
+    std::vector<float> out((size_t)w->ne[0]);
+    size_t rb = cp_dtype_row_size(w->dtype, w->ne[0]);
+    cp_tensor t = cp_tensor_2d(w->dtype, 1, w->ne[0], (char *)w->data + rb * (size_t)row);
+    EXPECT_EQ(cp_backend_dequantize(be, &t, 0, 1, out.data()), CP_OK);
+    cp_backend_free(be);
+    return out;
+}
+
+TEST(Quantize, Q8KeepsTheFileAndTheModel) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    std::string out = tmp_path("q8.gguf");
+    cp_quantize_opts o = {};
+    o.type = CP_DTYPE_Q8_0;
+    cp_quantize_stats st;
+    ASSERT_EQ(cp_quantize_gguf(model_path().c_str(), out.c_str(), &o, &st), CP_OK) << cp_last_error();
+    EXPECT_EQ(st.n_fallback, 0);
+    {
+        Gguf a(model_path()), b(out);
+        ASSERT_TRUE(a.g && b.g);
+        size_t la = 0, lb = 0;
+        const void *ka = cp_gguf_kv_bytes(a.g, &la), *kb = cp_gguf_kv_bytes(b.g, &lb);
+        ASSERT_EQ(la, lb);
+        EXPECT_EQ(memcmp(ka, kb, la), 0) << "the metadata is copied as is";
+        ASSERT_EQ(cp_gguf_n_tensors(a.g), cp_gguf_n_tensors(b.g));
+        int matrices = 0;
+        for (int64_t i = 0; i < cp_gguf_n_tensors(a.g); i++) {
+            const cp_weight_info *x = cp_gguf_tensor(a.g, i), *y = cp_gguf_tensor(b.g, i);
+            ASSERT_STREQ(x->name, y->name);
+            ASSERT_EQ(x->ndim, y->ndim);
+            for (int d = 0; d < x->ndim; d++) EXPECT_EQ(x->ne[d], y->ne[d]) << x->name;
+            if (x->ndim == 1) {
+                EXPECT_EQ(y->dtype, x->dtype) << x->name;
+                ASSERT_EQ(memcmp(x->data, y->data, x->nbytes), 0) << x->name;
+                continue;
+            }
+            EXPECT_EQ(y->dtype, CP_DTYPE_Q8_0) << x->name;
+            matrices++;
+            // q8_0: each value within half a step (absmax / 127 / 2) of the input,
+            // plus the fp16 rounding of the step (2^-11 relative, times up to 127)
+            for (int64_t r : {(int64_t)0, x->ne[1] / 2, x->ne[1] - 1}) {
+                std::vector<float> u = dequant(x, r), v = dequant(y, r);
+                for (size_t c = 0; c < u.size(); c += 32) {
+                    float amax = 0;
+                    for (size_t k = c; k < c + 32; k++) amax = std::max(amax, std::fabs(u[k]));
+                    for (size_t k = c; k < c + 32; k++)
+                        ASSERT_LE(std::fabs(u[k] - v[k]), amax / 127.0f * (0.5f + 127.0f / 2048.0f) + 1e-7f)
+                            << x->name << " row " << r << " col " << k;
+                }
+            }
+        }
+        EXPECT_EQ(matrices, st.n_quantized + (st.n_kept - 61));
+    }
+    // the written model loads and predicts as the original nearly does
+    cp_engine_opts eo = {};
+    eo.n_threads = 2;
+    eo.n_ctx = 64;
+    eo.n_seq = 1;
+    eo.kv_f32 = true;
+    cp_engine_t a = nullptr, b = nullptr;
+    std::string mp = model_path();
+    eo.model_path = mp.c_str();
+    ASSERT_EQ(cp_engine_init(&eo, &a), CP_OK) << cp_last_error();
+    eo.model_path = out.c_str();
+    ASSERT_EQ(cp_engine_init(&eo, &b), CP_OK) << cp_last_error();
+    const char *text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest.";
+    int32_t *ids = nullptr;
+    size_t n = 0;
+    ASSERT_EQ(cp_tokenizer_encode(cp_engine_tokenizer(a), text, strlen(text), true, false, &ids, &n), CP_OK);
+    cp_eval_opts eopt = {};
+    eopt.ctx = 64;
+    cp_eval_result res;
+    ASSERT_EQ(cp_eval_text(b, a, ids, n, &eopt, &res), CP_OK) << cp_last_error();
+    EXPECT_LT(res.kl_mean, 0.05);
+    EXPECT_LT(std::fabs(res.ppl / res.ref_ppl - 1), 0.05);
+    free(ids);
+    cp_engine_free(a);
+    cp_engine_free(b);
+    unlink(out.c_str());
+}
+
+TEST(Quantize, Q4KFallsBackWhereRowsAreNotWholeBlocksAndLoads) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    std::string out = tmp_path("q4k.gguf");
+    cp_quantize_opts o = {};
+    o.type = CP_DTYPE_Q4_K;
+    cp_quantize_stats st;
+    ASSERT_EQ(cp_quantize_gguf(model_path().c_str(), out.c_str(), &o, &st), CP_OK) << cp_last_error();
+    // SmolLM2: FFN down rows are 1536 wide (6 blocks of 256); every other
+    // matrix is 576 wide, which only 32-element blocks divide
+    EXPECT_EQ(st.n_quantized, 30);
+    EXPECT_GT(st.n_fallback, 0);
+    EXPECT_EQ(st.fallback_type, CP_DTYPE_Q4_0);
+    EXPECT_LT(st.bytes_out, st.bytes_in);
+    cp_engine_opts eo = {};
+    eo.model_path = out.c_str();
+    eo.n_threads = 2;
+    eo.n_ctx = 64;
+    eo.n_seq = 1;
+    cp_engine_t e = nullptr;
+    EXPECT_EQ(cp_engine_init(&eo, &e), CP_OK) << cp_last_error();
+    cp_engine_free(e);
+    unlink(out.c_str());
+}
+
+TEST(Quantize, BadInputFailsCleanly) {
+    cp_quantize_opts o = {};
+    o.type = CP_DTYPE_Q8_0;
+    cp_quantize_stats st;
+    std::string out = tmp_path("bad.gguf");
+    EXPECT_EQ(cp_quantize_gguf("/nonexistent/model.gguf", out.c_str(), &o, &st), CP_ERR_IO);
+    EXPECT_NE(std::string(cp_last_error()).find("/nonexistent/model.gguf"), std::string::npos);
+    if (!have_model()) return;
+    EXPECT_EQ(cp_quantize_gguf(model_path().c_str(), "/nonexistent/dir/out.gguf", &o, &st), CP_ERR_IO);
+    EXPECT_NE(std::string(cp_last_error()).find("/nonexistent/dir/out.gguf"), std::string::npos);
+    o.type = CP_DTYPE_I32;
+    EXPECT_EQ(cp_quantize_gguf(model_path().c_str(), out.c_str(), &o, &st), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(access(out.c_str(), F_OK), -1) << "nothing written";
+    // a truncated input is a format error, not a crash
+    std::string cut = tmp_path("cut.gguf");
+    FILE *src = fopen(model_path().c_str(), "rb");
+    FILE *dst = fopen(cut.c_str(), "wb");
+    ASSERT_TRUE(src && dst);
+    std::vector<char> buf(1 << 20);
+    size_t r = fread(buf.data(), 1, buf.size(), src);
+    fwrite(buf.data(), 1, r, dst);
+    fclose(src);
+    fclose(dst);
+    o.type = CP_DTYPE_Q8_0;
+    EXPECT_EQ(cp_quantize_gguf(cut.c_str(), out.c_str(), &o, &st), CP_ERR_FORMAT);
+    unlink(cut.c_str());
+    unlink(out.c_str());
+}
+
+}  // namespace
