@@ -4,6 +4,7 @@
 #include "cli.h"
 #include "cmd_eval.h"
 #include "cmd_quantize.h"
+#include "cmd_route.h"
 #include "cmd_serve.h"
 #include "cmd_synth.h"
 #include "ranks.h"
@@ -372,6 +373,7 @@ static void usage(FILE *f) {
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
             "  quantize   rewrite a GGUF model in a smaller weight type, accuracy checked\n"
+            "  route      route OpenAI API requests across deployments, with failover\n"
             "  serve      serve the model over an OpenAI-compatible HTTP API\n"
             "  synth      write a random-weight model of a real architecture (benchmarks)\n"
             "  version    print the version\n\n"
@@ -391,6 +393,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "quantize")) return cp_cli_quantize(argc, argv);
     if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
     if (!strcmp(cmd, "serve")) return cp_cli_serve(argc, argv);
+    if (!strcmp(cmd, "route")) return cp_cli_route(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("cparallel %s\n", VERSION);
         return 0;
