@@ -175,3 +175,54 @@ void cli_on_progress(void *user, size_t done, size_t total) {
     }
     p->last = pct;
 }
+
+bool cli_read_file(const char *cmd, const char *what, const char *path, unsigned max_mb,
+                   char **out, size_t *len) {
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "cparallel %s: error: cannot open the %s '%s': %s\n", cmd, what, path,
+                strerror(errno));
+        return false;
+    }
+    const size_t max = (size_t)max_mb << 20;
+    char *buf = NULL;
+    size_t cap = 0, n = 0;
+    const char *why = NULL;
+    for (;;) {
+        if (n + 4096 + 1 > cap) {
+            size_t want = cap ? 2 * cap : 65536;
+            if (want > max + 4097) want = max + 4097;
+            char *nb = want > cap ? realloc(buf, want) : NULL;
+            if (!nb) {
+                why = "out of memory";
+                break;
+            }
+            buf = nb;
+            cap = want;
+        }
+        size_t r = fread(buf + n, 1, cap - n - 1, f);
+        n += r;
+        if (n > max) {
+            why = "too large";
+            break;
+        }
+        if (r == 0) break;
+    }
+    if (!why && ferror(f)) why = "a read error";
+    fclose(f);
+    if (why) {
+        if (!strcmp(why, "too large"))
+            fprintf(stderr, "cparallel %s: error: the %s '%s' is larger than %u MB\n", cmd, what,
+                    path, max_mb);
+        else
+            fprintf(stderr, "cparallel %s: error: cannot read the %s '%s': %s\n", cmd, what, path,
+                    why);
+        free(buf);
+        return false;
+    }
+    buf[n] = '\0';
+    *out = buf;
+    if (len) *len = n;
+    return true;
+}

@@ -57,6 +57,13 @@ typedef struct cli_progress {
 } cli_progress;
 void cli_on_progress(void *user, size_t done, size_t total);
 
+/* Reads a whole file (NUL-terminated, *len bytes without it) of at most
+ * max_mb megabytes into *out (malloc'd). On failure prints one line naming
+ * the file as "the WHAT" ("cparallel CMD: error: cannot open the text
+ * 'x'") and returns false. */
+bool cli_read_file(const char *cmd, const char *what, const char *path, unsigned max_mb,
+                   char **out, size_t *len);
+
 /* Prints "cparallel: error: <detail of the last runtime error>" to stderr. */
 void cli_report_error(const char *what);
 

@@ -15,45 +15,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MAX_TEXT (256u << 20)
-
-static char *read_text(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "cparallel eval: error: cannot open the text '%s'\n", path);
-        return NULL;
-    }
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n + 65536 + 1 > cap) {
-            cap = cap ? 2 * cap : 1 << 20;
-            char *nb = cap <= MAX_TEXT ? realloc(buf, cap) : NULL;
-            if (!nb) {
-                fprintf(stderr, "cparallel eval: error: the text '%s' is %s\n", path,
-                        cap > MAX_TEXT ? "larger than 256 MB" : "too large for memory");
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0) break;
-    }
-    bool err = ferror(f);
-    fclose(f);
-    if (err) {
-        fprintf(stderr, "cparallel eval: error: cannot read the text '%s'\n", path);
-        free(buf);
-        return NULL;
-    }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
-}
-
 typedef struct eval_progress {
     bool on;
     int last;
@@ -122,8 +83,8 @@ int cp_cli_eval(int argc, char **argv) {
         return 2;
     }
     size_t text_len = 0;
-    char *body = read_text(text, &text_len);
-    if (!body) return 1;
+    char *body = NULL;
+    if (!cli_read_file("eval", "text", text, 256, &body, &text_len)) return 1;
     ranks rk;
     rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
     if (rc) {
@@ -134,24 +95,12 @@ int cp_cli_eval(int argc, char **argv) {
     const bool lead = rk.rank == 0;
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     cli_progress lp = {isatty(2), -1};
-    cp_engine_opts eo = {
-        .model_path = model,
-        .n_threads = threads,
-        .device = dev,
-        .device_id = device_id < 0 ? 0 : device_id,
-        .n_ctx = ctx,
-        .n_seq = 1,
-        .kv_f32 = true,
-        .convert_weights = convert != NULL,
-        .weight_dtype = convert_dtype,
-        .progress = no_progress || !lead ? NULL : cli_on_progress,
-        .progress_user = &lp,
-        .tp = tp,
-        .pp = pp,
-        .rank = rk.rank,
-        .tp_comm = rk.tp,
-        .pp_comm = rk.pp,
-    };
+    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
+    eo.kv_f32 = true;
+    eo.convert_weights = convert != NULL;
+    eo.weight_dtype = convert_dtype;
+    eo.progress = no_progress || !lead ? NULL : cli_on_progress;
+    eo.progress_user = &lp;
     cp_engine_t e = NULL, r = NULL;
     int32_t *ids = NULL, *rids = NULL;
     size_t n_ids = 0, n_rids = 0;

@@ -32,32 +32,6 @@ static const char *default_text(void) {
     return NULL;
 }
 
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n + 4096 + 1 > cap) {
-            cap = cap ? 2 * cap : 65536;
-            char *nb = cap <= (64u << 20) ? realloc(buf, cap) : NULL;
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0) break;
-    }
-    fclose(f);
-    buf[n] = '\0';
-    *len = n;
-    return buf;
-}
-
 static void on_progress(void *user, size_t done, size_t total) {
     int *last = user;
     int pct = total ? (int)(100 * done / total) : 100;
@@ -70,11 +44,8 @@ static void on_progress(void *user, size_t done, size_t total) {
 static int measure(const char *orig, const char *quant, const char *text, int ctx, int max_tokens,
                    int threads, double max_increase, bool force, double *increase) {
     size_t len = 0;
-    char *body = slurp(text, &len);
-    if (!body) {
-        fprintf(stderr, "cparallel quantize: error: cannot read the evaluation text '%s'\n", text);
-        return 1;
-    }
+    char *body = NULL;
+    if (!cli_read_file("quantize", "evaluation text", text, 256, &body, &len)) return 1;
     cp_engine_opts eo = {.model_path = orig, .n_threads = threads, .n_ctx = ctx, .n_seq = 1,
                          .kv_f32 = true};
     cp_engine_t r = NULL, m = NULL;

@@ -213,26 +213,15 @@ int cp_cli_serve(int argc, char **argv) {
     }
 
     cli_progress lp = {isatty(2), -1};
-    cp_engine_opts eo = {
-        .model_path = model,
-        .n_threads = threads,
-        .device = dev,
-        .device_id = device_id < 0 ? 0 : device_id,
-        .n_ctx = ctx,
-        .n_seq = max_running,
-        .kv_f32 = kv_f32,
-        .convert_weights = convert != NULL,
-        .weight_dtype = convert_dtype,
-        .progress = no_progress || !lead ? NULL : cli_on_progress,
-        .progress_user = &lp,
-        .tp = tp,
-        .pp = pp,
-        .sp = sp,
-        .pp_micro = micro,
-        .rank = rk.rank,
-        .tp_comm = rk.tp,
-        .pp_comm = rk.pp,
-    };
+    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
+    eo.n_seq = max_running;
+    eo.kv_f32 = kv_f32;
+    eo.convert_weights = convert != NULL;
+    eo.weight_dtype = convert_dtype;
+    eo.progress = no_progress || !lead ? NULL : cli_on_progress;
+    eo.progress_user = &lp;
+    eo.sp = sp;
+    eo.pp_micro = micro;
     cp_engine_t e = NULL;
     cp_server_t srv = NULL;
     cp_step_link_t link = NULL;

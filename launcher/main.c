@@ -19,46 +19,8 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define CP_MAX_PROMPT_FILE (64u << 20)
-
 static const char *VERSION = "0.1.0";
 
-static int read_file(const char *path, char **out) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "cparallel: error: cannot open prompt file '%s'\n", path);
-        return 1;
-    }
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (!buf) break;
-        if (n + 1 >= cap) {
-            if (cap >= CP_MAX_PROMPT_FILE) {
-                fprintf(stderr, "cparallel: error: prompt file '%s' is larger than %u MB\n", path,
-                        CP_MAX_PROMPT_FILE >> 20);
-                free(buf);
-                fclose(f);
-                return 1;
-            }
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) { free(buf); buf = NULL; break; }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t r = fread(buf + n, 1, cap - 1 - n, f);
-        n += r;
-        if (r == 0) break;
-    }
-    fclose(f);
-    if (!buf) {
-        fprintf(stderr, "cparallel: error: out of memory reading '%s'\n", path);
-        return 1;
-    }
-    buf[n] = '\0';
-    *out = buf;
-    return 0;
-}
 
 /* A weight type by its GGUF name, any case. */
 /* ---- generate ----------------------------------------------------------- */
@@ -142,7 +104,7 @@ static int cmd_generate(int argc, char **argv) {
     }
     char *file_text = NULL;
     if (prompt_file) {
-        if (read_file(prompt_file, &file_text)) return 1;
+        if (!cli_read_file("generate", "prompt file", prompt_file, 64, &file_text, NULL)) return 1;
         prompt = file_text;
     }
     ranks rk;
@@ -168,26 +130,14 @@ static int cmd_generate(int argc, char **argv) {
 
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     cli_progress ps = {isatty(2), -1};
-    cp_engine_opts eo = {
-        .model_path = model,
-        .n_threads = threads,
-        .device = dev,
-        .device_id = device_id < 0 ? 0 : device_id,
-        .n_ctx = ctx,
-        .n_seq = 1,
-        .kv_f32 = kv_f32,
-        .convert_weights = convert != NULL,
-        .weight_dtype = convert_dtype,
-        .progress = no_progress || !lead ? NULL : cli_on_progress,
-        .progress_user = &ps,
-        .tp = tp,
-        .pp = pp,
-        .sp = sp,
-        .pp_micro = micro,
-        .rank = rk.rank,
-        .tp_comm = rk.tp,
-        .pp_comm = rk.pp,
-    };
+    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
+    eo.kv_f32 = kv_f32;
+    eo.convert_weights = convert != NULL;
+    eo.weight_dtype = convert_dtype;
+    eo.progress = no_progress || !lead ? NULL : cli_on_progress;
+    eo.progress_user = &ps;
+    eo.sp = sp;
+    eo.pp_micro = micro;
     cp_engine_t e = NULL;
     int32_t *ids = NULL;
     size_t n_ids = 0;

@@ -48,6 +48,23 @@ int ranks_init(ranks *r, int tp, int pp, int timeout_ms) {
     return 0;
 }
 
+cp_engine_opts ranks_engine_opts(const ranks *r, const char *model, cp_device dev, int device_id,
+                                 int threads, int n_ctx, int tp, int pp) {
+    return (cp_engine_opts){
+        .model_path = model,
+        .n_threads = threads,
+        .device = dev,
+        .device_id = device_id < 0 ? 0 : device_id,
+        .n_ctx = n_ctx,
+        .n_seq = 1,
+        .tp = tp,
+        .pp = pp,
+        .rank = r->rank,
+        .tp_comm = r->tp,
+        .pp_comm = r->pp,
+    };
+}
+
 void ranks_node_defaults(const ranks *r, cp_device dev, int *threads, int *device_id) {
     int local = cp_comm_local_size(r->world);
     if (*threads == 0 && local > 1) {

@@ -5,6 +5,7 @@
 #define CP_LAUNCHER_RANKS_H
 
 #include "cp_comm.h"
+#include "cp_runtime.h"
 #include "cp_tensor.h"
 
 typedef struct ranks {
@@ -24,6 +25,12 @@ void ranks_free(ranks *r);
 /* Ranks sharing a node share its cores (when *threads is 0) and take its
  * GPUs in turn by node-local rank (when dev is CUDA and *device_id < 0). */
 void ranks_node_defaults(const ranks *r, cp_device dev, int *threads, int *device_id);
+
+/* The engine options of this rank that every command running a model
+ * across the ranks shares (model, device, threads, context, the tp x pp
+ * layout and its groups); the caller sets the rest. device_id < 0: 0. */
+cp_engine_opts ranks_engine_opts(const ranks *r, const char *model, cp_device dev, int device_id,
+                                 int threads, int n_ctx, int tp, int pp);
 
 /* Every rank learns each rank's pid and host (collective). Returns 0, or
  * 1 after printing why. */
