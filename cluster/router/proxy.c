@@ -495,6 +495,18 @@ static size_t stream_header(char *buf, size_t size, size_t n, void *user) {
     return sz;
 }
 
+/* Sets obj[key] to the string str followed by the text streamed so far. */
+static bool append_text(json_t *obj, const char *key, const json_t *str, const rt_stream *s) {
+    size_t n1 = json_string_length(str), n2 = s->text.len;
+    char *cat = malloc(n1 + n2 + 1);
+    if (!cat) return false;
+    memcpy(cat, json_string_value(str), n1);
+    memcpy(cat + n1, s->text.p ? s->text.p : "", n2);
+    json_object_set_new(obj, key, json_stringn(cat, n1 + n2));
+    free(cat);
+    return true;
+}
+
 /* The body of the next attempt: the client's, with usage on every chunk,
  * and after a break the text so far as a continuation. NULL when it cannot
  * be built (s->why_not says why). */
@@ -511,43 +523,25 @@ static char *attempt_body(rt_stream *s) {
             s->why_not = "the text so far is not valid UTF-8";
             goto done;
         }
+        bool ok = true;
         if (!s->chat) {
             json_t *p = json_object_get(b, "prompt");
             if (json_is_array(p)) p = json_array_get(p, 0);
-            size_t n1 = json_string_length(p), n2 = s->text.len;
-            char *cat = malloc(n1 + n2 + 1);
-            if (!cat) {
-                json_decref(t);
-                goto done;
-            }
-            memcpy(cat, json_string_value(p), n1);
-            memcpy(cat + n1, s->text.p ? s->text.p : "", n2);
-            json_object_set_new(b, "prompt", json_stringn(cat, n1 + n2));
-            free(cat);
-            json_decref(t);
+            ok = append_text(b, "prompt", p, s);
         } else {
             json_t *msgs = json_object_get(b, "messages");
             if (json_is_true(json_object_get(b, "continue_final_message"))) {
                 json_t *last = json_array_get(msgs, json_array_size(msgs) - 1);
-                json_t *ct = json_object_get(last, "content");
-                size_t n1 = json_string_length(ct), n2 = s->text.len;
-                char *cat = malloc(n1 + n2 + 1);
-                if (!cat) {
-                    json_decref(t);
-                    goto done;
-                }
-                memcpy(cat, json_string_value(ct), n1);
-                memcpy(cat + n1, s->text.p ? s->text.p : "", n2);
-                json_object_set_new(last, "content", json_stringn(cat, n1 + n2));
-                free(cat);
-                json_decref(t);
+                ok = append_text(last, "content", json_object_get(last, "content"), s);
             } else {
                 json_array_append_new(msgs,
-                                      json_pack("{s:s,s:o}", "role", "assistant", "content", t));
+                                      json_pack("{s:s,s:O}", "role", "assistant", "content", t));
                 json_object_set_new(b, "continue_final_message", json_true());
                 json_object_set_new(b, "add_generation_prompt", json_false());
             }
         }
+        json_decref(t);
+        if (!ok) goto done;
         if (s->max_key)
             json_object_set_new(b, s->max_key,
                                 json_integer((json_int_t)(s->orig_max - s->tokens_before)));

@@ -33,8 +33,8 @@ typedef struct cp_quantize_stats {
  * a temporary name and rename it when the result is to be kept). Matrices
  * (2 or more dimensions) are dequantized to fp32 and quantized to o->type;
  * when a matrix's rows are not whole blocks of it, a type with 32-element
- * blocks of at least its bits is used (q4_k/q4_0 -> q4_0 needs 32 | cols,
- * else q8_0, else kept). Errors: CP_ERR_INVALID_ARG (a type that cannot be
+ * blocks of at least its bits is used (4-bit targets: q4_0, others: q8_0),
+ * and f16 when the rows are not whole 32-element blocks either. Errors: CP_ERR_INVALID_ARG (a type that cannot be
  * a target), the reader's and CP_ERR_IO (naming the file). */
 cp_status cp_quantize_gguf(const char *in, const char *out, const cp_quantize_opts *o,
                            cp_quantize_stats *stats);

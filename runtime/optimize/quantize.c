@@ -27,13 +27,11 @@ static bool is_target(cp_dtype t) {
 }
 
 /* The type a matrix of `cols` columns gets for target t. */
-static cp_dtype pick(cp_dtype t, int64_t cols, cp_dtype *fallback) {
+static cp_dtype pick(cp_dtype t, int64_t cols) {
     if (cols % cp_dtype_block_size(t) == 0) return t;
     cp_dtype f = (t == CP_DTYPE_Q4_K || t == CP_DTYPE_Q4_0 || t == CP_DTYPE_Q4_1) ? CP_DTYPE_Q4_0
                                                                                    : CP_DTYPE_Q8_0;
-    if (cols % cp_dtype_block_size(f) != 0) f = CP_DTYPE_F16;
-    *fallback = f;
-    return f;
+    return cols % cp_dtype_block_size(f) == 0 ? f : CP_DTYPE_F16;
 }
 
 static cp_status put(FILE *f, const void *p, size_t n, const char *path) {
@@ -77,11 +75,7 @@ cp_status cp_quantize_gguf(const char *in, const char *out, const cp_quantize_op
         const cp_weight_info *w = cp_gguf_tensor(g, i);
         total += w->nbytes;
         types[i] = w->dtype;
-        if (w->ndim >= 2 && w->dtype != o->type) {
-            cp_dtype fb = CP_DTYPE_F32;
-            types[i] = pick(o->type, w->ne[0], &fb);
-            if (types[i] == w->dtype) types[i] = w->dtype;
-        }
+        if (w->ndim >= 2 && w->dtype != o->type) types[i] = pick(o->type, w->ne[0]);
         if ((size_t)w->ne[0] > max_cols) max_cols = (size_t)w->ne[0];
         size_t rb = cp_dtype_row_size(types[i], w->ne[0]);
         if (rb > max_row) max_row = rb;

@@ -26,6 +26,7 @@
 #define KEEPALIVE_S 15.0     /* an SSE comment after this long without events */
 #define READY_FRESH_S 10.0   /* a forward step this recent makes /health/ready 200 */
 #define PROBE_TIMEOUT_S 10.0 /* a readiness probe that takes longer fails */
+#define FAULT_MESSAGE "the server failed and is going down; retry on another replica"
 #define FLUSH_S 5.0          /* after the drain, time for responses to reach clients */
 
 /* cp_server_request_stop runs in signal handlers: its atomics must not lock */
@@ -514,8 +515,7 @@ static void ended_error(const req *r, cp_finish_reason f, const char *error, api
                       "replica",
                       error && *error ? error : "unknown error");
     else if (atomic_load(&s->faulted))
-        api_set_error(e, 503, "service_unavailable", NULL, "server_fault",
-                      "the server failed and is going down; retry on another replica");
+        api_set_error(e, 503, "service_unavailable", NULL, "server_fault", "%s", FAULT_MESSAGE);
     else
         api_set_error(e, 503, "service_unavailable", NULL, "cancelled",
                       "the request was cancelled (the server is shutting down or the client "
@@ -649,8 +649,7 @@ static enum MHD_Result handle_generate(req *r, struct MHD_Connection *c, api_kin
     r->has_spec = true;
     r->lp.k = r->spec.top_logprobs > 0 ? r->spec.top_logprobs : 0;
     if (atomic_load(&s->faulted))
-        return fail(r, c, 503, "service_unavailable", NULL, "server_fault",
-                    "the server failed and is going down; retry on another replica");
+        return fail(r, c, 503, "service_unavailable", NULL, "server_fault", FAULT_MESSAGE);
     if (atomic_load(&s->draining))
         return fail(r, c, 503, "service_unavailable", NULL, "draining",
                     "the server is shutting down; retry on another replica");
@@ -1144,8 +1143,9 @@ static void enter_fault(cp_server_t s, const char *why) {
     cp_sched_drain(s->sched);
     health_mark(s, false);
     /* in flight: what is still running, and what the failed step ended */
+    int n = count_active(s);
     pthread_mutex_lock(&s->health_mu);
-    int n = count_active(s) + s->step_failed;
+    n += s->step_failed;
     s->step_failed = 0;
     pthread_mutex_unlock(&s->health_mu);
     fprintf(stderr,
