@@ -15,6 +15,20 @@
 #include <string.h>
 #include <unistd.h>
 
+/* s as a JSON string literal (paths may hold quotes, backslashes, controls). */
+static void json_str(const char *s) {
+    putchar('"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            printf("\\%c", *p);
+        else if (*p < 0x20)
+            printf("\\u%04x", *p);
+        else
+            putchar(*p);
+    }
+    putchar('"');
+}
+
 typedef struct eval_progress {
     bool on;
     int last;
@@ -148,15 +162,21 @@ int cp_cli_eval(int argc, char **argv) {
     rc = 0;
     if (!lead) goto out;
     if (json) {
-        printf("{\"model\":\"%s\",\"text\":\"%s\",\"tokens\":%lld,\"windows\":%d,\"ctx\":%d,"
-               "\"stride\":%d,\"nll\":%.6f,\"ppl\":%.6f",
-               model, text, (long long)res.n_scored + 1, res.n_windows, res.ctx, res.stride,
-               res.nll, res.ppl);
-        if (r)
-            printf(",\"reference\":\"%s\",\"ref_ppl\":%.6f,\"ppl_increase\":%.6f,\"kl_mean\":%.6g,"
+        printf("{\"model\":");
+        json_str(model);
+        printf(",\"text\":");
+        json_str(text);
+        printf(",\"tokens\":%lld,\"windows\":%d,\"ctx\":%d,\"stride\":%d,\"nll\":%.6f,"
+               "\"ppl\":%.6f",
+               (long long)res.n_scored + 1, res.n_windows, res.ctx, res.stride, res.nll, res.ppl);
+        if (r) {
+            printf(",\"reference\":");
+            json_str(reference);
+            printf(",\"ref_ppl\":%.6f,\"ppl_increase\":%.6f,\"kl_mean\":%.6g,"
                    "\"kl_p50\":%.6g,\"kl_p99\":%.6g,\"kl_max\":%.6g,\"top1\":%.6f",
-                   reference, res.ref_ppl, res.ppl / res.ref_ppl - 1, res.kl_mean, res.kl_p50,
+                   res.ref_ppl, res.ppl / res.ref_ppl - 1, res.kl_mean, res.kl_p50,
                    res.kl_p99, res.kl_max, res.top1);
+        }
         printf(",\"seconds\":%.3f}\n", res.seconds);
     } else {
         printf("model             %s%s%s\n", model, convert ? " converted to " : "",

@@ -297,6 +297,18 @@ TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
         // pipeline stages compute what one rank does
         EXPECT_NEAR(json_number(two.out, "ppl"), ppl, 1e-6 * ppl) << two.out;
     }
+    // a path with a quote and a backslash stays valid JSON
+    std::string odd = ::testing::TempDir() + "eval_" + std::to_string(getpid()) + "_a\"b\\c.txt";
+    {
+        std::ifstream src(text, std::ios::binary);
+        std::ofstream dst(odd, std::ios::binary);
+        dst << src.rdbuf();
+    }
+    Result q = run("eval --no-progress --json --model " + model() + " --text '" + odd +
+                   "' --ctx 64 --max-tokens 80");
+    ASSERT_EQ(q.code, 0) << q.err;
+    EXPECT_NE(q.out.find("_a\\\"b\\\\c.txt\","), std::string::npos) << q.out;
+    unlink(odd.c_str());
     Result bad = run("eval --model " + model() + " --text " + text + " --ctx 64 --stride 64");
     EXPECT_EQ(bad.code, 2);
     EXPECT_NE(bad.err.find("--stride 64 must be below --ctx 64"), std::string::npos) << bad.err;
