@@ -10,6 +10,7 @@ typedef struct {
     int64_t block_size; /* elements per block */
     size_t type_size;   /* bytes per block */
     bool quantized;
+    size_t row_extra;   /* bytes after the blocks of each row */
 } dtype_info;
 
 /* Sizes of the block layouts (GGUF): fp16 scales are 2 bytes, Q8_K's is a
@@ -35,6 +36,10 @@ static const dtype_info dtype_table[CP_DTYPE_COUNT] = {
     [CP_DTYPE_I64] = {"I64", 1, 8, false},
     [CP_DTYPE_F64] = {"F64", 1, 8, false},
     [CP_DTYPE_BF16] = {"BF16", 1, 2, false},
+    [CP_DTYPE_I8_ROW] = {"I8_ROW", 1, 1, true, CP_ROW_TRAILER},
+    [CP_DTYPE_F8_ROW] = {"F8_ROW", 1, 1, true, CP_ROW_TRAILER},
+    [CP_DTYPE_I4_G32] = {"I4_G32", 32, 2 + 2 + 16, true},
+    [CP_DTYPE_I4_G128] = {"I4_G128", 128, 2 + 2 + 64, true},
 };
 
 static const dtype_info *info_of(int t) {
@@ -66,7 +71,16 @@ size_t cp_dtype_type_size(cp_dtype t) {
 size_t cp_dtype_row_size(cp_dtype t, int64_t n) {
     const dtype_info *i = info_of((int)t);
     if (!i || n < 0 || n % i->block_size != 0) return 0;
-    return (size_t)(n / i->block_size) * i->type_size;
+    return (size_t)(n / i->block_size) * i->type_size + i->row_extra;
+}
+
+size_t cp_dtype_row_extra(cp_dtype t) {
+    const dtype_info *i = info_of((int)t);
+    return i ? i->row_extra : 0;
+}
+
+bool cp_dtype_is_gguf(int t) {
+    return t < CP_DTYPE_FIRST_OWN && info_of(t) != NULL;
 }
 
 bool cp_dtype_is_quantized(cp_dtype t) {
@@ -132,4 +146,36 @@ cp_bf16_t cp_fp32_to_bf16(float f) {
     const uint32_t x = f32_bits(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (cp_bf16_t)((x >> 16) | 0x40u); /* quiet NaN */
     return (cp_bf16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+/* E4M3: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent field 0 is
+ * subnormal (m / 8 * 2^-6); 0x7f and 0xff are NaN; no infinities. */
+float cp_e4m3_to_fp32(uint8_t v) {
+    const int e = (v >> 3) & 0xf, m = v & 7;
+    float a;
+    if (e == 0xf && m == 7) return bits_f32(0x7fc00000u | ((uint32_t)(v & 0x80) << 24));
+    if (e == 0)
+        a = (float)m * 0x1p-9f;
+    else
+        a = bits_f32((uint32_t)(e + 120) << 23 | (uint32_t)m << 20); /* rebias 7 -> 127 */
+    return (v & 0x80) ? -a : a;
+}
+
+uint8_t cp_fp32_to_e4m3(float f) {
+    const uint32_t x = f32_bits(f);
+    const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);  /* NaN */
+    if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu); /* >= 448 (and inf): saturate */
+    if (ax >= 0x3c800000u) {                                /* normal (>= 2^-6) */
+        ax += 0x7ffffu + ((ax >> 20) & 1u);                 /* RNE to 3 mantissa bits */
+        return (uint8_t)(sign | ((ax >> 20) - (120u << 3)));
+    }
+    /* subnormal or zero: round(|f| * 2^9) to nearest even, 0..8 (8 is the
+     * smallest normal, whose code follows naturally); the scaling is exact */
+    const float a = bits_f32(ax) * 512.0f;
+    uint32_t q = (uint32_t)a;
+    const float rem = a - (float)q;
+    if (rem > 0.5f || (rem == 0.5f && (q & 1u))) q++;
+    return (uint8_t)(sign | q);
 }

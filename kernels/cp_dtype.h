@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdbool.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -33,8 +34,21 @@ typedef enum cp_dtype {
     CP_DTYPE_I64 = 27,
     CP_DTYPE_F64 = 28,
     CP_DTYPE_BF16 = 30,
-    CP_DTYPE_COUNT = 40, /* upper bound of the numeric values, not a type */
+    /* cparallel's own weight types (not GGUF types: stored in safetensors,
+     * see cp_quantize.h). The *_ROW types carry one fp32 scale per row (per
+     * output channel): a row of n elements is n one-byte codes followed by
+     * a 16-byte trailer (the scale, then 12 zero bytes), so rows stay
+     * 16-byte aligned when n is a multiple of 16. */
+    CP_DTYPE_I8_ROW = 40,   /* int8 codes q, value q * scale (symmetric) */
+    CP_DTYPE_F8_ROW = 41,   /* FP8 E4M3 codes, value e4m3(code) * scale; activations
+                               are quantized the same way per token (W8A8) */
+    CP_DTYPE_I4_G32 = 42,   /* uint4, groups of 32: value (q - z) * d */
+    CP_DTYPE_I4_G128 = 43,  /* uint4, groups of 128: value (q - z) * d */
+    CP_DTYPE_COUNT = 48, /* upper bound of the numeric values, not a type */
 } cp_dtype;
+
+/* The first value that is not a GGUF type. */
+#define CP_DTYPE_FIRST_OWN CP_DTYPE_I8_ROW
 
 #define CP_QK4_0 32
 #define CP_QK4_1 32
@@ -62,6 +76,14 @@ typedef struct {
     int8_t scales[CP_QK_K / 16];  /* 8-bit scales of 16-element groups */
     cp_fp16_t d;
 } cp_block_q6_K;                                                                 /* 210 B */
+/* Asymmetric 4-bit groups (the layout of GPTQ/AWQ checkpoints, regrouped):
+ * fp16 scale d, integer zero point z (0..15), then the codes of a group of
+ * G elements packed two per byte: qs[j] holds element j in its low nibble and
+ * element j + G/2 in its high nibble. */
+typedef struct { cp_fp16_t d; uint8_t z, pad; uint8_t qs[16]; } cp_block_i4_g32;        /* 20 B */
+typedef struct { cp_fp16_t d; uint8_t z, pad; uint8_t qs[64]; } cp_block_i4_g128;       /* 68 B */
+#define CP_ROW_TRAILER 16 /* bytes after the codes of an I8_ROW / F8_ROW row */
+
 typedef struct {
     float d;
     int8_t qs[CP_QK_K];
@@ -77,8 +99,27 @@ int64_t cp_dtype_block_size(cp_dtype t);
 size_t cp_dtype_type_size(cp_dtype t);
 /* Bytes of a row of n elements; n must be a multiple of the block size. */
 size_t cp_dtype_row_size(cp_dtype t, int64_t n);
-/* true for the block-quantized types. */
+/* true for the block-quantized types (and the per-row scaled ones). */
 bool cp_dtype_is_quantized(cp_dtype t);
+/* true when the value is a type GGUF files may hold (known and < CP_DTYPE_FIRST_OWN). */
+bool cp_dtype_is_gguf(int t);
+/* Bytes each row carries after its blocks (CP_ROW_TRAILER for the *_ROW
+ * types, else 0); included in cp_dtype_row_size. */
+size_t cp_dtype_row_extra(cp_dtype t);
+
+/* The per-row scale of an I8_ROW / F8_ROW row of n elements. */
+static inline float cp_row_scale(const void *row, int64_t n) {
+    float s;
+    const unsigned char *p = (const unsigned char *)row + n;
+    memcpy(&s, p, sizeof s);
+    return s;
+}
+
+/* FP8 E4M3 (the OCP "fn" variant: bias 7, no infinities, 0x7f/0xff NaN,
+ * largest finite 448). Encoding rounds to nearest even and saturates: finite
+ * values and infinities beyond +-448 give +-448, NaN gives 0x7f (sign kept). */
+uint8_t cp_fp32_to_e4m3(float f);
+float cp_e4m3_to_fp32(uint8_t v);
 
 /* fp16 / bf16 scalar conversions (round to nearest even). */
 float cp_fp16_to_fp32(cp_fp16_t h);

@@ -334,7 +334,7 @@ static cp_status parse(cp_gguf_t g) {
             t->ne[d] = (int64_t)ne;
         }
         CP_CHECK_GOTO(rd_u32(&c, &type), st, done);
-        if (!cp_dtype_known((int)type)) {
+        if (!cp_dtype_is_gguf((int)type)) {
             st = CP_ERROR(CP_ERR_UNSUPPORTED, "%s has tensor type %u, which this build does not know",
                           what, type);
             goto done;

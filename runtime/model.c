@@ -151,22 +151,29 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
                           cp_dtype_name(t), (long long)nc);
             goto done;
         }
-        row = malloc((size_t)nc * sizeof(float));
+        row = malloc((size_t)cols * sizeof(float));
         if (!row) {
             st = CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
             goto done;
         }
         CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, done);
     }
+    /* per-row scale trailers (I8_ROW, F8_ROW) go with every slice of a row */
+    const size_t extra = cp_dtype_row_extra(t0);
     for (int64_t r = 0; r < nr; r++) {
         const char *src = base + (size_t)r * src_row + part_off;
         if (!convert) {
-            memcpy(dst + (size_t)r * dst_row, src, part_bytes);
+            char *d = dst + (size_t)r * dst_row;
+            memcpy(d, src, part_bytes - extra);
+            if (extra) memcpy(d + part_bytes - extra, base + (size_t)(r + 1) * src_row - extra, extra);
             continue;
         }
-        cp_tensor one = cp_tensor_2d(t0, 1, nc, (void *)src);
+        /* a row with a scale trailer is decoded whole, then sliced */
+        cp_tensor one = extra ? cp_tensor_2d(t0, 1, cols, (void *)(base + (size_t)r * src_row))
+                              : cp_tensor_2d(t0, 1, nc, (void *)src);
         CP_CHECK_GOTO(cp_backend_dequantize(host, &one, 0, 1, row), st, done);
-        CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, nc, dst + (size_t)r * dst_row), st, done);
+        CP_CHECK_GOTO(cp_backend_quantize(host, t, extra ? row + sl.c0 : row, 1, nc, dst + (size_t)r * dst_row),
+                      st, done);
     }
     CP_CHECK_GOTO(place(m, dst, dst_row * (size_t)nr, &out->data), st, done);
     /* the rows read for a column slice hold other ranks' columns too: let

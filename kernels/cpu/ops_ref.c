@@ -60,8 +60,24 @@ cp_status cp_matmul_ref(const cp_tensor *w, const float *x, int n, float *y, con
     const cp_cpu_type_traits *tr = traits_or_error(w->dtype, "matmul", &st);
     if (!tr) return st;
     const int64_t k = w->ne[0], m = w->ne[1];
+    /* F8_ROW is W8A8: its activations are quantized per token too, as part
+     * of the format (the GGUF types' 8-bit activations only approximate fp32) */
+    const bool w8a8 = w->dtype == CP_DTYPE_F8_ROW;
     float *row = malloc((size_t)k * sizeof *row);
-    if (!row) return CP_ERROR(CP_ERR_OOM, "matmul: out of memory for a row of %lld", (long long)k);
+    float *xa = w8a8 ? malloc((size_t)n * (size_t)k * sizeof *xa) : NULL;
+    unsigned char *xq = w8a8 ? malloc(cp_dtype_row_size(w->dtype, k)) : NULL;
+    if (!row || (w8a8 && (!xa || !xq))) {
+        free(row);
+        free(xa);
+        free(xq);
+        return CP_ERROR(CP_ERR_OOM, "matmul: out of memory for a row of %lld", (long long)k);
+    }
+    for (int i = 0; w8a8 && i < n; i++) {
+        tr->from_float_ref(x + (size_t)i * (size_t)k, xq, k);
+        tr->to_float(xq, xa + (size_t)i * (size_t)k, k);
+    }
+    free(xq);
+    if (w8a8) x = xa;
     for (int64_t r = 0; r < m; r++) {
         tr->to_float((const char *)w->data + (size_t)r * w->nb[1], row, k);
         for (int i = 0; i < n; i++) {
@@ -74,6 +90,7 @@ cp_status cp_matmul_ref(const cp_tensor *w, const float *x, int n, float *y, con
         }
     }
     free(row);
+    free(xa);
     return CP_OK;
 }
 

@@ -910,6 +910,15 @@ static void init_traits(void) {
     set_traits(CP_DTYPE_Q5_K, CP_DTYPE_Q8_K, q5_K_to_float, q5_K_from_float, vec_dot_q5_K_q8_K);
     set_traits(CP_DTYPE_Q6_K, CP_DTYPE_Q8_K, q6_K_to_float, q6_K_from_float, vec_dot_q6_K_q8_K);
     set_traits(CP_DTYPE_Q8_K, CP_DTYPE_Q8_K, NULL, q8_K_from_float, NULL);
+    cp_cpu_own_types_init();
+    set_traits(CP_DTYPE_I8_ROW, CP_DTYPE_F32, cp_cpu_i8_row_to_float, cp_cpu_i8_row_from_float,
+               cp_cpu_vec_dot_i8_row_f32);
+    set_traits(CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW, cp_cpu_f8_row_to_float, cp_cpu_f8_row_from_float,
+               cp_cpu_vec_dot_f8_row);
+    set_traits(CP_DTYPE_I4_G32, CP_DTYPE_F32, cp_cpu_i4_g32_to_float, cp_cpu_i4_g32_from_float,
+               cp_cpu_vec_dot_i4_g32_f32);
+    set_traits(CP_DTYPE_I4_G128, CP_DTYPE_F32, cp_cpu_i4_g128_to_float, cp_cpu_i4_g128_from_float,
+               cp_cpu_vec_dot_i4_g128_f32);
 
     if (force_ref()) return;
 #ifdef CP_X86
@@ -926,6 +935,10 @@ static void init_traits(void) {
         traits[CP_DTYPE_Q4_K].vec_dot = cp_cpu_vec_dot_q4_K_avx2;
         traits[CP_DTYPE_Q5_K].vec_dot = cp_cpu_vec_dot_q5_K_avx2;
         traits[CP_DTYPE_Q6_K].vec_dot = cp_cpu_vec_dot_q6_K_avx2;
+        traits[CP_DTYPE_I8_ROW].vec_dot = cp_cpu_vec_dot_i8_row_f32_avx2;
+        traits[CP_DTYPE_F8_ROW].vec_dot = cp_cpu_vec_dot_f8_row_avx2;
+        traits[CP_DTYPE_I4_G32].vec_dot = cp_cpu_vec_dot_i4_g32_f32_avx2;
+        traits[CP_DTYPE_I4_G128].vec_dot = cp_cpu_vec_dot_i4_g128_f32_avx2;
         /* weights and activations share Q8_0's quantizer */
         traits[CP_DTYPE_Q8_0].from_float = cp_cpu_quantize_q8_0_avx2;
         traits[CP_DTYPE_Q8_1].from_float = cp_cpu_quantize_q8_1_avx2;

@@ -38,6 +38,24 @@ typedef struct {
     uint8_t qs[CP_QK_K / 2];         /* low 4 bits */
 } cp_block_q5_K;                     /* 176 B */
 
+/* cparallel's own types (quants_own.c). cp_cpu_e4m3_lut[code] is the value
+ * of an E4M3 code, filled by cp_cpu_own_types_init (called once by quants.c
+ * before the traits are used). */
+extern float cp_cpu_e4m3_lut[256];
+void cp_cpu_own_types_init(void);
+void cp_cpu_i8_row_to_float(const void *src, float *dst, int64_t n);
+void cp_cpu_i8_row_from_float(const float *x, void *dst, int64_t n);
+void cp_cpu_vec_dot_i8_row_f32(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_f8_row_to_float(const void *src, float *dst, int64_t n);
+void cp_cpu_f8_row_from_float(const float *x, void *dst, int64_t n);
+void cp_cpu_vec_dot_f8_row(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_i4_g32_to_float(const void *src, float *dst, int64_t n);
+void cp_cpu_i4_g128_to_float(const void *src, float *dst, int64_t n);
+void cp_cpu_i4_g32_from_float(const float *x, void *dst, int64_t n);
+void cp_cpu_i4_g128_from_float(const float *x, void *dst, int64_t n);
+void cp_cpu_vec_dot_i4_g32_f32(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_i4_g128_f32(int64_t n, float *s, const void *x, const void *y);
+
 #ifdef CP_X86
 /* AVX2 + FMA + F16C variants (quants_avx2.c); same contracts as the slots of
  * cp_cpu_type_traits. Call only when the CPU reports those features. */
@@ -53,6 +71,10 @@ void cp_cpu_vec_dot2_q4_1_avx2(int64_t n, float *s, const void *x0, const void *
 void cp_cpu_vec_dot_q4_K_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_q5_K_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_q6_K_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_i8_row_f32_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_f8_row_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_i4_g32_f32_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot_i4_g128_f32_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_quantize_q8_0_avx2(const float *x, void *y, int64_t n);
 void cp_cpu_quantize_q8_1_avx2(const float *x, void *y, int64_t n);
 void cp_cpu_quantize_q8_K_avx2(const float *x, void *y, int64_t n);
