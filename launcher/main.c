@@ -2,6 +2,7 @@
  * options, builds the engine through the runtime API, and turns statuses
  * into exit codes (0 ok, 1 runtime error, 2 usage error). */
 #include "cli.h"
+#include "cmd_distill.h"
 #include "cmd_eval.h"
 #include "cmd_quantize.h"
 #include "cmd_route.h"
@@ -319,6 +320,7 @@ static void usage(FILE *f) {
             "cparallel %s - serve and run large language models across ranks\n\n"
             "usage: cparallel <command> [options]\n\n"
             "commands:\n"
+            "  distill    a teacher's continuations and top-k log-probabilities for distillation\n"
             "  eval       perplexity on a text; KL and top-1 agreement against a reference\n"
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
@@ -340,6 +342,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
     if (!strcmp(cmd, "eval")) return cp_cli_eval(argc, argv);
+    if (!strcmp(cmd, "distill")) return cp_cli_distill(argc, argv);
     if (!strcmp(cmd, "quantize")) return cp_cli_quantize(argc, argv);
     if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
     if (!strcmp(cmd, "serve")) return cp_cli_serve(argc, argv);
