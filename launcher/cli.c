@@ -152,8 +152,19 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id) {
 }
 
 bool cli_parse_convert(const char *s, cp_dtype *out) {
-    static const cp_dtype ok[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q8_0,
-                                  CP_DTYPE_Q4_0, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K};
+    static const cp_dtype ok[] = {CP_DTYPE_F32,    CP_DTYPE_F16,    CP_DTYPE_BF16,   CP_DTYPE_Q8_0,
+                                  CP_DTYPE_Q4_0,   CP_DTYPE_Q4_1,   CP_DTYPE_Q4_K,   CP_DTYPE_Q6_K,
+                                  CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_I4_G32, CP_DTYPE_I4_G128};
+    static const struct {
+        const char *name;
+        cp_dtype t;
+    } alias[] = {{"int8", CP_DTYPE_I8_ROW}, {"fp8", CP_DTYPE_F8_ROW}, {"int4", CP_DTYPE_I4_G128},
+                 {"int4-g128", CP_DTYPE_I4_G128}, {"int4-g32", CP_DTYPE_I4_G32}};
+    for (size_t i = 0; i < sizeof(alias) / sizeof(alias[0]); i++)
+        if (!strcasecmp(s, alias[i].name)) {
+            *out = alias[i].t;
+            return true;
+        }
     for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
         if (!strcasecmp(s, cp_dtype_name(ok[i]))) {
             *out = ok[i];

@@ -153,6 +153,7 @@ int cp_cli_quantize(int argc, char **argv) {
     if (qs.n_fallback)
         printf(", %d to %s (rows not whole %s blocks)", qs.n_fallback,
                cp_dtype_name(qs.fallback_type), cp_dtype_name(t));
+    if (qs.n_head_8bit) printf(", the output projection to I8_ROW");
     printf(", %d tensors kept\n", qs.n_kept);
     printf("size              %.1f MB -> %.1f MB of tensor data (%.2fx) in %.1f s\n",
            qs.bytes_in / 1e6, qs.bytes_out / 1e6,

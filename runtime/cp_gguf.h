@@ -112,6 +112,10 @@ const cp_weight_info *cp_gguf_find_tensor(cp_gguf_t g, const char *name);
  * the other Llama-family architectures). CP_ERR_UNSUPPORTED names an
  * architecture this build does not run. */
 cp_status cp_gguf_model_config(cp_gguf_t g, cp_model_config *cfg);
+/* The same with the tensors looked up by find(find_ctx, name) instead of in
+ * g (metadata from GGUF, weights elsewhere; find NULL: in g). */
+cp_status cp_gguf_model_config_with(cp_gguf_t g, const cp_weight_info *(*find)(void *ctx, const char *name),
+                                    void *find_ctx, cp_model_config *cfg);
 
 #ifdef __cplusplus
 }

@@ -135,6 +135,17 @@ cp_status cp_st_writer_init(cp_st_writer_t *out);
 cp_status cp_st_writer_add(cp_st_writer_t w, const char *name, cp_st_dtype dtype, int ndim,
                            const int64_t *shape_outer_first, const void *data, size_t nbytes);
 
+/* Makes the bytes of a tensor added with cp_st_writer_add_fill: writes
+ * exactly nbytes into buf (called once, by finish, in file order). */
+typedef cp_status (*cp_st_fill_fn)(void *user, void *buf, size_t nbytes);
+
+/* Like cp_st_writer_add, but the data is produced by fill(user, ...) while
+ * finish writes the file, one tensor in memory at a time, so that models
+ * larger than memory can be written. An error of fill fails finish. */
+cp_status cp_st_writer_add_fill(cp_st_writer_t w, const char *name, cp_st_dtype dtype, int ndim,
+                                const int64_t *shape_outer_first, size_t nbytes, cp_st_fill_fn fill,
+                                void *user);
+
 /* Sets metadata key to value (both copied; a second call replaces the value).
  * Errors: CP_ERR_INVALID_ARG, CP_ERR_OOM. */
 cp_status cp_st_writer_set_meta(cp_st_writer_t w, const char *key, const char *value);

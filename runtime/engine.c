@@ -60,10 +60,19 @@ static bool is_dir(const char *p) {
 }
 
 static cp_status load_tokenizer(cp_engine_t e, const char *path) {
-    if (!is_dir(path)) return cp_tokenizer_init_gguf(cp_model_gguf(e->model), &e->tok);
-    char tj[4096], tc[4096];
-    snprintf(tj, sizeof(tj), "%s/tokenizer.json", path);
-    snprintf(tc, sizeof(tc), "%s/tokenizer_config.json", path);
+    if (cp_model_gguf(e->model)) return cp_tokenizer_init_gguf(cp_model_gguf(e->model), &e->tok);
+    /* a Hugging Face directory, or a .safetensors file in one */
+    char dir[4096], tj[4128], tc[4128];
+    snprintf(dir, sizeof(dir), "%s", path);
+    if (!is_dir(path)) {
+        char *slash = strrchr(dir, '/');
+        if (slash)
+            *slash = '\0';
+        else
+            snprintf(dir, sizeof(dir), ".");
+    }
+    snprintf(tj, sizeof(tj), "%s/tokenizer.json", dir);
+    snprintf(tc, sizeof(tc), "%s/tokenizer_config.json", dir);
     struct stat sb;
     return cp_tokenizer_init_json(tj, stat(tc, &sb) == 0 ? tc : NULL, &e->tok);
 }

@@ -629,6 +629,12 @@ static float arch_f32(cp_gguf_t g, const char *arch, const char *suffix, float d
 }
 
 cp_status cp_gguf_model_config(cp_gguf_t g, cp_model_config *cfg) {
+    return cp_gguf_model_config_with(g, NULL, NULL, cfg);
+}
+
+cp_status cp_gguf_model_config_with(cp_gguf_t g, const cp_weight_info *(*find)(void *ctx, const char *name),
+                                    void *find_ctx, cp_model_config *cfg) {
+#define FIND(name) (find ? find(find_ctx, name) : cp_gguf_find_tensor(g, name))
     memset(cfg, 0, sizeof(*cfg));
     char arch[32];
     if (!cp_gguf_get_str_buf(g, "general.architecture", arch, sizeof(arch)))
@@ -671,8 +677,8 @@ cp_status cp_gguf_model_config(cp_gguf_t g, cp_model_config *cfg) {
     cfg->rope_mode = half_rope ? CP_ROPE_HALF : CP_ROPE_INTERLEAVED;
 
     /* vocabulary: explicit key, else the token list, else the embedding rows */
-    const cp_weight_info *emb = cp_gguf_find_tensor(g, "token_embd.weight");
-    if (!emb) return CP_ERROR(CP_ERR_FORMAT, "GGUF file has no tensor 'token_embd.weight'");
+    const cp_weight_info *emb = FIND("token_embd.weight");
+    if (!emb) return CP_ERROR(CP_ERR_FORMAT, "model file has no tensor 'token_embd.weight'");
     int vocab = 0;
     CP_CHECK(arch_int(g, arch, "vocab_size", &vocab, false, 0));
     if (vocab == 0) {
@@ -680,7 +686,8 @@ cp_status cp_gguf_model_config(cp_gguf_t g, cp_model_config *cfg) {
         vocab = ti >= 0 ? (int)cp_gguf_arr_n(g, ti) : (int)emb->ne[1];
     }
     cfg->n_vocab = vocab;
-    cfg->tied_embeddings = cp_gguf_find_tensor(g, "output.weight") == NULL;
-    cfg->qkv_bias = cp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
+    cfg->tied_embeddings = FIND("output.weight") == NULL;
+    cfg->qkv_bias = FIND("blk.0.attn_q.bias") != NULL;
+#undef FIND
     return cp_model_config_validate(cfg);
 }

@@ -42,8 +42,20 @@ void cp_model_get_stats(cp_model_t m, cp_model_stats *s) { *s = m->stats; }
 /* ---- weight lookup ------------------------------------------------------ */
 
 static const cp_weight_info *find_weight(cp_model_t m, const char *name) {
-    if (m->gguf) return cp_gguf_find_tensor(m->gguf, name);
-    return m->find ? m->find(m->find_ctx, name) : NULL;
+    if (m->find) return m->find(m->find_ctx, name); /* safetensors (m->gguf: metadata only) */
+    return m->gguf ? cp_gguf_find_tensor(m->gguf, name) : NULL;
+}
+
+/* A file whose 9th byte opens a JSON header (after the 8-byte header
+ * length) is safetensors; everything else goes to the GGUF reader, which
+ * says what is wrong with it. */
+static bool is_gguf_file(const char *path) {
+    unsigned char head[9] = {0};
+    FILE *f = fopen(path, "rb");
+    if (!f) return true;
+    size_t n = fread(head, 1, sizeof(head), f);
+    fclose(f);
+    return n < sizeof(head) || memcmp(head, "GGUF", 4) == 0 || head[8] != '{';
 }
 
 static void account(cp_model_t m, const cp_weight_info *w) {
@@ -436,6 +448,8 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
     }
     if (is_dir(path)) {
         CP_CHECK_GOTO(cp_model_open_hf(m, path), st, fail);
+    } else if (!is_gguf_file(path)) {
+        CP_CHECK_GOTO(cp_model_open_st_file(m, path), st, fail);
     } else {
         CP_CHECK_GOTO(cp_gguf_open(path, &m->gguf), st, fail);
         CP_CHECK_GOTO(cp_gguf_model_config(m->gguf, &m->cfg), st, fail);
@@ -496,6 +510,7 @@ void cp_model_free(cp_model_t m) {
     free(m->cand_ids);
     free(m->w.layers);
     cp_gguf_close(m->gguf);
+    free(m->meta_image);
     if (m->hf_close) m->hf_close(m->find_ctx);
     free(m->path);
     free(m);

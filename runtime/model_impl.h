@@ -71,6 +71,8 @@ struct cp_model {
     const cp_weight_info *(*find)(void *ctx, const char *name);
     void *find_ctx;
     void (*hf_close)(void *ctx);
+    void *meta_image;     /* the GGUF metadata image m->gguf reads, for a
+                             cparallel safetensors file (freed after it) */
     void **owned;       /* device allocations made for weights */
     int n_owned, cap_owned;
     size_t total_bytes, loaded_bytes;
@@ -101,6 +103,12 @@ struct cp_kv_cache {
 /* Opens a Hugging Face model directory (config.json + safetensors) and sets
  * m->cfg, m->find, m->find_ctx, m->hf_close and m->total_bytes. */
 cp_status cp_model_open_hf(cp_model_t m, const char *dir);
+
+/* Opens one .safetensors file: a cparallel file (its configuration and
+ * tokenizer in the embedded GGUF metadata, see cp_quantize.h; m->gguf is
+ * set) or a Hugging Face file with config.json beside it. Sets what
+ * cp_model_open_hf sets. */
+cp_status cp_model_open_st_file(cp_model_t m, const char *path);
 
 static inline void *cp_kv_layer_k(cp_kv_cache_t kv, int l) {
     return (char *)kv->mem + (size_t)l * kv->layer_bytes;

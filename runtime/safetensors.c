@@ -498,8 +498,39 @@ static int cmp_key_name(const void *key, const void *elem) {
 
 /* Builds the name index and rejects duplicate names (within a file the JSON
  * parser already did; this catches them across shards and after mapping). */
+/* cparallel's own packed types (cp_dtype.h) travel as U8 tensors of
+ * [rows][row bytes], their type named by the metadata key
+ * "cparallel.dtype.<tensor name>": present them as rows of that type. */
+static cp_status apply_own_types(cp_safetensors_t st) {
+    char key[512];
+    for (int64_t i = 0; i < st->n; i++) {
+        st_tensor *t = &st->t[i];
+        snprintf(key, sizeof(key), "cparallel.dtype.%s", t->hf_name);
+        const char *tn = cp_safetensors_get_meta(st, key);
+        if (!tn) continue;
+        int dt = -1;
+        for (int k = CP_DTYPE_FIRST_OWN; k < CP_DTYPE_COUNT; k++)
+            if (cp_dtype_name((cp_dtype)k) && strcmp(cp_dtype_name((cp_dtype)k), tn) == 0) dt = k;
+        if (dt < 0)
+            return CP_ERROR(CP_ERR_UNSUPPORTED, "%s: tensor '%s' has type '%s', which this build does not know",
+                            st->shards[t->shard].path, t->hf_name, tn);
+        const int64_t row_bytes = t->info.ne[0];
+        const size_t extra = cp_dtype_row_extra((cp_dtype)dt), ts = cp_dtype_type_size((cp_dtype)dt);
+        const int64_t bs = cp_dtype_block_size((cp_dtype)dt);
+        if (t->sdt != CP_ST_U8 || t->info.ne[2] != 1 || t->info.ne[3] != 1 || row_bytes <= (int64_t)extra ||
+            (row_bytes - (int64_t)extra) % (int64_t)ts != 0)
+            return CP_ERROR(CP_ERR_FORMAT, "%s: tensor '%s' of type %s must be U8 [rows, row bytes] with whole "
+                            "%zu-byte blocks after a %zu-byte trailer", st->shards[t->shard].path, t->hf_name, tn, ts,
+                            extra);
+        t->info.dtype = (cp_dtype)dt;
+        t->info.ne[0] = (row_bytes - (int64_t)extra) / (int64_t)ts * bs;
+    }
+    return CP_OK;
+}
+
 static cp_status finalize(cp_safetensors_t st) {
     if (st->n == 0) return CP_OK;
+    CP_CHECK(apply_own_types(st));
     st->by_name = malloc((size_t)st->n * sizeof(st_tensor *));
     if (!st->by_name) return CP_ERROR(CP_ERR_OOM, "out of memory indexing tensors");
     for (int64_t i = 0; i < st->n; i++)
@@ -872,6 +903,8 @@ typedef struct wr_tensor {
     const void *data;                  /* borrowed */
     size_t nbytes;
     uint64_t begin; /* set by finish */
+    cp_st_fill_fn fill; /* or the data is made at finish */
+    void *fill_user;
 } wr_tensor;
 
 struct cp_st_writer {
@@ -909,8 +942,9 @@ static bool valid_utf8(const char *s) {
     return j != NULL;
 }
 
-cp_status cp_st_writer_add(cp_st_writer_t w, const char *name, cp_st_dtype dtype, int ndim,
-                           const int64_t *shape_outer_first, const void *data, size_t nbytes) {
+static cp_status writer_add(cp_st_writer_t w, const char *name, cp_st_dtype dtype, int ndim,
+                            const int64_t *shape_outer_first, const void *data, size_t nbytes,
+                            cp_st_fill_fn fill, void *fill_user) {
     if (!w || !name) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_st_writer_add: NULL argument");
     if (!name[0] || strcmp(name, "__metadata__") == 0 || !valid_utf8(name))
         return CP_ERROR(CP_ERR_INVALID_ARG,
@@ -930,7 +964,7 @@ cp_status cp_st_writer_add(cp_st_writer_t w, const char *name, cp_st_dtype dtype
         count *= (uint64_t)v;
     }
     size_t esz = st_types[dtype].size;
-    if (count > SIZE_MAX / esz || count * esz != nbytes || (nbytes > 0 && !data))
+    if (count > SIZE_MAX / esz || count * esz != nbytes || (nbytes > 0 && !data && !fill))
         return CP_ERROR(CP_ERR_INVALID_ARG,
                         "cp_st_writer_add: tensor '%s': %zu bytes given but %llu elements of %s "
                         "need %llu",
@@ -956,8 +990,22 @@ cp_status cp_st_writer_add(cp_st_writer_t w, const char *name, cp_st_dtype dtype
         t->shape[d] = shape_outer_first[d];
     t->data = data;
     t->nbytes = nbytes;
+    t->fill = fill;
+    t->fill_user = fill_user;
     w->n++;
     return CP_OK;
+}
+
+cp_status cp_st_writer_add(cp_st_writer_t w, const char *name, cp_st_dtype dtype, int ndim,
+                           const int64_t *shape_outer_first, const void *data, size_t nbytes) {
+    return writer_add(w, name, dtype, ndim, shape_outer_first, data, nbytes, NULL, NULL);
+}
+
+cp_status cp_st_writer_add_fill(cp_st_writer_t w, const char *name, cp_st_dtype dtype, int ndim,
+                                const int64_t *shape_outer_first, size_t nbytes, cp_st_fill_fn fill,
+                                void *user) {
+    if (!fill) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_st_writer_add_fill: no fill function");
+    return writer_add(w, name, dtype, ndim, shape_outer_first, NULL, nbytes, fill, user);
 }
 
 cp_status cp_st_writer_set_meta(cp_st_writer_t w, const char *key, const char *value) {
@@ -1098,7 +1146,19 @@ cp_status cp_st_writer_finish(cp_st_writer_t w, const char *path) {
     bool ok = write_all(f, le, 8) && write_all(f, hdr, hlen) && write_all(f, spaces, pad);
     for (int64_t i = 0; ok && i < w->n; i++) {
         const wr_tensor *t = &w->t[order[i].idx];
-        ok = write_all(f, t->data, t->nbytes);
+        if (!t->fill) {
+            ok = write_all(f, t->data, t->nbytes);
+            continue;
+        }
+        void *buf = malloc(t->nbytes ? t->nbytes : 1);
+        if (!buf) {
+            s = CP_ERROR(CP_ERR_OOM, "out of memory writing tensor '%s' of %s", t->name, path);
+            goto fail;
+        }
+        s = t->fill(t->fill_user, buf, t->nbytes);
+        if (s == CP_OK) ok = write_all(f, buf, t->nbytes);
+        free(buf);
+        if (s != CP_OK) goto fail;
     }
     if (!ok || fflush(f) != 0 || fsync(fileno(f)) != 0) {
         s = CP_ERROR(CP_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));

@@ -1,6 +1,16 @@
 /* cp_quantize.h - rewrites a GGUF model with its weight matrices in another
- * GGUF type (q8_0, q4_0, q4_k, ...), keeping the metadata and every other
- * tensor as stored, so that llama.cpp and cparallel read the result. */
+ * type, keeping the metadata and every other tensor.
+ *
+ * GGUF types (q8_0, q4_0, q4_k, ...) give a GGUF file that llama.cpp and
+ * cparallel read. cparallel's own types (I8_ROW, F8_ROW, I4_G32, I4_G128;
+ * see cp_dtype.h for their bytes) give one safetensors file:
+ *   - each packed matrix of R rows is a U8 tensor [R, row bytes] under its
+ *     GGUF name, its type in the metadata key "cparallel.dtype.<name>";
+ *   - vectors (norm weights) are F32 (F16/BF16 when stored so);
+ *   - "cparallel.gguf" holds the source's GGUF metadata (configuration,
+ *     tokenizer, chat template) as base64 of a GGUF image without tensors;
+ *   - "cparallel.format" = "1", "cparallel.quantization" = the target type.
+ * cp_model_load reads such a file like a GGUF file. */
 #ifndef CP_QUANTIZE_H
 #define CP_QUANTIZE_H
 
@@ -25,6 +35,8 @@ typedef struct cp_quantize_stats {
     int n_fallback;       /* matrices whose rows are not whole blocks of the target:
                              written in fallback_type instead */
     cp_dtype fallback_type;
+    int n_head_8bit;      /* 4-bit targets: the output projection (or the tied
+                             embedding), written as I8_ROW */
     int n_kept;           /* tensors kept as stored (vectors, or already the target) */
     size_t bytes_in, bytes_out; /* tensor data */
 } cp_quantize_stats;

@@ -1,6 +1,8 @@
-/* quantize.c - GGUF in, GGUF out: the metadata section copied byte for
- * byte, a new tensor directory, and each weight matrix converted row by row
- * (dequantize to fp32, quantize) through the CPU backend. */
+/* quantize.c - GGUF in; GGUF out for GGUF types (the metadata section
+ * copied byte for byte, a new tensor directory), safetensors out for
+ * cparallel's own types (the GGUF metadata embedded in the header); each
+ * weight matrix converted row by row (dequantize to fp32, quantize) through
+ * the CPU backend. */
 #define _POSIX_C_SOURCE 200809L
 #include "cp_quantize.h"
 
@@ -11,6 +13,7 @@
 
 #include "cp_backend.h"
 #include "cp_gguf.h"
+#include "cp_safetensors.h"
 
 static bool is_target(cp_dtype t) {
     switch (t) {
@@ -21,7 +24,11 @@ static bool is_target(cp_dtype t) {
     case CP_DTYPE_Q4_0:
     case CP_DTYPE_Q4_1:
     case CP_DTYPE_Q4_K:
-    case CP_DTYPE_Q6_K: return true;
+    case CP_DTYPE_Q6_K:
+    case CP_DTYPE_I8_ROW:
+    case CP_DTYPE_F8_ROW:
+    case CP_DTYPE_I4_G32:
+    case CP_DTYPE_I4_G128: return true;
     default: return false;
     }
 }
@@ -29,6 +36,8 @@ static bool is_target(cp_dtype t) {
 /* The type a matrix of `cols` columns gets for target t. */
 static cp_dtype pick(cp_dtype t, int64_t cols) {
     if (cols % cp_dtype_block_size(t) == 0) return t;
+    if (t == CP_DTYPE_I4_G128) return cols % 32 == 0 ? CP_DTYPE_I4_G32 : CP_DTYPE_I8_ROW;
+    if (t == CP_DTYPE_I4_G32) return CP_DTYPE_I8_ROW;
     cp_dtype f = (t == CP_DTYPE_Q4_K || t == CP_DTYPE_Q4_0 || t == CP_DTYPE_Q4_1) ? CP_DTYPE_Q4_0
                                                                                    : CP_DTYPE_Q8_0;
     return cols % cp_dtype_block_size(f) == 0 ? f : CP_DTYPE_F16;
@@ -47,6 +56,164 @@ static cp_status pad(FILE *f, size_t *off, size_t align, const char *path) {
     return put(f, zeros, n, path);
 }
 
+/* ---- safetensors output ---------------------------------------------------- */
+
+static char *base64_encode(const void *data, size_t n) {
+    static const char a[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *p = data;
+    char *o = malloc((n + 2) / 3 * 4 + 1), *q = o;
+    if (!o) return NULL;
+    for (size_t i = 0; i < n; i += 3) {
+        const uint32_t w = (uint32_t)p[i] << 16 | (i + 1 < n ? (uint32_t)p[i + 1] << 8 : 0) |
+                           (i + 2 < n ? (uint32_t)p[i + 2] : 0);
+        *q++ = a[w >> 18 & 63];
+        *q++ = a[w >> 12 & 63];
+        *q++ = i + 1 < n ? a[w >> 6 & 63] : '=';
+        *q++ = i + 2 < n ? a[w & 63] : '=';
+    }
+    *q = '\0';
+    return o;
+}
+
+typedef struct st_job {
+    const cp_weight_info *w;
+    cp_dtype to;
+    int64_t rows;
+    cp_backend_t host;
+    float *row;
+    const cp_quantize_opts *o;
+    cp_quantize_stats *stats;
+    size_t *done, total;
+    cp_gguf_t g;
+} st_job;
+
+/* Converts one tensor into buf when the writer asks for it. */
+static cp_status st_fill(void *user, void *buf, size_t nbytes) {
+    st_job *j = user;
+    const int64_t cols = j->w->ne[0];
+    const size_t in_row = cp_dtype_row_size(j->w->dtype, cols), out_row = nbytes / (size_t)j->rows;
+    if (j->to == j->w->dtype) {
+        memcpy(buf, j->w->data, nbytes);
+    } else {
+        for (int64_t r = 0; r < j->rows; r++) {
+            cp_tensor one = cp_tensor_2d(j->w->dtype, 1, cols, (char *)j->w->data + (size_t)r * in_row);
+            CP_CHECK(cp_backend_dequantize(j->host, &one, 0, 1, j->row));
+            CP_CHECK(cp_backend_quantize(j->host, j->to, j->row, 1, cols, (char *)buf + (size_t)r * out_row));
+        }
+    }
+    cp_gguf_release(j->g, j->w->data, j->w->nbytes);
+    *j->done += j->w->nbytes;
+    if (j->o->progress) j->o->progress(j->o->progress_user, *j->done, j->total);
+    return CP_OK;
+}
+
+static cp_st_dtype st_type_of(cp_dtype t) {
+    return t == CP_DTYPE_F16 ? CP_ST_F16 : t == CP_DTYPE_BF16 ? CP_ST_BF16 : t == CP_DTYPE_F32 ? CP_ST_F32 : CP_ST_U8;
+}
+
+/* Safetensors: packed matrices as U8 [rows][row bytes] with their type in
+ * "cparallel.dtype.<name>", other tensors as F32/F16/BF16, the GGUF
+ * metadata (configuration, tokenizer) base64-encoded in "cparallel.gguf". */
+static cp_status quantize_st(cp_gguf_t g, const char *out, const cp_quantize_opts *o, cp_quantize_stats *stats) {
+    const int64_t nt = cp_gguf_n_tensors(g);
+    cp_st_writer_t wr = NULL;
+    cp_backend_t host = NULL;
+    st_job *jobs = calloc((size_t)(nt ? nt : 1), sizeof(*jobs));
+    float *row = NULL;
+    char *b64 = NULL;
+    unsigned char *img = NULL;
+    size_t done = 0, total = 0, max_cols = 1;
+    cp_status st = CP_OK;
+    if (!jobs) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, end);
+    CP_CHECK_GOTO(cp_st_writer_init(&wr), st, end);
+    for (int64_t i = 0; i < nt; i++) {
+        const cp_weight_info *w = cp_gguf_tensor(g, i);
+        total += w->nbytes;
+        if ((size_t)w->ne[0] > max_cols) max_cols = (size_t)w->ne[0];
+    }
+    row = malloc(max_cols * sizeof(float));
+    if (!row) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto end;
+    }
+    char key[320];
+    for (int64_t i = 0; i < nt; i++) {
+        const cp_weight_info *w = cp_gguf_tensor(g, i);
+        st_job *j = &jobs[i];
+        int64_t rows = 1;
+        for (int d = 1; d < w->ndim; d++) rows *= w->ne[d];
+        cp_dtype to = w->dtype;
+        /* 4-bit targets keep the output projection (the embedding when tied)
+         * at 8 bits: every logit goes through it, as llama.cpp does with its
+         * 6-bit output tensor */
+        const bool head = !strcmp(w->name, "output.weight") ||
+                          (!strcmp(w->name, "token_embd.weight") && !cp_gguf_find_tensor(g, "output.weight"));
+        const bool four = o->type == CP_DTYPE_I4_G32 || o->type == CP_DTYPE_I4_G128;
+        if (w->ndim >= 2) to = head && four ? CP_DTYPE_I8_ROW : pick(o->type, w->ne[0]);
+        else if (st_type_of(to) == CP_ST_U8)
+            to = CP_DTYPE_F32; /* vectors stay plain numbers */
+        *j = (st_job){w, to, rows, host, row, o, stats, &done, total, g};
+        const size_t rb = cp_dtype_row_size(to, w->ne[0]);
+        if (st_type_of(to) == CP_ST_U8) {
+            const int64_t shape[2] = {rows, (int64_t)rb};
+            CP_CHECK_GOTO(cp_st_writer_add_fill(wr, w->name, CP_ST_U8, 2, shape, rb * (size_t)rows, st_fill, j), st,
+                          end);
+            snprintf(key, sizeof(key), "cparallel.dtype.%s", w->name);
+            CP_CHECK_GOTO(cp_st_writer_set_meta(wr, key, cp_dtype_name(to)), st, end);
+        } else {
+            int64_t shape[CP_MAX_DIMS];
+            for (int d = 0; d < w->ndim; d++) shape[d] = w->ne[w->ndim - 1 - d];
+            CP_CHECK_GOTO(cp_st_writer_add_fill(wr, w->name, st_type_of(to), w->ndim, shape, rb * (size_t)rows,
+                                                st_fill, j),
+                          st, end);
+        }
+        if (to == w->dtype) {
+            stats->n_kept++;
+        } else if (to == o->type) {
+            stats->n_quantized++;
+        } else if (head && four) {
+            stats->n_head_8bit++;
+        } else if (w->ndim >= 2) {
+            stats->n_fallback++;
+            stats->fallback_type = to;
+        }
+        stats->bytes_in += w->nbytes;
+        stats->bytes_out += rb * (size_t)rows;
+    }
+    /* the metadata as a GGUF image without tensors */
+    size_t kv_len = 0;
+    const void *kv = cp_gguf_kv_bytes(g, &kv_len);
+    const uint32_t mv[2] = {0x46554747u /* "GGUF" */, 3};
+    const uint64_t counts[2] = {0, (uint64_t)cp_gguf_n_kv(g)};
+    img = malloc(sizeof(mv) + sizeof(counts) + kv_len);
+    if (!img) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto end;
+    }
+    memcpy(img, mv, sizeof(mv));
+    memcpy(img + sizeof(mv), counts, sizeof(counts));
+    memcpy(img + sizeof(mv) + sizeof(counts), kv, kv_len);
+    b64 = base64_encode(img, sizeof(mv) + sizeof(counts) + kv_len);
+    if (!b64) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto end;
+    }
+    CP_CHECK_GOTO(cp_st_writer_set_meta(wr, "format", "pt"), st, end);
+    CP_CHECK_GOTO(cp_st_writer_set_meta(wr, "cparallel.format", "1"), st, end);
+    CP_CHECK_GOTO(cp_st_writer_set_meta(wr, "cparallel.quantization", cp_dtype_name(o->type)), st, end);
+    CP_CHECK_GOTO(cp_st_writer_set_meta(wr, "cparallel.gguf", b64), st, end);
+    st = cp_st_writer_finish(wr, out);
+end:
+    cp_st_writer_free(wr);
+    cp_backend_free(host);
+    free(jobs);
+    free(row);
+    free(b64);
+    free(img);
+    return st;
+}
+
 cp_status cp_quantize_gguf(const char *in, const char *out, const cp_quantize_opts *o,
                            cp_quantize_stats *stats) {
     if (!in || !out || !o || !stats)
@@ -54,6 +221,13 @@ cp_status cp_quantize_gguf(const char *in, const char *out, const cp_quantize_op
     memset(stats, 0, sizeof(*stats));
     if (!is_target(o->type))
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s cannot be a target type", cp_dtype_name(o->type));
+    if ((int)o->type >= CP_DTYPE_FIRST_OWN) {
+        cp_gguf_t g0 = NULL;
+        CP_CHECK(cp_gguf_open(in, &g0));
+        cp_status s = quantize_st(g0, out, o, stats);
+        cp_gguf_close(g0);
+        return s;
+    }
     cp_gguf_t g = NULL;
     CP_CHECK(cp_gguf_open(in, &g));
     cp_backend_t host = NULL;

@@ -17,7 +17,9 @@
 #include "cp_eval.h"
 #include "cp_gguf.h"
 #include "cp_quantize.h"
+#include "cp_model.h"
 #include "cp_runtime.h"
+#include "cp_safetensors.h"
 #include "cp_tokenizer.h"
 
 namespace {
@@ -176,3 +178,140 @@ TEST(Quantize, BadInputFailsCleanly) {
 }
 
 }  // namespace
+
+namespace {
+
+/* Logits of a short prompt from an engine on path (optionally converting
+ * every matrix at load). */
+std::vector<float> logits_of(const std::string &path, bool convert, cp_dtype t, int *vocab) {
+    cp_engine_opts eo = {};
+    eo.model_path = path.c_str();
+    eo.n_threads = 2;
+    eo.n_ctx = 64;
+    eo.n_seq = 1;
+    eo.kv_f32 = true;
+    eo.convert_weights = convert;
+    eo.weight_dtype = t;
+    cp_engine_t e = nullptr;
+    EXPECT_EQ(cp_engine_init(&eo, &e), CP_OK) << cp_last_error();
+    if (!e) return {};
+    EXPECT_NE(cp_engine_tokenizer(e), nullptr) << "the tokenizer comes from the embedded metadata";
+    const int32_t toks[6] = {1, 504, 3458, 282, 4649, 314};
+    *vocab = cp_model_get_config(cp_engine_model(e))->n_vocab;
+    std::vector<float> l((size_t)6 * (size_t)*vocab);
+    EXPECT_EQ(cp_engine_logits(e, toks, 6, l.data()), CP_OK) << cp_last_error();
+    cp_engine_free(e);
+    return l;
+}
+
+} // namespace
+
+/* cparallel's own types: one safetensors file, every matrix packed in its
+ * type (the rows as cp_backend_quantize packs the dequantized source), the
+ * vectors as F32, the metadata embedded; it loads back with its tokenizer,
+ * and for the types without fallbacks its logits equal those of the source
+ * converted to the same type at load, bit for bit. */
+TEST(Quantize, OwnTypesWriteSafetensorsThatLoadBack) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    cp_backend_t be = nullptr;
+    ASSERT_EQ(cp_backend_cpu_init(1, &be), CP_OK);
+    for (cp_dtype t : {CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_I4_G128}) {
+        SCOPED_TRACE(cp_dtype_name(t));
+        const std::string out = tmp_path((std::string(cp_dtype_name(t)) + ".safetensors").c_str());
+        cp_quantize_opts o = {};
+        o.type = t;
+        cp_quantize_stats st;
+        ASSERT_EQ(cp_quantize_gguf(model_path().c_str(), out.c_str(), &o, &st), CP_OK) << cp_last_error();
+        if (t == CP_DTYPE_I4_G128) {
+            /* 576-wide rows fall back to groups of 32; the tied embedding stays 8-bit */
+            EXPECT_EQ(st.n_quantized, 30);
+            EXPECT_EQ(st.fallback_type, CP_DTYPE_I4_G32);
+            EXPECT_EQ(st.n_head_8bit, 1);
+        } else {
+            EXPECT_EQ(st.n_fallback, 0);
+            EXPECT_EQ(st.n_quantized, 211);
+        }
+        {
+            Gguf src(model_path());
+            cp_safetensors_t sf = nullptr;
+            ASSERT_EQ(cp_safetensors_open(out.c_str(), &sf), CP_OK) << cp_last_error();
+            ASSERT_STREQ(cp_safetensors_get_meta(sf, "cparallel.format"), "1");
+            ASSERT_STREQ(cp_safetensors_get_meta(sf, "cparallel.quantization"), cp_dtype_name(t));
+            ASSERT_EQ(cp_safetensors_n_tensors(sf), cp_gguf_n_tensors(src.g));
+            for (int64_t i = 0; i < cp_gguf_n_tensors(src.g); i++) {
+                const cp_weight_info *x = cp_gguf_tensor(src.g, i);
+                const cp_weight_info *y = cp_safetensors_find(sf, x->name);
+                ASSERT_NE(y, nullptr) << x->name;
+                ASSERT_EQ(y->ne[0], x->ne[0]) << x->name;
+                ASSERT_EQ(y->ne[1], x->ne[1]) << x->name;
+                if (x->ndim == 1) {
+                    ASSERT_EQ(y->dtype, CP_DTYPE_F32);
+                    ASSERT_EQ(memcmp(x->data, y->data, x->nbytes), 0) << x->name;
+                    continue;
+                }
+                ASSERT_GE((int)y->dtype, CP_DTYPE_FIRST_OWN) << x->name;
+                const size_t rb = cp_dtype_row_size(y->dtype, y->ne[0]);
+                ASSERT_EQ(y->nbytes, rb * (size_t)y->ne[1]);
+                std::vector<uint8_t> want(rb);
+                for (int64_t r : {(int64_t)0, x->ne[1] / 2, x->ne[1] - 1}) {
+                    const auto f = dequant(x, r);
+                    ASSERT_EQ(cp_backend_quantize(be, y->dtype, f.data(), 1, x->ne[0], want.data()), CP_OK);
+                    ASSERT_EQ(memcmp(want.data(), (const char *)y->data + rb * (size_t)r, rb), 0)
+                        << x->name << " row " << r;
+                }
+            }
+            cp_safetensors_close(sf);
+        }
+        int vocab = 0, vocab2 = 0;
+        const auto got = logits_of(out, false, t, &vocab);
+        ASSERT_FALSE(got.empty());
+        for (float v : got) ASSERT_TRUE(std::isfinite(v));
+        if (t != CP_DTYPE_I4_G128) {
+            const auto want = logits_of(model_path(), true, t, &vocab2);
+            ASSERT_EQ(got.size(), want.size());
+            EXPECT_EQ(memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
+        }
+        unlink(out.c_str());
+    }
+    cp_backend_free(be);
+}
+
+/* A safetensors file that names an unknown own type, or gives a packed
+ * tensor a shape its type cannot have, is refused with the tensor named
+ * (GGUF files may not claim our type ids: OwnTypes.Geometry). */
+TEST(Quantize, OwnTypeMetadataIsValidated) {
+    const std::string path = tmp_path("bad.safetensors");
+    std::vector<uint8_t> bytes(640, 0);
+    for (int k = 0; k < 3; k++) {
+        cp_st_writer_t w = nullptr;
+        ASSERT_EQ(cp_st_writer_init(&w), CP_OK);
+        const int64_t shape2[2] = {4, 40}, shape1[1] = {160};
+        ASSERT_EQ(cp_st_writer_add(w, "blk.0.attn_q.weight", k == 2 ? CP_ST_F32 : CP_ST_U8, k == 2 ? 1 : 2,
+                                   k == 2 ? shape1 : shape2, bytes.data(), k == 2 ? 640 : 160),
+                  CP_OK);
+        ASSERT_EQ(cp_st_writer_set_meta(w, "cparallel.dtype.blk.0.attn_q.weight", k == 0 ? "I3_G7" : "I4_G32"),
+                  CP_OK);
+        ASSERT_EQ(cp_st_writer_finish(w, path.c_str()), CP_OK);
+        cp_st_writer_free(w);
+        cp_safetensors_t sf = nullptr;
+        const cp_status s = cp_safetensors_open(path.c_str(), &sf);
+        if (k == 0) {
+            EXPECT_EQ(s, CP_ERR_UNSUPPORTED);
+            EXPECT_NE(strstr(cp_last_error(), "I3_G7"), nullptr) << cp_last_error();
+        } else if (k == 1) {
+            /* 40 bytes per row are two 20-byte I4_G32 groups: 64 columns */
+            ASSERT_EQ(s, CP_OK) << cp_last_error();
+            const cp_weight_info *wi = cp_safetensors_find(sf, "blk.0.attn_q.weight");
+            ASSERT_NE(wi, nullptr);
+            EXPECT_EQ(wi->dtype, CP_DTYPE_I4_G32);
+            EXPECT_EQ(wi->ne[0], 64);
+            EXPECT_EQ(wi->ne[1], 4);
+        } else {
+            EXPECT_EQ(s, CP_ERR_FORMAT);
+            EXPECT_NE(strstr(cp_last_error(), "blk.0.attn_q.weight"), nullptr) << cp_last_error();
+        }
+        EXPECT_EQ(sf == nullptr, s != CP_OK);
+        cp_safetensors_close(sf);
+    }
+    unlink(path.c_str());
+}
