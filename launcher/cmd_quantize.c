@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 /* The default evaluation text: the Python tutorial's first chapter from
@@ -30,6 +31,52 @@ static const char *default_text(void) {
     for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
         if (access(paths[i], R_OK) == 0) return paths[i];
     return NULL;
+}
+
+/* The default calibration text for AWQ: another chapter of the same
+ * tutorial, so that the evaluation is not on the text the scales fit. */
+static const char *default_calib(void) {
+    static const char *const paths[] = {
+        "/usr/share/doc/python3.11/html/_sources/tutorial/controlflow.rst.txt",
+        "/usr/share/doc/python3.12/html/_sources/tutorial/controlflow.rst.txt",
+        "/usr/share/doc/python3.13/html/_sources/tutorial/controlflow.rst.txt",
+        "/usr/share/doc/python3/html/_sources/tutorial/controlflow.rst.txt",
+    };
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+        if (access(paths[i], R_OK) == 0) return paths[i];
+    return NULL;
+}
+
+/* Activation statistics of the original model over calibration text. */
+static int calibrate(const char *model, const char *calib, int tokens, int threads, cp_act_stats **out) {
+    size_t len = 0;
+    char *body = NULL;
+    if (!cli_read_file("quantize", "calibration text", calib, 256, &body, &len)) return 1;
+    cp_engine_opts eo = {.model_path = model, .n_threads = threads, .n_ctx = 512, .n_seq = 1, .kv_f32 = true};
+    cp_engine_t e = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int rc = 1;
+    if (cp_engine_init(&eo, &e) != CP_OK) {
+        cli_report_error("cannot load the model");
+        goto out;
+    }
+    if (cp_tokenizer_encode(cp_engine_tokenizer(e), body, len, true, false, &ids, &n) != CP_OK) {
+        cli_report_error("cannot tokenize the calibration text");
+        goto out;
+    }
+    if (n > (size_t)tokens) n = (size_t)tokens;
+    if (cp_act_stats_collect(e, ids, n, 512, out) != CP_OK) {
+        cli_report_error("calibration failed");
+        goto out;
+    }
+    printf("calibration       %s: %zu tokens\n", calib, n);
+    rc = 0;
+out:
+    free(ids);
+    free(body);
+    cp_engine_free(e);
+    return rc;
 }
 
 static void on_progress(void *user, size_t done, size_t total) {
@@ -89,8 +136,8 @@ out:
 }
 
 int cp_cli_quantize(int argc, char **argv) {
-    const char *in = NULL, *out = NULL, *type = NULL, *text = NULL;
-    int ctx = 512, max_tokens = 4096, threads = 0;
+    const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL;
+    int ctx = 512, max_tokens = 4096, threads = 0, calib_tokens = 1024;
     float max_increase = 5.0f;
     bool force = false, no_eval = false, no_progress = false;
     const cli_opt opts[] = {
@@ -98,7 +145,11 @@ int cp_cli_quantize(int argc, char **argv) {
         {"out", 'o', CLI_STR, &out, 0, -1, "PATH", "where to write the GGUF result (required)",
          NULL},
         {"type", 't', CLI_STR, &type, 0, -1, "TYPE",
-         "weight type of the matrices: " CLI_CONVERT_TYPES " (required)", NULL},
+         "weight type of the matrices: " CLI_CONVERT_TYPES ", or awq (int4-g128 with activation-aware "
+         "scales) (required)", NULL},
+        {"calib", 0, CLI_STR, &calib, 0, -1, "FILE",
+         "awq: calibration text (default: another chapter of the Python tutorial)", NULL},
+        {"calib-tokens", 0, CLI_INT, &calib_tokens, 2, 1 << 24, "N", "awq: calibrate on N tokens (1024)", NULL},
         {"eval-text", 0, CLI_STR, &text, 0, -1, "FILE",
          "text the accuracy is measured on (default: the Python tutorial of python3-doc)", NULL},
         {"eval-ctx", 0, CLI_INT, &ctx, 2, 1 << 20, "N", "tokens per evaluation window (512)",
@@ -123,7 +174,10 @@ int cp_cli_quantize(int argc, char **argv) {
         return 2;
     }
     cp_dtype t;
-    if (!cli_parse_convert(type, &t)) {
+    const bool awq = !strcasecmp(type, "awq");
+    if (awq) {
+        t = CP_DTYPE_I4_G128;
+    } else if (!cli_parse_convert(type, &t)) {
         fprintf(stderr, "cparallel quantize: error: invalid value '%s' for --type (expected "
                         CLI_CONVERT_TYPES ")\n", type);
         return 2;
@@ -139,11 +193,22 @@ int cp_cli_quantize(int argc, char **argv) {
         return 2;
     }
     int last = -1;
-    cp_quantize_opts qo = {.type = t, .progress = no_progress ? NULL : on_progress,
+    cp_act_stats *stats = NULL;
+    if (awq) {
+        if (!calib && !(calib = default_calib())) {
+            fprintf(stderr, "cparallel quantize: error: awq needs calibration text: give --calib FILE "
+                            "(or install python3-doc)\n");
+            return 2;
+        }
+        if (calibrate(in, calib, calib_tokens, threads, &stats)) return 1;
+    }
+    cp_quantize_opts qo = {.type = t, .awq = stats, .progress = no_progress ? NULL : on_progress,
                            .progress_user = &last};
     cp_quantize_stats qs;
     double t0 = cp_time_now();
-    if (cp_quantize_gguf(in, tmp, &qo, &qs) != CP_OK) {
+    cp_status qst = cp_quantize_gguf(in, tmp, &qo, &qs);
+    cp_act_stats_free(stats);
+    if (qst != CP_OK) {
         cli_report_error("cannot quantize the model");
         unlink(tmp);
         return 1;

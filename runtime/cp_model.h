@@ -138,6 +138,23 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
 cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
                                   const cp_sample_params *sp, const float *u, int32_t *tokens);
 
+/* ---- calibration ---------------------------------------------------------
+ * The inputs of every linear layer, for activation-aware optimizations
+ * (AWQ scales, Wanda pruning). */
+typedef enum cp_act_site {
+    CP_ACT_ATTN_IN = 0, /* normed residual stream: input of Q, K, V  [n][dim] */
+    CP_ACT_ATTN_OUT,    /* attention output: input of O             [n][n_head*head_dim] */
+    CP_ACT_FFN_IN,      /* normed residual stream: input of gate, up [n][dim] */
+    CP_ACT_FFN_ACT,     /* silu(gate) * up: input of down          [n][ffn_dim] */
+    CP_ACT_SITES
+} cp_act_site;
+typedef void (*cp_act_observer)(void *user, int layer, cp_act_site site, const float *x, int n, int width);
+
+/* Calls fn (NULL: stop) during every later forward pass with the rows of
+ * each site of each layer (host memory, valid during the call). Only a
+ * single-rank model on the CPU backend: CP_ERR_UNSUPPORTED otherwise. */
+cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user);
+
 /* Largest number of tokens one internal chunk of cp_model_forward takes. */
 int cp_model_max_batch(cp_model_t m);
 

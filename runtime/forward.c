@@ -296,14 +296,19 @@ static cp_status run_layers(cp_model_t m, cp_kv_cache_t kv, const cp_attn_params
         const cp_tensor *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {s->q, s->k, s->v};
         const float *qkv_bias[3] = {L->bq, L->bk, L->bv};
+        const int layer = m->plan.layer_begin + l, dim = m->cfg.dim;
+        if (m->observe) m->observe(m->observe_user, layer, CP_ACT_ATTN_IN, s->xb, T, dim);
         CP_CHECK(cp_backend_matmul_group(be, 3, qkv, s->xb, T, qkv_out, qkv_bias));
         CP_CHECK(cp_backend_rope_store(be, rp, ap, s->q, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
         CP_CHECK(cp_backend_attention(be, ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
+        if (m->observe) m->observe(m->observe_user, layer, CP_ACT_ATTN_OUT, s->att, T, m->n_head_l * m->cfg.head_dim);
         CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
         CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, fuse ? L->ffn_norm : NULL));
         /* SwiGLU MLP: column-parallel gate/up, row-parallel down */
         if (!fuse) CP_CHECK(norm_for_matmul(m, L->ffn_norm, T, Ts, sp));
+        if (m->observe) m->observe(m->observe_user, layer, CP_ACT_FFN_IN, s->xb, T, dim);
         CP_CHECK(cp_backend_matmul_swiglu(be, &L->w_gate, &L->w_up, s->xb, T, s->att, s->up));
+        if (m->observe) m->observe(m->observe_user, layer, CP_ACT_FFN_ACT, s->att, T, m->ffn_l);
         CP_CHECK(cp_backend_matmul(be, &L->w_down, s->att, T, s->proj, NULL));
         const float *next = fuse && l + 1 < m->n_layer_l ? m->w.layers[l + 1].attn_norm : NULL;
         CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, next));

@@ -39,6 +39,14 @@ int cp_model_max_batch(cp_model_t m) { return m->max_batch; }
 
 void cp_model_get_stats(cp_model_t m, cp_model_stats *s) { *s = m->stats; }
 
+cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
+    if (fn && (cp_backend_device(m->be) != CP_DEVICE_CPU || m->plan.tp > 1 || m->plan.pp > 1))
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "activation statistics need a single-rank model on the CPU");
+    m->observe = fn;
+    m->observe_user = user;
+    return CP_OK;
+}
+
 /* ---- weight lookup ------------------------------------------------------ */
 
 static const cp_weight_info *find_weight(cp_model_t m, const char *name) {

@@ -71,6 +71,8 @@ struct cp_model {
     const cp_weight_info *(*find)(void *ctx, const char *name);
     void *find_ctx;
     void (*hf_close)(void *ctx);
+    cp_act_observer observe; /* calibration hook, or NULL */
+    void *observe_user;
     void *meta_image;     /* the GGUF metadata image m->gguf reads, for a
                              cparallel safetensors file (freed after it) */
     void **owned;       /* device allocations made for weights */

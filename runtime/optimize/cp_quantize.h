@@ -23,8 +23,32 @@
 extern "C" {
 #endif
 
+/* Per-channel statistics of the input of every linear layer over
+ * calibration text: sums over `rows` tokens of x^2 and |x|, per layer and
+ * site ([n_layer][width[site]], see cp_act_site in cp_model.h). */
+typedef struct cp_act_stats {
+    int n_layer;
+    int width[4];
+    int64_t rows;
+    double *sq[4], *abs[4];
+} cp_act_stats;
+
+/* Runs e (a single-rank CPU engine) over tokens in windows of ctx (<= 0:
+ * the engine's context) and collects the statistics. Errors: the engine's,
+ * CP_ERR_UNSUPPORTED (other engines), CP_ERR_OOM. */
+cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, int ctx, cp_act_stats **out);
+void cp_act_stats_free(cp_act_stats *s);
+
 typedef struct cp_quantize_opts {
     cp_dtype type; /* the target type of weight matrices */
+    /* AWQ (4-bit targets, cparallel types only): per-input-channel scales s
+     * of the layers that share an input (Q/K/V; gate/up; down) chosen as
+     * s = E|x|^a, a on a grid in [0, 1], minimising the output error of the
+     * quantized layers on these statistics, sum_j E[x_j^2] |dW_j|^2 (the
+     * diagonal of the input covariance); W is quantized as W diag(s) and
+     * 1/s folded into what feeds it (the norm weights; up's rows for down).
+     * NULL: round to nearest. */
+    const cp_act_stats *awq;
     /* Called as tensors are written: bytes of the input done and in all. */
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;

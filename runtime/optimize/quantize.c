@@ -7,6 +7,7 @@
 #include "cp_quantize.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,6 +78,7 @@ static char *base64_encode(const void *data, size_t n) {
 
 typedef struct st_job {
     const cp_weight_info *w;
+    const float *cscale, *rscale; /* AWQ: element j times cscale[j], row r times rscale[r] (or NULL) */
     cp_dtype to;
     int64_t rows;
     cp_backend_t host;
@@ -92,12 +94,14 @@ static cp_status st_fill(void *user, void *buf, size_t nbytes) {
     st_job *j = user;
     const int64_t cols = j->w->ne[0];
     const size_t in_row = cp_dtype_row_size(j->w->dtype, cols), out_row = nbytes / (size_t)j->rows;
-    if (j->to == j->w->dtype) {
+    if (j->to == j->w->dtype && !j->cscale && !j->rscale) {
         memcpy(buf, j->w->data, nbytes);
     } else {
         for (int64_t r = 0; r < j->rows; r++) {
             cp_tensor one = cp_tensor_2d(j->w->dtype, 1, cols, (char *)j->w->data + (size_t)r * in_row);
             CP_CHECK(cp_backend_dequantize(j->host, &one, 0, 1, j->row));
+            for (int64_t c = 0; j->cscale && c < cols; c++) j->row[c] *= j->cscale[c];
+            for (int64_t c = 0; j->rscale && c < cols; c++) j->row[c] *= j->rscale[r];
             CP_CHECK(cp_backend_quantize(j->host, j->to, j->row, 1, cols, (char *)buf + (size_t)r * out_row));
         }
     }
@@ -109,6 +113,167 @@ static cp_status st_fill(void *user, void *buf, size_t nbytes) {
 
 static cp_st_dtype st_type_of(cp_dtype t) {
     return t == CP_DTYPE_F16 ? CP_ST_F16 : t == CP_DTYPE_BF16 ? CP_ST_BF16 : t == CP_DTYPE_F32 ? CP_ST_F32 : CP_ST_U8;
+}
+
+/* ---- AWQ ------------------------------------------------------------------- */
+
+static int64_t tensor_index(cp_gguf_t g, const char *name) {
+    for (int64_t i = 0; i < cp_gguf_n_tensors(g); i++)
+        if (!strcmp(cp_gguf_tensor(g, i)->name, name)) return i;
+    return -1;
+}
+
+/* Matrix i of g as fp32 [rows][cols], rows times rscale when given. */
+static cp_status load_f32(cp_backend_t be, cp_gguf_t g, int64_t i, const float *rscale, float **out) {
+    const cp_weight_info *w = cp_gguf_tensor(g, i);
+    cp_tensor t = cp_tensor_2d(w->dtype, w->ne[1], w->ne[0], (void *)w->data);
+    float *f = malloc((size_t)(w->ne[0] * w->ne[1]) * sizeof(float));
+    if (!f) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    cp_status st = cp_backend_dequantize(be, &t, 0, w->ne[1], f);
+    if (st != CP_OK) {
+        free(f);
+        return st;
+    }
+    for (int64_t r = 0; rscale && r < w->ne[1]; r++)
+        for (int64_t c = 0; c < w->ne[0]; c++) f[r * w->ne[0] + c] *= rscale[r];
+    *out = f;
+    return CP_OK;
+}
+
+#define AWQ_GRID 11 /* a = 0, 0.1, ..., 1 */
+
+/* The scales s[cols] of n matrices W[k] (rows[k] x cols, fp32) that share
+ * an input with per-channel sums sq (x^2) and ab (|x|) over `obs` rows. */
+static cp_status awq_search(cp_backend_t be, cp_dtype target, int n, float *const *W, const int64_t *rows,
+                            int64_t cols, const double *sq, const double *ab, int64_t obs, float *s) {
+    int64_t maxr = 0;
+    for (int k = 0; k < n; k++) maxr = rows[k] > maxr ? rows[k] : maxr;
+    const cp_dtype t = pick(target, cols);
+    float *ws = malloc((size_t)(maxr * cols) * sizeof(float)), *try_s = malloc((size_t)cols * sizeof(float));
+    char *q = malloc(cp_dtype_row_size(t, cols) * (size_t)maxr);
+    cp_status st = CP_OK;
+    if (!ws || !try_s || !q) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory searching AWQ scales");
+        goto done;
+    }
+    double best = INFINITY;
+    for (int a = 0; a < AWQ_GRID; a++) {
+        const double alpha = a / (double)(AWQ_GRID - 1);
+        double mx = 0, mn = INFINITY;
+        for (int64_t j = 0; j < cols; j++) {
+            double v = pow(fmax(ab[j] / (double)obs, 1e-6), alpha);
+            try_s[j] = (float)v;
+            mx = fmax(mx, v);
+            mn = fmin(mn, v);
+        }
+        const float norm = (float)(1.0 / sqrt(mx * mn)); /* centre the scales around 1 */
+        for (int64_t j = 0; j < cols; j++) try_s[j] *= norm;
+        double loss = 0;
+        for (int k = 0; k < n && st == CP_OK; k++) {
+            for (int64_t r = 0; r < rows[k]; r++)
+                for (int64_t j = 0; j < cols; j++) ws[r * cols + j] = W[k][r * cols + j] * try_s[j];
+            st = cp_backend_quantize(be, t, ws, rows[k], cols, q);
+            cp_tensor qt = cp_tensor_2d(t, rows[k], cols, q);
+            if (st == CP_OK) st = cp_backend_dequantize(be, &qt, 0, rows[k], ws);
+            for (int64_t r = 0; st == CP_OK && r < rows[k]; r++)
+                for (int64_t j = 0; j < cols; j++) {
+                    const double d = (double)W[k][r * cols + j] - (double)ws[r * cols + j] / try_s[j];
+                    loss += sq[j] * d * d;
+                }
+        }
+        if (st != CP_OK) goto done;
+        if (loss < best) {
+            best = loss;
+            memcpy(s, try_s, (size_t)cols * sizeof(float));
+        }
+    }
+done:
+    free(ws);
+    free(try_s);
+    free(q);
+    return st;
+}
+
+/* Per tensor i: cs[i] (column scales; for a norm vector its multiplier) and
+ * rs[i] (row scales), malloc'd or NULL, for every layer of the model. */
+static cp_status awq_plan(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *o, float **cs, float **rs) {
+    const cp_act_stats *a = o->awq;
+    char name[7][96];
+    static const char *suffix[7] = {"attn_q.weight",   "attn_k.weight", "attn_v.weight", "attn_norm.weight",
+                                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
+    for (int l = 0; l < a->n_layer; l++) {
+        int64_t ix[8];
+        for (int k = 0; k < 7; k++) {
+            snprintf(name[k], sizeof(name[k]), "blk.%d.%s", l, suffix[k]);
+            ix[k] = tensor_index(g, name[k]);
+        }
+        char fn[96];
+        snprintf(fn, sizeof(fn), "blk.%d.ffn_norm.weight", l);
+        ix[7] = tensor_index(g, fn);
+        for (int k = 0; k < 8; k++)
+            if (ix[k] < 0) return CP_ERROR(CP_ERR_FORMAT, "AWQ: layer %d lacks a tensor it needs", l);
+        const int dim = a->width[CP_ACT_ATTN_IN], ffn = a->width[CP_ACT_FFN_ACT];
+        const size_t ld = (size_t)l;
+        float *W[3] = {NULL, NULL, NULL};
+        int64_t rows[3];
+        cp_status st = CP_OK;
+        /* down, whose 1/s goes into up's rows */
+        float *sd = malloc((size_t)ffn * sizeof(float)), *inv_d = malloc((size_t)ffn * sizeof(float));
+        float *sf = malloc((size_t)dim * sizeof(float)), *sa = malloc((size_t)dim * sizeof(float));
+        if (!sd || !inv_d || !sf || !sa) {
+            free(sd), free(inv_d), free(sf), free(sa);
+            return CP_ERROR(CP_ERR_OOM, "out of memory");
+        }
+        cs[ix[6]] = sd;
+        rs[ix[5]] = inv_d;
+        cs[ix[4]] = sf;
+        cs[ix[0]] = sa;
+        CP_CHECK_GOTO(load_f32(be, g, ix[6], NULL, &W[0]), st, layer_done);
+        rows[0] = cp_gguf_tensor(g, ix[6])->ne[1];
+        CP_CHECK_GOTO(awq_search(be, o->type, 1, W, rows, ffn, a->sq[CP_ACT_FFN_ACT] + ld * (size_t)ffn,
+                                 a->abs[CP_ACT_FFN_ACT] + ld * (size_t)ffn, a->rows, sd),
+                      st, layer_done);
+        for (int j = 0; j < ffn; j++) inv_d[j] = 1.0f / sd[j];
+        free(W[0]);
+        W[0] = NULL;
+        /* gate and up (up's rows already divided by down's scales) */
+        CP_CHECK_GOTO(load_f32(be, g, ix[4], NULL, &W[0]), st, layer_done);
+        CP_CHECK_GOTO(load_f32(be, g, ix[5], inv_d, &W[1]), st, layer_done);
+        rows[0] = rows[1] = ffn;
+        CP_CHECK_GOTO(awq_search(be, o->type, 2, W, rows, dim, a->sq[CP_ACT_FFN_IN] + ld * (size_t)dim,
+                                 a->abs[CP_ACT_FFN_IN] + ld * (size_t)dim, a->rows, sf),
+                      st, layer_done);
+        for (int k = 0; k < 2; k++) free(W[k]), W[k] = NULL;
+        /* q, k, v */
+        for (int k = 0; k < 3; k++) {
+            CP_CHECK_GOTO(load_f32(be, g, ix[k], NULL, &W[k]), st, layer_done);
+            rows[k] = cp_gguf_tensor(g, ix[k])->ne[1];
+        }
+        CP_CHECK_GOTO(awq_search(be, o->type, 3, W, rows, dim, a->sq[CP_ACT_ATTN_IN] + ld * (size_t)dim,
+                                 a->abs[CP_ACT_ATTN_IN] + ld * (size_t)dim, a->rows, sa),
+                      st, layer_done);
+        /* the same scales on the matrices sharing each input, 1/s on the norms */
+        const int64_t share[3][2] = {{ix[1], ix[0]}, {ix[2], ix[0]}, {ix[5], ix[4]}};
+        for (int k = 0; k < 3 && st == CP_OK; k++) {
+            cs[share[k][0]] = malloc((size_t)dim * sizeof(float));
+            if (!cs[share[k][0]]) st = CP_ERROR(CP_ERR_OOM, "out of memory");
+            else memcpy(cs[share[k][0]], cs[share[k][1]], (size_t)dim * sizeof(float));
+        }
+        const int64_t norm[2][2] = {{ix[3], ix[0]}, {ix[7], ix[4]}};
+        for (int k = 0; k < 2 && st == CP_OK; k++) {
+            float *v = malloc((size_t)dim * sizeof(float));
+            if (!v) {
+                st = CP_ERROR(CP_ERR_OOM, "out of memory");
+                break;
+            }
+            for (int j = 0; j < dim; j++) v[j] = 1.0f / cs[norm[k][1]][j];
+            cs[norm[k][0]] = v;
+        }
+    layer_done:
+        for (int k = 0; k < 3; k++) free(W[k]);
+        if (st != CP_OK) return st;
+    }
+    return CP_OK;
 }
 
 /* Safetensors: packed matrices as U8 [rows][row bytes] with their type in
@@ -125,8 +290,18 @@ static cp_status quantize_st(cp_gguf_t g, const char *out, const cp_quantize_opt
     size_t done = 0, total = 0, max_cols = 1;
     cp_status st = CP_OK;
     if (!jobs) return CP_ERROR(CP_ERR_OOM, "out of memory");
-    CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, end);
+    float **cs = NULL, **rs = NULL;
+    CP_CHECK_GOTO(cp_backend_cpu_init(o->awq ? 0 : 1, &host), st, end);
     CP_CHECK_GOTO(cp_st_writer_init(&wr), st, end);
+    if (o->awq) {
+        cs = calloc((size_t)(nt ? nt : 1), sizeof(float *));
+        rs = calloc((size_t)(nt ? nt : 1), sizeof(float *));
+        if (!cs || !rs) {
+            st = CP_ERROR(CP_ERR_OOM, "out of memory");
+            goto end;
+        }
+        CP_CHECK_GOTO(awq_plan(g, host, o, cs, rs), st, end);
+    }
     for (int64_t i = 0; i < nt; i++) {
         const cp_weight_info *w = cp_gguf_tensor(g, i);
         total += w->nbytes;
@@ -153,7 +328,7 @@ static cp_status quantize_st(cp_gguf_t g, const char *out, const cp_quantize_opt
         if (w->ndim >= 2) to = head && four ? CP_DTYPE_I8_ROW : pick(o->type, w->ne[0]);
         else if (st_type_of(to) == CP_ST_U8)
             to = CP_DTYPE_F32; /* vectors stay plain numbers */
-        *j = (st_job){w, to, rows, host, row, o, stats, &done, total, g};
+        *j = (st_job){w, cs ? cs[i] : NULL, rs ? rs[i] : NULL, to, rows, host, row, o, stats, &done, total, g};
         const size_t rb = cp_dtype_row_size(to, w->ne[0]);
         if (st_type_of(to) == CP_ST_U8) {
             const int64_t shape[2] = {rows, (int64_t)rb};
@@ -205,6 +380,12 @@ static cp_status quantize_st(cp_gguf_t g, const char *out, const cp_quantize_opt
     CP_CHECK_GOTO(cp_st_writer_set_meta(wr, "cparallel.gguf", b64), st, end);
     st = cp_st_writer_finish(wr, out);
 end:
+    for (int64_t i = 0; i < nt; i++) {
+        if (cs) free(cs[i]);
+        if (rs) free(rs[i]);
+    }
+    free(cs);
+    free(rs);
     cp_st_writer_free(wr);
     cp_backend_free(host);
     free(jobs);
@@ -221,6 +402,8 @@ cp_status cp_quantize_gguf(const char *in, const char *out, const cp_quantize_op
     memset(stats, 0, sizeof(*stats));
     if (!is_target(o->type))
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s cannot be a target type", cp_dtype_name(o->type));
+    if (o->awq && o->type != CP_DTYPE_I4_G32 && o->type != CP_DTYPE_I4_G128)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "AWQ scales are for the 4-bit types, not %s", cp_dtype_name(o->type));
     if ((int)o->type >= CP_DTYPE_FIRST_OWN) {
         cp_gguf_t g0 = NULL;
         CP_CHECK(cp_gguf_open(in, &g0));

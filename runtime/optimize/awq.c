@@ -1,0 +1,76 @@
+/* awq.c - activation statistics of a model on calibration text (the input
+ * of every linear layer, per channel), the input of activation-aware
+ * quantization (AWQ) and pruning. */
+#include "cp_quantize.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cp_model.h"
+
+static void observe(void *user, int layer, cp_act_site site, const float *x, int n, int width) {
+    cp_act_stats *s = user;
+    if (layer < 0 || layer >= s->n_layer || width != s->width[site]) return;
+    double *sq = s->sq[site] + (size_t)layer * (size_t)width, *ab = s->abs[site] + (size_t)layer * (size_t)width;
+    for (int i = 0; i < n; i++) {
+        const float *r = x + (size_t)i * (size_t)width;
+        for (int j = 0; j < width; j++) {
+            sq[j] += (double)r[j] * r[j];
+            ab[j] += fabs((double)r[j]);
+        }
+    }
+    if (layer == 0 && site == CP_ACT_ATTN_IN) s->rows += n;
+}
+
+void cp_act_stats_free(cp_act_stats *s) {
+    if (!s) return;
+    for (int k = 0; k < CP_ACT_SITES; k++) {
+        free(s->sq[k]);
+        free(s->abs[k]);
+    }
+    free(s);
+}
+
+cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, int ctx, cp_act_stats **out) {
+    *out = NULL;
+    cp_model_t m = cp_engine_model(e);
+    const cp_model_config *c = cp_model_get_config(m);
+    if (n < 2) return CP_ERROR(CP_ERR_INVALID_ARG, "calibration needs at least 2 tokens, got %zu", n);
+    if (ctx <= 0 || ctx > cp_engine_n_ctx(e)) ctx = cp_engine_n_ctx(e);
+    cp_act_stats *s = calloc(1, sizeof(*s));
+    float *logits = NULL;
+    cp_status st = CP_OK;
+    if (!s) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    s->n_layer = c->n_layer;
+    s->width[CP_ACT_ATTN_IN] = s->width[CP_ACT_FFN_IN] = c->dim;
+    s->width[CP_ACT_ATTN_OUT] = c->n_head * c->head_dim;
+    s->width[CP_ACT_FFN_ACT] = c->ffn_dim;
+    for (int k = 0; k < CP_ACT_SITES; k++) {
+        s->sq[k] = calloc((size_t)c->n_layer * (size_t)s->width[k], sizeof(double));
+        s->abs[k] = calloc((size_t)c->n_layer * (size_t)s->width[k], sizeof(double));
+        if (!s->sq[k] || !s->abs[k]) {
+            st = CP_ERROR(CP_ERR_OOM, "out of memory for activation statistics");
+            goto fail;
+        }
+    }
+    logits = malloc((size_t)ctx * (size_t)c->n_vocab * sizeof(float));
+    if (!logits) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory for calibration logits");
+        goto fail;
+    }
+    CP_CHECK_GOTO(cp_model_set_observer(m, observe, s), st, fail);
+    for (size_t b = 0; b < n && st == CP_OK; b += (size_t)ctx) {
+        const int len = (int)(n - b < (size_t)ctx ? n - b : (size_t)ctx);
+        st = cp_engine_logits(e, tokens + b, len, logits);
+    }
+    cp_model_set_observer(m, NULL, NULL);
+    if (st != CP_OK) goto fail;
+    free(logits);
+    *out = s;
+    return CP_OK;
+fail:
+    free(logits);
+    cp_act_stats_free(s);
+    return st;
+}
