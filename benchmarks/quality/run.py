@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Quality of cparallel's quantizations on the default model.
+
+Every variant is quantized from the same baseline (the default model's
+weights dequantized to f32), then measured against that baseline over the
+evaluation text: perplexity, KL(baseline || variant) and top-1 agreement
+(`cparallel eval --reference`), the size on disk, and greedy decode speed
+on the CPU (`cparallel generate`). When llama-cpp-python is importable, the
+same table gets llama.cpp's perplexity for its own Q8_0, Q4_0 and Q4_K of
+the baseline, over the same windows.
+
+    python3 benchmarks/quality/run.py [--build build] [--threads 2] [--out results.md]
+"""
+import argparse, json, os, re, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEXT = "/usr/share/doc/python3.11/html/_sources/tutorial/appetite.rst.txt"
+CALIB = "/usr/share/doc/python3.11/html/_sources/tutorial/controlflow.rst.txt"
+# (name, --type, file suffix)
+VARIANTS = [
+    ("int8 (per channel)", "int8", "safetensors"),
+    ("fp8 E4M3 (W8A8)", "fp8", "safetensors"),
+    ("int4 g128", "int4", "safetensors"),
+    ("awq (int4 g128)", "awq", "safetensors"),
+    ("q8_0", "q8_0", "gguf"),
+    ("q4_0", "q4_0", "gguf"),
+    ("q4_k", "q4_k", "gguf"),
+]
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit("failed: %s\n%s%s" % (" ".join(cmd), r.stdout, r.stderr))
+    return r
+
+
+def decode_speed(exe, model, threads):
+    r = run([exe, "generate", "--model", model, "--no-progress", "--threads", str(threads), "--temperature", "0",
+             "-n", "64", "-p", "The Python tutorial explains"])
+    m = re.search(r"decode (\d+) tokens in [\d.]+ ms \(([\d.]+) tok/s\)", r.stderr)
+    return float(m.group(2)) if m else float("nan")
+
+
+def evaluate(exe, model, ref, threads, ctx):
+    r = run([exe, "eval", "--model", model, "--reference", ref, "--text", TEXT, "--ctx", str(ctx), "--json",
+             "--no-progress", "--threads", str(threads)])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_ppl(base_f32, work, ctx):
+    """llama.cpp's own quantizer and perplexity (non-overlapping windows of ctx,
+    second half scored, as its perplexity tool does), or None."""
+    try:
+        import llama_cpp  # noqa: F401
+        import numpy as np
+    except ImportError:
+        return None
+    out = {}
+    ftypes = {"Q8_0": 7, "Q4_0": 2, "Q4_K": 15}  # LLAMA_FTYPE_MOSTLY_*
+    text = open(TEXT, encoding="utf-8").read()
+    for name, ft in ftypes.items():
+        path = os.path.join(work, "llama-%s.gguf" % name)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ft
+        if llama_cpp.llama_model_quantize(base_f32.encode(), path.encode(), params) != 0:
+            return None
+        llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, logits_all=True, verbose=False)
+        toks = llm.tokenize(text.encode())
+        nll, n = 0.0, 0
+        for b in range(0, len(toks) - ctx + 1, ctx):
+            llm.reset()
+            llm.eval(toks[b:b + ctx])
+            lg = np.array(llm.scores[:ctx], dtype=np.float64)
+            for i in range(ctx // 2, ctx - 1):
+                row = lg[i]
+                mx = row.max()
+                nll += mx + np.log(np.exp(row - mx).sum()) - row[toks[b + i + 1]]
+                n += 1
+        out[name] = (float(np.exp(nll / n)), os.path.getsize(path))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "quality", "results.md"))
+    a = ap.parse_args()
+    exe = os.path.join(a.build, "cparallel")
+    work = tempfile.mkdtemp(prefix="cp-quality-")
+    base = os.path.join(work, "baseline-f32.gguf")
+    run([exe, "quantize", "--model", a.model, "--out", base, "--type", "f32", "--no-eval", "--no-progress"])
+    rows = []
+    ref = evaluate(exe, base, base, a.threads, a.ctx)
+    rows.append(("baseline (f32 of the Q4_1 file)", ref, os.path.getsize(base), decode_speed(exe, base, a.threads), 0))
+    for name, t, suffix in VARIANTS:
+        path = os.path.join(work, "%s.%s" % (t, suffix))
+        t0 = time.time()
+        cmd = [exe, "quantize", "--model", base, "--out", path, "--type", t, "--no-eval", "--no-progress",
+               "--threads", str(a.threads)]
+        if t == "awq":
+            cmd += ["--calib", CALIB]
+        run(cmd)
+        secs = time.time() - t0
+        r = evaluate(exe, path, base, a.threads, a.ctx)
+        rows.append((name, r, os.path.getsize(path), decode_speed(exe, path, a.threads), secs))
+        os.remove(path)
+    peer = llama_cpp_ppl(base, work, a.ctx)
+    lines = [
+        "# Quantization quality on the default model",
+        "",
+        "SmolLM2-135M-Instruct; baseline = its Q4_1 weights dequantized to f32; evaluation text %s "
+        "(%d tokens scored, windows of %d, stride %d); AWQ calibrated on %s. CPU: %d threads, %s."
+        % (TEXT, ref["tokens"], ref["ctx"], ref["stride"], CALIB, a.threads, os.uname().machine),
+        "",
+        "| variant | perplexity | vs baseline | KL mean (nats) | KL p99 | top-1 | size (MB) | decode tok/s | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    bppl = ref["ppl"]
+    for name, r, size, tps, secs in rows:
+        lines.append("| %s | %.3f | %+.2f%% | %.4f | %.4f | %.2f%% | %.1f | %.1f | %.0f |" % (
+            name, r["ppl"], 100 * (r["ppl"] / bppl - 1), r.get("kl_mean", 0), r.get("kl_p99", 0),
+            100 * r.get("top1", 1), size / 1e6, tps, secs))
+    lines.append("")
+    if peer:
+        lines.append("llama.cpp (its own quantizer and perplexity loop, non-overlapping windows of %d):" % a.ctx)
+        lines.append("")
+        for k, (p, size) in peer.items():
+            lines.append("- %s: perplexity %.3f, %.1f MB" % (k, p, size / 1e6))
+    else:
+        lines.append("llama.cpp: not measured (llama-cpp-python is not installed here).")
+    lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    with open(a.out, "w") as f:
+        f.write(text)
+    os.remove(base)
+    os.rmdir(work) if not os.listdir(work) else None
+
+
+if __name__ == "__main__":
+    main()
