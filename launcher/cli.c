@@ -173,6 +173,19 @@ bool cli_parse_convert(const char *s, cp_dtype *out) {
     return false;
 }
 
+void cli_json_str(const char *s) {
+    putchar('"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            printf("\\%c", *p);
+        else if (*p < 0x20)
+            printf("\\u%04x", *p);
+        else
+            putchar(*p);
+    }
+    putchar('"');
+}
+
 void cli_on_progress(void *user, size_t done, size_t total) {
     cli_progress *p = user;
     int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;

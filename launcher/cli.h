@@ -51,6 +51,10 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id);
 #define CLI_CONVERT_HELP "convert weights at load to " CLI_CONVERT_TYPES
 bool cli_parse_convert(const char *s, cp_dtype *out);
 
+/* Prints s to stdout as a JSON string literal (quotes, backslashes and
+ * control characters escaped: paths may hold them). */
+void cli_json_str(const char *s);
+
 /* Model-load progress on stderr for cp_engine_opts.progress: a line
  * rewritten in place on a terminal, else a line per quarter. */
 typedef struct cli_progress {

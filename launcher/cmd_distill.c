@@ -15,20 +15,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* s as a JSON string literal (paths may hold quotes, backslashes, controls). */
-static void json_str(const char *s) {
-    putchar('"');
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            printf("\\%c", *p);
-        else if (*p < 0x20)
-            printf("\\u%04x", *p);
-        else
-            putchar(*p);
-    }
-    putchar('"');
-}
-
 typedef struct distill_progress {
     bool on, tty;
     int last; /* tenths of the prompts reported (non-terminal) */
@@ -214,11 +200,11 @@ int cp_cli_distill(int argc, char **argv) {
     double tps = res.seconds > 0 ? (double)res.n_gen_tokens / res.seconds : 0.0;
     if (json) {
         printf("{\"teacher\":");
-        json_str(teacher);
+        cli_json_str(teacher);
         printf(",\"prompts\":");
-        json_str(prompts);
+        cli_json_str(prompts);
         printf(",\"out\":");
-        json_str(out);
+        cli_json_str(out);
         printf(",\"samples\":%lld,\"rows\":%lld,\"top_k\":%d,\"vocab_size\":%d,\"chat\":%s,"
                "\"completion_only\":%s,\"prompt_tokens\":%lld,\"completion_tokens\":%lld,"
                "\"finish_stop\":%d,\"finish_length\":%d,\"finish_context\":%d,"

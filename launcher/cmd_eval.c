@@ -15,20 +15,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* s as a JSON string literal (paths may hold quotes, backslashes, controls). */
-static void json_str(const char *s) {
-    putchar('"');
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            printf("\\%c", *p);
-        else if (*p < 0x20)
-            printf("\\u%04x", *p);
-        else
-            putchar(*p);
-    }
-    putchar('"');
-}
-
 typedef struct eval_progress {
     bool on;
     int last;
@@ -163,15 +149,15 @@ int cp_cli_eval(int argc, char **argv) {
     if (!lead) goto out;
     if (json) {
         printf("{\"model\":");
-        json_str(model);
+        cli_json_str(model);
         printf(",\"text\":");
-        json_str(text);
+        cli_json_str(text);
         printf(",\"tokens\":%lld,\"windows\":%d,\"ctx\":%d,\"stride\":%d,\"nll\":%.6f,"
                "\"ppl\":%.6f",
                (long long)res.n_scored + 1, res.n_windows, res.ctx, res.stride, res.nll, res.ppl);
         if (r) {
             printf(",\"reference\":");
-            json_str(reference);
+            cli_json_str(reference);
             printf(",\"ref_ppl\":%.6f,\"ppl_increase\":%.6f,\"kl_mean\":%.6g,"
                    "\"kl_p50\":%.6g,\"kl_p99\":%.6g,\"kl_max\":%.6g,\"top1\":%.6f",
                    res.ref_ppl, res.ppl / res.ref_ppl - 1, res.kl_mean, res.kl_p50,

@@ -19,31 +19,16 @@
 #include <strings.h>
 #include <unistd.h>
 
-/* The default evaluation text: the Python tutorial's first chapter from
- * Debian's python3-doc (English prose nobody on this project wrote). */
-static const char *default_text(void) {
-    static const char *const paths[] = {
-        "/usr/share/doc/python3.11/html/_sources/tutorial/appetite.rst.txt",
-        "/usr/share/doc/python3.12/html/_sources/tutorial/appetite.rst.txt",
-        "/usr/share/doc/python3.13/html/_sources/tutorial/appetite.rst.txt",
-        "/usr/share/doc/python3/html/_sources/tutorial/appetite.rst.txt",
-    };
-    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
-        if (access(paths[i], R_OK) == 0) return paths[i];
-    return NULL;
-}
-
-/* The default calibration text for AWQ: another chapter of the same
- * tutorial, so that the evaluation is not on the text the scales fit. */
-static const char *default_calib(void) {
-    static const char *const paths[] = {
-        "/usr/share/doc/python3.11/html/_sources/tutorial/controlflow.rst.txt",
-        "/usr/share/doc/python3.12/html/_sources/tutorial/controlflow.rst.txt",
-        "/usr/share/doc/python3.13/html/_sources/tutorial/controlflow.rst.txt",
-        "/usr/share/doc/python3/html/_sources/tutorial/controlflow.rst.txt",
-    };
-    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
-        if (access(paths[i], R_OK) == 0) return paths[i];
+/* A chapter of the Python tutorial from Debian's python3-doc (English prose
+ * nobody on this project wrote), or NULL when it is not installed. The
+ * evaluation text is "appetite"; AWQ calibrates on "controlflow", so that
+ * the evaluation is not on the text the scales fit. */
+static const char *tutorial_chapter(const char *chapter, char *path, size_t cap) {
+    static const char *const versions[] = {"python3.11", "python3.12", "python3.13", "python3"};
+    for (size_t i = 0; i < sizeof(versions) / sizeof(versions[0]); i++) {
+        snprintf(path, cap, "/usr/share/doc/%s/html/_sources/tutorial/%s.rst.txt", versions[i], chapter);
+        if (access(path, R_OK) == 0) return path;
+    }
     return NULL;
 }
 
@@ -137,6 +122,7 @@ out:
 
 int cp_cli_quantize(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL;
+    char text_buf[256], calib_buf[256];
     int ctx = 512, max_tokens = 4096, threads = 0, calib_tokens = 1024;
     float max_increase = 5.0f;
     bool force = false, no_eval = false, no_progress = false;
@@ -182,7 +168,7 @@ int cp_cli_quantize(int argc, char **argv) {
                         CLI_CONVERT_TYPES ")\n", type);
         return 2;
     }
-    if (!no_eval && !text && !(text = default_text())) {
+    if (!no_eval && !text && !(text = tutorial_chapter("appetite", text_buf, sizeof(text_buf)))) {
         fprintf(stderr, "cparallel quantize: error: no evaluation text: give --eval-text FILE "
                         "(or install python3-doc, or skip the check with --no-eval)\n");
         return 2;
@@ -195,7 +181,7 @@ int cp_cli_quantize(int argc, char **argv) {
     int last = -1;
     cp_act_stats *stats = NULL;
     if (awq) {
-        if (!calib && !(calib = default_calib())) {
+        if (!calib && !(calib = tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
             fprintf(stderr, "cparallel quantize: error: awq needs calibration text: give --calib FILE "
                             "(or install python3-doc)\n");
             return 2;

@@ -15,21 +15,34 @@ static const cp_weight_info *hf_find(void *ctx, const char *name) {
 
 static void hf_close(void *ctx) { cp_safetensors_close((cp_safetensors_t)ctx); }
 
-cp_status cp_model_open_hf(cp_model_t m, const char *dir) {
-    char cfg_path[4096];
-    snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", dir);
-    CP_CHECK(cp_hf_config_load(cfg_path, &m->cfg));
-    cp_safetensors_t st;
-    CP_CHECK(cp_safetensors_open(dir, &st));
+/* Makes st (owned from here, closed by cp_model_free) m's weight source. */
+static void attach(cp_model_t m, cp_safetensors_t st) {
     m->find = hf_find;
     m->find_ctx = st;
     m->hf_close = hf_close;
     for (int64_t i = 0; i < cp_safetensors_n_tensors(st); i++)
         m->total_bytes += cp_safetensors_tensor(st, i)->nbytes;
+}
+
+/* The configuration from dir/config.json. */
+static cp_status hf_config(cp_model_t m, const char *dir) {
+    char cfg_path[4096];
+    snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", dir);
+    return cp_hf_config_load(cfg_path, &m->cfg);
+}
+
+static cp_status hf_finish(cp_model_t m) {
     /* tie_word_embeddings may be absent while the file still has no lm_head */
-    if (!m->cfg.tied_embeddings && !cp_safetensors_find(st, "output.weight"))
-        m->cfg.tied_embeddings = true;
+    if (!m->cfg.tied_embeddings && !hf_find(m->find_ctx, "output.weight")) m->cfg.tied_embeddings = true;
     return cp_model_config_validate(&m->cfg);
+}
+
+cp_status cp_model_open_hf(cp_model_t m, const char *dir) {
+    CP_CHECK(hf_config(m, dir));
+    cp_safetensors_t st;
+    CP_CHECK(cp_safetensors_open(dir, &st));
+    attach(m, st);
+    return hf_finish(m);
 }
 
 /* RFC 4648 base64 (padding required, no line breaks); *len gets the bytes. */
@@ -70,11 +83,7 @@ static cp_status base64_decode(const char *in, unsigned char **out, size_t *len)
 cp_status cp_model_open_st_file(cp_model_t m, const char *path) {
     cp_safetensors_t st;
     CP_CHECK(cp_safetensors_open(path, &st));
-    m->find = hf_find;
-    m->find_ctx = st;
-    m->hf_close = hf_close;
-    for (int64_t i = 0; i < cp_safetensors_n_tensors(st); i++)
-        m->total_bytes += cp_safetensors_tensor(st, i)->nbytes;
+    attach(m, st);
     const char *b64 = cp_safetensors_get_meta(st, "cparallel.gguf");
     if (b64) {
         unsigned char *img = NULL;
@@ -84,12 +93,9 @@ cp_status cp_model_open_st_file(cp_model_t m, const char *path) {
         cp_status s = cp_gguf_open_memory(img, len, &m->gguf);
         if (s != CP_OK)
             return CP_ERROR(s, "%s: the embedded model metadata is invalid: %s", path, cp_last_error());
-        CP_CHECK(cp_gguf_model_config_with(m->gguf, hf_find, st, &m->cfg));
-    } else {
-        char cfg_path[4096];
-        snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", cp_safetensors_dir(st));
-        CP_CHECK(cp_hf_config_load(cfg_path, &m->cfg));
+        /* validates, and ties the embeddings exactly when there is no output.weight */
+        return cp_gguf_model_config_with(m->gguf, hf_find, st, &m->cfg);
     }
-    m->cfg.tied_embeddings = cp_safetensors_find(st, "output.weight") == NULL;
-    return cp_model_config_validate(&m->cfg);
+    CP_CHECK(hf_config(m, cp_safetensors_dir(st)));
+    return hf_finish(m);
 }
