@@ -40,6 +40,7 @@ static const dtype_info dtype_table[CP_DTYPE_COUNT] = {
     [CP_DTYPE_F8_ROW] = {"F8_ROW", 1, 1, true, CP_ROW_TRAILER},
     [CP_DTYPE_I4_G32] = {"I4_G32", 32, 2 + 2 + 16, true},
     [CP_DTYPE_I4_G128] = {"I4_G128", 128, 2 + 2 + 64, true},
+    [CP_DTYPE_S24_Q8] = {"S24_Q8", 32, 2 + 2 + 4 + 16, true},
 };
 
 static const dtype_info *info_of(int t) {

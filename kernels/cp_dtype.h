@@ -44,6 +44,8 @@ typedef enum cp_dtype {
                                are quantized the same way per token (W8A8) */
     CP_DTYPE_I4_G32 = 42,   /* uint4, groups of 32: value (q - z) * d */
     CP_DTYPE_I4_G128 = 43,  /* uint4, groups of 128: value (q - z) * d */
+    CP_DTYPE_S24_Q8 = 44,   /* 2:4 sparse int8 blocks of 32 (cp_block_s24_q8): value q * d
+                               where kept, 0 elsewhere; activations Q8_0 */
     CP_DTYPE_COUNT = 48, /* upper bound of the numeric values, not a type */
 } cp_dtype;
 
@@ -77,11 +79,23 @@ typedef struct {
     cp_fp16_t d;
 } cp_block_q6_K;                                                                 /* 210 B */
 /* Asymmetric 4-bit groups (the layout of GPTQ/AWQ checkpoints, regrouped):
- * fp16 scale d, integer zero point z (0..15), then the codes of a group of
+ * fp16 scale d, integer zero point z (0..16; 16 comes from GPTQ checkpoints
+ * that store z - 1), then the codes of a group of
  * G elements packed two per byte: qs[j] holds element j in its low nibble and
  * element j + G/2 in its high nibble. */
 typedef struct { cp_fp16_t d; uint8_t z, pad; uint8_t qs[16]; } cp_block_i4_g32;        /* 20 B */
 typedef struct { cp_fp16_t d; uint8_t z, pad; uint8_t qs[64]; } cp_block_i4_g128;       /* 68 B */
+/* 2:4 semi-structured sparse int8 (S24_Q8), 32 elements in 24 bytes:
+ *   bytes 0-1   d, fp16 scale;
+ *   bytes 2-3   pad, always 0;
+ *   bytes 4-7   mask, uint32 little-endian: bit k set iff element k is kept;
+ *               each group of 4 elements (nibble k/4) has exactly 2 bits set;
+ *   bytes 8-23  qs, the 16 kept elements as int8 in increasing element order
+ *               (group g's two in qs[2g], qs[2g + 1]).
+ * A kept element is qs * d, every other one 0; blocks may be only 2-byte
+ * aligned in a mapped file, so readers load the mask with memcpy. */
+#define CP_QK_S24 32
+typedef struct { cp_fp16_t d; uint16_t pad; uint32_t mask; int8_t qs[CP_QK_S24 / 2]; } cp_block_s24_q8; /* 24 B */
 #define CP_ROW_TRAILER 16 /* bytes after the codes of an I8_ROW / F8_ROW row */
 
 typedef struct {

@@ -10,6 +10,7 @@
 #include "../cp_backend_impl.h"
 #include "cpu_quants.h"
 #include "cpu_ref.h"
+#include "quants_sparse.h"
 #include "threadpool.h"
 
 typedef struct cpu_backend {
@@ -227,11 +228,23 @@ static int cpu_n_threads(cp_backend_t be) {
  * batch is dotted with it (16 rows of a 4096-wide Q4_1 matrix are 40 KiB). */
 #define MM_TILE_ROWS 16
 
+/* From this batch on, S24_Q8 weights are repacked a tile at a time (see
+ * quants_sparse.h): the work that depends on the weights alone is then done
+ * once per tile instead of once per activation row, and the results are
+ * those of the one-row kernel bit for bit. */
+#define MM_REPACK_MIN_BATCH 2
+
 struct mm_job {
     cp_vec_dot_fn vec_dot;
     cp_vec_dot2_fn vec_dot2; /* optional: two weight rows per activation pass */
     const char *w; /* [m] rows of w_stride bytes */
     size_t w_stride;
+    /* NULL, or how S24_Q8 weight rows are repacked into tile rows of
+     * tile_stride bytes (tile: [n_threads][MM_TILE_ROWS] rows), each then
+     * multiplied with every activation row in one call */
+    const cp_cpu_s24_repack *repack;
+    char *tile;
+    size_t tile_stride;
     const char *xq; /* [n] activation rows of xq_stride bytes (vec_dot_type) */
     size_t xq_stride;
     int n;
@@ -246,10 +259,21 @@ struct mm_job {
 /* Every y[i][r] is one vec_dot of a fixed pair of rows, so the result does
  * not depend on how rows are split over threads. */
 static void mm_rows(void *vctx, size_t r0, size_t r1, int thread) {
-    (void)thread;
     const struct mm_job *j = vctx;
     for (size_t t0 = r0; t0 < r1; t0 += MM_TILE_ROWS) {
         size_t t1 = t0 + MM_TILE_ROWS < r1 ? t0 + MM_TILE_ROWS : r1;
+        if (j->repack) {
+            char *tile = j->tile + (size_t)thread * MM_TILE_ROWS * j->tile_stride;
+            for (size_t r = t0; r < t1; r++)
+                j->repack->pack(j->w + r * j->w_stride, tile + (r - t0) * j->tile_stride, j->k);
+            for (size_t r = t0; r < t1; r++) {
+                j->repack->vec_dot_rows(j->k, j->y + r, (size_t)j->m, tile + (r - t0) * j->tile_stride, j->xq,
+                                        j->xq_stride, j->n);
+                if (j->bias)
+                    for (int i = 0; i < j->n; i++) j->y[(size_t)i * (size_t)j->m + r] += j->bias[r];
+            }
+            continue;
+        }
         for (int i = 0; i < j->n; i++) {
             const char *xi = j->xq + (size_t)i * j->xq_stride;
             float *yi = j->y + (size_t)i * (size_t)j->m;
@@ -293,6 +317,9 @@ static cp_status cpu_matmul(cp_backend_t be, const cp_tensor *w, const float *x,
     j.y = y;
     j.bias = bias;
     j.x = x;
+    j.repack = NULL;
+    j.tile = NULL;
+    j.tile_stride = 0;
     if (tr->vec_dot_type == CP_DTYPE_F32) {
         j.xq = (const char *)x;
         j.xq_stride = (size_t)j.k * sizeof(float);
@@ -306,10 +333,19 @@ static cp_status cpu_matmul(cp_backend_t be, const cp_tensor *w, const float *x,
         if (j.xq_stride == 0)
             return CP_ERROR(CP_ERR_INVALID_ARG, "matmul: row length %lld does not fit %s blocks",
                             (long long)j.k, cp_dtype_name(tr->vec_dot_type));
+        const size_t xq_bytes = align64(j.xq_stride * (size_t)n);
+        size_t tile_bytes = 0;
+        const cp_cpu_s24_repack *rp = w->dtype == CP_DTYPE_S24_Q8 ? cp_cpu_s24_q8_repack() : NULL;
+        if (rp && n >= MM_REPACK_MIN_BATCH) {
+            j.repack = rp;
+            j.tile_stride = align64(rp->row_size(j.k));
+            tile_bytes = (size_t)cpu->n_threads * MM_TILE_ROWS * j.tile_stride;
+        }
         void *ws;
-        CP_CHECK(ws_reserve(cpu, j.xq_stride * (size_t)n, &ws));
+        CP_CHECK(ws_reserve(cpu, xq_bytes + tile_bytes, &ws));
         j.xq_out = ws;
         j.xq = ws;
+        if (tile_bytes) j.tile = (char *)ws + xq_bytes;
         parallel_range(cpu, (size_t)n, 4, mm_quantize_rows, &j);
     }
     /* Hand off only when a thread gets at least ~32k multiply-adds. */

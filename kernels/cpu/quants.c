@@ -4,6 +4,7 @@
  * plus the traits table and the one-time choice of SIMD variants. */
 #include "cpu_quants.h"
 #include "quants_simd.h"
+#include "quants_sparse.h"
 
 #include <float.h>
 #include <math.h>
@@ -857,6 +858,7 @@ static void vec_dot_q3_K_q8_K(int64_t n, float *s, const void *vx, const void *v
 
 static cp_cpu_type_traits traits[CP_DTYPE_COUNT];
 static const char *simd_level = "scalar";
+static const cp_cpu_s24_repack *s24_repack; /* NULL: batches use vec_dot as is */
 static pthread_once_t traits_once = PTHREAD_ONCE_INIT;
 
 static void set_traits(cp_dtype t, cp_dtype vdt, cp_to_float_fn to, cp_from_float_fn from,
@@ -919,6 +921,10 @@ static void init_traits(void) {
                cp_cpu_vec_dot_i4_g32_f32);
     set_traits(CP_DTYPE_I4_G128, CP_DTYPE_F32, cp_cpu_i4_g128_to_float, cp_cpu_i4_g128_from_float,
                cp_cpu_vec_dot_i4_g128_f32);
+    /* 2:4 sparse int8: Q8_0 activations, so it multiplies as Q8_0 weights do */
+    cp_cpu_sparse_init();
+    set_traits(CP_DTYPE_S24_Q8, CP_DTYPE_Q8_0, cp_cpu_s24_q8_to_float, cp_cpu_s24_q8_from_float,
+               cp_cpu_vec_dot_s24_q8_q8_0);
 
     if (force_ref()) return;
 #ifdef CP_X86
@@ -939,6 +945,9 @@ static void init_traits(void) {
         traits[CP_DTYPE_F8_ROW].vec_dot = cp_cpu_vec_dot_f8_row_avx2;
         traits[CP_DTYPE_I4_G32].vec_dot = cp_cpu_vec_dot_i4_g32_f32_avx2;
         traits[CP_DTYPE_I4_G128].vec_dot = cp_cpu_vec_dot_i4_g128_f32_avx2;
+        traits[CP_DTYPE_S24_Q8].vec_dot = cp_cpu_vec_dot_s24_q8_q8_0_avx2;
+        traits[CP_DTYPE_S24_Q8].vec_dot2 = cp_cpu_vec_dot2_s24_q8_q8_0_avx2;
+        s24_repack = &cp_cpu_s24_repack_avx2;
         /* weights and activations share Q8_0's quantizer */
         traits[CP_DTYPE_Q8_0].from_float = cp_cpu_quantize_q8_0_avx2;
         traits[CP_DTYPE_Q8_1].from_float = cp_cpu_quantize_q8_1_avx2;
@@ -958,4 +967,9 @@ const cp_cpu_type_traits *cp_cpu_get_type_traits(cp_dtype t) {
 const char *cp_cpu_simd_level(void) {
     pthread_once(&traits_once, init_traits);
     return simd_level;
+}
+
+const cp_cpu_s24_repack *cp_cpu_s24_q8_repack(void) {
+    pthread_once(&traits_once, init_traits);
+    return s24_repack;
 }
