@@ -1,6 +1,7 @@
 /* hf_config.c - turns the config.json of a Hugging Face Llama, Mistral or
  * Qwen2 checkpoint into a cp_model_config, refusing settings the forward pass
- * would silently get wrong (other activations, rope scalings, biases). */
+ * would silently get wrong (other activations, rope scalings, biases), and
+ * reads the quantization settings of AWQ / GPTQ checkpoints. */
 #include "cp_hf.h"
 
 #include <errno.h>
@@ -8,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include <jansson.h>
@@ -245,23 +247,27 @@ cp_status cp_hf_config_parse(const char *json, size_t len, const char *source,
     return s;
 }
 
-cp_status cp_hf_config_load(const char *config_json_path, cp_model_config *cfg) {
-    if (!config_json_path || !cfg)
-        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_hf_config_load: NULL argument");
+/* Reads the file at path (or at path/config.json when path is a directory)
+ * into *text (malloc'd, *len bytes); *used gets the path read (malloc'd).
+ * With missing_ok, a file that does not exist gives CP_OK and *text NULL. */
+static cp_status read_text(const char *path, bool missing_ok, char **text, size_t *len,
+                           char **used) {
     cp_status s = CP_OK;
-    char *path = NULL, *text = NULL;
+    char *p = NULL, *t = NULL;
     FILE *f = NULL;
     struct stat sb;
-    if (stat(config_json_path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-        size_t n = strlen(config_json_path);
-        path = malloc(n + sizeof("/config.json"));
-        if (!path) return CP_ERROR(CP_ERR_OOM, "out of memory reading %s", config_json_path);
-        memcpy(path, config_json_path, n);
-        memcpy(path + n, "/config.json", sizeof("/config.json"));
-    }
-    const char *p = path ? path : config_json_path;
+    *text = NULL;
+    *len = 0;
+    *used = NULL;
+    const bool dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+    const size_t n = strlen(path);
+    p = malloc(n + sizeof("/config.json"));
+    if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory reading %s", path);
+    memcpy(p, path, n + 1);
+    if (dir) memcpy(p + n, "/config.json", sizeof("/config.json"));
     f = fopen(p, "rb");
     if (!f) {
+        if (missing_ok && errno == ENOENT) goto fail;
         s = CP_ERROR(CP_ERR_IO, "cannot open %s: %s", p, strerror(errno));
         goto fail;
     }
@@ -272,24 +278,220 @@ cp_status cp_hf_config_load(const char *config_json_path, cp_model_config *cfg) 
         goto fail;
     }
     if ((unsigned long)fsize > HF_MAX_CONFIG) {
-        s = CP_ERROR(CP_ERR_FORMAT, "%s is larger than %u bytes: not a config.json", p,
+        s = CP_ERROR(CP_ERR_FORMAT, "%s is larger than %u bytes: not a configuration file", p,
                      HF_MAX_CONFIG);
         goto fail;
     }
-    size_t len = (size_t)fsize;
-    text = malloc(len + 1);
-    if (!text) {
+    t = malloc((size_t)fsize + 1);
+    if (!t) {
         s = CP_ERROR(CP_ERR_OOM, "out of memory reading %s", p);
         goto fail;
     }
-    if (fread(text, 1, len, f) != len) {
+    if (fread(t, 1, (size_t)fsize, f) != (size_t)fsize) {
         s = CP_ERROR(CP_ERR_IO, "cannot read %s: %s", p, strerror(errno));
         goto fail;
     }
-    s = cp_hf_config_parse(text, len, p, cfg);
+    fclose(f);
+    *text = t;
+    *len = (size_t)fsize;
+    *used = p;
+    return CP_OK;
 fail:
     if (f) fclose(f);
+    free(t);
+    free(p);
+    return s;
+}
+
+cp_status cp_hf_config_load(const char *config_json_path, cp_model_config *cfg) {
+    if (!config_json_path || !cfg)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_hf_config_load: NULL argument");
+    char *text = NULL, *p = NULL;
+    size_t len = 0;
+    CP_CHECK(read_text(config_json_path, false, &text, &len, &p));
+    cp_status s = cp_hf_config_parse(text, len, p, cfg);
     free(text);
+    free(p);
+    return s;
+}
+
+/* ---- quantization_config -------------------------------------------------- */
+
+/* The first of keys (NULL-terminated) that obj has with a non-null value. */
+static json_t *get_alias(json_t *obj, const char *const *keys, const char **which) {
+    for (; *keys; keys++) {
+        json_t *v = json_object_get(obj, *keys);
+        if (v && !json_is_null(v)) {
+            *which = *keys;
+            return v;
+        }
+    }
+    return NULL;
+}
+
+static cp_status quant_bool(const hf_ctx *c, json_t *obj, const char *key, bool dflt, bool *out) {
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) {
+        *out = dflt;
+        return CP_OK;
+    }
+    if (!json_is_boolean(v))
+        return CP_ERROR(CP_ERR_FORMAT, "%s: quantization setting \"%s\" is not true or false",
+                        c->src, key);
+    *out = json_is_true(v);
+    return CP_OK;
+}
+
+/* A string setting, compared without regard to case; NULL when absent. */
+static cp_status quant_str(const hf_ctx *c, json_t *obj, const char *const *keys,
+                           const char **out) {
+    const char *which = keys[0];
+    json_t *v = get_alias(obj, keys, &which);
+    *out = NULL;
+    if (!v) return CP_OK;
+    if (!json_is_string(v))
+        return CP_ERROR(CP_ERR_FORMAT, "%s: quantization setting \"%s\" is not a string", c->src,
+                        which);
+    *out = json_string_value(v);
+    return CP_OK;
+}
+
+static cp_status quant_int(const hf_ctx *c, json_t *obj, const char *const *keys, json_int_t *out) {
+    const char *which = keys[0];
+    json_t *v = get_alias(obj, keys, &which);
+    if (!v)
+        return CP_ERROR(CP_ERR_FORMAT, "%s: quantization setting \"%s\" is missing", c->src,
+                        keys[0]);
+    if (!json_is_integer(v))
+        return CP_ERROR(CP_ERR_FORMAT, "%s: quantization setting \"%s\" is not an integer", c->src,
+                        which);
+    *out = json_integer_value(v);
+    return CP_OK;
+}
+
+static cp_status parse_quant(const hf_ctx *c, json_t *qc, cp_hf_quant_method dflt,
+                             cp_hf_quant_config *q) {
+    static const char *const k_method[] = {"quant_method", NULL};
+    static const char *const k_bits[] = {"bits", "w_bit", NULL};
+    static const char *const k_group[] = {"group_size", "q_group_size", NULL};
+    static const char *const k_version[] = {"version", NULL};
+    static const char *const k_format[] = {"checkpoint_format", "format", NULL};
+    const char *method = NULL;
+    CP_CHECK(quant_str(c, qc, k_method, &method));
+    if (!method && dflt == CP_HF_QUANT_NONE)
+        return CP_ERROR(CP_ERR_FORMAT, "%s: quantization_config has no \"quant_method\"", c->src);
+    if (!method) {
+        q->method = dflt;
+    } else if (strcasecmp(method, "awq") == 0) {
+        q->method = CP_HF_QUANT_AWQ;
+    } else if (strcasecmp(method, "gptq") == 0) {
+        q->method = CP_HF_QUANT_GPTQ;
+    } else {
+        return CP_ERROR(CP_ERR_UNSUPPORTED,
+                        "%s: quant_method '%s' is not supported (4-bit awq and gptq are)", c->src,
+                        method);
+    }
+    const char *name = q->method == CP_HF_QUANT_AWQ ? "AWQ" : "GPTQ";
+    json_int_t bits, group;
+    CP_CHECK(quant_int(c, qc, k_bits, &bits));
+    if (bits != 4)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "%s: %s bits = %lld is not supported (only 4 bits are)",
+                        c->src, name, (long long)bits);
+    CP_CHECK(quant_int(c, qc, k_group, &group));
+    if (group != -1 && (group < 1 || group > INT_MAX))
+        return CP_ERROR(CP_ERR_FORMAT, "%s: %s group_size = %lld is out of range (> 0, or -1)",
+                        c->src, name, (long long)group);
+    q->bits = 4;
+    q->group_size = (int)group;
+    CP_CHECK(quant_bool(c, qc, "sym", true, &q->sym));
+    CP_CHECK(quant_bool(c, qc, "desc_act", false, &q->desc_act));
+    if (q->method == CP_HF_QUANT_AWQ) {
+        const char *version = NULL;
+        CP_CHECK(quant_str(c, qc, k_version, &version));
+        if (version && strcasecmp(version, "gemm") != 0)
+            return CP_ERROR(CP_ERR_UNSUPPORTED,
+                            "%s: AWQ version '%s' is not supported (the gemm layout is)", c->src,
+                            version);
+        bool zp = true;
+        CP_CHECK(quant_bool(c, qc, "zero_point", true, &zp));
+        q->sym = !zp;
+        q->zero_minus_one = false;
+        return CP_OK;
+    }
+    const char *format = NULL;
+    bool marlin = false;
+    CP_CHECK(quant_str(c, qc, k_format, &format));
+    CP_CHECK(quant_bool(c, qc, "is_marlin_format", false, &marlin));
+    if (marlin) format = "marlin";
+    if (!format || strcasecmp(format, "gptq") == 0) {
+        q->zero_minus_one = true;
+    } else if (strcasecmp(format, "gptq_v2") == 0) {
+        q->zero_minus_one = false;
+    } else {
+        return CP_ERROR(CP_ERR_UNSUPPORTED,
+                        "%s: GPTQ checkpoint format '%s' is not supported (gptq and gptq_v2 are)",
+                        c->src, format);
+    }
+    return CP_OK;
+}
+
+cp_status cp_hf_quant_config_parse(const char *json, size_t len, const char *source,
+                                   bool whole_is_quant, cp_hf_quant_method default_method,
+                                   cp_hf_quant_config *q) {
+    if (!json || !q) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_hf_quant_config_parse: NULL argument");
+    memset(q, 0, sizeof(*q));
+    const char *src = source ? source : "config.json";
+    json_error_t jerr;
+    json_t *root = json_loadb(json, len, 0, &jerr);
+    if (!root)
+        return CP_ERROR(CP_ERR_FORMAT, "%s is not valid JSON: %s (line %d, column %d)", src,
+                        jerr.text, jerr.line, jerr.column);
+    cp_status s = CP_OK;
+    hf_ctx c = {root, src};
+    json_t *qc = whole_is_quant ? root : json_object_get(root, "quantization_config");
+    if (!json_is_object(root)) {
+        s = CP_ERROR(CP_ERR_FORMAT, "%s is not a JSON object", src);
+    } else if (qc && !json_is_null(qc)) {
+        if (!json_is_object(qc))
+            s = CP_ERROR(CP_ERR_FORMAT, "%s: \"quantization_config\" is not an object or null",
+                         src);
+        else
+            s = parse_quant(&c, qc, default_method, q);
+    }
+    if (s != CP_OK) memset(q, 0, sizeof(*q));
+    json_decref(root);
+    return s;
+}
+
+cp_status cp_hf_quant_config_load(const char *dir, cp_hf_quant_config *q) {
+    if (!dir || !q) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_hf_quant_config_load: NULL argument");
+    memset(q, 0, sizeof(*q));
+    /* config.json first (transformers writes quantization_config there), then
+     * the files the quantizers themselves write beside it */
+    static const struct {
+        const char *file;
+        bool whole;
+        cp_hf_quant_method dflt;
+    } where[] = {
+        {"config.json", false, CP_HF_QUANT_NONE},
+        {"quantize_config.json", true, CP_HF_QUANT_GPTQ},
+        {"quant_config.json", true, CP_HF_QUANT_AWQ},
+    };
+    const size_t n = strlen(dir);
+    char *path = malloc(n + 32);
+    if (!path) return CP_ERROR(CP_ERR_OOM, "out of memory reading %s", dir);
+    cp_status s = CP_OK;
+    for (size_t i = 0; i < sizeof(where) / sizeof(where[0]) && s == CP_OK; i++) {
+        snprintf(path, n + 32, "%s/%s", dir, where[i].file);
+        char *text = NULL, *used = NULL;
+        size_t len = 0;
+        s = read_text(path, true, &text, &len, &used);
+        if (s == CP_OK && text)
+            s = cp_hf_quant_config_parse(text, len, used, where[i].whole, where[i].dflt, q);
+        free(text);
+        free(used);
+        if (q->method != CP_HF_QUANT_NONE) break;
+    }
     free(path);
     return s;
 }
