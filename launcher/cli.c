@@ -154,7 +154,8 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id) {
 bool cli_parse_convert(const char *s, cp_dtype *out) {
     static const cp_dtype ok[] = {CP_DTYPE_F32,    CP_DTYPE_F16,    CP_DTYPE_BF16,   CP_DTYPE_Q8_0,
                                   CP_DTYPE_Q4_0,   CP_DTYPE_Q4_1,   CP_DTYPE_Q4_K,   CP_DTYPE_Q6_K,
-                                  CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_I4_G32, CP_DTYPE_I4_G128};
+                                  CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_I4_G32, CP_DTYPE_I4_G128,
+                                  CP_DTYPE_S24_Q8};
     static const struct {
         const char *name;
         cp_dtype t;

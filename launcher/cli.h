@@ -47,7 +47,8 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id);
 /* The value of --convert: a weight type the loader converts to at load. */
 #define CLI_CONVERT_TYPES                                                                          \
     "f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k (GGUF types), int8 (per output channel), "     \
-    "int4 = int4-g128 or int4-g32 (asymmetric groups), fp8 (E4M3 per channel, W8A8)"
+    "int4 = int4-g128 or int4-g32 (asymmetric groups), fp8 (E4M3 per channel, W8A8), "          \
+    "s24_q8 (2:4 sparse int8: the two largest of every four weights kept)"
 #define CLI_CONVERT_HELP "convert weights at load to " CLI_CONVERT_TYPES
 bool cli_parse_convert(const char *s, cp_dtype *out);
 

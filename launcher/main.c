@@ -4,6 +4,7 @@
 #include "cli.h"
 #include "cmd_distill.h"
 #include "cmd_eval.h"
+#include "cmd_prune.h"
 #include "cmd_quantize.h"
 #include "cmd_route.h"
 #include "cmd_serve.h"
@@ -324,6 +325,7 @@ static void usage(FILE *f) {
             "  eval       perplexity on a text; KL and top-1 agreement against a reference\n"
             "  generate   generate text from a prompt\n"
             "  inspect    print a model's architecture, size and tensor types\n"
+            "  prune      remove weights, layers, heads or MLP channels, accuracy checked\n"
             "  quantize   rewrite a GGUF model in a smaller weight type, accuracy checked\n"
             "  route      route OpenAI API requests across deployments, with failover\n"
             "  serve      serve the model over an OpenAI-compatible HTTP API\n"
@@ -344,6 +346,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "eval")) return cp_cli_eval(argc, argv);
     if (!strcmp(cmd, "distill")) return cp_cli_distill(argc, argv);
     if (!strcmp(cmd, "quantize")) return cp_cli_quantize(argc, argv);
+    if (!strcmp(cmd, "prune")) return cp_cli_prune(argc, argv);
     if (!strcmp(cmd, "synth")) return cp_cli_synth(argc, argv);
     if (!strcmp(cmd, "serve")) return cp_cli_serve(argc, argv);
     if (!strcmp(cmd, "route")) return cp_cli_route(argc, argv);

@@ -98,6 +98,17 @@ bool cp_gguf_get_str_buf(cp_gguf_t g, const char *key, char *buf, size_t cap);
 /* The metadata section as stored (all n_kv entries, in the file's
  * encoding), for writing a new file with the same metadata. */
 const void *cp_gguf_kv_bytes(cp_gguf_t g, size_t *len);
+/* The metadata section with some integer values set: each key of `set`
+ * gets its value as a uint32 (replacing the entry in place, whatever its
+ * type, or appended when the file lacks the key); every other entry is
+ * copied as stored. *bytes (malloc'd, the caller frees) holds *n_kv entries
+ * in *len bytes. Errors: CP_ERR_OOM. */
+typedef struct cp_gguf_kv_u32 {
+    const char *key;
+    uint32_t value;
+} cp_gguf_kv_u32;
+cp_status cp_gguf_kv_bytes_with(cp_gguf_t g, const cp_gguf_kv_u32 *set, int n_set, void **bytes, size_t *len,
+                                int64_t *n_kv);
 /* The tensor data alignment (general.alignment, default 32). */
 size_t cp_gguf_alignment(cp_gguf_t g);
 

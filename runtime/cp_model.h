@@ -146,7 +146,10 @@ typedef enum cp_act_site {
     CP_ACT_ATTN_OUT,    /* attention output: input of O             [n][n_head*head_dim] */
     CP_ACT_FFN_IN,      /* normed residual stream: input of gate, up [n][dim] */
     CP_ACT_FFN_ACT,     /* silu(gate) * up: input of down          [n][ffn_dim] */
-    CP_ACT_SITES
+    CP_ACT_SITES,       /* the number of linear-input sites above */
+    /* the residual stream entering block `layer` (layer = n_layer: leaving
+     * the last block, before the final norm)    [n][dim] */
+    CP_ACT_RESID = CP_ACT_SITES,
 } cp_act_site;
 typedef void (*cp_act_observer)(void *user, int layer, cp_act_site site, const float *x, int n, int width);
 

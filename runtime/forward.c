@@ -297,6 +297,7 @@ static cp_status run_layers(cp_model_t m, cp_kv_cache_t kv, const cp_attn_params
         float *qkv_out[3] = {s->q, s->k, s->v};
         const float *qkv_bias[3] = {L->bq, L->bk, L->bv};
         const int layer = m->plan.layer_begin + l, dim = m->cfg.dim;
+        if (m->observe) m->observe(m->observe_user, layer, CP_ACT_RESID, s->x, T, dim);
         if (m->observe) m->observe(m->observe_user, layer, CP_ACT_ATTN_IN, s->xb, T, dim);
         CP_CHECK(cp_backend_matmul_group(be, 3, qkv, s->xb, T, qkv_out, qkv_bias));
         CP_CHECK(cp_backend_rope_store(be, rp, ap, s->q, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
@@ -313,6 +314,7 @@ static cp_status run_layers(cp_model_t m, cp_kv_cache_t kv, const cp_attn_params
         const float *next = fuse && l + 1 < m->n_layer_l ? m->w.layers[l + 1].attn_norm : NULL;
         CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, next));
     }
+    if (m->observe) m->observe(m->observe_user, m->plan.layer_begin + m->n_layer_l, CP_ACT_RESID, s->x, T, m->cfg.dim);
     return CP_OK;
 }
 

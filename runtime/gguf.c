@@ -36,6 +36,7 @@ typedef struct gguf_kv {
     uint64_t arr_n;
     const uint8_t *arr_data; /* numeric arrays: packed elements */
     cp_str *arr_strs;        /* string arrays: one per element */
+    size_t begin, end;       /* the entry's bytes in the file (key, type, value) */
 } gguf_kv;
 
 struct cp_gguf {
@@ -271,6 +272,7 @@ static cp_status parse(cp_gguf_t g) {
     for (uint64_t i = 0; i < n_kv; i++) {
         gguf_kv *kv = &g->kv[i];
         snprintf(what, sizeof(what), "metadata entry %llu", (unsigned long long)i);
+        kv->begin = c.off;
         CP_CHECK(rd_str(&c, &kv->key));
         g->n_kv = (int64_t)i + 1; /* so that free_contents sees arr_strs of this entry */
         snprintf(what, sizeof(what), "metadata key '%.*s'", (int)(kv->key.len > 100 ? 100 : kv->key.len),
@@ -279,6 +281,7 @@ static cp_status parse(cp_gguf_t g) {
             return CP_ERROR(CP_ERR_FORMAT, "GGUF file is corrupt: metadata entry %llu has an empty key",
                             (unsigned long long)i);
         CP_CHECK(rd_value(&c, kv));
+        kv->end = c.off;
         for (uint64_t j = 0; j < i; j++)
             if (g->kv[j].key.len == kv->key.len && !memcmp(g->kv[j].key.ptr, kv->key.ptr, kv->key.len))
                 return CP_ERROR(CP_ERR_FORMAT, "GGUF file is corrupt: duplicate %s", what);
@@ -481,6 +484,56 @@ int64_t cp_gguf_n_kv(cp_gguf_t g) { return g->n_kv; }
 const void *cp_gguf_kv_bytes(cp_gguf_t g, size_t *len) {
     *len = g->kv_end - g->kv_begin;
     return g->base + g->kv_begin;
+}
+
+cp_status cp_gguf_kv_bytes_with(cp_gguf_t g, const cp_gguf_kv_u32 *set, int n_set, void **bytes, size_t *len,
+                                int64_t *n_kv) {
+    *bytes = NULL;
+    *len = 0;
+    *n_kv = 0;
+    size_t cap = g->kv_end - g->kv_begin;
+    for (int k = 0; k < n_set; k++) cap += 8 + strlen(set[k].key) + 4 + 4;
+    unsigned char *o = malloc(cap ? cap : 1), *p = o;
+    if (!o) return CP_ERROR(CP_ERR_OOM, "out of memory writing GGUF metadata");
+    /* one entry of `set` as GGUF bytes */
+#define PUT_U32_ENTRY(key, value)                                                                                      \
+    do {                                                                                                               \
+        const uint64_t kl_ = strlen(key);                                                                              \
+        const uint32_t ty_ = CP_GGUF_UINT32, v_ = (value);                                                             \
+        memcpy(p, &kl_, 8), p += 8;                                                                                    \
+        memcpy(p, key, kl_), p += kl_;                                                                                 \
+        memcpy(p, &ty_, 4), p += 4;                                                                                    \
+        memcpy(p, &v_, 4), p += 4;                                                                                     \
+    } while (0)
+    bool *used = calloc((size_t)(n_set > 0 ? n_set : 1), sizeof(bool));
+    if (!used) {
+        free(o);
+        return CP_ERROR(CP_ERR_OOM, "out of memory writing GGUF metadata");
+    }
+    for (int64_t i = 0; i < g->n_kv; i++) {
+        const gguf_kv *kv = &g->kv[i];
+        int k = 0;
+        while (k < n_set && !(strlen(set[k].key) == kv->key.len && !memcmp(set[k].key, kv->key.ptr, kv->key.len)))
+            k++;
+        if (k < n_set) {
+            PUT_U32_ENTRY(set[k].key, set[k].value);
+            used[k] = true;
+        } else {
+            memcpy(p, g->base + kv->begin, kv->end - kv->begin);
+            p += kv->end - kv->begin;
+        }
+        (*n_kv)++;
+    }
+    for (int k = 0; k < n_set; k++)
+        if (!used[k]) {
+            PUT_U32_ENTRY(set[k].key, set[k].value);
+            (*n_kv)++;
+        }
+#undef PUT_U32_ENTRY
+    free(used);
+    *bytes = o;
+    *len = (size_t)(p - o);
+    return CP_OK;
 }
 
 size_t cp_gguf_alignment(cp_gguf_t g) { return g->alignment; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Quality of cparallel's quantizations on the default model.
+"""Quality of cparallel's quantizations and prunings on the default model.
 
 Every variant is quantized from the same baseline (the default model's
 weights dequantized to f32), then measured against that baseline over the
@@ -16,15 +16,19 @@ import argparse, json, os, re, subprocess, sys, tempfile, time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = "/usr/share/doc/python3.11/html/_sources/tutorial/appetite.rst.txt"
 CALIB = "/usr/share/doc/python3.11/html/_sources/tutorial/controlflow.rst.txt"
-# (name, --type, file suffix)
+# (name, command and its options, file name); the pruned variants are
+# written as q8_0 (2:4 as S24_Q8, its compressed int8) so they compare with the q8_0 row
 VARIANTS = [
-    ("int8 (per channel)", "int8", "safetensors"),
-    ("fp8 E4M3 (W8A8)", "fp8", "safetensors"),
-    ("int4 g128", "int4", "safetensors"),
-    ("awq (int4 g128)", "awq", "safetensors"),
-    ("q8_0", "q8_0", "gguf"),
-    ("q4_0", "q4_0", "gguf"),
-    ("q4_k", "q4_k", "gguf"),
+    ("int8 (per channel)", ["quantize", "--type", "int8"], "int8.safetensors"),
+    ("fp8 E4M3 (W8A8)", ["quantize", "--type", "fp8"], "fp8.safetensors"),
+    ("int4 g128", ["quantize", "--type", "int4"], "int4.safetensors"),
+    ("awq (int4 g128)", ["quantize", "--type", "awq", "--calib", CALIB], "awq.safetensors"),
+    ("q8_0", ["quantize", "--type", "q8_0"], "q8_0.gguf"),
+    ("q4_0", ["quantize", "--type", "q4_0"], "q4_0.gguf"),
+    ("q4_k", ["quantize", "--type", "q4_k"], "q4_k.gguf"),
+    ("wanda 50% (q8_0)", ["prune", "--sparsity", "0.5", "--type", "q8_0", "--calib", CALIB], "wanda.gguf"),
+    ("2:4 wanda (S24_Q8)", ["prune", "--sparsity", "2:4", "--calib", CALIB], "s24.safetensors"),
+    ("drop 2 layers (q8_0)", ["prune", "--drop-layers", "2", "--type", "q8_0", "--calib", CALIB], "drop2.gguf"),
 ]
 
 
@@ -96,27 +100,24 @@ def main():
     rows = []
     ref = evaluate(exe, base, base, a.threads, a.ctx)
     rows.append(("baseline (f32 of the Q4_1 file)", ref, os.path.getsize(base), decode_speed(exe, base, a.threads), 0))
-    for name, t, suffix in VARIANTS:
-        path = os.path.join(work, "%s.%s" % (t, suffix))
+    for name, args, fname in VARIANTS:
+        path = os.path.join(work, fname)
         t0 = time.time()
-        cmd = [exe, "quantize", "--model", base, "--out", path, "--type", t, "--no-eval", "--no-progress",
-               "--threads", str(a.threads)]
-        if t == "awq":
-            cmd += ["--calib", CALIB]
-        run(cmd)
+        run([exe] + args + ["--model", base, "--out", path, "--no-eval", "--no-progress", "--threads", str(a.threads)])
         secs = time.time() - t0
         r = evaluate(exe, path, base, a.threads, a.ctx)
         rows.append((name, r, os.path.getsize(path), decode_speed(exe, path, a.threads), secs))
         os.remove(path)
     peer = llama_cpp_ppl(base, work, a.ctx)
     lines = [
-        "# Quantization quality on the default model",
+        "# Quantization and pruning quality on the default model",
         "",
         "SmolLM2-135M-Instruct; baseline = its Q4_1 weights dequantized to f32; evaluation text %s "
-        "(%d tokens scored, windows of %d, stride %d); AWQ calibrated on %s. CPU: %d threads, %s."
+        "(%d tokens scored, windows of %d, stride %d); AWQ and the pruning scores calibrated on %s. "
+        "CPU: %d threads, %s."
         % (TEXT, ref["tokens"], ref["ctx"], ref["stride"], CALIB, a.threads, os.uname().machine),
         "",
-        "| variant | perplexity | vs baseline | KL mean (nats) | KL p99 | top-1 | size (MB) | decode tok/s | quantize s |",
+        "| variant | perplexity | vs baseline | KL mean (nats) | KL p99 | top-1 | size (MB) | decode tok/s | write s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     bppl = ref["ppl"]

@@ -9,8 +9,41 @@
 
 #include "cp_model.h"
 
+/* Block l's input against its output, row by row. */
+static void observe_resid(cp_act_stats *s, int layer, const float *x, int n, int width) {
+    if (layer > 0 && s->prev_layer == layer - 1 && s->prev_rows == n) {
+        for (int i = 0; i < n; i++) {
+            const float *a = s->prev + (size_t)i * (size_t)width, *b = x + (size_t)i * (size_t)width;
+            double ab = 0, aa = 0, bb = 0;
+            for (int j = 0; j < width; j++) {
+                ab += (double)a[j] * b[j];
+                aa += (double)a[j] * a[j];
+                bb += (double)b[j] * b[j];
+            }
+            s->block_cos[layer - 1] += aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : 1.0;
+        }
+    }
+    s->prev_layer = -1;
+    const size_t need = (size_t)n * (size_t)width;
+    if (layer >= s->n_layer) return;
+    if (need > s->prev_cap) {
+        float *p = realloc(s->prev, need * sizeof(float));
+        if (!p) return; /* this chunk's similarity is not counted: block_cos stays a lower bound */
+        s->prev = p;
+        s->prev_cap = need;
+    }
+    memcpy(s->prev, x, need * sizeof(float));
+    s->prev_layer = layer;
+    s->prev_rows = n;
+}
+
 static void observe(void *user, int layer, cp_act_site site, const float *x, int n, int width) {
     cp_act_stats *s = user;
+    if (site == CP_ACT_RESID) {
+        if (width == s->width[CP_ACT_ATTN_IN]) observe_resid(s, layer, x, n, width);
+        return;
+    }
+    if ((int)site < 0 || site >= CP_ACT_SITES) return;
     if (layer < 0 || layer >= s->n_layer || width != s->width[site]) return;
     double *sq = s->sq[site] + (size_t)layer * (size_t)width, *ab = s->abs[site] + (size_t)layer * (size_t)width;
     for (int i = 0; i < n; i++) {
@@ -29,6 +62,8 @@ void cp_act_stats_free(cp_act_stats *s) {
         free(s->sq[k]);
         free(s->abs[k]);
     }
+    free(s->block_cos);
+    free(s->prev);
     free(s);
 }
 
@@ -43,6 +78,12 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
     cp_status st = CP_OK;
     if (!s) return CP_ERROR(CP_ERR_OOM, "out of memory");
     s->n_layer = c->n_layer;
+    s->prev_layer = -1;
+    s->block_cos = calloc((size_t)c->n_layer, sizeof(double));
+    if (!s->block_cos) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory for activation statistics");
+        goto fail;
+    }
     s->width[CP_ACT_ATTN_IN] = s->width[CP_ACT_FFN_IN] = c->dim;
     s->width[CP_ACT_ATTN_OUT] = c->n_head * c->head_dim;
     s->width[CP_ACT_FFN_ACT] = c->ffn_dim;
@@ -65,6 +106,9 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
         st = cp_engine_logits(e, tokens + b, len, logits);
     }
     cp_model_set_observer(m, NULL, NULL);
+    free(s->prev);
+    s->prev = NULL;
+    s->prev_cap = 0;
     if (st != CP_OK) goto fail;
     free(logits);
     *out = s;

@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cp_gguf.h"
+#include "cp_model.h"
 #include "cp_runtime.h"
 
 #ifdef __cplusplus
@@ -28,9 +30,17 @@ extern "C" {
  * site ([n_layer][width[site]], see cp_act_site in cp_model.h). */
 typedef struct cp_act_stats {
     int n_layer;
-    int width[4];
+    int width[CP_ACT_SITES];
     int64_t rows;
-    double *sq[4], *abs[4];
+    double *sq[CP_ACT_SITES], *abs[CP_ACT_SITES];
+    /* [n_layer]: sums over the rows of the cosine similarity between the
+     * residual stream entering block l and leaving it (1 - the mean is the
+     * block's importance: how much it changes the hidden state) */
+    double *block_cos;
+    /* the residual stream entering the last block seen (while collecting) */
+    float *prev;
+    size_t prev_cap;
+    int prev_layer, prev_rows;
 } cp_act_stats;
 
 /* Runs e (a single-rank CPU engine) over tokens in windows of ctx (<= 0:
@@ -39,8 +49,37 @@ typedef struct cp_act_stats {
 cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, int ctx, cp_act_stats **out);
 void cp_act_stats_free(cp_act_stats *s);
 
+/* Structural edits and pruning applied while converting (built by
+ * cp_prune_plan, see cp_prune.h): per source tensor, whether and under which
+ * name it is written, which of its rows and columns are kept, and whether
+ * its weights are pruned. */
+typedef struct cp_tensor_edit {
+    bool drop;             /* not written */
+    char name[96];         /* written under this name ("" = its own) */
+    int32_t *rows;         /* 2-D: the source rows written, in order (NULL: all) */
+    int64_t n_rows;
+    int32_t *cols;         /* the source columns (elements of a vector) written, in order (NULL: all) */
+    int64_t n_cols;
+    bool prune;            /* zero weights of every written row (see cp_model_edit) */
+    float *col_norm;       /* wanda: the input norm ||x_j|| of each written column; NULL: magnitude */
+} cp_tensor_edit;
+
+typedef struct cp_model_edit {
+    cp_tensor_edit *tensors; /* one per source tensor, in the source's order */
+    int64_t n_tensors;
+    double sparsity;         /* unstructured: the fraction of each pruned row zeroed */
+    bool n2m;                /* semi-structured: 2 of every 4 consecutive weights zeroed */
+    cp_gguf_kv_u32 kv_set[8]; /* metadata integers set (block_count, head_count, ...) */
+    char kv_keys[8][128];     /* storage of their keys */
+    int n_kv_set;
+} cp_model_edit;
+
 typedef struct cp_quantize_opts {
     cp_dtype type; /* the target type of weight matrices */
+    bool keep_types; /* GGUF targets: every tensor keeps its own type (type only
+                        chooses GGUF output; selections that are not whole
+                        blocks fall back as described below) */
+    const cp_model_edit *edit; /* NULL: every tensor as it is */
     /* AWQ (4-bit targets, cparallel types only): per-input-channel scales s
      * of the layers that share an input (Q/K/V; gate/up; down) chosen as
      * s = E|x|^a, a on a grid in [0, 1], minimising the output error of the
@@ -60,10 +99,18 @@ typedef struct cp_quantize_stats {
                              written in fallback_type instead */
     cp_dtype fallback_type;
     int n_head_8bit;      /* 4-bit targets: the output projection (or the tied
-                             embedding), written as I8_ROW */
+                             embedding), written as I8_ROW; S24_Q8: the matrices
+                             outside the blocks, written as I8_ROW */
     int n_kept;           /* tensors kept as stored (vectors, or already the target) */
+    int n_dropped;        /* tensors not written (an edit dropped them) */
     size_t bytes_in, bytes_out; /* tensor data */
 } cp_quantize_stats;
+
+/* Zeroes the weights of row x[n] with the lowest scores |x_j| * col_norm[j]
+ * (|x_j| when col_norm is NULL): floor(sparsity * n) of them, or with n2m
+ * two of every group of four (n a multiple of 4). scratch holds n floats and
+ * n ints. Ties go to the lower index. */
+void cp_prune_row(float *x, int64_t n, const float *col_norm, double sparsity, bool n2m, void *scratch);
 
 /* Reads the GGUF at in and writes out (replaced; written in place, so pass
  * a temporary name and rename it when the result is to be kept). Matrices

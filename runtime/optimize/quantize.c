@@ -29,7 +29,8 @@ static bool is_target(cp_dtype t) {
     case CP_DTYPE_I8_ROW:
     case CP_DTYPE_F8_ROW:
     case CP_DTYPE_I4_G32:
-    case CP_DTYPE_I4_G128: return true;
+    case CP_DTYPE_I4_G128:
+    case CP_DTYPE_S24_Q8: return true;
     default: return false;
     }
 }
@@ -76,15 +77,53 @@ static char *base64_encode(const void *data, size_t n) {
     return o;
 }
 
-typedef struct st_job {
-    const cp_weight_info *w;
-    const float *cscale, *rscale; /* AWQ: element j times cscale[j], row r times rscale[r] (or NULL) */
+/* One tensor of the output: where it comes from and how it is written. */
+typedef struct out_tensor {
+    const cp_weight_info *w;      /* the source */
+    const cp_tensor_edit *e;      /* its edit, or NULL */
+    const char *name;
+    int ndim;
+    int64_t ne[CP_MAX_DIMS];      /* written shape */
+    int64_t rows;                 /* written rows (product of ne[1..]) */
     cp_dtype to;
-    int64_t rows;
+    const float *cscale, *rscale; /* AWQ: source element j times cscale[j], source row r times rscale[r] */
+} out_tensor;
+
+/* What converting rows needs: a CPU backend and fp32 rows. */
+typedef struct convert_ctx {
     cp_backend_t host;
-    float *row;
+    float *row, *src;     /* written row, source row */
+    void *scratch;        /* cp_prune_row's */
+    const cp_model_edit *edit;
+} convert_ctx;
+
+static bool copied_as_is(const out_tensor *t) {
+    return t->to == t->w->dtype && !t->cscale && !t->rscale &&
+           (!t->e || (!t->e->rows && !t->e->cols && !t->e->prune));
+}
+
+/* Written row r of t into dst (cp_dtype_row_size(t->to, t->ne[0]) bytes). */
+static cp_status convert_row(convert_ctx *c, const out_tensor *t, int64_t r, void *dst) {
+    const cp_weight_info *w = t->w;
+    const int64_t cols = w->ne[0], n = t->ne[0];
+    const int64_t sr = t->e && t->e->rows ? t->e->rows[r] : r;
+    cp_tensor one = cp_tensor_2d(w->dtype, 1, cols, (char *)w->data + (size_t)sr * cp_dtype_row_size(w->dtype, cols));
+    CP_CHECK(cp_backend_dequantize(c->host, &one, 0, 1, c->src));
+    for (int64_t j = 0; t->cscale && j < cols; j++) c->src[j] *= t->cscale[j];
+    for (int64_t j = 0; t->rscale && j < cols; j++) c->src[j] *= t->rscale[sr];
+    float *x = c->src;
+    if (t->e && t->e->cols) {
+        for (int64_t j = 0; j < n; j++) c->row[j] = c->src[t->e->cols[j]];
+        x = c->row;
+    }
+    if (t->e && t->e->prune) cp_prune_row(x, n, t->e->col_norm, c->edit->sparsity, c->edit->n2m, c->scratch);
+    return cp_backend_quantize(c->host, t->to, x, 1, n, dst);
+}
+
+typedef struct st_job {
+    const out_tensor *t;
+    convert_ctx *c;
     const cp_quantize_opts *o;
-    cp_quantize_stats *stats;
     size_t *done, total;
     cp_gguf_t g;
 } st_job;
@@ -92,21 +131,15 @@ typedef struct st_job {
 /* Converts one tensor into buf when the writer asks for it. */
 static cp_status st_fill(void *user, void *buf, size_t nbytes) {
     st_job *j = user;
-    const int64_t cols = j->w->ne[0];
-    const size_t in_row = cp_dtype_row_size(j->w->dtype, cols), out_row = nbytes / (size_t)j->rows;
-    if (j->to == j->w->dtype && !j->cscale && !j->rscale) {
-        memcpy(buf, j->w->data, nbytes);
+    const out_tensor *t = j->t;
+    if (copied_as_is(t)) {
+        memcpy(buf, t->w->data, nbytes);
     } else {
-        for (int64_t r = 0; r < j->rows; r++) {
-            cp_tensor one = cp_tensor_2d(j->w->dtype, 1, cols, (char *)j->w->data + (size_t)r * in_row);
-            CP_CHECK(cp_backend_dequantize(j->host, &one, 0, 1, j->row));
-            for (int64_t c = 0; j->cscale && c < cols; c++) j->row[c] *= j->cscale[c];
-            for (int64_t c = 0; j->rscale && c < cols; c++) j->row[c] *= j->rscale[r];
-            CP_CHECK(cp_backend_quantize(j->host, j->to, j->row, 1, cols, (char *)buf + (size_t)r * out_row));
-        }
+        const size_t out_row = nbytes / (size_t)t->rows;
+        for (int64_t r = 0; r < t->rows; r++) CP_CHECK(convert_row(j->c, t, r, (char *)buf + (size_t)r * out_row));
     }
-    cp_gguf_release(j->g, j->w->data, j->w->nbytes);
-    *j->done += j->w->nbytes;
+    cp_gguf_release(j->g, t->w->data, t->w->nbytes);
+    *j->done += t->w->nbytes;
     if (j->o->progress) j->o->progress(j->o->progress_user, *j->done, j->total);
     return CP_OK;
 }
@@ -276,22 +309,124 @@ static cp_status awq_plan(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *
     return CP_OK;
 }
 
+/* The output tensors of g under o (the edit applied, AWQ scales cs/rs
+ * attached) into outs[*n_out], with the statistics. */
+static cp_status plan_outputs(cp_gguf_t g, const cp_quantize_opts *o, bool own, float **cs, float **rs,
+                              out_tensor *outs, int64_t *n_out, cp_quantize_stats *stats) {
+    const int64_t nt = cp_gguf_n_tensors(g);
+    const bool four = o->type == CP_DTYPE_I4_G32 || o->type == CP_DTYPE_I4_G128;
+    *n_out = 0;
+    for (int64_t i = 0; i < nt; i++) {
+        const cp_weight_info *w = cp_gguf_tensor(g, i);
+        const cp_tensor_edit *e = o->edit ? &o->edit->tensors[i] : NULL;
+        stats->bytes_in += w->nbytes;
+        if (e && e->drop) {
+            stats->n_dropped++;
+            continue;
+        }
+        out_tensor *t = &outs[(*n_out)++];
+        *t = (out_tensor){.w = w, .e = e, .name = e && e->name[0] ? e->name : w->name, .ndim = w->ndim,
+                          .cscale = cs ? cs[i] : NULL, .rscale = rs ? rs[i] : NULL};
+        memcpy(t->ne, w->ne, sizeof(t->ne));
+        if (e && (e->rows || e->cols) && (w->ndim > 2 || (e->rows && w->ndim < 2)))
+            return CP_ERROR(CP_ERR_INVALID_ARG, "cannot select rows or columns of '%s' (%d dimensions)", w->name,
+                            w->ndim);
+        if (e && e->cols) t->ne[0] = e->n_cols;
+        if (e && e->rows) t->ne[1] = e->n_rows;
+        t->rows = 1;
+        for (int d = 1; d < t->ndim; d++) t->rows *= t->ne[d];
+        cp_dtype to = w->dtype;
+        /* 4-bit targets keep the output projection (the embedding when tied)
+         * at 8 bits: every logit goes through it, as llama.cpp does with its
+         * 6-bit output tensor */
+        const bool head = !strcmp(w->name, "output.weight") ||
+                          (!strcmp(w->name, "token_embd.weight") && !cp_gguf_find_tensor(g, "output.weight"));
+        /* 2:4 sparsity is for the linear layers of the blocks: the
+         * embedding and the output projection stay dense at 8 bits (I8_ROW) */
+        const bool dense8 = o->type == CP_DTYPE_S24_Q8 && strncmp(w->name, "blk.", 4) != 0;
+        if (own) {
+            if (w->ndim >= 2) to = (head && four) || dense8 ? CP_DTYPE_I8_ROW : pick(o->type, t->ne[0]);
+            else if (st_type_of(to) == CP_ST_U8) to = CP_DTYPE_F32; /* vectors stay plain numbers */
+        } else if (w->ndim >= 2 && w->dtype != o->type && !o->keep_types) {
+            to = pick(o->type, t->ne[0]);
+        }
+        /* a block type cannot hold a selection that is not whole blocks */
+        if (to == w->dtype && t->ne[0] != w->ne[0] && t->ne[0] % cp_dtype_block_size(to) != 0)
+            to = pick(CP_DTYPE_Q8_0, t->ne[0]);
+        t->to = to;
+        if (to == w->dtype && copied_as_is(t)) {
+            stats->n_kept++;
+        } else if (to == o->type || (o->keep_types && to == w->dtype)) {
+            stats->n_quantized++;
+        } else if (own && ((head && four) || dense8)) {
+            stats->n_head_8bit++;
+        } else if (w->ndim >= 2) {
+            stats->n_fallback++;
+            stats->fallback_type = to;
+        } else {
+            stats->n_kept++;
+        }
+        stats->bytes_out += cp_dtype_row_size(to, t->ne[0]) * (size_t)t->rows;
+    }
+    return CP_OK;
+}
+
+/* The conversion buffers for the widest row of g. */
+static cp_status convert_init(cp_gguf_t g, const cp_quantize_opts *o, int threads, convert_ctx *c) {
+    size_t max_cols = 1;
+    for (int64_t i = 0; i < cp_gguf_n_tensors(g); i++)
+        if ((size_t)cp_gguf_tensor(g, i)->ne[0] > max_cols) max_cols = (size_t)cp_gguf_tensor(g, i)->ne[0];
+    memset(c, 0, sizeof(*c));
+    c->edit = o->edit;
+    c->row = malloc(max_cols * sizeof(float));
+    c->src = malloc(max_cols * sizeof(float));
+    c->scratch = malloc(max_cols * (sizeof(float) + sizeof(int)));
+    if (!c->row || !c->src || !c->scratch) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    return cp_backend_cpu_init(threads, &c->host);
+}
+
+static void convert_free(convert_ctx *c) {
+    cp_backend_free(c->host);
+    free(c->row);
+    free(c->src);
+    free(c->scratch);
+}
+
+/* The metadata to write: the source's, with the edit's integers set. */
+static cp_status metadata(cp_gguf_t g, const cp_quantize_opts *o, void **owned, const void **kv, size_t *len,
+                          int64_t *n_kv) {
+    *owned = NULL;
+    if (o->edit && o->edit->n_kv_set) {
+        CP_CHECK(cp_gguf_kv_bytes_with(g, o->edit->kv_set, o->edit->n_kv_set, owned, len, n_kv));
+        *kv = *owned;
+        return CP_OK;
+    }
+    *kv = cp_gguf_kv_bytes(g, len);
+    *n_kv = cp_gguf_n_kv(g);
+    return CP_OK;
+}
+
 /* Safetensors: packed matrices as U8 [rows][row bytes] with their type in
  * "cparallel.dtype.<name>", other tensors as F32/F16/BF16, the GGUF
  * metadata (configuration, tokenizer) base64-encoded in "cparallel.gguf". */
 static cp_status quantize_st(cp_gguf_t g, const char *out, const cp_quantize_opts *o, cp_quantize_stats *stats) {
     const int64_t nt = cp_gguf_n_tensors(g);
     cp_st_writer_t wr = NULL;
-    cp_backend_t host = NULL;
+    convert_ctx cv = {0};
     st_job *jobs = calloc((size_t)(nt ? nt : 1), sizeof(*jobs));
-    float *row = NULL;
+    out_tensor *outs = calloc((size_t)(nt ? nt : 1), sizeof(*outs));
     char *b64 = NULL;
     unsigned char *img = NULL;
-    size_t done = 0, total = 0, max_cols = 1;
+    void *kv_owned = NULL;
+    size_t done = 0, total = 0;
+    int64_t n_out = 0;
     cp_status st = CP_OK;
-    if (!jobs) return CP_ERROR(CP_ERR_OOM, "out of memory");
     float **cs = NULL, **rs = NULL;
-    CP_CHECK_GOTO(cp_backend_cpu_init(o->awq ? 0 : 1, &host), st, end);
+    if (!jobs || !outs) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto end;
+    }
+    CP_CHECK_GOTO(convert_init(g, o, o->awq ? 0 : 1, &cv), st, end);
     CP_CHECK_GOTO(cp_st_writer_init(&wr), st, end);
     if (o->awq) {
         cs = calloc((size_t)(nt ? nt : 1), sizeof(float *));
@@ -300,67 +435,37 @@ static cp_status quantize_st(cp_gguf_t g, const char *out, const cp_quantize_opt
             st = CP_ERROR(CP_ERR_OOM, "out of memory");
             goto end;
         }
-        CP_CHECK_GOTO(awq_plan(g, host, o, cs, rs), st, end);
+        CP_CHECK_GOTO(awq_plan(g, cv.host, o, cs, rs), st, end);
     }
-    for (int64_t i = 0; i < nt; i++) {
-        const cp_weight_info *w = cp_gguf_tensor(g, i);
-        total += w->nbytes;
-        if ((size_t)w->ne[0] > max_cols) max_cols = (size_t)w->ne[0];
-    }
-    row = malloc(max_cols * sizeof(float));
-    if (!row) {
-        st = CP_ERROR(CP_ERR_OOM, "out of memory");
-        goto end;
-    }
+    CP_CHECK_GOTO(plan_outputs(g, o, true, cs, rs, outs, &n_out, stats), st, end);
+    for (int64_t i = 0; i < n_out; i++) total += outs[i].w->nbytes;
     char key[320];
-    for (int64_t i = 0; i < nt; i++) {
-        const cp_weight_info *w = cp_gguf_tensor(g, i);
-        st_job *j = &jobs[i];
-        int64_t rows = 1;
-        for (int d = 1; d < w->ndim; d++) rows *= w->ne[d];
-        cp_dtype to = w->dtype;
-        /* 4-bit targets keep the output projection (the embedding when tied)
-         * at 8 bits: every logit goes through it, as llama.cpp does with its
-         * 6-bit output tensor */
-        const bool head = !strcmp(w->name, "output.weight") ||
-                          (!strcmp(w->name, "token_embd.weight") && !cp_gguf_find_tensor(g, "output.weight"));
-        const bool four = o->type == CP_DTYPE_I4_G32 || o->type == CP_DTYPE_I4_G128;
-        if (w->ndim >= 2) to = head && four ? CP_DTYPE_I8_ROW : pick(o->type, w->ne[0]);
-        else if (st_type_of(to) == CP_ST_U8)
-            to = CP_DTYPE_F32; /* vectors stay plain numbers */
-        *j = (st_job){w, cs ? cs[i] : NULL, rs ? rs[i] : NULL, to, rows, host, row, o, stats, &done, total, g};
-        const size_t rb = cp_dtype_row_size(to, w->ne[0]);
-        if (st_type_of(to) == CP_ST_U8) {
-            const int64_t shape[2] = {rows, (int64_t)rb};
-            CP_CHECK_GOTO(cp_st_writer_add_fill(wr, w->name, CP_ST_U8, 2, shape, rb * (size_t)rows, st_fill, j), st,
-                          end);
-            snprintf(key, sizeof(key), "cparallel.dtype.%s", w->name);
-            CP_CHECK_GOTO(cp_st_writer_set_meta(wr, key, cp_dtype_name(to)), st, end);
+    for (int64_t i = 0; i < n_out; i++) {
+        const out_tensor *t = &outs[i];
+        jobs[i] = (st_job){t, &cv, o, &done, total, g};
+        const size_t rb = cp_dtype_row_size(t->to, t->ne[0]);
+        if (st_type_of(t->to) == CP_ST_U8) {
+            const int64_t shape[2] = {t->rows, (int64_t)rb};
+            CP_CHECK_GOTO(cp_st_writer_add_fill(wr, t->name, CP_ST_U8, 2, shape, rb * (size_t)t->rows, st_fill,
+                                                &jobs[i]),
+                          st, end);
+            snprintf(key, sizeof(key), "cparallel.dtype.%s", t->name);
+            CP_CHECK_GOTO(cp_st_writer_set_meta(wr, key, cp_dtype_name(t->to)), st, end);
         } else {
             int64_t shape[CP_MAX_DIMS];
-            for (int d = 0; d < w->ndim; d++) shape[d] = w->ne[w->ndim - 1 - d];
-            CP_CHECK_GOTO(cp_st_writer_add_fill(wr, w->name, st_type_of(to), w->ndim, shape, rb * (size_t)rows,
-                                                st_fill, j),
+            for (int d = 0; d < t->ndim; d++) shape[d] = t->ne[t->ndim - 1 - d];
+            CP_CHECK_GOTO(cp_st_writer_add_fill(wr, t->name, st_type_of(t->to), t->ndim, shape,
+                                                rb * (size_t)t->rows, st_fill, &jobs[i]),
                           st, end);
         }
-        if (to == w->dtype) {
-            stats->n_kept++;
-        } else if (to == o->type) {
-            stats->n_quantized++;
-        } else if (head && four) {
-            stats->n_head_8bit++;
-        } else if (w->ndim >= 2) {
-            stats->n_fallback++;
-            stats->fallback_type = to;
-        }
-        stats->bytes_in += w->nbytes;
-        stats->bytes_out += rb * (size_t)rows;
     }
     /* the metadata as a GGUF image without tensors */
     size_t kv_len = 0;
-    const void *kv = cp_gguf_kv_bytes(g, &kv_len);
+    int64_t n_kv = 0;
+    const void *kv = NULL;
+    CP_CHECK_GOTO(metadata(g, o, &kv_owned, &kv, &kv_len, &n_kv), st, end);
     const uint32_t mv[2] = {0x46554747u /* "GGUF" */, 3};
-    const uint64_t counts[2] = {0, (uint64_t)cp_gguf_n_kv(g)};
+    const uint64_t counts[2] = {0, (uint64_t)n_kv};
     img = malloc(sizeof(mv) + sizeof(counts) + kv_len);
     if (!img) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
@@ -387,11 +492,107 @@ end:
     free(cs);
     free(rs);
     cp_st_writer_free(wr);
-    cp_backend_free(host);
+    convert_free(&cv);
     free(jobs);
-    free(row);
+    free(outs);
     free(b64);
     free(img);
+    free(kv_owned);
+    return st;
+}
+
+/* GGUF: the metadata section (edited or copied byte for byte), a new tensor
+ * directory, the tensors converted row by row. */
+static cp_status quantize_gguf(cp_gguf_t g, const char *out, const cp_quantize_opts *o, cp_quantize_stats *stats) {
+    const int64_t nt = cp_gguf_n_tensors(g);
+    const size_t align = cp_gguf_alignment(g);
+    convert_ctx cv = {0};
+    FILE *f = NULL;
+    char *dst = NULL;
+    void *kv_owned = NULL;
+    int64_t n_out = 0;
+    cp_status st;
+    out_tensor *outs = calloc((size_t)(nt ? nt : 1), sizeof(*outs));
+    if (!outs) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    CP_CHECK_GOTO(convert_init(g, o, 1, &cv), st, done);
+    CP_CHECK_GOTO(plan_outputs(g, o, false, NULL, NULL, outs, &n_out, stats), st, done);
+    size_t total = 0, max_row = 1;
+    for (int64_t i = 0; i < n_out; i++) {
+        total += outs[i].w->nbytes;
+        const size_t rb = cp_dtype_row_size(outs[i].to, outs[i].ne[0]);
+        if (rb > max_row) max_row = rb;
+    }
+    dst = malloc(max_row);
+    if (!dst) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto done;
+    }
+    size_t kv_len = 0;
+    int64_t n_kv = 0;
+    const void *kv = NULL;
+    CP_CHECK_GOTO(metadata(g, o, &kv_owned, &kv, &kv_len, &n_kv), st, done);
+    f = fopen(out, "wb");
+    if (!f) {
+        st = CP_ERROR(CP_ERR_IO, "cannot create '%s': %s", out, strerror(errno));
+        goto done;
+    }
+    uint32_t magic_version[2] = {0x46554747u /* "GGUF" */, 3};
+    uint64_t counts[2] = {(uint64_t)n_out, (uint64_t)n_kv};
+    size_t off = sizeof(magic_version) + sizeof(counts) + kv_len;
+    CP_CHECK_GOTO(put(f, magic_version, sizeof(magic_version), out), st, done);
+    CP_CHECK_GOTO(put(f, counts, sizeof(counts), out), st, done);
+    CP_CHECK_GOTO(put(f, kv, kv_len, out), st, done);
+    /* the tensor directory with the new names, shapes, types and offsets */
+    uint64_t data_off = 0;
+    for (int64_t i = 0; i < n_out; i++) {
+        const out_tensor *t = &outs[i];
+        uint64_t len = strlen(t->name);
+        uint32_t nd = (uint32_t)t->ndim, type = (uint32_t)t->to;
+        CP_CHECK_GOTO(put(f, &len, 8, out), st, done);
+        CP_CHECK_GOTO(put(f, t->name, len, out), st, done);
+        CP_CHECK_GOTO(put(f, &nd, 4, out), st, done);
+        for (int d = 0; d < t->ndim; d++) {
+            uint64_t ne = (uint64_t)t->ne[d];
+            CP_CHECK_GOTO(put(f, &ne, 8, out), st, done);
+        }
+        CP_CHECK_GOTO(put(f, &type, 4, out), st, done);
+        CP_CHECK_GOTO(put(f, &data_off, 8, out), st, done);
+        off += 8 + len + 4 + 8 * (size_t)t->ndim + 4 + 8;
+        data_off += cp_dtype_row_size(t->to, t->ne[0]) * (uint64_t)t->rows;
+        data_off = (data_off + align - 1) / align * align;
+    }
+    CP_CHECK_GOTO(pad(f, &off, align, out), st, done);
+    /* the data */
+    size_t done_bytes = 0;
+    for (int64_t i = 0; i < n_out; i++) {
+        const out_tensor *t = &outs[i];
+        const size_t out_row = cp_dtype_row_size(t->to, t->ne[0]);
+        if (copied_as_is(t)) {
+            CP_CHECK_GOTO(put(f, t->w->data, t->w->nbytes, out), st, done);
+        } else {
+            for (int64_t r = 0; r < t->rows; r++) {
+                CP_CHECK_GOTO(convert_row(&cv, t, r, dst), st, done);
+                CP_CHECK_GOTO(put(f, dst, out_row, out), st, done);
+            }
+            cp_gguf_release(g, t->w->data, t->w->nbytes);
+        }
+        off += out_row * (size_t)t->rows;
+        CP_CHECK_GOTO(pad(f, &off, align, out), st, done);
+        done_bytes += t->w->nbytes;
+        if (o->progress) o->progress(o->progress_user, done_bytes, total);
+    }
+    if (fflush(f) != 0 || ferror(f)) {
+        st = CP_ERROR(CP_ERR_IO, "cannot write '%s': %s", out, strerror(errno));
+        goto done;
+    }
+    st = CP_OK;
+done:
+    if (f && fclose(f) != 0 && st == CP_OK)
+        st = CP_ERROR(CP_ERR_IO, "cannot write '%s': %s", out, strerror(errno));
+    free(dst);
+    free(outs);
+    free(kv_owned);
+    convert_free(&cv);
     return st;
 }
 
@@ -404,130 +605,10 @@ cp_status cp_quantize_gguf(const char *in, const char *out, const cp_quantize_op
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s cannot be a target type", cp_dtype_name(o->type));
     if (o->awq && o->type != CP_DTYPE_I4_G32 && o->type != CP_DTYPE_I4_G128)
         return CP_ERROR(CP_ERR_INVALID_ARG, "AWQ scales are for the 4-bit types, not %s", cp_dtype_name(o->type));
-    if ((int)o->type >= CP_DTYPE_FIRST_OWN) {
-        cp_gguf_t g0 = NULL;
-        CP_CHECK(cp_gguf_open(in, &g0));
-        cp_status s = quantize_st(g0, out, o, stats);
-        cp_gguf_close(g0);
-        return s;
-    }
+    if (o->awq && o->edit) return CP_ERROR(CP_ERR_INVALID_ARG, "AWQ scales and edits cannot be combined");
     cp_gguf_t g = NULL;
     CP_CHECK(cp_gguf_open(in, &g));
-    cp_backend_t host = NULL;
-    FILE *f = NULL;
-    cp_dtype *types = NULL;
-    float *row = NULL;
-    char *dst = NULL;
-    cp_status st;
-    CP_CHECK_GOTO(cp_backend_cpu_init(1, &host), st, done);
-    const int64_t nt = cp_gguf_n_tensors(g);
-    const size_t align = cp_gguf_alignment(g);
-    types = malloc((size_t)(nt ? nt : 1) * sizeof(cp_dtype));
-    if (!types) {
-        st = CP_ERROR(CP_ERR_OOM, "out of memory");
-        goto done;
-    }
-    size_t total = 0, max_cols = 1, max_row = 1;
-    for (int64_t i = 0; i < nt; i++) {
-        const cp_weight_info *w = cp_gguf_tensor(g, i);
-        total += w->nbytes;
-        types[i] = w->dtype;
-        if (w->ndim >= 2 && w->dtype != o->type) types[i] = pick(o->type, w->ne[0]);
-        if ((size_t)w->ne[0] > max_cols) max_cols = (size_t)w->ne[0];
-        size_t rb = cp_dtype_row_size(types[i], w->ne[0]);
-        if (rb > max_row) max_row = rb;
-    }
-    row = malloc(max_cols * sizeof(float));
-    dst = malloc(max_row);
-    if (!row || !dst) {
-        st = CP_ERROR(CP_ERR_OOM, "out of memory");
-        goto done;
-    }
-    f = fopen(out, "wb");
-    if (!f) {
-        st = CP_ERROR(CP_ERR_IO, "cannot create '%s': %s", out, strerror(errno));
-        goto done;
-    }
-    /* header and metadata as they were */
-    size_t kv_len = 0;
-    const void *kv = cp_gguf_kv_bytes(g, &kv_len);
-    uint32_t magic_version[2] = {0x46554747u /* "GGUF" */, 3};
-    uint64_t counts[2] = {(uint64_t)nt, (uint64_t)cp_gguf_n_kv(g)};
-    size_t off = sizeof(magic_version) + sizeof(counts) + kv_len;
-    CP_CHECK_GOTO(put(f, magic_version, sizeof(magic_version), out), st, done);
-    CP_CHECK_GOTO(put(f, counts, sizeof(counts), out), st, done);
-    CP_CHECK_GOTO(put(f, kv, kv_len, out), st, done);
-    /* the tensor directory with the new types and offsets */
-    uint64_t data_off = 0;
-    for (int64_t i = 0; i < nt; i++) {
-        const cp_weight_info *w = cp_gguf_tensor(g, i);
-        uint64_t len = strlen(w->name);
-        uint32_t nd = (uint32_t)w->ndim, type = (uint32_t)types[i];
-        CP_CHECK_GOTO(put(f, &len, 8, out), st, done);
-        CP_CHECK_GOTO(put(f, w->name, len, out), st, done);
-        CP_CHECK_GOTO(put(f, &nd, 4, out), st, done);
-        for (int d = 0; d < w->ndim; d++) {
-            uint64_t ne = (uint64_t)w->ne[d];
-            CP_CHECK_GOTO(put(f, &ne, 8, out), st, done);
-        }
-        CP_CHECK_GOTO(put(f, &type, 4, out), st, done);
-        CP_CHECK_GOTO(put(f, &data_off, 8, out), st, done);
-        off += 8 + len + 4 + 8 * (size_t)w->ndim + 4 + 8;
-        int64_t rows = 1;
-        for (int d = 1; d < w->ndim; d++)
-            rows *= w->ne[d];
-        data_off += cp_dtype_row_size(types[i], w->ne[0]) * (uint64_t)rows;
-        data_off = (data_off + align - 1) / align * align;
-    }
-    CP_CHECK_GOTO(pad(f, &off, align, out), st, done);
-    /* the data */
-    size_t done_bytes = 0;
-    for (int64_t i = 0; i < nt; i++) {
-        const cp_weight_info *w = cp_gguf_tensor(g, i);
-        int64_t rows = 1;
-        for (int d = 1; d < w->ndim; d++)
-            rows *= w->ne[d];
-        const int64_t cols = w->ne[0];
-        const size_t out_row = cp_dtype_row_size(types[i], cols);
-        if (types[i] == w->dtype) {
-            CP_CHECK_GOTO(put(f, w->data, w->nbytes, out), st, done);
-            off += w->nbytes;
-            stats->n_kept++;
-        } else {
-            const size_t in_row = cp_dtype_row_size(w->dtype, cols);
-            for (int64_t r = 0; r < rows; r++) {
-                cp_tensor one = cp_tensor_2d(w->dtype, 1, cols, (char *)w->data + (size_t)r * in_row);
-                CP_CHECK_GOTO(cp_backend_dequantize(host, &one, 0, 1, row), st, done);
-                CP_CHECK_GOTO(cp_backend_quantize(host, types[i], row, 1, cols, dst), st, done);
-                CP_CHECK_GOTO(put(f, dst, out_row, out), st, done);
-            }
-            off += out_row * (size_t)rows;
-            if (types[i] == o->type) {
-                stats->n_quantized++;
-            } else {
-                stats->n_fallback++;
-                stats->fallback_type = types[i];
-            }
-            cp_gguf_release(g, w->data, w->nbytes);
-        }
-        stats->bytes_in += w->nbytes;
-        stats->bytes_out += out_row * (size_t)rows;
-        CP_CHECK_GOTO(pad(f, &off, align, out), st, done);
-        done_bytes += w->nbytes;
-        if (o->progress) o->progress(o->progress_user, done_bytes, total);
-    }
-    if (fflush(f) != 0 || ferror(f)) {
-        st = CP_ERROR(CP_ERR_IO, "cannot write '%s': %s", out, strerror(errno));
-        goto done;
-    }
-    st = CP_OK;
-done:
-    if (f && fclose(f) != 0 && st == CP_OK)
-        st = CP_ERROR(CP_ERR_IO, "cannot write '%s': %s", out, strerror(errno));
-    free(row);
-    free(dst);
-    free(types);
-    cp_backend_free(host);
+    cp_status st = (int)o->type >= CP_DTYPE_FIRST_OWN ? quantize_st(g, out, o, stats) : quantize_gguf(g, out, o, stats);
     cp_gguf_close(g);
     return st;
 }

@@ -329,7 +329,7 @@ TEST(Cli, QuantizeWritesOnlyWithinTheAccuracyBound) {
     Result r = run(common + " --type q4_k");
     EXPECT_EQ(r.code, 1) << r.out << r.err;
     EXPECT_NE(r.err.find("not written: perplexity rose by"), std::string::npos) << r.err;
-    EXPECT_NE(r.out.find("KL(orig || quant)"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("KL(orig || new)"), std::string::npos) << r.out;
     EXPECT_FALSE(std::ifstream(out).good()) << "nothing may be left at --out";
     r = run(common + " --type q4_k --force");
     EXPECT_EQ(r.code, 0) << r.err;
@@ -345,6 +345,41 @@ TEST(Cli, QuantizeWritesOnlyWithinTheAccuracyBound) {
     EXPECT_EQ(r.code, 2);
     EXPECT_NE(r.err.find("invalid value 'q3_k' for --type"), std::string::npos) << r.err;
     unlink(out.c_str());
+}
+
+// Pruning through the accuracy gate: 90% of the weights is refused, one
+// dropped layer with a generous bound is written and generates text; bad
+// options are usage errors.
+TEST(Cli, PruneWritesOnlyWithinTheAccuracyBound) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    std::string text = eval_text();
+    if (text.empty()) GTEST_SKIP() << "no evaluation text (install python3-doc)";
+    std::string out = ::testing::TempDir() + "prune_cli_" + std::to_string(getpid()) + ".gguf";
+    std::string common = "prune --no-progress --model " + model() + " --out " + out +
+                         " --eval-ctx 128 --eval-tokens 300 --calib-tokens 256";
+    Result r = run(common + " --method magnitude --sparsity 0.9");
+    EXPECT_EQ(r.code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find("not written: perplexity rose by"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::ifstream(out).good()) << "nothing may be left at --out";
+    r = run(common + " --drop-layers 1 --max-ppl-increase 100");
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+    EXPECT_NE(r.out.find("dropped layers"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("written"), std::string::npos) << r.out;
+    r = run("inspect --model " + out);
+    EXPECT_EQ(r.code, 0) << r.err;
+    EXPECT_NE(r.out.find(" 29\n"), std::string::npos) << r.out;  // 30 layers less one
+    r = run("generate --no-progress --model " + out + " --prompt 'The capital of France is' --temperature 0 -n 4");
+    EXPECT_EQ(r.code, 0) << r.err;
+    unlink(out.c_str());
+    r = run("prune --model " + model() + " --out " + out);
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("nothing to prune"), std::string::npos) << r.err;
+    r = run("prune --model " + model() + " --out " + out + " --sparsity 3:4");
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("invalid value '3:4' for --sparsity"), std::string::npos) << r.err;
+    r = run("prune --model " + model() + " --out " + out + " --heads 4 --no-eval --calib-tokens 64");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("--heads 4"), std::string::npos) << r.err;
 }
 
 TEST(Cli, MultiRankLayoutMismatchIsAnError) {
