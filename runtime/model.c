@@ -160,9 +160,9 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     /* gather the slice on the host, converting when asked, then place it */
     cp_backend_t host = NULL;
     float *row = NULL;
-    char *dst = NULL;
+    char *dst = NULL, *qrow = NULL;
     cp_status st = CP_OK;
-    const size_t dst_row = cp_dtype_row_size(t, nc);
+    const size_t dst_row = cp_dtype_row_size(t, nc), extra_t = cp_dtype_row_extra(t);
     dst = malloc(dst_row * (size_t)nr + 1);
     if (!dst) return CP_ERROR(CP_ERR_OOM, "out of memory reading '%s'", name);
     if (convert) {
@@ -172,7 +172,10 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
             goto done;
         }
         row = malloc((size_t)cols * sizeof(float));
-        if (!row) {
+        /* a target with one scale per row is quantized over the whole row,
+         * then sliced, so every rank holds the codes one rank would */
+        if (row && extra_t && nc != cols) qrow = malloc(cp_dtype_row_size(t, cols));
+        if (!row || (extra_t && nc != cols && !qrow)) {
             st = CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
             goto done;
         }
@@ -188,10 +191,19 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
             if (extra) memcpy(d + part_bytes - extra, base + (size_t)(r + 1) * src_row - extra, extra);
             continue;
         }
-        /* a row with a scale trailer is decoded whole, then sliced */
-        cp_tensor one = extra ? cp_tensor_2d(t0, 1, cols, (void *)(base + (size_t)r * src_row))
+        /* a row with a scale trailer (or going to one) is decoded whole, then sliced */
+        const bool whole = extra || qrow;
+        cp_tensor one = whole ? cp_tensor_2d(t0, 1, cols, (void *)(base + (size_t)r * src_row))
                               : cp_tensor_2d(t0, 1, nc, (void *)src);
         CP_CHECK_GOTO(cp_backend_dequantize(host, &one, 0, 1, row), st, done);
+        if (qrow) {
+            CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, cols, qrow), st, done);
+            char *d = dst + (size_t)r * dst_row;
+            const size_t code_off = (size_t)(sl.c0 / cp_dtype_block_size(t)) * cp_dtype_type_size(t);
+            memcpy(d, qrow + code_off, dst_row - extra_t);
+            memcpy(d + dst_row - extra_t, qrow + cp_dtype_row_size(t, cols) - extra_t, extra_t);
+            continue;
+        }
         CP_CHECK_GOTO(cp_backend_quantize(host, t, extra ? row + sl.c0 : row, 1, nc, dst + (size_t)r * dst_row),
                       st, done);
     }
@@ -202,6 +214,7 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     progress(m, o, part.nbytes);
 done:
     free(row);
+    free(qrow);
     free(dst);
     cp_backend_free(host);
     return st;
