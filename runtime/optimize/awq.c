@@ -9,11 +9,21 @@
 
 #include "cp_model.h"
 
+/* The statistics being collected, and the residual stream entering the
+ * last block seen (to compare with what leaves it). */
+typedef struct collector {
+    cp_act_stats *s;
+    float *prev;
+    size_t prev_cap;
+    int prev_layer, prev_rows;
+} collector;
+
 /* Block l's input against its output, row by row. */
-static void observe_resid(cp_act_stats *s, int layer, const float *x, int n, int width) {
-    if (layer > 0 && s->prev_layer == layer - 1 && s->prev_rows == n) {
+static void observe_resid(collector *c, int layer, const float *x, int n, int width) {
+    cp_act_stats *s = c->s;
+    if (layer > 0 && c->prev_layer == layer - 1 && c->prev_rows == n) {
         for (int i = 0; i < n; i++) {
-            const float *a = s->prev + (size_t)i * (size_t)width, *b = x + (size_t)i * (size_t)width;
+            const float *a = c->prev + (size_t)i * (size_t)width, *b = x + (size_t)i * (size_t)width;
             double ab = 0, aa = 0, bb = 0;
             for (int j = 0; j < width; j++) {
                 ab += (double)a[j] * b[j];
@@ -23,24 +33,25 @@ static void observe_resid(cp_act_stats *s, int layer, const float *x, int n, int
             s->block_cos[layer - 1] += aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : 1.0;
         }
     }
-    s->prev_layer = -1;
+    c->prev_layer = -1;
     const size_t need = (size_t)n * (size_t)width;
     if (layer >= s->n_layer) return;
-    if (need > s->prev_cap) {
-        float *p = realloc(s->prev, need * sizeof(float));
+    if (need > c->prev_cap) {
+        float *p = realloc(c->prev, need * sizeof(float));
         if (!p) return; /* this chunk's similarity is not counted: block_cos stays a lower bound */
-        s->prev = p;
-        s->prev_cap = need;
+        c->prev = p;
+        c->prev_cap = need;
     }
-    memcpy(s->prev, x, need * sizeof(float));
-    s->prev_layer = layer;
-    s->prev_rows = n;
+    memcpy(c->prev, x, need * sizeof(float));
+    c->prev_layer = layer;
+    c->prev_rows = n;
 }
 
 static void observe(void *user, int layer, cp_act_site site, const float *x, int n, int width) {
-    cp_act_stats *s = user;
+    collector *c = user;
+    cp_act_stats *s = c->s;
     if (site == CP_ACT_RESID) {
-        if (width == s->width[CP_ACT_ATTN_IN]) observe_resid(s, layer, x, n, width);
+        if (width == s->width[CP_ACT_ATTN_IN]) observe_resid(c, layer, x, n, width);
         return;
     }
     if ((int)site < 0 || site >= CP_ACT_SITES) return;
@@ -63,7 +74,6 @@ void cp_act_stats_free(cp_act_stats *s) {
         free(s->abs[k]);
     }
     free(s->block_cos);
-    free(s->prev);
     free(s);
 }
 
@@ -74,11 +84,11 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
     if (n < 2) return CP_ERROR(CP_ERR_INVALID_ARG, "calibration needs at least 2 tokens, got %zu", n);
     if (ctx <= 0 || ctx > cp_engine_n_ctx(e)) ctx = cp_engine_n_ctx(e);
     cp_act_stats *s = calloc(1, sizeof(*s));
+    collector col = {.s = s, .prev_layer = -1};
     float *logits = NULL;
     cp_status st = CP_OK;
     if (!s) return CP_ERROR(CP_ERR_OOM, "out of memory");
     s->n_layer = c->n_layer;
-    s->prev_layer = -1;
     s->block_cos = calloc((size_t)c->n_layer, sizeof(double));
     if (!s->block_cos) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory for activation statistics");
@@ -100,15 +110,13 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
         st = CP_ERROR(CP_ERR_OOM, "out of memory for calibration logits");
         goto fail;
     }
-    CP_CHECK_GOTO(cp_model_set_observer(m, observe, s), st, fail);
+    CP_CHECK_GOTO(cp_model_set_observer(m, observe, &col), st, fail);
     for (size_t b = 0; b < n && st == CP_OK; b += (size_t)ctx) {
         const int len = (int)(n - b < (size_t)ctx ? n - b : (size_t)ctx);
         st = cp_engine_logits(e, tokens + b, len, logits);
     }
     cp_model_set_observer(m, NULL, NULL);
-    free(s->prev);
-    s->prev = NULL;
-    s->prev_cap = 0;
+    free(col.prev);
     if (st != CP_OK) goto fail;
     free(logits);
     *out = s;

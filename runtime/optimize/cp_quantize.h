@@ -37,10 +37,6 @@ typedef struct cp_act_stats {
      * residual stream entering block l and leaving it (1 - the mean is the
      * block's importance: how much it changes the hidden state) */
     double *block_cos;
-    /* the residual stream entering the last block seen (while collecting) */
-    float *prev;
-    size_t prev_cap;
-    int prev_layer, prev_rows;
 } cp_act_stats;
 
 /* Runs e (a single-rank CPU engine) over tokens in windows of ctx (<= 0:
