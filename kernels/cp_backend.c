@@ -98,12 +98,25 @@ static cp_status check_attn(const cp_attn_params *p, const char *op) {
          "%s: KV cache dtype %s not supported", op, cp_dtype_name(p->kv_dtype));
     NEED(p->n_tok == 0 || (p->seq_of_tok && p->pos_of_tok && p->block_tables),
          "%s: NULL token tables", op);
+    NEED(p->kv_stride >= 0 && p->kv_offset >= 0 && (p->kv_stride <= 1 ? p->kv_offset == 0 : p->kv_offset < p->kv_stride),
+         "%s: bad context-parallel stride %d / offset %d", op, p->kv_stride, p->kv_offset);
+    return CP_OK;
+}
+
+/* Context-parallel caches and partial (log-sum-exp) results are the CPU
+ * backend's alone. */
+static cp_status check_attn_device(cp_backend_t be, const cp_attn_params *p, const char *op) {
+    if ((p->kv_stride > 1 || p->lse) && cp_backend_device(be) != CP_DEVICE_CPU)
+        return CP_ERROR(CP_ERR_UNSUPPORTED,
+                        "%s: context parallelism (--cp) runs on the CPU backend only, not on %s", op,
+                        cp_backend_name(be));
     return CP_OK;
 }
 
 cp_status cp_backend_kv_store(cp_backend_t be, const cp_attn_params *p, const float *k,
                               const float *v, void *k_cache, void *v_cache) {
     CP_CHECK(check_attn(p, "kv_store"));
+    CP_CHECK(check_attn_device(be, p, "kv_store"));
     if (p->n_tok == 0) return CP_OK;
     NEED(k && v && k_cache && v_cache, "kv_store: NULL pointer");
     return be->iface.kv_store(be, p, k, v, k_cache, v_cache);
@@ -112,6 +125,7 @@ cp_status cp_backend_kv_store(cp_backend_t be, const cp_attn_params *p, const fl
 cp_status cp_backend_attention(cp_backend_t be, const cp_attn_params *p, const float *q,
                                const void *k_cache, const void *v_cache, float *out) {
     CP_CHECK(check_attn(p, "attention"));
+    CP_CHECK(check_attn_device(be, p, "attention"));
     if (p->n_tok == 0) return CP_OK;
     NEED(q && k_cache && v_cache && out, "attention: NULL pointer");
     return be->iface.attention(be, p, q, k_cache, v_cache, out);
@@ -227,6 +241,7 @@ cp_status cp_backend_add_rmsnorm(cp_backend_t be, float *x, const float *delta, 
 cp_status cp_backend_rope_store(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
                                 float *q, float *k, const float *v, void *k_cache, void *v_cache) {
     CP_CHECK(check_attn(p, "rope_store"));
+    CP_CHECK(check_attn_device(be, p, "rope_store"));
     NEED(rp && rp->rot_dim > 0 && rp->rot_dim <= rp->head_dim && rp->rot_dim % 2 == 0 &&
              rp->head_dim == p->head_dim,
          "rope_store: bad rotary parameters");

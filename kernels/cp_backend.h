@@ -65,7 +65,32 @@ typedef struct cp_attn_params {
                                    pos_of_tok); 0: unknown */
     int n_seq_hint;             /* distinct sequences among the tokens when the caller knows
                                    it (host value; picks the kernel); 0: unknown */
+    /* Context parallelism (0/0 or 1/0: off; the CPU backend only). The cache
+     * holds only the positions p with p % kv_stride == kv_offset, position p
+     * in slot p / kv_stride; block_size then counts slots per block (block
+     * block_tables[seq][slot / block_size], row slot % block_size), so a
+     * logical block of block_size * kv_stride positions keeps the same
+     * table entry on every rank. kv_store takes only positions held here;
+     * a token at pos attends to the held positions <= pos, possibly none. */
+    int kv_stride, kv_offset;
+    /* When not NULL (host memory; the CPU backend only): lse[n_tok][n_head]
+     * receives log(sum_j exp(score_j * scale)) over the positions attended,
+     * -inf when there are none (the output row is then 0), so that outputs
+     * over disjoint sets of positions merge exactly:
+     * out = sum_r exp(lse_r - L) out_r, L = log(sum_r exp(lse_r)). */
+    float *lse;
 } cp_attn_params;
+
+/* Keys a token at position pos attends to under p's context parallelism
+ * (pos + 1 without it). */
+static inline int cp_attn_n_keys(const cp_attn_params *p, int pos) {
+    if (p->kv_stride <= 1) return pos + 1;
+    return pos >= p->kv_offset ? (pos - p->kv_offset) / p->kv_stride + 1 : 0;
+}
+/* The cache slot of a held position. */
+static inline int cp_attn_slot(const cp_attn_params *p, int pos) {
+    return p->kv_stride <= 1 ? pos : pos / p->kv_stride;
+}
 
 typedef struct cp_sample_params {
     float temperature;  /* <= 0: greedy (argmax, lowest index on ties) */

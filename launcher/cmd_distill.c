@@ -40,7 +40,7 @@ static void on_progress(void *user, const cp_distill_progress *p) {
 
 int cp_cli_distill(int argc, char **argv) {
     const char *teacher = NULL, *prompts = NULL, *out = NULL, *device = "cpu", *convert = NULL;
-    int top_k = 20, max_tokens = 128, threads = 0, ctx = 0, tp = 1, pp = 1, timeout_s = 60;
+    int top_k = 20, max_tokens = 128, threads = 0, ctx = 0, tp = 1, pp = 1, cp = 1, timeout_s = 60;
     int micro = 0;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 0;
@@ -78,6 +78,8 @@ int cp_cli_distill(int argc, char **argv) {
         {"device", 0, CLI_STR, &device, 0, -1, "DEV", "cpu (default), cuda or cuda:N", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},
+        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
+         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
         {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL,
          "sequence parallelism for prompts inside the TP group (needs --tp > 1)", NULL},
         {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",
@@ -122,7 +124,7 @@ int cp_cli_distill(int argc, char **argv) {
         return 2;
     }
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
+    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
     if (rc) {
         ranks_free(&rk);
         return rc;

@@ -30,7 +30,7 @@ static void on_progress(void *user, size_t done, size_t total) {
 
 int cp_cli_eval(int argc, char **argv) {
     const char *model = NULL, *text = NULL, *reference = NULL, *device = "cpu", *convert = NULL;
-    int ctx = 512, stride = 0, max_tokens = 0, threads = 0, tp = 1, pp = 1, timeout_s = 60;
+    int ctx = 512, stride = 0, max_tokens = 0, threads = 0, tp = 1, pp = 1, cp = 1, timeout_s = 60;
     bool json = false, no_progress = false;
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &model, 0, -1, "PATH", "the model to measure (required)", NULL},
@@ -50,6 +50,8 @@ int cp_cli_eval(int argc, char **argv) {
         {"device", 0, CLI_STR, &device, 0, -1, "DEV", "cpu (default), cuda or cuda:N", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},
+        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
+         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
          "deadline of every collective in seconds (default 60)", NULL},
         {"json", 0, CLI_FLAG, &json, 0, -1, NULL, "print the result as one JSON object", NULL},
@@ -86,7 +88,7 @@ int cp_cli_eval(int argc, char **argv) {
     char *body = NULL;
     if (!cli_read_file("eval", "text", text, 256, &body, &text_len)) return 1;
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
+    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
     if (rc) {
         ranks_free(&rk);
         free(body);

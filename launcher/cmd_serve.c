@@ -74,7 +74,7 @@ int cp_cli_serve(int argc, char **argv) {
     const char *model = NULL, *host = "127.0.0.1", *api_key = NULL, *model_name = NULL;
     const char *device = "cpu", *convert = NULL;
     int port = 8080, max_running = 16, max_waiting = 256, ctx = 0, max_tokens_limit = 4096;
-    int max_body = 1 << 20, threads = 0, drain_timeout = 30, tp = 1, pp = 1, prefill_chunk = 0;
+    int max_body = 1 << 20, threads = 0, drain_timeout = 30, tp = 1, pp = 1, cp = 1, prefill_chunk = 0;
     int timeout_s = 60, micro = 0, max_step_tokens = 0, hook_timeout = 10;
     const char *region = NULL;
     cli_list hook_specs = {0};
@@ -124,6 +124,8 @@ int cp_cli_serve(int argc, char **argv) {
          NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N",
          "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
+        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
+         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
         {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL,
          "sequence parallelism for prompts inside the TP group (needs --tp > 1)", NULL},
         {"micro-batches", 0, CLI_INT, &micro, 1, 4096, "N",
@@ -192,7 +194,7 @@ int cp_cli_serve(int argc, char **argv) {
         return 2;
     }
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
+    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
     if (!rc && rk.size > 1) rc = ranks_learn_peers(&rk);
     if (rc) {
         ranks_free(&rk);
@@ -300,7 +302,9 @@ int cp_cli_serve(int argc, char **argv) {
     sigaction(SIGUSR1, &sa, NULL);
     const char *h = cp_server_host(srv);
     bool v6 = strchr(h, ':') != NULL;
-    if (rk.size > 1)
+    if (rk.size > 1 && cp > 1)
+        fprintf(stderr, "cparallel: %d ranks (tp %d x cp %d x pp %d) ready\n", rk.size, tp, cp, pp);
+    else if (rk.size > 1)
         fprintf(stderr, "cparallel: %d ranks (tp %d x pp %d) ready\n", rk.size, tp, pp);
     fprintf(stderr, "cparallel: serving %s on http://%s%s%s:%d\n", model_name, v6 ? "[" : "", h,
             v6 ? "]" : "", cp_server_port(srv));

@@ -40,7 +40,7 @@ static int cmd_generate(int argc, char **argv) {
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false, sp = false;
     const char *device = "cpu";
-    int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, timeout_s = 60, micro = 0;
+    int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, cp = 1, timeout_s = 60, micro = 0;
     float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
     uint64_t seed = 0;
     const cli_opt opts[] = {
@@ -67,6 +67,8 @@ static int cmd_generate(int argc, char **argv) {
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
+        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
+         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
         {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL, "sequence parallelism for the prompt inside the TP group (needs --tp > 1)", NULL},
         {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",
          "cut each batch into N micro-batches so pipeline stages overlap (default 4 x --pp)", NULL},
@@ -110,7 +112,7 @@ static int cmd_generate(int argc, char **argv) {
         prompt = file_text;
     }
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, timeout_s * 1000);
+    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
     if (rc) {
         ranks_free(&rk);
         free(file_text);

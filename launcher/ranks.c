@@ -20,28 +20,40 @@ void ranks_free(ranks *r) {
     free(r->peers);
     cp_comm_free(r->tp);
     cp_comm_free(r->pp);
+    cp_comm_free(r->cp);
     cp_comm_free(r->world);
     memset(r, 0, sizeof(*r));
 }
 
-int ranks_init(ranks *r, int tp, int pp, int timeout_ms) {
+int ranks_init(ranks *r, int tp, int pp, int cp, int timeout_ms) {
     memset(r, 0, sizeof(*r));
+    if (cp < 1) cp = 1;
+    r->n_cp = cp;
     if (cp_comm_init_world(CP_COMM_AUTO, timeout_ms, &r->world) != CP_OK) {
         cli_report_error("cannot start the communicator");
         return 1;
     }
     r->rank = cp_comm_rank(r->world);
     r->size = cp_comm_size(r->world);
-    if (tp * pp != r->size) {
-        fprintf(stderr,
-                "cparallel: error: rank %d: --tp %d x --pp %d = %d ranks, but the job has %d "
-                "(start it with mpirun -np %d or change --tp/--pp)\n",
-                r->rank, tp, pp, tp * pp, r->size, tp * pp);
+    if (tp * pp * cp != r->size) {
+        if (cp > 1)
+            fprintf(stderr,
+                    "cparallel: error: rank %d: --tp %d x --cp %d x --pp %d = %d ranks, but the job has %d "
+                    "(start it with mpirun -np %d or change --tp/--cp/--pp)\n",
+                    r->rank, tp, cp, pp, tp * cp * pp, r->size, tp * cp * pp);
+        else
+            fprintf(stderr,
+                    "cparallel: error: rank %d: --tp %d x --pp %d = %d ranks, but the job has %d "
+                    "(start it with mpirun -np %d or change --tp/--pp)\n",
+                    r->rank, tp, pp, tp * pp, r->size, tp * pp);
         return 2;
     }
-    /* ranks of one stage are consecutive: rank = pp_rank * tp + tp_rank */
+    /* the ranks of a TP group are consecutive:
+     * rank = (pp_rank * cp + cp_rank) * tp + tp_rank */
+    const int tc = tp * cp;
     if ((tp > 1 && cp_comm_split(r->world, r->rank / tp, r->rank, &r->tp) != CP_OK) ||
-        (pp > 1 && cp_comm_split(r->world, r->rank % tp, r->rank, &r->pp) != CP_OK)) {
+        (pp > 1 && cp_comm_split(r->world, r->rank % tc, r->rank, &r->pp) != CP_OK) ||
+        (cp > 1 && cp_comm_split(r->world, r->rank / tc * tp + r->rank % tp, r->rank, &r->cp) != CP_OK)) {
         cli_report_error("cannot create the parallel groups");
         return 1;
     }
@@ -59,9 +71,11 @@ cp_engine_opts ranks_engine_opts(const ranks *r, const char *model, cp_device de
         .n_seq = 1,
         .tp = tp,
         .pp = pp,
+        .cp = r->n_cp,
         .rank = r->rank,
         .tp_comm = r->tp,
         .pp_comm = r->pp,
+        .cp_comm = r->cp,
     };
 }
 

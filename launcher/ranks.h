@@ -9,17 +9,19 @@
 #include "cp_tensor.h"
 
 typedef struct ranks {
-    cp_comm_t world, tp, pp;
+    cp_comm_t world, tp, pp, cp;
     int rank, size;
+    int n_cp;       /* context-parallel ranks per stage and TP slot */
     int64_t *peers; /* [size][2] {pid, host hash} after ranks_learn_peers, else NULL */
     char mark[128]; /* the fault mark file of rank 0's host ("" when none) */
     bool reported;  /* rank 0: a fault was reported */
 } ranks;
 
-/* The world and its groups for tp x pp ranks (rank = stage * tp + tp rank).
- * Returns 0, or the exit code after printing one line on every rank (2 when
- * the job's size does not match tp x pp). ranks_free is needed either way. */
-int ranks_init(ranks *r, int tp, int pp, int timeout_ms);
+/* The world and its groups for tp x cp x pp ranks
+ * (rank = (stage * cp + cp rank) * tp + tp rank). Returns 0, or the exit
+ * code after printing one line on every rank (2 when the job's size does
+ * not match tp x cp x pp). ranks_free is needed either way. */
+int ranks_init(ranks *r, int tp, int pp, int cp, int timeout_ms);
 void ranks_free(ranks *r);
 
 /* Ranks sharing a node share its cores (when *threads is 0) and take its
@@ -27,7 +29,7 @@ void ranks_free(ranks *r);
 void ranks_node_defaults(const ranks *r, cp_device dev, int *threads, int *device_id);
 
 /* The engine options of this rank that every command running a model
- * across the ranks shares (model, device, threads, context, the tp x pp
+ * across the ranks shares (model, device, threads, context, the tp x cp x pp
  * layout and its groups); the caller sets the rest. device_id < 0: 0. */
 cp_engine_opts ranks_engine_opts(const ranks *r, const char *model, cp_device dev, int device_id,
                                  int threads, int n_ctx, int tp, int pp);

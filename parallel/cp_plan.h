@@ -1,6 +1,9 @@
-/* cp_plan.h - the parallel plan: how world = pp x tp ranks divide a model.
- * A rank is (pp_rank, tp_rank) with rank = pp_rank * tp + tp_rank, so the
- * ranks of one tensor-parallel group are consecutive (one node). The plan
+/* cp_plan.h - the parallel plan: how world = pp x cp x tp ranks divide a
+ * model. A rank is (pp_rank, cp_rank, tp_rank) with
+ * rank = (pp_rank * cp + cp_rank) * tp + tp_rank, so the ranks of one
+ * tensor-parallel group are consecutive (one node). Context-parallel ranks
+ * (cp > 1) hold the same weights and split the sequence: each keeps the KV
+ * cache of every cp-th position and computes the tokens at them. The plan
  * gives each rank its pipeline stage's layer range and, inside the stage,
  * its query/KV heads, FFN columns and vocabulary rows. It knows nothing of
  * files or communicators: every value follows from the shapes. */
@@ -40,11 +43,13 @@ typedef struct cp_plan_opts {
      * also hold the embedding and the LM head; given to the middle stages.
      * 0 = an even split. */
     int edge_layer_discount;
+    int cp;                /* context-parallel ranks per stage and TP slot (0 counts as 1) */
 } cp_plan_opts;
 
 typedef struct cp_plan {
     int world, rank;
     int tp, pp, tp_rank, pp_rank;
+    int cp, cp_rank;                 /* context parallelism: the positions p % cp == cp_rank */
     int layer_begin, layer_end;      /* this stage's layers [begin, end) */
     int head_begin, head_end;        /* query heads of this TP rank */
     int kv_head_begin, kv_head_end;  /* KV heads it holds (a replica when tp > n_head_kv) */
@@ -54,7 +59,7 @@ typedef struct cp_plan {
     bool first_stage, last_stage;
 } cp_plan;
 
-/* The plan of `rank` in a world of opts->tp * opts->pp ranks for a model of
+/* The plan of `rank` in a world of tp * cp * pp ranks for a model of
  * shape s. Errors (CP_ERR_INVALID_ARG) name the constraint and the values of
  * tp or pp that would work: tp must divide the query heads, and the KV heads
  * or be a multiple of them; every stage needs at least one layer; FFN and

@@ -62,10 +62,12 @@ cp_status cp_plan_init(const cp_plan_shape *s, const cp_plan_opts *o, int rank, 
     if (o->tp < 1 || o->pp < 1)
         return CP_ERROR(CP_ERR_INVALID_ARG, "tensor- and pipeline-parallel sizes must be >= 1 (tp=%d, pp=%d)",
                         o->tp, o->pp);
-    int world = o->tp * o->pp;
+    const int cp = o->cp > 0 ? o->cp : 1;
+    if (o->cp < 0 || cp > 1024) return CP_ERROR(CP_ERR_INVALID_ARG, "context-parallel size %d outside 1..1024", o->cp);
+    int world = o->tp * o->pp * cp;
     if (rank < 0 || rank >= world)
-        return CP_ERROR(CP_ERR_INVALID_ARG, "rank %d outside a world of tp=%d x pp=%d = %d", rank, o->tp, o->pp,
-                        world);
+        return CP_ERROR(CP_ERR_INVALID_ARG, "rank %d outside a world of tp=%d x cp=%d x pp=%d = %d", rank, o->tp,
+                        cp, o->pp, world);
     char valid[256];
     if (!tp_heads_ok(s, o->tp) || !tp_ffn_ok(s, o->tp)) {
         list_valid_tp(s, valid, sizeof(valid));
@@ -85,7 +87,9 @@ cp_status cp_plan_init(const cp_plan_shape *s, const cp_plan_opts *o, int rank, 
     p->rank = rank;
     p->tp = o->tp;
     p->pp = o->pp;
-    p->pp_rank = rank / o->tp;
+    p->cp = cp;
+    p->pp_rank = rank / (o->tp * cp);
+    p->cp_rank = (rank / o->tp) % cp;
     p->tp_rank = rank % o->tp;
     p->first_stage = p->pp_rank == 0;
     p->last_stage = p->pp_rank == o->pp - 1;

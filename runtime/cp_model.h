@@ -27,6 +27,15 @@ typedef struct cp_model_load_opts {
      * ordered by stage) are borrowed until cp_model_free; NULL when the
      * group has one rank. Only this rank's slices are read from the file. */
     int tp, pp, rank;
+    /* Context parallelism: cp ranks per (stage, TP slot) hold the same
+     * weights and split every batch by position (position p on cp rank
+     * p % cp, which also keeps its K/V, so each holds 1/cp of the cache).
+     * Attention gathers the queries over the cp group, each rank attends to
+     * the positions it holds, and the partial results merge by their
+     * log-sum-exp. The world is tp x cp x pp (see cp_plan.h); cp_comm is the
+     * group of ranks with this rank's stage and tp_rank, ordered by cp_rank.
+     * CPU backend only; the KV block size must be a multiple of cp. */
+    int cp;
     int edge_layer_discount;  /* layers moved off the first and last stage */
     /* Megatron sequence parallelism inside the TP group for multi-token
      * batches (prompts): the residual stream, norms and residual adds are
@@ -44,6 +53,7 @@ typedef struct cp_model_load_opts {
     bool inspect_only;
     struct cp_comm *tp_comm;
     struct cp_comm *pp_comm;
+    struct cp_comm *cp_comm;
     /* When convert is set, every matrix weight is converted at load time to
      * convert_dtype (F32, F16, BF16 or a block type the backend can write),
      * e.g. to run a quantized file unquantized. */

@@ -21,20 +21,21 @@ typedef struct cp_engine_opts {
     int device_id;             /* CUDA device index */
     int n_ctx;                 /* tokens of context per sequence; <= 0: min(training context, 4096) */
     int n_seq;                 /* sequences the KV cache is sized for (>= 1) */
-    int kv_block_size;         /* tokens per KV block; <= 0: 16 */
+    int kv_block_size;         /* tokens per KV block; <= 0: 16 (rounded up to a multiple of cp) */
     bool kv_f32;               /* store K/V in fp32 instead of the default fp16 */
     bool tokens_only;          /* load no tokenizer: token ids in and out only
                                   (cp_engine_tokenizer returns NULL, pieces are "") */
     bool convert_weights;      /* convert every matrix weight to weight_dtype at load */
     cp_dtype weight_dtype;
-    /* Multi-rank (see cp_model_load_opts): every rank of the tp x pp world
+    /* Multi-rank (see cp_model_load_opts): every rank of the tp x cp x pp world
      * creates its engine with the same options and calls the same
      * generate/logits functions in the same order. */
     int tp, pp, rank;
+    int cp;                    /* context-parallel ranks (0 counts as 1; the world is tp x cp x pp) */
     int edge_layer_discount;
     bool sp;                   /* sequence parallelism for prompts (needs tp > 1) */
     int pp_micro;              /* pipeline micro-batches per batch (0: 4 x pp; see cp_model_load_opts) */
-    struct cp_comm *tp_comm, *pp_comm;
+    struct cp_comm *tp_comm, *pp_comm, *cp_comm;
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;
 } cp_engine_opts;

@@ -91,12 +91,14 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
     cp_model_load_opts lo = {.backend = e->be,
                              .tp = o->tp,
                              .pp = o->pp,
+                             .cp = o->cp,
                              .rank = o->rank,
                              .edge_layer_discount = o->edge_layer_discount,
                              .sp = o->sp,
                              .pp_micro = o->pp_micro,
                              .tp_comm = o->tp_comm,
                              .pp_comm = o->pp_comm,
+                             .cp_comm = o->cp_comm,
                              .convert = o->convert_weights,
                              .convert_dtype = o->weight_dtype,
                              .progress = o->progress,
@@ -110,7 +112,13 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
         goto fail;
     }
     e->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->ctx_train < 4096 ? c->ctx_train : 4096);
-    int bs = o->kv_block_size > 0 ? o->kv_block_size : 16;
+    /* by default 16 positions per block, or the next multiple of the
+     * context-parallel ranks (each keeps every cp-th position) */
+    int bs = o->kv_block_size;
+    if (bs <= 0) {
+        int cp = o->cp > 1 ? o->cp : 1;
+        bs = (16 + cp - 1) / cp * cp;
+    }
     int n_seq = o->n_seq > 0 ? o->n_seq : 1;
     e->max_blocks = (e->n_ctx + bs - 1) / bs;
     cp_kv_cache_opts ko = {.n_blocks = e->max_blocks * n_seq, .block_size = bs,

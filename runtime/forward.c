@@ -266,7 +266,7 @@ static cp_attn_params attn_params(cp_model_t m, cp_kv_cache_t kv, const cp_batch
         .n_head = m->n_head_l,
         .n_head_kv = m->n_kv_l,
         .head_dim = c->head_dim,
-        .block_size = kv->block_size,
+        .block_size = kv->slots,
         .max_blocks = b->max_blocks,
         .scale = 1.0f / sqrtf((float)c->head_dim),
         .kv_dtype = kv->dtype,
@@ -274,8 +274,93 @@ static cp_attn_params attn_params(cp_model_t m, cp_kv_cache_t kv, const cp_batch
         .pos_of_tok = pos,
         .block_tables = tables,
         .n_ctx_max = 0,
+        .kv_stride = m->plan.cp > 1 ? m->plan.cp : 0,
+        .kv_offset = m->plan.cp > 1 ? m->plan.cp_rank : 0,
     };
     return ap;
+}
+
+/* ---- context parallelism ---------------------------------------------------
+ * The cp ranks of a (stage, TP slot) split each chunk by position: rank r
+ * computes the rows at positions p % cp == r and keeps their K/V (a cache of
+ * block_size / cp rows per block). Every other step runs on those rows as
+ * on a single rank (TP and SP inside the rows alike); attention needs every
+ * held position of each row's sequence:
+ *   1. the queries of all rows are all-gathered over the cp group, each
+ *      rank's rows padded to the chunk's largest share (tmax);
+ *   2. each rank attends all of them to the positions it holds, giving a
+ *      normalised partial output and its log-sum-exp per (row, head);
+ *   3. the per-(row, head) maximum log-sum-exp L is all-reduced, and each
+ *      rank's partial weighted by w = exp(lse - L) (0 for an empty one);
+ *   4. a reduce-scatter sums [w * out, w] so each owner receives its rows,
+ *      and out = sum(w out) / sum(w): the softmax over all positions.
+ * This is the pass-queries form of ring attention: the cache stays where it
+ * was written, so prefill with a cached prefix and decode work the same way
+ * (passing K/V around would move the whole history every step). */
+
+static cp_status cpx_reserve(cp_model_t m) {
+    if (m->cpx.count) return CP_OK;
+    const size_t cp = (size_t)m->plan.cp, mb = (size_t)m->max_batch;
+    const size_t qd = (size_t)m->n_head_l * (size_t)m->cfg.head_dim, nh = (size_t)m->n_head_l;
+    const size_t pw = nh * ((size_t)m->cfg.head_dim + 1);
+    m->cpx.count = calloc(2 * cp, sizeof(int));
+    m->cpx.lrow = malloc(mb * sizeof(int32_t));
+    m->cpx.tok = malloc(mb * sizeof(int32_t));
+    m->cpx.pos = malloc(mb * sizeof(int32_t));
+    m->cpx.seq = malloc(mb * sizeof(int32_t));
+    m->cpx.gpos = malloc(cp * mb * sizeof(int32_t));
+    m->cpx.gseq = malloc(cp * mb * sizeof(int32_t));
+    m->cpx.qsend = malloc(mb * qd * sizeof(float));
+    m->cpx.qall = malloc(cp * mb * qd * sizeof(float));
+    m->cpx.o = malloc(cp * mb * qd * sizeof(float));
+    m->cpx.lse = malloc(cp * mb * nh * sizeof(float));
+    m->cpx.lmax = malloc(cp * mb * nh * sizeof(float));
+    m->cpx.pack = malloc(cp * mb * pw * sizeof(float));
+    m->cpx.red = malloc(mb * pw * sizeof(float));
+    m->cpx.xg = malloc(mb * (size_t)m->cfg.dim * sizeof(float));
+    if (!m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
+        !m->cpx.qsend || !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack ||
+        !m->cpx.red || !m->cpx.xg)
+        return CP_ERROR(CP_ERR_OOM, "out of memory for the context-parallel buffers (%zu rows)", cp * mb);
+    return CP_OK;
+}
+
+/* Attention of this rank's T rows (queries in s->q, ap their parameters)
+ * over the positions every cp rank holds, into s->att. A collective of the
+ * cp group: ranks without rows take part with T = 0. */
+static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
+    const int cp = m->plan.cp, tmax = m->cpx.tmax, nh = m->n_head_l, hd = m->cfg.head_dim;
+    const size_t qd = (size_t)nh * (size_t)hd, pw = (size_t)nh * (size_t)(hd + 1);
+    const size_t rows = (size_t)cp * (size_t)tmax;
+    memcpy(m->cpx.qsend, m->s.q, (size_t)T * qd * sizeof(float));
+    memset(m->cpx.qsend + (size_t)T * qd, 0, (size_t)(tmax - T) * qd * sizeof(float));
+    CP_CHECK(cp_comm_allgather(m->cp_comm, m->cpx.qsend, m->cpx.qall, (size_t)tmax * qd, CP_DTYPE_F32, NULL));
+    cp_attn_params g = *ap;
+    g.n_tok = (int)rows;
+    g.pos_of_tok = m->cpx.gpos;
+    g.seq_of_tok = m->cpx.gseq;
+    g.n_seq_hint = 0;
+    g.lse = m->cpx.lse;
+    CP_CHECK(cp_backend_attention(m->be, &g, m->cpx.qall, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), m->cpx.o));
+    CP_CHECK(cp_comm_allreduce(m->cp_comm, m->cpx.lse, m->cpx.lmax, rows * (size_t)nh, CP_DTYPE_F32, CP_REDUCE_MAX,
+                               NULL));
+    for (size_t i = 0; i < rows * (size_t)nh; i++) {
+        const float L = m->cpx.lmax[i], e = m->cpx.lse[i];
+        const float w = L == -INFINITY || e == -INFINITY ? 0.0f : expf(e - L);
+        const float *o = m->cpx.o + i * (size_t)hd;
+        float *dst = m->cpx.pack + i * (size_t)(hd + 1);
+        for (int d = 0; d < hd; d++) dst[d] = w * o[d];
+        dst[hd] = w;
+    }
+    CP_CHECK(cp_comm_reduce_scatter(m->cp_comm, m->cpx.pack, m->cpx.red, (size_t)tmax * pw, CP_DTYPE_F32,
+                                    CP_REDUCE_SUM, NULL));
+    for (size_t i = 0; i < (size_t)T * (size_t)nh; i++) {
+        const float *src = m->cpx.red + i * (size_t)(hd + 1);
+        const float inv = src[hd] > 0 ? 1.0f / src[hd] : 0.0f;
+        float *dst = m->s.att + i * (size_t)hd;
+        for (int d = 0; d < hd; d++) dst[d] = src[d] * inv;
+    }
+    return CP_OK;
 }
 
 /* Every layer of this stage over the T rows of the residual stream s->x
@@ -287,6 +372,12 @@ static cp_status run_layers(cp_model_t m, cp_kv_cache_t kv, const cp_attn_params
     /* Without sequence parallelism the residual add and the next RMSNorm
      * are one fused step, so the first norm comes before the loop. */
     const bool fuse = !sp;
+    if (T == 0) {
+        /* a context-parallel rank without rows in this chunk: its cache
+         * still answers the other ranks' queries */
+        for (int l = 0; l < m->n_layer_l && m->cp_comm; l++) CP_CHECK(cp_attention(m, kv, l, ap, 0));
+        return CP_OK;
+    }
     if (fuse && m->n_layer_l > 0) CP_CHECK(norm_for_matmul(m, m->w.layers[0].attn_norm, T, Ts, sp));
     for (int l = 0; l < m->n_layer_l; l++) {
         const cp_layer_weights *L = &m->w.layers[l];
@@ -301,7 +392,10 @@ static cp_status run_layers(cp_model_t m, cp_kv_cache_t kv, const cp_attn_params
         if (m->observe) m->observe(m->observe_user, layer, CP_ACT_ATTN_IN, s->xb, T, dim);
         CP_CHECK(cp_backend_matmul_group(be, 3, qkv, s->xb, T, qkv_out, qkv_bias));
         CP_CHECK(cp_backend_rope_store(be, rp, ap, s->q, s->k, s->v, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l)));
-        CP_CHECK(cp_backend_attention(be, ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
+        if (m->cp_comm)
+            CP_CHECK(cp_attention(m, kv, l, ap, T));
+        else
+            CP_CHECK(cp_backend_attention(be, ap, s->q, cp_kv_layer_k(kv, l), cp_kv_layer_v(kv, l), s->att));
         if (m->observe) m->observe(m->observe_user, layer, CP_ACT_ATTN_OUT, s->att, T, m->n_head_l * m->cfg.head_dim);
         CP_CHECK(cp_backend_matmul(be, &L->wo, s->att, T, s->proj, NULL));
         CP_CHECK(residual(m, s->proj, T, Tp, Ts, sp, fuse ? L->ffn_norm : NULL));
@@ -407,6 +501,104 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     int n;
     CP_CHECK(norm_logit_rows(m, b, t0, T, xfull, *logit_idx, &n));
     if (n == 0) return CP_OK;
+    if (rs)
+        CP_CHECK(sample_rows(m, n, rs, *logit_idx));
+    else
+        CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * c->n_vocab));
+    *logit_idx += n;
+    return CP_OK;
+}
+
+/* One chunk under context parallelism (see cp_attention): this rank runs
+ * the chunk's rows at its positions through the stage; on the last stage
+ * the rows that want logits are shared over the cp group (each row comes
+ * from its owner, an all-reduce of otherwise zero rows, exact), so every cp
+ * rank computes the same logits or samples as without it. */
+static cp_status forward_chunk_cp(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
+                                  const int32_t *tables, int t0, int T, int *logit_idx, float *logits,
+                                  const row_sampler *rs) {
+    const cp_model_config *c = &m->cfg;
+    const cp_plan *p = &m->plan;
+    cp_scratch *s = &m->s;
+    const int cp = p->cp, me = p->cp_rank;
+    const size_t dim = (size_t)c->dim;
+    CP_CHECK(cpx_reserve(m));
+    int *count = m->cpx.count, *fill = m->cpx.count + cp;
+    memset(count, 0, 2 * (size_t)cp * sizeof(int));
+    int n_ctx = 0;
+    for (int t = 0; t < T; t++) {
+        count[b->pos[t0 + t] % cp]++;
+        if (b->pos[t0 + t] + 1 > n_ctx) n_ctx = b->pos[t0 + t] + 1;
+    }
+    int tmax = 0;
+    for (int r = 0; r < cp; r++)
+        if (count[r] > tmax) tmax = count[r];
+    m->cpx.tmax = tmax;
+    for (int t = 0; t < T; t++) {
+        const int r = b->pos[t0 + t] % cp, i = fill[r]++;
+        m->cpx.lrow[t] = i;
+        m->cpx.gpos[(size_t)r * tmax + i] = b->pos[t0 + t];
+        m->cpx.gseq[(size_t)r * tmax + i] = b->seq[t0 + t];
+        if (r == me) {
+            m->cpx.tok[i] = b->tokens[t0 + t];
+            m->cpx.pos[i] = b->pos[t0 + t];
+            m->cpx.seq[i] = b->seq[t0 + t];
+        }
+    }
+    /* padding rows: position 0 of a sequence of the chunk (attended, never used) */
+    for (int r = 0; r < cp; r++)
+        for (int i = count[r]; i < tmax; i++) {
+            m->cpx.gpos[(size_t)r * tmax + i] = 0;
+            m->cpx.gseq[(size_t)r * tmax + i] = b->seq[t0];
+        }
+    const int Tl = count[me];
+    const bool sp = m->sp && Tl > 1;
+    const int Ts = sp ? (Tl + p->tp - 1) / p->tp : Tl, Tp = sp ? Ts * p->tp : Tl;
+    const size_t xn = (size_t)Ts * dim;
+
+    const cp_rope_params rp = rope_params(m);
+    cp_attn_params ap = attn_params(m, kv, b, Tl, m->cpx.seq, m->cpx.pos, tables);
+    ap.n_ctx_max = n_ctx;
+    for (int t = 0; t < Tl; t++)
+        if (t == 0 || m->cpx.seq[t] != m->cpx.seq[t - 1]) ap.n_seq_hint++;
+
+    if (Tl > 0) {
+        if (!p->first_stage) {
+            CP_CHECK(act_recv(m, s->x, xn, p->pp_rank - 1));
+        } else if (!m->tp_comm) {
+            CP_CHECK(embed(m, m->cpx.tok, Tl, s->x));
+        } else {
+            CP_CHECK(cp_backend_memset(m->be, s->x, 0, xn * sizeof(float)));
+            CP_CHECK(embed(m, m->cpx.tok, Tl, s->proj));
+            CP_CHECK(reduce_into_x(m, s->proj, Tl, Tp, Ts, sp));
+        }
+    }
+    CP_CHECK(run_layers(m, kv, &ap, &rp, Tl, Tp, Ts, sp));
+    if (!p->last_stage) {
+        if (Tl > 0) CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));
+        return CP_OK;
+    }
+
+    int n = 0, mine = 0;
+    while (*logit_idx + n < b->n_logits && b->logit_rows[*logit_idx + n] < t0 + T) {
+        mine += b->pos[b->logit_rows[*logit_idx + n]] % cp == me;
+        n++;
+    }
+    if (n == 0) return CP_OK;
+    const float *xfull = s->x;
+    if (sp && mine > 0) {
+        CP_CHECK(act_allgather(m, s->x, s->xl, xn));
+        xfull = s->xl;
+    }
+    float *xg = m->cpx.xg;
+    memset(xg, 0, (size_t)n * dim * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        const int row = b->logit_rows[*logit_idx + i];
+        if (b->pos[row] % cp == me)
+            memcpy(xg + (size_t)i * dim, xfull + (size_t)m->cpx.lrow[row - t0] * dim, dim * sizeof(float));
+    }
+    CP_CHECK(cp_comm_allreduce(m->cp_comm, xg, xg, (size_t)n * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
+    CP_CHECK(cp_backend_rmsnorm(m->be, s->xb, xg, m->w.out_norm, n, c->dim, c->norm_eps));
     if (rs)
         CP_CHECK(sample_rows(m, n, rs, *logit_idx));
     else
@@ -529,7 +721,7 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
 #define DEC_TABLES (3 * CP_DECODE_MAX_TOK)
 
 static bool decode_shaped(cp_model_t m, const cp_batch *b) {
-    if (cp_backend_device(m->be) == CP_DEVICE_CPU || m->tp_comm || m->pp_comm ||
+    if (cp_backend_device(m->be) == CP_DEVICE_CPU || m->tp_comm || m->pp_comm || m->cp_comm ||
         m->plan.tp != 1 || m->plan.pp != 1)
         return false; /* communicator calls cannot be recorded */
     if (b->n_tok < 1 || b->n_tok > CP_DECODE_MAX_TOK || b->n_tok > m->max_batch ||
@@ -676,7 +868,10 @@ static cp_status run_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, 
     int logit_idx = 0;
     for (int t0 = 0; t0 < b->n_tok; t0 += chunk) {
         int T = b->n_tok - t0 < chunk ? b->n_tok - t0 : chunk;
-        CP_CHECK(forward_chunk(m, kv, b, tables, t0, T, &logit_idx, logits, rs));
+        if (m->cp_comm)
+            CP_CHECK(forward_chunk_cp(m, kv, b, tables, t0, T, &logit_idx, logits, rs));
+        else
+            CP_CHECK(forward_chunk(m, kv, b, tables, t0, T, &logit_idx, logits, rs));
     }
     return cp_backend_synchronize(m->be);
 }

@@ -13,15 +13,23 @@ cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *o, cp_kv_cache_
         return CP_ERROR(CP_ERR_UNSUPPORTED, "KV cache type %s is not supported (f32, f16)",
                         cp_dtype_name(o->dtype) ? cp_dtype_name(o->dtype) : "?");
     const cp_model_config *c = &m->cfg;
+    const int cp = m->plan.cp > 1 ? m->plan.cp : 1;
+    if (o->block_size % cp != 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "KV block size %d is not a multiple of the %d context-parallel ranks (each keeps "
+                        "every %d-th position of a block)",
+                        o->block_size, cp, cp);
     cp_kv_cache_t kv = calloc(1, sizeof(*kv));
     if (!kv) return CP_ERROR(CP_ERR_OOM, "out of memory");
     cp_status st;
     kv->model = m;
     kv->n_blocks = o->n_blocks;
     kv->block_size = o->block_size;
+    kv->slots = o->block_size / cp;
     kv->dtype = o->dtype;
-    /* this rank's KV heads of this stage's layers */
-    kv->layer_bytes = (size_t)o->n_blocks * (size_t)o->block_size * (size_t)m->n_kv_l *
+    /* this rank's KV heads of this stage's layers, and with context
+     * parallelism its 1/cp of the positions */
+    kv->layer_bytes = (size_t)o->n_blocks * (size_t)kv->slots * (size_t)m->n_kv_l *
                       (size_t)c->head_dim * cp_dtype_type_size(o->dtype);
     kv->refs = calloc((size_t)o->n_blocks, sizeof(int32_t));
     kv->free_list = malloc((size_t)o->n_blocks * sizeof(int32_t));

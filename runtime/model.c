@@ -40,7 +40,7 @@ int cp_model_max_batch(cp_model_t m) { return m->max_batch; }
 void cp_model_get_stats(cp_model_t m, cp_model_stats *s) { *s = m->stats; }
 
 cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
-    if (fn && (cp_backend_device(m->be) != CP_DEVICE_CPU || m->plan.tp > 1 || m->plan.pp > 1))
+    if (fn && (cp_backend_device(m->be) != CP_DEVICE_CPU || m->plan.tp > 1 || m->plan.pp > 1 || m->plan.cp > 1))
         return CP_ERROR(CP_ERR_UNSUPPORTED, "activation statistics need a single-rank model on the CPU");
     m->observe = fn;
     m->observe_user = user;
@@ -331,9 +331,15 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     const cp_model_config *c = &m->cfg;
     cp_plan_shape s = {c->n_layer,  c->n_head,  c->n_head_kv,           c->head_dim,
                        c->ffn_dim,  c->n_vocab, row_block(m, false, true), row_block(m, true, false)};
-    cp_plan_opts po = {o->tp > 0 ? o->tp : 1, o->pp > 0 ? o->pp : 1, o->edge_layer_discount};
+    cp_plan_opts po = {o->tp > 0 ? o->tp : 1, o->pp > 0 ? o->pp : 1, o->edge_layer_discount, o->cp > 0 ? o->cp : 1};
     CP_CHECK(cp_plan_init(&s, &po, o->rank, &m->plan));
     if (o->inspect_only) return CP_OK;
+    if (po.cp > 1 && (!o->cp_comm || cp_comm_size(o->cp_comm) != po.cp))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp=%d needs a context-parallel communicator of %d ranks", po.cp, po.cp);
+    if (po.cp > 1 && cp_backend_device(m->be) != CP_DEVICE_CPU)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "context parallelism (--cp %d) runs on the CPU backend only, not on %s",
+                        po.cp, cp_backend_name(m->be));
+    m->cp_comm = po.cp > 1 ? o->cp_comm : NULL;
     if ((po.tp > 1 && !o->tp_comm) || (po.pp > 1 && !o->pp_comm))
         return CP_ERROR(CP_ERR_INVALID_ARG, "tp=%d pp=%d needs the tensor- and pipeline-parallel communicators",
                         po.tp, po.pp);
@@ -529,6 +535,21 @@ void cp_model_free(cp_model_t m) {
     free(m->cand_i);
     free(m->cand_row);
     free(m->cand_ids);
+    free(m->cpx.count);
+    free(m->cpx.lrow);
+    free(m->cpx.tok);
+    free(m->cpx.pos);
+    free(m->cpx.seq);
+    free(m->cpx.gpos);
+    free(m->cpx.gseq);
+    free(m->cpx.qsend);
+    free(m->cpx.qall);
+    free(m->cpx.o);
+    free(m->cpx.lse);
+    free(m->cpx.lmax);
+    free(m->cpx.pack);
+    free(m->cpx.red);
+    free(m->cpx.xg);
     free(m->w.layers);
     cp_gguf_close(m->gguf);
     free(m->meta_image);

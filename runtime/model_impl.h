@@ -51,6 +51,21 @@ struct cp_model {
     /* this rank's share (the whole model on a single rank) */
     cp_plan plan;
     cp_comm_t tp_comm, pp_comm;  /* borrowed; NULL on a single rank */
+    cp_comm_t cp_comm;           /* borrowed; NULL without context parallelism */
+    /* context parallelism (host buffers, made at the first batch): the
+     * chunk's rows by owner (rank-major, each owner's rows padded to
+     * cp_tmax), this rank's rows, and the attention exchange */
+    struct {
+        int tmax;                    /* the most rows any cp rank owns in the chunk */
+        int *count;                  /* [2 * cp] rows each rank owns, then a fill counter */
+        int32_t *lrow;               /* [max_batch] a chunk row's index among its owner's rows */
+        int32_t *tok, *pos, *seq;    /* [max_batch] this rank's rows */
+        int32_t *gpos, *gseq;        /* [cp * max_batch] every rank's rows */
+        float *qsend, *qall, *o;     /* [max_batch] / [cp * max_batch] rows of q_dim */
+        float *lse, *lmax;           /* [cp * max_batch][n_head_l] */
+        float *pack, *red;           /* [cp * max_batch] / [max_batch] rows of n_head_l * (head_dim + 1) */
+        float *xg;                   /* [max_batch][dim] logit rows shared over the group */
+    } cpx;
     bool sp;                     /* sequence parallelism for multi-token chunks */
     int pp_micro;                /* micro-batches per batch across pipeline stages */
     int n_layer_l;               /* layers of this stage */
@@ -94,6 +109,7 @@ struct cp_model {
 struct cp_kv_cache {
     cp_model_t model;
     int n_blocks, block_size;
+    int slots;            /* rows per block this rank stores: block_size / cp */
     cp_dtype dtype;
     size_t layer_bytes;   /* bytes of K (or V) of one layer */
     void *mem;            /* one allocation: K of every layer, then V of every layer */

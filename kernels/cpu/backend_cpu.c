@@ -512,7 +512,7 @@ static cp_status cpu_rope(cp_backend_t be, float *x, const int32_t *pos, int n_t
 
 /* ---- KV cache and attention --------------------------------------------- */
 
-/* Element offset of the cache row of (sequence seq, position pos, kv head). */
+/* Element offset of the cache row of (sequence seq, slot pos, kv head). */
 static size_t kv_offset(const cp_attn_params *p, int seq, int pos, int kvh) {
     int block =
         p->block_tables[(size_t)seq * (size_t)p->max_blocks + (size_t)(pos / p->block_size)];
@@ -525,11 +525,12 @@ static cp_status cpu_kv_store(cp_backend_t be, const cp_attn_params *p, const fl
     cpu_backend *cpu = cpu_of(be);
     if (cpu->force_ref) return cp_kv_store_ref(p, k, v, k_cache, v_cache);
     CP_CHECK(cp_cpu_check_tokens(p, "kv_store"));
+    CP_CHECK(cp_cpu_check_held(p, "kv_store"));
     const int hd = p->head_dim;
     const size_t kv_dim = (size_t)p->n_head_kv * (size_t)hd;
     for (int t = 0; t < p->n_tok; t++) {
         /* The heads of one slot are contiguous in the cache as in k and v. */
-        size_t off = kv_offset(p, p->seq_of_tok[t], p->pos_of_tok[t], 0);
+        size_t off = kv_offset(p, p->seq_of_tok[t], cp_attn_slot(p, p->pos_of_tok[t]), 0);
         const float *kt = k + (size_t)t * kv_dim, *vt = v + (size_t)t * kv_dim;
         if (p->kv_dtype == CP_DTYPE_F16) {
             cpu->vec->f32_to_f16((cp_fp16_t *)k_cache + off, kt, (int)kv_dim);
@@ -575,12 +576,16 @@ struct attn_job {
 /* o[hd] = the merge of n range results pp[n][hd + 2] (acc, m, l): the
  * accumulators and sums rescaled to the largest running max of the
  * non-empty ranges, in range order. */
-static void attn_merge_ranges(const float *pp, int n, int hd, float *o) {
+static void attn_merge_ranges(const float *pp, int n, int hd, float *o, float *lse) {
     float m = -INFINITY;
     for (int s = 0; s < n; s++)
         if (pp[s * (hd + 2) + hd + 1] > 0 && pp[s * (hd + 2) + hd] > m) m = pp[s * (hd + 2) + hd];
     float l = 0;
     memset(o, 0, (size_t)hd * sizeof(float));
+    if (m == -INFINITY) { /* no key (context parallelism: none held here) */
+        if (lse) *lse = -INFINITY;
+        return;
+    }
     for (int s = 0; s < n; s++) {
         const float *ps = pp + s * (hd + 2);
         if (!(ps[hd + 1] > 0)) continue;
@@ -592,6 +597,7 @@ static void attn_merge_ranges(const float *pp, int n, int hd, float *o) {
     const float inv = 1.0f / l;
     for (int d = 0; d < hd; d++)
         o[d] *= inv;
+    if (lse) *lse = m + logf(l);
 }
 
 /* One task = one token and a group of query heads that share one KV head,
@@ -608,7 +614,7 @@ static void attn_task(void *vctx, int task, int thread) {
     task /= j->n_split;
     const int hd = p->head_dim, n_rep = j->group, groups = p->n_head / n_rep;
     const int t = task / groups, h0 = (task % groups) * n_rep, kvh = h0 / j->n_rep;
-    const int seq = p->seq_of_tok[t], n_pos = p->pos_of_tok[t] + 1;
+    const int seq = p->seq_of_tok[t], n_pos = cp_attn_n_keys(p, p->pos_of_tok[t]);
     const int n_ranges = (n_pos + ATTN_SPLIT - 1) / ATTN_SPLIT;
     const bool f16 = p->kv_dtype == CP_DTYPE_F16;
 
@@ -683,7 +689,8 @@ static void attn_task(void *vctx, int task, int thread) {
     if (j->n_split > 1) return;
     for (int r = 0; r < n_rep; r++)
         attn_merge_ranges(ranges + (size_t)r * (size_t)j->max_ranges * (size_t)(hd + 2), n_ranges, hd,
-                          j->out + ((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)hd);
+                          j->out + ((size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r) * (size_t)hd,
+                          p->lse ? p->lse + (size_t)t * (size_t)p->n_head + (size_t)h0 + (size_t)r : NULL);
 }
 
 /* Merges the split-K partial results of every (token, head) into out. */
@@ -692,7 +699,7 @@ static void attn_merge(const struct attn_job *j) {
     const int hd = p->head_dim;
     for (int th = 0; th < p->n_tok * p->n_head; th++)
         attn_merge_ranges(j->part + (size_t)th * (size_t)j->n_split * (size_t)(hd + 2), j->n_split, hd,
-                          j->out + (size_t)th * (size_t)hd);
+                          j->out + (size_t)th * (size_t)hd, p->lse ? p->lse + th : NULL);
 }
 
 static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const float *q,
@@ -711,10 +718,10 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     j.group = j.n_rep;
     j.n_split = 1;
     j.part = NULL;
-    int max_pos = 0;
+    int max_keys = 1;
     for (int t = 0; t < p->n_tok; t++)
-        if (p->pos_of_tok[t] > max_pos) max_pos = p->pos_of_tok[t];
-    j.max_ranges = (max_pos + 1 + ATTN_SPLIT - 1) / ATTN_SPLIT;
+        if (cp_attn_n_keys(p, p->pos_of_tok[t]) > max_keys) max_keys = cp_attn_n_keys(p, p->pos_of_tok[t]);
+    j.max_ranges = (max_keys + ATTN_SPLIT - 1) / ATTN_SPLIT;
     if (p->n_tok * p->n_head_kv <= ATTN_SPLIT_MAX_TASKS) j.n_split = j.max_ranges;
     /* Whole KV groups per task unless that leaves threads idle (decode of one
      * sequence with 3 KV heads on 16 threads): then split the groups. */

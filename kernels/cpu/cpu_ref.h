@@ -49,6 +49,8 @@ cp_status cp_sample_ref(const float *logits, int n, int vocab, const cp_sample_p
 
 /* Checks shared by the references and the fast paths. */
 cp_status cp_cpu_check_tokens(const cp_attn_params *p, const char *op);
+/* Under context parallelism, every token's position is one this cache holds. */
+cp_status cp_cpu_check_held(const cp_attn_params *p, const char *op);
 cp_status cp_cpu_check_ids(const cp_tensor *table, const int32_t *ids, int n);
 /* true when the CPU backend has to_float and vec_dot for t. */
 bool cp_cpu_supports(cp_dtype t);

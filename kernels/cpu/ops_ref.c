@@ -20,7 +20,7 @@ cp_status cp_cpu_check_tokens(const cp_attn_params *p, const char *op) {
         if (s < 0 || pos < 0)
             return CP_ERROR(CP_ERR_INVALID_ARG, "%s: token %d has sequence %d, position %d", op, t,
                             s, pos);
-        int last = pos / p->block_size;
+        int last = cp_attn_slot(p, pos) / p->block_size;
         if (last >= p->max_blocks)
             return CP_ERROR(CP_ERR_INVALID_ARG,
                             "%s: token %d at position %d needs block %d but block tables have %d "
@@ -33,6 +33,16 @@ cp_status cp_cpu_check_tokens(const cp_attn_params *p, const char *op) {
                                 "%s: sequence %d has no physical block for logical block %d", op, s,
                                 b);
     }
+    return CP_OK;
+}
+
+cp_status cp_cpu_check_held(const cp_attn_params *p, const char *op) {
+    if (p->kv_stride <= 1) return CP_OK;
+    for (int t = 0; t < p->n_tok; t++)
+        if (p->pos_of_tok[t] % p->kv_stride != p->kv_offset)
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "%s: token %d at position %d is not held by this cache (positions %% %d == %d)",
+                            op, t, p->pos_of_tok[t], p->kv_stride, p->kv_offset);
     return CP_OK;
 }
 
@@ -153,10 +163,11 @@ static void cache_set(const cp_attn_params *p, void *cache, size_t off, float v)
 cp_status cp_kv_store_ref(const cp_attn_params *p, const float *k, const float *v, void *k_cache,
                           void *v_cache) {
     CP_CHECK(cp_cpu_check_tokens(p, "kv_store"));
+    CP_CHECK(cp_cpu_check_held(p, "kv_store"));
     const int hd = p->head_dim, kv_dim = p->n_head_kv * p->head_dim;
     for (int t = 0; t < p->n_tok; t++) {
         for (int h = 0; h < p->n_head_kv; h++) {
-            size_t off = cache_offset(p, p->seq_of_tok[t], p->pos_of_tok[t], h);
+            size_t off = cache_offset(p, p->seq_of_tok[t], cp_attn_slot(p, p->pos_of_tok[t]), h);
             for (int d = 0; d < hd; d++) {
                 size_t src = (size_t)t * (size_t)kv_dim + (size_t)h * (size_t)hd + (size_t)d;
                 cache_set(p, k_cache, off + (size_t)d, k[src]);
@@ -177,11 +188,16 @@ cp_status cp_attention_ref(const cp_attn_params *p, const float *q, const void *
     if (!scores) return CP_ERROR(CP_ERR_OOM, "attention: out of memory for %d scores", max_pos + 1);
     const int hd = p->head_dim, n_rep = p->n_head / p->n_head_kv;
     for (int t = 0; t < p->n_tok; t++) {
-        const int seq = p->seq_of_tok[t], n_ctx = p->pos_of_tok[t] + 1;
+        const int seq = p->seq_of_tok[t], n_ctx = cp_attn_n_keys(p, p->pos_of_tok[t]);
         for (int h = 0; h < p->n_head; h++) {
             const int kvh = h / n_rep;
             const float *qh = q + ((size_t)t * (size_t)p->n_head + (size_t)h) * (size_t)hd;
             float *oh = out + ((size_t)t * (size_t)p->n_head + (size_t)h) * (size_t)hd;
+            if (n_ctx == 0) { /* no key held here (context parallelism) */
+                for (int d = 0; d < hd; d++) oh[d] = 0.0f;
+                if (p->lse) p->lse[(size_t)t * (size_t)p->n_head + (size_t)h] = -INFINITY;
+                continue;
+            }
             float mx = -INFINITY;
             for (int j = 0; j < n_ctx; j++) {
                 size_t off = cache_offset(p, seq, j, kvh);
@@ -204,6 +220,7 @@ cp_status cp_attention_ref(const cp_attn_params *p, const float *q, const void *
                 for (int d = 0; d < hd; d++)
                     oh[d] += pj * cache_get(p, v_cache, off + (size_t)d);
             }
+            if (p->lse) p->lse[(size_t)t * (size_t)p->n_head + (size_t)h] = mx + logf(sum);
         }
     }
     free(scores);

@@ -257,6 +257,16 @@ TEST(Cli, MultiRankGenerateEqualsSingleRank) {
     Result three = run_mpi(3, args + " --tp 3");
     ASSERT_EQ(three.code, 0) << three.err;
     EXPECT_NE(three.out.find("The capital of France is Paris."), std::string::npos) << three.out;
+    // context parallelism: each rank computes and caches every other
+    // position. Like TP it changes the order of fp32 sums (attention merged
+    // over the ranks), which the fast kernels' 8-bit activation
+    // quantization of this Q4_1 model can amplify into another token; on
+    // weights converted to f32 only the summation order remains.
+    Result one_f32 = run(args + " --convert f32");
+    ASSERT_EQ(one_f32.code, 0) << one_f32.err;
+    Result cp = run_mpi(2, args + " --convert f32 --cp 2");
+    ASSERT_EQ(cp.code, 0) << cp.err;
+    EXPECT_EQ(cp.out, one_f32.out);
 }
 
 // English prose nobody on the project wrote: the Python tutorial's first
@@ -296,6 +306,16 @@ TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
         ASSERT_EQ(two.code, 0) << two.err;
         // pipeline stages compute what one rank does
         EXPECT_NEAR(json_number(two.out, "ppl"), ppl, 1e-6 * ppl) << two.out;
+        // context parallelism merges attention in another order: on f32
+        // weights (see MultiRankGenerateEqualsSingleRank) fp32 rounding
+        // only, far below the 1e-2 a lost position would cost
+        Result one_f32 = run(args + " --convert f32");
+        ASSERT_EQ(one_f32.code, 0) << one_f32.err;
+        Result cp = run_mpi(2, args + " --convert f32 --cp 2");
+        ASSERT_EQ(cp.code, 0) << cp.err;
+        const double ppl_f32 = json_number(one_f32.out, "ppl");
+        EXPECT_NEAR(json_number(cp.out, "ppl"), ppl_f32, 1e-5 * ppl_f32) << cp.out;
+        EXPECT_EQ(json_number(cp.out, "tokens"), 300) << cp.out;
     }
     // a path with a quote and a backslash stays valid JSON
     std::string odd = ::testing::TempDir() + "eval_" + std::to_string(getpid()) + "_a\"b\\c.txt";
@@ -391,6 +411,9 @@ TEST(Cli, MultiRankLayoutMismatchIsAnError) {
     r = run_mpi(2, "generate --no-progress --model " + model() + " --prompt hi --tp 2");
     EXPECT_NE(r.code, 0);
     EXPECT_NE(r.err.find("valid tp: 1, 3, 9"), std::string::npos) << r.err;
+    r = run_mpi(2, "generate --no-progress --model " + model() + " --prompt hi --tp 3 --cp 2");
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.err.find("--tp 3 x --cp 2 x --pp 1 = 6 ranks, but the job has 2"), std::string::npos) << r.err;
 }
 
 }  // namespace

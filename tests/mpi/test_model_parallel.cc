@@ -1,4 +1,4 @@
-// test_model_parallel.cc - tensor- and pipeline-parallel runs against the
+// test_model_parallel.cc - tensor-, pipeline- and context-parallel runs against the
 // single-rank run of the same model, under mpirun. Every rank computes the
 // single-rank reference itself, then the same prompt through the engine
 // sharded tp x pp over the world; logits and 32 greedy tokens must agree.
@@ -62,17 +62,20 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
     return true;
 }
 
-// Runs the prompt on an engine over tp x pp ranks of the world (1 x 1: this
-// rank alone).
+// Runs the prompt on an engine over tp x cp x pp ranks of the world
+// (1 x 1 x 1: this rank alone); rank = (stage * cp + cp rank) * tp + tp rank.
 RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
-           bool sp = false) {
+           bool sp = false, int cp = 1) {
     RunOut r;
     int rank = cp_comm_rank(g_world);
-    cp_comm_t tpc = nullptr, ppc = nullptr;
-    bool alone = tp * pp == 1;
+    cp_comm_t tpc = nullptr, ppc = nullptr, cpc = nullptr;
+    bool alone = tp * pp * cp == 1;
     if (!alone) {
+        const int tc = tp * cp;
         EXPECT_EQ(cp_comm_split(g_world, tp > 1 ? rank / tp : -1, rank, &tpc), CP_OK) << cp_last_error();
-        EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? rank % tp : -1, rank, &ppc), CP_OK) << cp_last_error();
+        EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? rank % tc : -1, rank, &ppc), CP_OK) << cp_last_error();
+        EXPECT_EQ(cp_comm_split(g_world, cp > 1 ? rank / tc * tp + rank % tp : -1, rank, &cpc), CP_OK)
+            << cp_last_error();
     }
     cp_engine_opts o = {};
     o.model_path = model.c_str();
@@ -88,10 +91,12 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
     o.weight_dtype = CP_DTYPE_F32;
     o.tp = tp;
     o.pp = pp;
+    o.cp = cp;
     o.sp = sp;
     o.rank = alone ? 0 : rank;
     o.tp_comm = tpc;
     o.pp_comm = ppc;
+    o.cp_comm = cpc;
     cp_engine_t e = nullptr;
     EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
     if (e) {
@@ -122,6 +127,7 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
     cp_engine_free(e);
     cp_comm_free(tpc);
     cp_comm_free(ppc);
+    cp_comm_free(cpc);
     return r;
 }
 
@@ -147,16 +153,24 @@ void compare(const RunOut &ref, const RunOut &par, int vocab, double tol, const 
                par.greedy.size());
 }
 
-// Every tp x pp = world layout the shape allows.
-std::vector<std::pair<int, int>> layouts(const cp_plan_shape &s, int world) {
-    std::vector<std::pair<int, int>> v;
-    for (int tp = 1; tp <= world; tp++) {
-        if (world % tp) continue;
-        int pp = world / tp;
-        cp_plan_opts o = {tp, pp, 0};
-        cp_plan p;
-        if (cp_plan_init(&s, &o, 0, &p) == CP_OK) v.push_back({tp, pp});
+struct Layout {
+    int tp, pp, cp;
+    std::string name() const {
+        return "tp=" + std::to_string(tp) + " pp=" + std::to_string(pp) + (cp > 1 ? " cp=" + std::to_string(cp) : "");
     }
+};
+
+// Every tp x cp x pp = world layout the shape allows.
+std::vector<Layout> layouts(const cp_plan_shape &s, int world) {
+    std::vector<Layout> v;
+    for (int cp = 1; cp <= world; cp++)
+        for (int tp = 1; tp * cp <= world; tp++) {
+            if (world % (tp * cp)) continue;
+            int pp = world / (tp * cp);
+            cp_plan_opts o = {tp, pp, 0, cp};
+            cp_plan p;
+            if (cp_plan_init(&s, &o, 0, &p) == CP_OK) v.push_back({tp, pp, cp});
+        }
     return v;
 }
 
@@ -194,11 +208,12 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
     int world = cp_comm_size(g_world);
     auto ls = layouts(shape, world);
     ASSERT_FALSE(ls.empty());
-    for (auto [tp, pp] : ls) {
-        std::string what = "tiny tp=" + std::to_string(tp) + " pp=" + std::to_string(pp);
-        compare(ref, run(path, prompt, tp, pp, false), s.vocab, kF32Tol, what);
-        // sequence parallelism: 21 prompt tokens are padded to a multiple of tp
-        if (tp > 1) compare(ref, run(path, prompt, tp, pp, false, true), s.vocab, kF32Tol, what + " sp");
+    for (const Layout &l : ls) {
+        std::string what = "tiny " + l.name();
+        compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp), s.vocab, kF32Tol, what);
+        // sequence parallelism: 21 prompt tokens (or a cp rank's share of
+        // them) are padded to a multiple of tp
+        if (l.tp > 1) compare(ref, run(path, prompt, l.tp, l.pp, false, true, l.cp), s.vocab, kF32Tol, what + " sp");
     }
     remove(path.c_str());
 }
@@ -216,9 +231,17 @@ TEST(ModelParallel, DefaultModelMatchesSingleRank) {
     int world = cp_comm_size(g_world);
     RunOut ref_q, ref_f;
     bool have_q = false, have_f = false;
-    for (auto [tp, pp] : layouts(shape, world)) {
-        std::string what = "default model tp=" + std::to_string(tp) + " pp=" + std::to_string(pp);
-        if (tp == 1) {
+    for (const Layout &l : layouts(shape, world)) {
+        const int tp = l.tp, pp = l.pp;
+        std::string what = "default model " + l.name();
+        if (l.cp > 1) {
+            // context parallelism merges attention over the ranks' positions
+            // (another summation order, like TP): on F32 weights; with TP
+            // only the smallest such layout, for time
+            if (tp > 1 && world != 6) continue;
+            if (!have_f) ref_f = run(model, prompt, 1, 1, true), have_f = true;
+            compare(ref_f, run(model, prompt, tp, pp, true, false, l.cp), vocab, kF32Tol, what + " (F32)");
+        } else if (tp == 1) {
             if (!have_q) ref_q = run(model, prompt, 1, 1, false), have_q = true;
             RunOut par = run(model, prompt, tp, pp, false);
             compare(ref_q, par, vocab, 0.0, what + " (Q4_1)");

@@ -113,6 +113,35 @@ TEST(Plan, KvHeadsReplicatedBeyondTheirCount) {
     }
 }
 
+TEST(Plan, ContextParallelRanksShareTheirSlotsShardsAndSplitPositions) {
+    // tp 3 x cp 2 x pp 2 = 12 ranks: rank = (stage * cp + cp rank) * tp + tp rank
+    cp_plan_shape s = smollm2();
+    cp_plan_opts o = {3, 2, 0, 2};
+    for (int r = 0; r < 12; r++) {
+        cp_plan p;
+        ASSERT_EQ(cp_plan_init(&s, &o, r, &p), CP_OK) << cp_last_error();
+        EXPECT_EQ(p.world, 12);
+        EXPECT_EQ(p.tp_rank, r % 3);
+        EXPECT_EQ(p.cp_rank, (r / 3) % 2);
+        EXPECT_EQ(p.pp_rank, r / 6);
+        EXPECT_EQ(p.cp, 2);
+        // the same shard as the rank of the same stage and TP slot without cp
+        cp_plan_opts no_cp = {3, 2, 0};
+        cp_plan q;
+        ASSERT_EQ(cp_plan_init(&s, &no_cp, p.pp_rank * 3 + p.tp_rank, &q), CP_OK);
+        EXPECT_EQ(p.head_begin, q.head_begin);
+        EXPECT_EQ(p.ffn_begin, q.ffn_begin);
+        EXPECT_EQ(p.vocab_begin, q.vocab_begin);
+        EXPECT_EQ(p.layer_begin, q.layer_begin);
+        EXPECT_EQ(p.layer_end, q.layer_end);
+    }
+    cp_plan p;
+    EXPECT_EQ(cp_plan_init(&s, &o, 12, &p), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error_detail()).find("cp=2"), std::string::npos) << cp_last_error_detail();
+    cp_plan_opts neg = {1, 1, 0, -1};
+    EXPECT_EQ(cp_plan_init(&s, &neg, 0, &p), CP_ERR_INVALID_ARG);
+}
+
 TEST(Plan, EdgeStagesCanTakeFewerLayers) {
     auto v = all_ranks(llama70b(), 1, 4, 2);  // 80 layers: 18, 22, 22, 18
     EXPECT_EQ(v[0].layer_end - v[0].layer_begin, 18);

@@ -198,9 +198,14 @@ class Layouts(unittest.TestCase):
     reference = {}
 
     def run_layout(self, model, np_, tp, pp, extra=()):
-        key = (model, tuple(extra))
+        # the single-rank reference runs without the context-parallel flag
+        ref_extra = tuple(extra)
+        if "--cp" in ref_extra:
+            i = ref_extra.index("--cp")
+            ref_extra = ref_extra[:i] + ref_extra[i + 2:]
+        key = (model, ref_extra)
         if key not in self.reference:
-            one = MpiServer(model, 1, extra=extra)
+            one = MpiServer(model, 1, extra=ref_extra)
             try:
                 ref, errors = workload(one)
             finally:
@@ -219,7 +224,9 @@ class Layouts(unittest.TestCase):
             rc = srv.stop()
         log = srv.log()
         self.assertEqual(errors, [], log)
-        self.assertIn(f"{np_} ranks (tp {tp} x pp {pp}) ready", log)
+        cp = int(extra[extra.index("--cp") + 1]) if "--cp" in extra else 1
+        shape = f"tp {tp} x cp {cp} x pp {pp}" if cp > 1 else f"tp {tp} x pp {pp}"
+        self.assertIn(f"{np_} ranks ({shape}) ready", log)
         self.assertEqual(rc, 0, f"mpirun ended with {rc} after SIGTERM:\n{log}")
         for req, text in self.reference[key].items():
             self.assertEqual(got.get(req), text, f"request {req} on tp {tp} x pp {pp}")
@@ -247,6 +254,14 @@ class Layouts(unittest.TestCase):
 
     def test_tp4(self):
         self.run_layout(RAND_MODEL, 4, 4, 1)
+
+    def test_cp2(self):
+        # context parallelism: each rank computes and caches every other
+        # position of every request, attention merged over both
+        self.run_layout(RAND_MODEL, 2, 1, 1, extra=("--cp", "2"))
+
+    def test_tp2_cp2(self):
+        self.run_layout(RAND_MODEL, 4, 2, 1, extra=("--cp", "2"))
 
 
 class Faults(unittest.TestCase):
