@@ -94,7 +94,7 @@ static cp_status check_attn(const cp_attn_params *p, const char *op) {
          "%s: bad shape", op);
     NEED(p->n_head % p->n_head_kv == 0, "%s: %d query heads not a multiple of %d KV heads", op,
          p->n_head, p->n_head_kv);
-    NEED(p->kv_dtype == CP_DTYPE_F32 || p->kv_dtype == CP_DTYPE_F16,
+    NEED(p->kv_dtype == CP_DTYPE_F32 || p->kv_dtype == CP_DTYPE_F16 || cp_kv_quantized(p->kv_dtype),
          "%s: KV cache dtype %s not supported", op, cp_dtype_name(p->kv_dtype));
     NEED(p->n_tok == 0 || (p->seq_of_tok && p->pos_of_tok && p->block_tables),
          "%s: NULL token tables", op);
@@ -110,6 +110,9 @@ static cp_status check_attn_device(cp_backend_t be, const cp_attn_params *p, con
         return CP_ERROR(CP_ERR_UNSUPPORTED,
                         "%s: context parallelism (--cp) runs on the CPU backend only, not on %s", op,
                         cp_backend_name(be));
+    if (cp_kv_quantized(p->kv_dtype) && cp_backend_device(be) != CP_DEVICE_CPU)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "%s: a %s KV cache runs on the CPU backend only, not on %s", op,
+                        cp_dtype_name(p->kv_dtype), cp_backend_name(be));
     return CP_OK;
 }
 

@@ -41,7 +41,8 @@ typedef struct cp_rope_params {
 
 /* Causal attention of a batch of query tokens over a paged KV cache.
  * Cache layout per layer: [n_blocks][block_size][n_head_kv][head_dim] of
- * kv_dtype (F32 or F16). Token t of the batch belongs to sequence
+ * kv_dtype (F32 or F16; or a row of codes and scale per [head_dim], see
+ * cp_kv_quantized). Token t of the batch belongs to sequence
  * seq_of_tok[t] (a row of block_tables) and sits at position pos_of_tok[t];
  * it attends to cache positions 0..pos_of_tok[t] of its sequence, so the
  * batch's own keys and values must be stored (cp_backend_kv_store) first.
@@ -80,6 +81,12 @@ typedef struct cp_attn_params {
      * out = sum_r exp(lse_r - L) out_r, L = log(sum_r exp(lse_r)). */
     float *lse;
 } cp_attn_params;
+
+/* K/V caches of quantized rows (the CPU backend only): each (position, KV
+ * head) row of head_dim values is stored as one I8_ROW (int8, symmetric) or
+ * F8_ROW (FP8 E4M3) row with its scale, cp_dtype_row_size(t, head_dim)
+ * bytes, instead of head_dim F32 / F16 values. */
+static inline bool cp_kv_quantized(cp_dtype t) { return t == CP_DTYPE_I8_ROW || t == CP_DTYPE_F8_ROW; }
 
 /* Keys a token at position pos attends to under p's context parallelism
  * (pos + 1 without it). */

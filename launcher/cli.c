@@ -151,6 +151,19 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id) {
     return true;
 }
 
+bool cli_parse_kv_type(const char *s, cp_engine_opts *eo) {
+    if (!strcasecmp(s, "f16") || !strcasecmp(s, "f32")) {
+        eo->kv_f32 = !strcasecmp(s, "f32");
+        eo->kv_dtype = CP_DTYPE_F32; /* not quantized: kv_f32 decides */
+        return true;
+    }
+    if (!strcasecmp(s, "int8") || !strcasecmp(s, "fp8")) {
+        eo->kv_dtype = !strcasecmp(s, "int8") ? CP_DTYPE_I8_ROW : CP_DTYPE_F8_ROW;
+        return true;
+    }
+    return false;
+}
+
 bool cli_parse_convert(const char *s, cp_dtype *out) {
     static const cp_dtype ok[] = {CP_DTYPE_F32,    CP_DTYPE_F16,    CP_DTYPE_BF16,   CP_DTYPE_Q8_0,
                                   CP_DTYPE_Q4_0,   CP_DTYPE_Q4_1,   CP_DTYPE_Q4_K,   CP_DTYPE_Q6_K,

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cp_runtime.h"
 #include "cp_tensor.h"
 
 typedef enum cli_kind { CLI_FLAG, CLI_STR, CLI_INT, CLI_FLOAT, CLI_U64, CLI_LIST } cli_kind;
@@ -51,6 +52,13 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id);
     "s24_q8 (2:4 sparse int8: the two largest of every four weights kept)"
 #define CLI_CONVERT_HELP "convert weights at load to " CLI_CONVERT_TYPES
 bool cli_parse_convert(const char *s, cp_dtype *out);
+
+/* The value of --kv-type into the engine options: f32, f16, int8 (a row of
+ * int8 codes and a scale per position and KV head) or fp8 (E4M3 codes and a
+ * scale); the quantized ones on the CPU backend. */
+#define CLI_KV_TYPE_HELP                                                                           \
+    "KV cache type: f16, f32, int8 or fp8 (a scale per position and KV head; CPU backend)"
+bool cli_parse_kv_type(const char *s, cp_engine_opts *eo);
 
 /* Prints s to stdout as a JSON string literal (quotes, backslashes and
  * control characters escaped: paths may hold them). */

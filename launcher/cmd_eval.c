@@ -29,7 +29,7 @@ static void on_progress(void *user, size_t done, size_t total) {
 }
 
 int cp_cli_eval(int argc, char **argv) {
-    const char *model = NULL, *text = NULL, *reference = NULL, *device = "cpu", *convert = NULL;
+    const char *model = NULL, *text = NULL, *reference = NULL, *device = "cpu", *convert = NULL, *kv_type = NULL;
     int ctx = 512, stride = 0, max_tokens = 0, threads = 0, tp = 1, pp = 1, cp = 1, timeout_s = 60;
     bool json = false, no_progress = false;
     const cli_opt opts[] = {
@@ -50,6 +50,7 @@ int cp_cli_eval(int argc, char **argv) {
         {"device", 0, CLI_STR, &device, 0, -1, "DEV", "cpu (default), cuda or cuda:N", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks (default 1)", NULL},
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},
+        {"kv-type", 0, CLI_STR, &kv_type, 0, -1, "TYPE", CLI_KV_TYPE_HELP, NULL},
         {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
          "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
@@ -84,6 +85,11 @@ int cp_cli_eval(int argc, char **argv) {
                         CLI_CONVERT_TYPES ")\n", convert);
         return 2;
     }
+    cp_engine_opts kv_check = {0};
+    if (kv_type && !cli_parse_kv_type(kv_type, &kv_check)) {
+        fprintf(stderr, "cparallel eval: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", kv_type);
+        return 2;
+    }
     size_t text_len = 0;
     char *body = NULL;
     if (!cli_read_file("eval", "text", text, 256, &body, &text_len)) return 1;
@@ -98,7 +104,8 @@ int cp_cli_eval(int argc, char **argv) {
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     cli_progress lp = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
-    eo.kv_f32 = true;
+    eo.kv_f32 = true; /* exact unless asked: --kv-type measures a cheaper cache */
+    if (kv_type) cli_parse_kv_type(kv_type, &eo);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;
@@ -115,6 +122,8 @@ int cp_cli_eval(int argc, char **argv) {
         cp_engine_opts ro = eo;
         ro.model_path = reference;
         ro.convert_weights = false;
+        ro.kv_dtype = CP_DTYPE_F32; /* the reference keeps an exact cache */
+        ro.kv_f32 = true;
         if (cp_engine_init(&ro, &r) != CP_OK) {
             cli_report_error("cannot load the reference model");
             goto out;

@@ -72,7 +72,7 @@ static void default_name(const char *path, char *out, size_t n) {
 
 int cp_cli_serve(int argc, char **argv) {
     const char *model = NULL, *host = "127.0.0.1", *api_key = NULL, *model_name = NULL;
-    const char *device = "cpu", *convert = NULL;
+    const char *device = "cpu", *convert = NULL, *kv_type = NULL;
     int port = 8080, max_running = 16, max_waiting = 256, ctx = 0, max_tokens_limit = 4096;
     int max_body = 1 << 20, threads = 0, drain_timeout = 30, tp = 1, pp = 1, cp = 1, prefill_chunk = 0;
     int timeout_s = 60, micro = 0, max_step_tokens = 0, hook_timeout = 10;
@@ -117,6 +117,7 @@ int cp_cli_serve(int argc, char **argv) {
         {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", CLI_CONVERT_HELP, NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16",
          NULL},
+        {"kv-type", 0, CLI_STR, &kv_type, 0, -1, "TYPE", CLI_KV_TYPE_HELP, NULL},
         {"log-prompts", 0, CLI_FLAG, &log_prompts, 0, -1, NULL,
          "also log prompts and outputs (off: ids, token counts and timings only)", NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
@@ -171,6 +172,11 @@ int cp_cli_serve(int argc, char **argv) {
                 convert);
         return 2;
     }
+    cp_engine_opts kv_check = {0};
+    if (kv_type && !cli_parse_kv_type(kv_type, &kv_check)) {
+        fprintf(stderr, "cparallel serve: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", kv_type);
+        return 2;
+    }
     cp_hooks *hooks = NULL;
     if (cp_hooks_create(hook_timeout * 1000, &hooks) != CP_OK) {
         cli_report_error("cannot set up the hooks");
@@ -218,6 +224,7 @@ int cp_cli_serve(int argc, char **argv) {
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
     eo.n_seq = max_running;
     eo.kv_f32 = kv_f32;
+    if (kv_type) cli_parse_kv_type(kv_type, &eo);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;

@@ -36,7 +36,7 @@ static bool print_token(void *user, int32_t token, const char *piece, size_t len
 }
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL;
+    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL, *kv_type = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false, sp = false;
     const char *device = "cpu";
@@ -63,6 +63,7 @@ static int cmd_generate(int argc, char **argv) {
         {"ctx-size", 'c', CLI_INT, &ctx, 1, 1 << 24, "N", "context length in tokens (default: min(model's, 4096))", NULL},
         {"ignore-eos", 0, CLI_FLAG, &ignore_eos, 0, -1, NULL, "keep generating past end-of-text tokens (benchmarks)", NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16", NULL},
+        {"kv-type", 0, CLI_STR, &kv_type, 0, -1, "TYPE", CLI_KV_TYPE_HELP, NULL},
         {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", CLI_CONVERT_HELP, NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
         {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
@@ -106,6 +107,11 @@ static int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "cparallel generate: error: invalid value '%s' for --convert (expected " CLI_CONVERT_TYPES ")\n", convert);
         return 2;
     }
+    cp_engine_opts kv_check = {0};
+    if (kv_type && !cli_parse_kv_type(kv_type, &kv_check)) {
+        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", kv_type);
+        return 2;
+    }
     char *file_text = NULL;
     if (prompt_file) {
         if (!cli_read_file("generate", "prompt file", prompt_file, 64, &file_text, NULL)) return 1;
@@ -136,6 +142,7 @@ static int cmd_generate(int argc, char **argv) {
     cli_progress ps = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
     eo.kv_f32 = kv_f32;
+    if (kv_type) cli_parse_kv_type(kv_type, &eo);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;

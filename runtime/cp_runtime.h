@@ -23,6 +23,9 @@ typedef struct cp_engine_opts {
     int n_seq;                 /* sequences the KV cache is sized for (>= 1) */
     int kv_block_size;         /* tokens per KV block; <= 0: 16 (rounded up to a multiple of cp) */
     bool kv_f32;               /* store K/V in fp32 instead of the default fp16 */
+    cp_dtype kv_dtype;         /* CP_DTYPE_I8_ROW or CP_DTYPE_F8_ROW: quantized K/V rows, a
+                                  scale per position and KV head (CPU backend); any other
+                                  value: kv_f32 decides */
     bool tokens_only;          /* load no tokenizer: token ids in and out only
                                   (cp_engine_tokenizer returns NULL, pieces are "") */
     bool convert_weights;      /* convert every matrix weight to weight_dtype at load */

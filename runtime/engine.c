@@ -122,7 +122,9 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
     int n_seq = o->n_seq > 0 ? o->n_seq : 1;
     e->max_blocks = (e->n_ctx + bs - 1) / bs;
     cp_kv_cache_opts ko = {.n_blocks = e->max_blocks * n_seq, .block_size = bs,
-                           .dtype = o->kv_f32 ? CP_DTYPE_F32 : CP_DTYPE_F16};
+                           .dtype = cp_kv_quantized(o->kv_dtype) ? o->kv_dtype
+                                    : o->kv_f32                   ? CP_DTYPE_F32
+                                                                  : CP_DTYPE_F16};
     CP_CHECK_GOTO(cp_kv_cache_init(e->model, &ko, &e->kv), st, fail);
     int T = cp_model_max_batch(e->model);
     e->table = malloc((size_t)e->max_blocks * sizeof(int32_t));

@@ -9,9 +9,12 @@ cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *o, cp_kv_cache_
     *out = NULL;
     if (!o || o->n_blocks <= 0 || o->block_size <= 0)
         return CP_ERROR(CP_ERR_INVALID_ARG, "KV cache needs a positive block count and block size");
-    if (o->dtype != CP_DTYPE_F32 && o->dtype != CP_DTYPE_F16)
-        return CP_ERROR(CP_ERR_UNSUPPORTED, "KV cache type %s is not supported (f32, f16)",
+    if (o->dtype != CP_DTYPE_F32 && o->dtype != CP_DTYPE_F16 && !cp_kv_quantized(o->dtype))
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "KV cache type %s is not supported (f32, f16, int8, fp8)",
                         cp_dtype_name(o->dtype) ? cp_dtype_name(o->dtype) : "?");
+    if (cp_kv_quantized(o->dtype) && cp_backend_device(m->be) != CP_DEVICE_CPU)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "a %s KV cache runs on the CPU backend only, not on %s",
+                        o->dtype == CP_DTYPE_I8_ROW ? "int8" : "fp8", cp_backend_name(m->be));
     const cp_model_config *c = &m->cfg;
     const int cp = m->plan.cp > 1 ? m->plan.cp : 1;
     if (o->block_size % cp != 0)
@@ -30,7 +33,7 @@ cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *o, cp_kv_cache_
     /* this rank's KV heads of this stage's layers, and with context
      * parallelism its 1/cp of the positions */
     kv->layer_bytes = (size_t)o->n_blocks * (size_t)kv->slots * (size_t)m->n_kv_l *
-                      (size_t)c->head_dim * cp_dtype_type_size(o->dtype);
+                      cp_dtype_row_size(o->dtype, c->head_dim);
     kv->refs = calloc((size_t)o->n_blocks, sizeof(int32_t));
     kv->free_list = malloc((size_t)o->n_blocks * sizeof(int32_t));
     if (!kv->refs || !kv->free_list) {

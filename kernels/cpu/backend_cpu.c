@@ -528,11 +528,21 @@ static cp_status cpu_kv_store(cp_backend_t be, const cp_attn_params *p, const fl
     CP_CHECK(cp_cpu_check_held(p, "kv_store"));
     const int hd = p->head_dim;
     const size_t kv_dim = (size_t)p->n_head_kv * (size_t)hd;
+    const bool quant = cp_kv_quantized(p->kv_dtype);
+    const cp_cpu_type_traits *tr = quant ? cp_cpu_get_type_traits(p->kv_dtype) : NULL;
+    const size_t rb = quant ? cp_dtype_row_size(p->kv_dtype, hd) : 0;
     for (int t = 0; t < p->n_tok; t++) {
         /* The heads of one slot are contiguous in the cache as in k and v. */
         size_t off = kv_offset(p, p->seq_of_tok[t], cp_attn_slot(p, p->pos_of_tok[t]), 0);
         const float *kt = k + (size_t)t * kv_dim, *vt = v + (size_t)t * kv_dim;
-        if (p->kv_dtype == CP_DTYPE_F16) {
+        if (quant) {
+            /* one row of codes and its scale per head */
+            for (int h = 0; h < p->n_head_kv; h++) {
+                size_t row = off / (size_t)hd + (size_t)h;
+                tr->from_float(kt + (size_t)h * hd, (char *)k_cache + row * rb, hd);
+                tr->from_float(vt + (size_t)h * hd, (char *)v_cache + row * rb, hd);
+            }
+        } else if (p->kv_dtype == CP_DTYPE_F16) {
             cpu->vec->f32_to_f16((cp_fp16_t *)k_cache + off, kt, (int)kv_dim);
             cpu->vec->f32_to_f16((cp_fp16_t *)v_cache + off, vt, (int)kv_dim);
         } else {
@@ -556,9 +566,12 @@ struct attn_job {
     int n_rep;             /* query heads per KV head */
     int group;             /* query heads per task, a divisor of n_rep */
     float *scratch;        /* per thread: acc[group][head_dim], s[group][ATTN_CHUNK], m, l,
-                              then [group][max_ranges][head_dim + 2] range results */
+                              then [group][max_ranges][head_dim + 2] range results, then
+                              one dequantized K/V row [head_dim] (quantized caches) */
     size_t scratch_stride; /* floats per thread */
     int max_ranges;        /* context ranges of the longest token */
+    const cp_cpu_type_traits *kv_tr; /* a quantized cache's rows (NULL: F32 / F16) */
+    size_t kv_rb;          /* bytes of one quantized K/V row */
     int n_split;           /* tasks per (token, head group): 1, or max_ranges (one range each) */
     float *part;           /* n_split > 1: [n_tok][n_head][n_split][head_dim + 2] acc, m, l */
 };
@@ -623,6 +636,7 @@ static void attn_task(void *vctx, int task, int thread) {
     float *mx = sc + (size_t)n_rep * ATTN_CHUNK;
     float *sum = mx + n_rep;
     float *ranges = sum + n_rep; /* [n_rep][max_ranges][hd + 2] */
+    float *kvrow = ranges + (j->n_split > 1 ? 0 : (size_t)n_rep * (size_t)j->max_ranges * (size_t)(hd + 2));
     const float *qg = j->q + ((size_t)t * (size_t)p->n_head + (size_t)h0) * (size_t)hd;
 
     /* this task's ranges: its own one (split-K; possibly empty), or all */
@@ -640,10 +654,15 @@ static void attn_task(void *vctx, int task, int thread) {
             const int jn = n_ctx - j0 < ATTN_CHUNK ? n_ctx - j0 : ATTN_CHUNK;
             for (int jj = 0; jj < jn; jj++) {
                 size_t off = kv_offset(p, seq, j0 + jj, kvh);
+                const float *krow = (const float *)j->k_cache + off;
+                if (j->kv_tr) {
+                    j->kv_tr->to_float((const char *)j->k_cache + off / (size_t)hd * j->kv_rb, kvrow, hd);
+                    krow = kvrow;
+                }
                 for (int r = 0; r < n_rep; r++) {
                     const float *qr = qg + (size_t)r * (size_t)hd;
                     float d = f16 ? vec->dot_f16(qr, (const cp_fp16_t *)j->k_cache + off, hd)
-                                  : vec->dot_f32(qr, (const float *)j->k_cache + off, hd);
+                                  : vec->dot_f32(qr, krow, hd);
                     sc[r * ATTN_CHUNK + jj] = d * p->scale;
                 }
             }
@@ -663,13 +682,18 @@ static void attn_task(void *vctx, int task, int thread) {
             }
             for (int jj = 0; jj < jn; jj++) {
                 size_t off = kv_offset(p, seq, j0 + jj, kvh);
+                const float *vrow = (const float *)j->v_cache + off;
+                if (j->kv_tr) {
+                    j->kv_tr->to_float((const char *)j->v_cache + off / (size_t)hd * j->kv_rb, kvrow, hd);
+                    vrow = kvrow;
+                }
                 for (int r = 0; r < n_rep; r++) {
                     float *ar = acc + (size_t)r * (size_t)hd;
                     float w = sc[r * ATTN_CHUNK + jj];
                     if (f16)
                         vec->axpy_f16(ar, w, (const cp_fp16_t *)j->v_cache + off, hd);
                     else
-                        vec->axpy_f32(ar, w, (const float *)j->v_cache + off, hd);
+                        vec->axpy_f32(ar, w, vrow, hd);
                 }
             }
         }
@@ -718,6 +742,8 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     j.group = j.n_rep;
     j.n_split = 1;
     j.part = NULL;
+    j.kv_tr = cp_kv_quantized(p->kv_dtype) ? cp_cpu_get_type_traits(p->kv_dtype) : NULL;
+    j.kv_rb = j.kv_tr ? cp_dtype_row_size(p->kv_dtype, p->head_dim) : 0;
     int max_keys = 1;
     for (int t = 0; t < p->n_tok; t++)
         if (cp_attn_n_keys(p, p->pos_of_tok[t]) > max_keys) max_keys = cp_attn_n_keys(p, p->pos_of_tok[t]);
@@ -733,6 +759,7 @@ static cp_status cpu_attention(cp_backend_t be, const cp_attn_params *p, const f
     }
     size_t floats = (size_t)j.group * ((size_t)p->head_dim + ATTN_CHUNK + 2);
     if (j.n_split == 1) floats += (size_t)j.group * (size_t)j.max_ranges * ((size_t)p->head_dim + 2);
+    floats += (size_t)p->head_dim; /* the dequantized K/V row */
     j.scratch_stride = align64(floats * sizeof(float)) / sizeof(float);
     size_t scratch_bytes = (size_t)cpu->n_threads * j.scratch_stride * sizeof(float);
     size_t part_bytes = j.n_split > 1 ? (size_t)p->n_tok * (size_t)p->n_head * (size_t)j.n_split *

@@ -150,6 +150,13 @@ static size_t cache_offset(const cp_attn_params *p, int seq, int pos, int kvh) {
 
 static float cache_get(const cp_attn_params *p, const void *cache, size_t off) {
     if (p->kv_dtype == CP_DTYPE_F16) return cp_fp16_to_fp32(((const cp_fp16_t *)cache)[off]);
+    if (cp_kv_quantized(p->kv_dtype)) {
+        /* element d of row off / head_dim: its code times the row's scale */
+        const size_t hd = (size_t)p->head_dim, d = off % hd;
+        const unsigned char *row = (const unsigned char *)cache + off / hd * cp_dtype_row_size(p->kv_dtype, (int64_t)hd);
+        const float code = p->kv_dtype == CP_DTYPE_I8_ROW ? (float)(int8_t)row[d] : cp_e4m3_to_fp32(row[d]);
+        return code * cp_row_scale(row, (int64_t)hd);
+    }
     return ((const float *)cache)[off];
 }
 
@@ -165,9 +172,16 @@ cp_status cp_kv_store_ref(const cp_attn_params *p, const float *k, const float *
     CP_CHECK(cp_cpu_check_tokens(p, "kv_store"));
     CP_CHECK(cp_cpu_check_held(p, "kv_store"));
     const int hd = p->head_dim, kv_dim = p->n_head_kv * p->head_dim;
+    const cp_cpu_type_traits *tr = cp_kv_quantized(p->kv_dtype) ? cp_cpu_get_type_traits(p->kv_dtype) : NULL;
     for (int t = 0; t < p->n_tok; t++) {
         for (int h = 0; h < p->n_head_kv; h++) {
             size_t off = cache_offset(p, p->seq_of_tok[t], cp_attn_slot(p, p->pos_of_tok[t]), h);
+            if (tr) { /* a whole row: codes and scale */
+                const size_t rb = cp_dtype_row_size(p->kv_dtype, hd), src = (size_t)t * (size_t)kv_dim + (size_t)h * (size_t)hd;
+                tr->from_float_ref(k + src, (char *)k_cache + off / (size_t)hd * rb, hd);
+                tr->from_float_ref(v + src, (char *)v_cache + off / (size_t)hd * rb, hd);
+                continue;
+            }
             for (int d = 0; d < hd; d++) {
                 size_t src = (size_t)t * (size_t)kv_dim + (size_t)h * (size_t)hd + (size_t)d;
                 cache_set(p, k_cache, off + (size_t)d, k[src]);

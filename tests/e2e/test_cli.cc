@@ -402,6 +402,26 @@ TEST(Cli, PruneWritesOnlyWithinTheAccuracyBound) {
     EXPECT_NE(r.err.find("--heads 4"), std::string::npos) << r.err;
 }
 
+TEST(Cli, QuantizedKvCacheIsMeasuredAndBadTypesRefused) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result r = run("generate --no-progress --model " + model() + " --prompt 'The capital of France is' -t 0 -n 8 --kv-type int8");
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_GT(r.out.size(), std::string("The capital of France is").size()) << r.out;
+    r = run("generate --no-progress --model " + model() + " --prompt hi --kv-type int4");
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("invalid value 'int4' for --kv-type"), std::string::npos) << r.err;
+    std::string text = eval_text();
+    if (text.empty()) GTEST_SKIP() << "no evaluation text (install python3-doc)";
+    // the int8 cache against the exact (fp32) one on the same weights: close
+    // to what the default fp16 cache costs (mean KL 0.004), far from what a
+    // wrong scale or row would (KL > 1)
+    r = run("eval --no-progress --json --model " + model() + " --reference " + model() + " --text " + text +
+            " --ctx 128 --max-tokens 200 --kv-type int8");
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_LT(json_number(r.out, "kl_mean"), 0.02) << r.out;
+    EXPECT_LT(std::fabs(json_number(r.out, "ppl_increase")), 0.01) << r.out;
+}
+
 TEST(Cli, MultiRankLayoutMismatchIsAnError) {
     if (!have_model()) GTEST_SKIP() << "default model not present";
     if (mpirun(2).empty()) GTEST_SKIP() << "mpirun not installed";
