@@ -1,5 +1,6 @@
-/* bench_parallel.c - communication per generated token under tensor and
- * pipeline parallelism. Started by mpirun with tp x pp ranks: prefills a
+/* bench_parallel.c - communication per generated token under tensor,
+ * pipeline and context parallelism. Started by mpirun with tp x cp x pp
+ * ranks: prefills a
  * prompt, decodes G greedy tokens, and reports from the communicators'
  * counters the calls, bytes and time of the decode steps next to the counts
  * the layout predicts, plus the split of decode time between communication
@@ -17,12 +18,12 @@
 
 typedef struct bench_opts {
     const char *model, *name, *ops_out;
-    int tp, pp, n_prompt, n_gen, threads;
+    int tp, pp, cp, n_prompt, n_gen, threads;
     bool header_only;
 } bench_opts;
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: mpirun -np TP*PP bench_parallel --model PATH [--tp N] [--pp N]\n"
+    fprintf(f, "usage: mpirun -np TP*CP*PP bench_parallel --model PATH [--tp N] [--pp N] [--cp N]\n"
                "           [--prompt N] [--gen N] [--threads N] [--name LABEL] [--ops-out FILE]\n"
                "       bench_parallel --header-only [--ops-out FILE]\n"
                "  --prompt N     prompt tokens prefilled before the measured decode (default 32)\n"
@@ -45,7 +46,7 @@ static bool parse_int(const char *s, int lo, int hi, int *out) {
 
 /* 0 ok, 2 usage error (message printed). */
 static int parse_args(int argc, char **argv, bench_opts *o) {
-    *o = (bench_opts){.tp = 1, .pp = 1, .n_prompt = 32, .n_gen = 32};
+    *o = (bench_opts){.tp = 1, .pp = 1, .cp = 1, .n_prompt = 32, .n_gen = 32};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = true, takes = true;
@@ -59,6 +60,8 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
             ok = parse_int(v, 1, 1024, &o->tp);
         else if (!strcmp(a, "--pp") && v)
             ok = parse_int(v, 1, 1024, &o->pp);
+        else if (!strcmp(a, "--cp") && v)
+            ok = parse_int(v, 1, 1024, &o->cp);
         else if (!strcmp(a, "--prompt") && v)
             ok = parse_int(v, 1, 1 << 20, &o->n_prompt);
         else if (!strcmp(a, "--gen") && v)
@@ -98,48 +101,68 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
 
 static void print_headers(FILE *main_out, FILE *ops_out) {
     fprintf(main_out,
-            "| model | np | tp | pp | decode tok/s | calls/tok (rank max) | bytes/tok, rank max: "
+            "| model | np | tp | pp | cp | decode tok/s | calls/tok (rank max) | bytes/tok, rank max: "
             "measured / predicted | bytes/tok, all ranks: measured / predicted | exact | "
             "comm ms/tok mean (max) | other ms/tok mean (max) | comm share |\n"
-            "|---|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|\n");
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|\n");
     if (ops_out)
-        fprintf(ops_out, "| model | tp | pp | op | calls/tok, all ranks: measured / predicted | "
+        fprintf(ops_out, "| model | tp | pp | cp | op | calls/tok, all ranks: measured / predicted | "
                          "bytes/tok, all ranks: measured / predicted | ms/tok mean (max) |\n"
-                         "|---|--:|--:|---|--:|--:|--:|\n");
+                         "|---|--:|--:|--:|---|--:|--:|--:|\n");
 }
 
 /* ---- the prediction --------------------------------------------------------- */
 
-/* Calls and payload bytes one decode step (one token, one sequence) makes
- * this rank pass to each operation, from the layout alone (see forward.c):
- * with tp > 1 the first stage all-reduces the embedding (dim floats), every
- * layer all-reduces the attention and the FFN outputs (dim floats each) and
- * the last stage all-gathers the vocabulary-parallel logits (n_vocab floats
- * gathered); with pp > 1 a stage receives dim floats from the previous one,
- * sends dim floats to the next one, and the logits (n_vocab floats) are
- * broadcast from the last stage to the others. */
-static void predict(const cp_model_config *c, int tp, int pp, int pp_rank, uint64_t calls[],
+/* Calls and payload bytes the n_gen measured decode steps (one token of one
+ * sequence each, fed at positions n_prompt .. n_prompt + n_gen - 1) make this
+ * rank pass to each operation, from the layout alone (see forward.c).
+ * - tp > 1: the first stage all-reduces the embedding (dim floats), every
+ *   layer the attention and the FFN outputs (dim floats each); the last
+ *   stage samples from per-rank candidates: greedy all-gathers one value
+ *   and one id per rank (2 calls of tp x 4 bytes).
+ * - pp > 1: a stage receives dim floats from the previous one and sends dim
+ *   floats to the next; the sampled token id (4 bytes) is broadcast from the
+ *   last stage.
+ * - cp > 1: a step's token belongs to cp rank pos % cp, and only that rank's
+ *   TP group and stage chain run the TP reductions and the pipeline
+ *   send/recv above; every cp rank takes part in each layer's attention
+ *   exchange (all-gather of the queries, n_head_l x head_dim floats per
+ *   rank; all-reduce of the log-sum-exp maxima, cp x n_head_l floats;
+ *   reduce-scatter of the weighted partial outputs, cp x n_head_l x
+ *   (head_dim + 1) floats), and the last stage all-reduces the token's
+ *   hidden state (dim floats) so that every cp rank samples it. */
+static void predict(const cp_model_config *c, const cp_plan *p, int n_prompt, int n_gen, uint64_t calls[],
                     uint64_t bytes[]) {
     memset(calls, 0, sizeof(uint64_t) * CP_COMM_OP_COUNT);
     memset(bytes, 0, sizeof(uint64_t) * CP_COMM_OP_COUNT);
-    int l0, l1;
-    cp_plan_split(c->n_layer, pp, pp_rank, 1, &l0, &l1); /* the even split of cp_plan */
-    const uint64_t layers = (uint64_t)(l1 - l0), f = sizeof(float);
-    const bool first = pp_rank == 0, last = pp_rank == pp - 1;
-    const uint64_t dim = (uint64_t)c->dim, vocab = (uint64_t)c->n_vocab;
+    const uint64_t layers = (uint64_t)(p->layer_end - p->layer_begin), f = sizeof(float);
+    const bool first = p->first_stage, last = p->last_stage;
+    const uint64_t dim = (uint64_t)c->dim, tp = (uint64_t)p->tp, cp = (uint64_t)p->cp;
+    const uint64_t nh = (uint64_t)(p->head_end - p->head_begin), hd = (uint64_t)c->head_dim;
+    uint64_t owned = 0; /* steps whose token this rank computes */
+    for (int i = 0; i < n_gen; i++) owned += (uint64_t)((n_prompt + i) % p->cp == p->cp_rank);
+    const uint64_t steps = (uint64_t)n_gen;
     if (tp > 1) {
-        calls[CP_COMM_OP_ALLREDUCE] = 2 * layers + (first ? 1 : 0);
-        bytes[CP_COMM_OP_ALLREDUCE] = calls[CP_COMM_OP_ALLREDUCE] * dim * f;
-        calls[CP_COMM_OP_ALLGATHERV] = last ? 1 : 0;
-        bytes[CP_COMM_OP_ALLGATHERV] = last ? vocab * f : 0;
+        calls[CP_COMM_OP_ALLREDUCE] += owned * (2 * layers + (first ? 1 : 0));
+        bytes[CP_COMM_OP_ALLREDUCE] += owned * (2 * layers + (first ? 1 : 0)) * dim * f;
+        calls[CP_COMM_OP_ALLGATHER] += last ? 2 * steps : 0;
+        bytes[CP_COMM_OP_ALLGATHER] += last ? 2 * steps * tp * 4 : 0;
     }
-    if (pp > 1) {
-        calls[CP_COMM_OP_SEND] = last ? 0 : 1;
-        bytes[CP_COMM_OP_SEND] = last ? 0 : dim * f;
-        calls[CP_COMM_OP_RECV] = first ? 0 : 1;
-        bytes[CP_COMM_OP_RECV] = first ? 0 : dim * f;
-        calls[CP_COMM_OP_BCAST] = 1;
-        bytes[CP_COMM_OP_BCAST] = vocab * f;
+    if (p->pp > 1) {
+        calls[CP_COMM_OP_SEND] += last ? 0 : owned;
+        bytes[CP_COMM_OP_SEND] += last ? 0 : owned * dim * f;
+        calls[CP_COMM_OP_RECV] += first ? 0 : owned;
+        bytes[CP_COMM_OP_RECV] += first ? 0 : owned * dim * f;
+        calls[CP_COMM_OP_BCAST] += steps;
+        bytes[CP_COMM_OP_BCAST] += steps * 4;
+    }
+    if (cp > 1) {
+        calls[CP_COMM_OP_ALLGATHER] += steps * layers;
+        bytes[CP_COMM_OP_ALLGATHER] += steps * layers * cp * nh * hd * f;
+        calls[CP_COMM_OP_ALLREDUCE] += steps * layers + (last ? steps : 0);
+        bytes[CP_COMM_OP_ALLREDUCE] += steps * layers * cp * nh * f + (last ? steps * dim * f : 0);
+        calls[CP_COMM_OP_REDUCE_SCATTER] += steps * layers;
+        bytes[CP_COMM_OP_REDUCE_SCATTER] += steps * layers * cp * nh * (hd + 1) * f;
     }
 }
 
@@ -149,10 +172,10 @@ static void predict(const cp_model_config *c, int tp, int pp, int pp_rank, uint6
  * prefill) and read when the last one arrives: in between lie exactly the
  * n_gen decode steps, each a forward pass of one token followed by sampling. */
 typedef struct measure {
-    cp_comm_t tp, pp;
+    cp_comm_t tp, pp, cp;
     int n_seen, n_last;
     double t_begin, t_end;
-    cp_comm_stats tp_stats, pp_stats;
+    cp_comm_stats tp_stats, pp_stats, cp_stats;
 } measure;
 
 static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
@@ -164,11 +187,13 @@ static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
     if (m->n_seen == 1) {
         cp_comm_reset_stats(m->tp);
         cp_comm_reset_stats(m->pp);
+        cp_comm_reset_stats(m->cp);
         m->t_begin = cp_time_now();
     } else if (m->n_seen == m->n_last) {
         m->t_end = cp_time_now();
         cp_comm_get_stats(m->tp, &m->tp_stats);
         cp_comm_get_stats(m->pp, &m->pp_stats);
+        cp_comm_get_stats(m->cp, &m->cp_stats);
     }
     return true;
 }
@@ -199,8 +224,7 @@ static void report(const bench_opts *o, int size, const int64_t *ints, const dou
             bm += iv[R_BYTES + op];
             bp += iv[R_PBYTES + op];
             comm += dv[R_SECONDS + op];
-            if (iv[R_CALLS + op] != iv[R_PCALLS + op] * o->n_gen ||
-                iv[R_BYTES + op] != iv[R_PBYTES + op] * o->n_gen)
+            if (iv[R_CALLS + op] != iv[R_PCALLS + op] || iv[R_BYTES + op] != iv[R_PBYTES + op])
                 exact = false;
         }
         double decode = dv[R_DECODE], other = decode - comm;
@@ -216,10 +240,10 @@ static void report(const bench_opts *o, int size, const int64_t *ints, const dou
         if (other > other_max) other_max = other;
         if (decode > decode_max) decode_max = decode;
     }
-    printf("| %s | %d | %d | %d | %.1f | %.0f | %.0f / %lld | %.0f / %lld | %s | %.2f (%.2f) | "
+    printf("| %s | %d | %d | %d | %d | %.1f | %.0f | %.0f / %.0f | %.0f / %.0f | %s | %.2f (%.2f) | "
            "%.2f (%.2f) | %.0f%% |\n",
-           o->name, size, o->tp, o->pp, decode_max > 0 ? g / decode_max : 0.0, calls_max / g,
-           bytes_max_m / g, (long long)bytes_max_p, sum_m / g, (long long)sum_p,
+           o->name, size, o->tp, o->pp, o->cp, decode_max > 0 ? g / decode_max : 0.0, calls_max / g,
+           bytes_max_m / g, bytes_max_p / g, sum_m / g, sum_p / g,
            exact ? "yes" : "**NO**", comm_sum / size / g * 1e3, comm_max / g * 1e3,
            other_sum / size / g * 1e3, other_max / g * 1e3, 100.0 * share_sum / size);
     fflush(stdout);
@@ -227,11 +251,10 @@ static void report(const bench_opts *o, int size, const int64_t *ints, const dou
         for (int r = 0; r < size; r++)
             for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
                 const int64_t *iv = ints + (size_t)r * R_INTS;
-                if (iv[R_CALLS + op] != iv[R_PCALLS + op] * o->n_gen ||
-                    iv[R_BYTES + op] != iv[R_PBYTES + op] * o->n_gen)
+                if (iv[R_CALLS + op] != iv[R_PCALLS + op] || iv[R_BYTES + op] != iv[R_PBYTES + op])
                     fprintf(stderr,
                             "bench_parallel: rank %d %s: measured %lld calls / %lld bytes over %d "
-                            "tokens, predicted %lld / %lld per token\n",
+                            "tokens, predicted %lld / %lld\n",
                             r, cp_comm_op_name((cp_comm_op)op), (long long)iv[R_CALLS + op],
                             (long long)iv[R_BYTES + op], o->n_gen, (long long)iv[R_PCALLS + op],
                             (long long)iv[R_PBYTES + op]);
@@ -251,9 +274,9 @@ static void report(const bench_opts *o, int size, const int64_t *ints, const dou
             if (s > s_max) s_max = s;
         }
         if (cm == 0 && cp == 0) continue;
-        fprintf(ops_out, "| %s | %d | %d | %s | %.0f / %lld | %.0f / %lld | %.3f (%.3f) |\n",
-                o->name, o->tp, o->pp, cp_comm_op_name((cp_comm_op)op), cm / g, (long long)cp,
-                bm / g, (long long)bp, s_sum / size / g * 1e3, s_max / g * 1e3);
+        fprintf(ops_out, "| %s | %d | %d | %d | %s | %.2f / %.2f | %.0f / %.0f | %.3f (%.3f) |\n",
+                o->name, o->tp, o->pp, o->cp, cp_comm_op_name((cp_comm_op)op), cm / g, cp / g,
+                bm / g, bp / g, s_sum / size / g * 1e3, s_max / g * 1e3);
     }
 }
 
@@ -278,7 +301,7 @@ int main(int argc, char **argv) {
         return 0;
     }
 
-    cp_comm_t world = NULL, tp = NULL, pp = NULL;
+    cp_comm_t world = NULL, tp = NULL, pp = NULL, cpc = NULL;
     cp_engine_t e = NULL;
     int32_t *prompt = NULL;
     int64_t *ints = NULL;
@@ -289,15 +312,17 @@ int main(int argc, char **argv) {
         return 1;
     }
     const int rank = cp_comm_rank(world), size = cp_comm_size(world);
-    if (o.tp * o.pp != size) {
-        fprintf(stderr, "bench_parallel: --tp %d x --pp %d needs %d ranks, the job has %d\n", o.tp,
-                o.pp, o.tp * o.pp, size);
+    if (o.tp * o.pp * o.cp != size) {
+        fprintf(stderr, "bench_parallel: --tp %d x --pp %d x --cp %d needs %d ranks, the job has %d\n",
+                o.tp, o.pp, o.cp, o.tp * o.pp * o.cp, size);
         rc = 2;
         goto out;
     }
-    /* the launcher's layout: rank = pp_rank * tp + tp_rank */
+    /* the launcher's layout: rank = (pp_rank * cp + cp_rank) * tp + tp_rank */
+    const int tc = o.tp * o.cp;
     if ((o.tp > 1 && cp_comm_split(world, rank / o.tp, rank, &tp) != CP_OK) ||
-        (o.pp > 1 && cp_comm_split(world, rank % o.tp, rank, &pp) != CP_OK)) {
+        (o.pp > 1 && cp_comm_split(world, rank % tc, rank, &pp) != CP_OK) ||
+        (o.cp > 1 && cp_comm_split(world, rank / tc * o.tp + rank % o.tp, rank, &cpc) != CP_OK)) {
         fail_msg(rank, "cannot create the parallel groups");
         goto out;
     }
@@ -316,9 +341,11 @@ int main(int argc, char **argv) {
         .tokens_only = true,
         .tp = o.tp,
         .pp = o.pp,
+        .cp = o.cp,
         .rank = rank,
         .tp_comm = tp,
         .pp_comm = pp,
+        .cp_comm = cpc,
     };
     if (cp_engine_init(&eo, &e) != CP_OK) {
         fail_msg(rank, "cannot load the model");
@@ -344,7 +371,7 @@ int main(int argc, char **argv) {
         fail_msg(rank, "warm-up generation failed");
         goto out;
     }
-    measure m = {.tp = tp, .pp = pp, .n_last = o.n_gen + 1};
+    measure m = {.tp = tp, .pp = pp, .cp = cpc, .n_last = o.n_gen + 1};
     gp.max_tokens = o.n_gen + 1; /* the first token comes from the prefill */
     cp_gen_stats gs;
     if (cp_engine_generate(e, prompt, o.n_prompt, &gp, on_token, &m, &gs) != CP_OK) {
@@ -360,13 +387,13 @@ int main(int argc, char **argv) {
     int64_t mine_i[R_INTS];
     double mine_d[R_DBLS];
     uint64_t pc[CP_COMM_OP_COUNT], pb[CP_COMM_OP_COUNT];
-    predict(cfg, o.tp, o.pp, rank / o.tp, pc, pb);
+    predict(cfg, cp_model_get_plan(cp_engine_model(e)), o.n_prompt, o.n_gen, pc, pb);
     for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
-        mine_i[R_CALLS + op] = (int64_t)(m.tp_stats.calls[op] + m.pp_stats.calls[op]);
-        mine_i[R_BYTES + op] = (int64_t)(m.tp_stats.bytes[op] + m.pp_stats.bytes[op]);
+        mine_i[R_CALLS + op] = (int64_t)(m.tp_stats.calls[op] + m.pp_stats.calls[op] + m.cp_stats.calls[op]);
+        mine_i[R_BYTES + op] = (int64_t)(m.tp_stats.bytes[op] + m.pp_stats.bytes[op] + m.cp_stats.bytes[op]);
         mine_i[R_PCALLS + op] = (int64_t)pc[op];
         mine_i[R_PBYTES + op] = (int64_t)pb[op];
-        mine_d[R_SECONDS + op] = m.tp_stats.seconds[op] + m.pp_stats.seconds[op];
+        mine_d[R_SECONDS + op] = m.tp_stats.seconds[op] + m.pp_stats.seconds[op] + m.cp_stats.seconds[op];
     }
     mine_d[R_DECODE] = m.t_end - m.t_begin;
     if (cp_comm_allgather(world, mine_i, ints, R_INTS, CP_DTYPE_I64, NULL) != CP_OK ||
@@ -381,9 +408,9 @@ int main(int argc, char **argv) {
         }
         report(&o, size, ints, dbls, ops_out);
         fprintf(stderr,
-                "bench_parallel: %s tp=%d pp=%d: %d threads/rank, prefill %d tokens %.1f ms, "
+                "bench_parallel: %s tp=%d pp=%d cp=%d: %d threads/rank, prefill %d tokens %.1f ms, "
                 "decode %d tokens %.1f ms (rank 0)\n",
-                o.name, o.tp, o.pp, threads, o.n_prompt, gs.prefill_s * 1e3, o.n_gen,
+                o.name, o.tp, o.pp, o.cp, threads, o.n_prompt, gs.prefill_s * 1e3, o.n_gen,
                 mine_d[R_DECODE] * 1e3);
     }
     rc = 0;
@@ -397,6 +424,7 @@ out:
     if (rc == 1 && cp_comm_size(world) > 1) cp_comm_abort(world, 1);
     cp_comm_free(tp);
     cp_comm_free(pp);
+    cp_comm_free(cpc);
     cp_comm_free(world);
     return rc;
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# run.sh - communication per generated token for every (tp, pp) layout of
-# np = 2 and 4 ranks (plus the one-rank baseline and tp = 3 where the model
+# run.sh - communication per generated token for every (tp, pp, cp) layout
+# of np = 2 and 4 ranks (plus the one-rank baseline and tp = 3 where the model
 # allows it) on the default model and on a random model with 16 query / 4 KV
 # heads (so that tp = 2 and 4 are valid). Writes
 # benchmarks/parallel/results/<date>.md with the machine, the commands and
@@ -49,23 +49,23 @@ SKIPPED=()
 # repetition with the median decode rate, or a note when the layout does not
 # fit the model
 run_one() {
-    local model=$1 name=$2 tp=$3 pp=$4
-    local np=$((tp * pp)) rep picks=()
-    echo "== $name np=$np tp=$tp pp=$pp" >&2
+    local model=$1 name=$2 tp=$3 pp=$4 cp=${5:-1}
+    local np=$((tp * pp * cp)) rep picks=()
+    echo "== $name np=$np tp=$tp pp=$pp cp=$cp" >&2
     for rep in $(seq "$REPS"); do
         local cmd=(timeout 300 "${MPIRUN[@]}" -np "$np" "$BENCH" --model "$model" --name "$name"
-                   --tp "$tp" --pp "$pp" --prompt "$PROMPT" --gen "$GEN" --ops-out "$TMP/ops.$rep")
+                   --tp "$tp" --pp "$pp" --cp "$cp" --prompt "$PROMPT" --gen "$GEN" --ops-out "$TMP/ops.$rep")
         [ "$rep" = 1 ] && CMDS+=("$(printf '%s ' "${cmd[@]}" | sed "s|$REPO/||g; s|$TMP/ops.1|OPS.md|")")
         : > "$TMP/ops.$rep"
         if ! "${cmd[@]}" > "$TMP/row.$rep" 2> "$TMP/log"; then
             cat "$TMP/log" >&2
             local why
             why=$(grep -m1 -E "cannot load|error|rank 0" "$TMP/log" | sed 's/^bench_parallel: //' || true)
-            SKIPPED+=("$name tp=$tp pp=$pp: ${why:-failed (see the log on stderr)}")
+            SKIPPED+=("$name tp=$tp pp=$pp cp=$cp: ${why:-failed (see the log on stderr)}")
             return 0
         fi
         cat "$TMP/log" >&2
-        picks+=("$(cut -d'|' -f6 "$TMP/row.$rep" | tr -d ' ') $rep")
+        picks+=("$(cut -d'|' -f7 "$TMP/row.$rep" | tr -d ' ') $rep")
     done
     local mid
     mid=$(printf '%s\n' "${picks[@]}" | sort -g | sed -n "$(( (REPS + 1) / 2 ))p" | cut -d' ' -f2)
@@ -78,9 +78,11 @@ for spec in "$DEFAULT_MODEL|SmolLM2-135M-Q4_1" "$RAND_MODEL|rand-1024x16-Q8_0"; 
     name=${spec#*|}
     run_one "$model" "$name" 1 1
     for np in 2 4; do
-        for tp in 1 2 4; do
-            [ $((np % tp)) -eq 0 ] || continue
-            run_one "$model" "$name" "$tp" $((np / tp))
+        for cp in 1 2 4; do
+            for tp in 1 2 4; do
+                [ $((np % (tp * cp))) -eq 0 ] || continue
+                run_one "$model" "$name" "$tp" $((np / (tp * cp))) "$cp"
+            done
         done
     done
 done
