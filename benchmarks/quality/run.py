@@ -5,9 +5,10 @@ Every variant is quantized from the same baseline (the default model's
 weights dequantized to f32), then measured against that baseline over the
 evaluation text: perplexity, KL(baseline || variant) and top-1 agreement
 (`cparallel eval --reference`), the size on disk, and greedy decode speed
-on the CPU (`cparallel generate`). When llama-cpp-python is importable, the
-same table gets llama.cpp's perplexity for its own Q8_0, Q4_0 and Q4_K of
-the baseline, over the same windows.
+on the CPU (`cparallel generate`). When llama-cpp-python is importable
+(e.g. run it with that environment's python), a second table gets
+llama.cpp's perplexity for its own F32, Q8_0, Q4_0 and Q4_K_M of the
+baseline, over the same windows and tokens.
 
     python3 benchmarks/quality/run.py [--build build] [--threads 2] [--out results.md]
 """
@@ -52,36 +53,48 @@ def evaluate(exe, model, ref, threads, ctx):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def llama_cpp_ppl(base_f32, work, ctx):
-    """llama.cpp's own quantizer and perplexity (non-overlapping windows of ctx,
-    second half scored, as its perplexity tool does), or None."""
+def llama_cpp_ppl(base_f32, work, ctx, threads):
+    """llama.cpp's own quantizer and forward pass, scored over the same windows
+    as `cparallel eval` (windows of ctx every ctx/2 tokens; each token scored
+    once, in the first window that holds it with context), or None."""
     try:
         import llama_cpp  # noqa: F401
         import numpy as np
     except ImportError:
         return None
     out = {}
-    ftypes = {"Q8_0": 7, "Q4_0": 2, "Q4_K": 15}  # LLAMA_FTYPE_MOSTLY_*
+    ftypes = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # LLAMA_FTYPE_*
     text = open(TEXT, encoding="utf-8").read()
+    stride = ctx // 2
     for name, ft in ftypes.items():
         path = os.path.join(work, "llama-%s.gguf" % name)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ft
+        params.nthread = threads
         if llama_cpp.llama_model_quantize(base_f32.encode(), path.encode(), params) != 0:
             return None
-        llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, logits_all=True, n_threads=threads, verbose=False)
         toks = llm.tokenize(text.encode())
-        nll, n = 0.0, 0
-        for b in range(0, len(toks) - ctx + 1, ctx):
+        n_tok = len(toks)
+        nll, n, prev_end, begin = 0.0, 0, 0, 0
+        while True:
+            end = min(begin + ctx, n_tok)
+            first = max(prev_end, begin + 1)
             llm.reset()
-            llm.eval(toks[b:b + ctx])
-            lg = np.array(llm.scores[:ctx], dtype=np.float64)
-            for i in range(ctx // 2, ctx - 1):
-                row = lg[i]
+            llm.eval(toks[begin:end])
+            lg = np.array(llm.scores[:end - begin], dtype=np.float64)
+            for t in range(first, end):
+                row = lg[t - 1 - begin]
                 mx = row.max()
-                nll += mx + np.log(np.exp(row - mx).sum()) - row[toks[b + i + 1]]
+                nll += mx + np.log(np.exp(row - mx).sum()) - row[toks[t]]
                 n += 1
-        out[name] = (float(np.exp(nll / n)), os.path.getsize(path))
+            prev_end = end
+            if end == n_tok:
+                break
+            begin += stride
+        out[name] = (float(np.exp(nll / n)), os.path.getsize(path), n)
+        del llm
+        os.remove(path)
     return out
 
 
@@ -108,7 +121,7 @@ def main():
         r = evaluate(exe, path, base, a.threads, a.ctx)
         rows.append((name, r, os.path.getsize(path), decode_speed(exe, path, a.threads), secs))
         os.remove(path)
-    peer = llama_cpp_ppl(base, work, a.ctx)
+    peer = llama_cpp_ppl(base, work, a.ctx, a.threads)
     lines = [
         "# Quantization and pruning quality on the default model",
         "",
@@ -127,10 +140,16 @@ def main():
             100 * r.get("top1", 1), size / 1e6, tps, secs))
     lines.append("")
     if peer:
-        lines.append("llama.cpp (its own quantizer and perplexity loop, non-overlapping windows of %d):" % a.ctx)
+        import llama_cpp
+        lines.append("llama.cpp (llama-cpp-python %s): its own quantizer from the same f32 baseline and its "
+                     "own forward pass, scored over the same windows and tokens as above; \"vs its f32\" "
+                     "compares with its own f32 run of the baseline:" % llama_cpp.__version__)
         lines.append("")
-        for k, (p, size) in peer.items():
-            lines.append("- %s: perplexity %.3f, %.1f MB" % (k, p, size / 1e6))
+        lines.append("| llama.cpp type | perplexity | vs its f32 | tokens scored | size (MB) |")
+        lines.append("|---|---|---|---|---|")
+        lp = peer["F32"][0]
+        for k, (p, size, n) in peer.items():
+            lines.append("| %s | %.3f | %+.2f%% | %d | %.1f |" % (k, p, 100 * (p / lp - 1), n, size / 1e6))
     else:
         lines.append("llama.cpp: not measured (llama-cpp-python is not installed here).")
     lines.append("")
