@@ -227,15 +227,23 @@ static cp_status parse_root(const hf_ctx *c, cp_model_config *cfg) {
     return CP_OK;
 }
 
+/* Parses len bytes of JSON from src (named in the error) into *root (the
+ * caller's reference). */
+static cp_status load_json(const char *json, size_t len, const char *src, json_t **root) {
+    json_error_t jerr;
+    *root = json_loadb(json, len, 0, &jerr);
+    if (!*root)
+        return CP_ERROR(CP_ERR_FORMAT, "%s is not valid JSON: %s (line %d, column %d)", src, jerr.text,
+                        jerr.line, jerr.column);
+    return CP_OK;
+}
+
 cp_status cp_hf_config_parse(const char *json, size_t len, const char *source,
                              cp_model_config *cfg) {
     if (!json || !cfg) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_hf_config_parse: NULL argument");
     const char *src = source ? source : "config.json";
-    json_error_t jerr;
-    json_t *root = json_loadb(json, len, 0, &jerr);
-    if (!root)
-        return CP_ERROR(CP_ERR_FORMAT, "%s is not valid JSON: %s (line %d, column %d)", src,
-                        jerr.text, jerr.line, jerr.column);
+    json_t *root;
+    CP_CHECK(load_json(json, len, src, &root));
     cp_status s;
     if (!json_is_object(root)) {
         s = CP_ERROR(CP_ERR_FORMAT, "%s is not a JSON object", src);
@@ -441,11 +449,8 @@ cp_status cp_hf_quant_config_parse(const char *json, size_t len, const char *sou
     if (!json || !q) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_hf_quant_config_parse: NULL argument");
     memset(q, 0, sizeof(*q));
     const char *src = source ? source : "config.json";
-    json_error_t jerr;
-    json_t *root = json_loadb(json, len, 0, &jerr);
-    if (!root)
-        return CP_ERROR(CP_ERR_FORMAT, "%s is not valid JSON: %s (line %d, column %d)", src,
-                        jerr.text, jerr.line, jerr.column);
+    json_t *root;
+    CP_CHECK(load_json(json, len, src, &root));
     cp_status s = CP_OK;
     hf_ctx c = {root, src};
     json_t *qc = whole_is_quant ? root : json_object_get(root, "quantization_config");
