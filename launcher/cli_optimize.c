@@ -19,6 +19,7 @@
  * the evaluation is not on the text the scales fit. */
 const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap) {
     static const char *const versions[] = {"python3.11", "python3.12", "python3.13", "python3"};
+    if (!path || cap == 0) return NULL;
     for (size_t i = 0; i < sizeof(versions) / sizeof(versions[0]); i++) {
         snprintf(path, cap, "/usr/share/doc/%s/html/_sources/tutorial/%s.rst.txt", versions[i], chapter);
         if (access(path, R_OK) == 0) return path;
