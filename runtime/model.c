@@ -113,6 +113,15 @@ typedef struct slice {
 /* Element alignment typed loads need (block structs hold fp16 fields). */
 static size_t dtype_align(cp_dtype t) { return t == CP_DTYPE_F32 ? 4 : 2; }
 
+/* Columns [c0, c0 + nc) of one whole row (cols elements) of type t into
+ * dst: the slice's blocks, then the row's scale trailer when t has one
+ * (I8_ROW, F8_ROW), which every slice of the row shares. */
+static void slice_row(cp_dtype t, const char *full, int64_t cols, int64_t c0, int64_t nc, char *dst) {
+    const size_t extra = cp_dtype_row_extra(t), bytes = cp_dtype_row_size(t, nc);
+    memcpy(dst, full + (size_t)(c0 / cp_dtype_block_size(t)) * cp_dtype_type_size(t), bytes - extra);
+    if (extra) memcpy(dst + bytes - extra, full + cp_dtype_row_size(t, cols) - extra, extra);
+}
+
 static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const char *name,
                             int64_t rows, int64_t cols, slice sl, bool optional, cp_tensor *out) {
     memset(out, 0, sizeof(*out));
@@ -162,7 +171,7 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     float *row = NULL;
     char *dst = NULL, *qrow = NULL;
     cp_status st = CP_OK;
-    const size_t dst_row = cp_dtype_row_size(t, nc), extra_t = cp_dtype_row_extra(t);
+    const size_t dst_row = cp_dtype_row_size(t, nc);
     dst = malloc(dst_row * (size_t)nr + 1);
     if (!dst) return CP_ERROR(CP_ERR_OOM, "out of memory reading '%s'", name);
     if (convert) {
@@ -174,8 +183,9 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
         row = malloc((size_t)cols * sizeof(float));
         /* a target with one scale per row is quantized over the whole row,
          * then sliced, so every rank holds the codes one rank would */
-        if (row && extra_t && nc != cols) qrow = malloc(cp_dtype_row_size(t, cols));
-        if (!row || (extra_t && nc != cols && !qrow)) {
+        const bool whole_q = cp_dtype_row_extra(t) && nc != cols;
+        if (row && whole_q) qrow = malloc(cp_dtype_row_size(t, cols));
+        if (!row || (whole_q && !qrow)) {
             st = CP_ERROR(CP_ERR_OOM, "out of memory converting '%s'", name);
             goto done;
         }
@@ -186,9 +196,7 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     for (int64_t r = 0; r < nr; r++) {
         const char *src = base + (size_t)r * src_row + part_off;
         if (!convert) {
-            char *d = dst + (size_t)r * dst_row;
-            memcpy(d, src, part_bytes - extra);
-            if (extra) memcpy(d + part_bytes - extra, base + (size_t)(r + 1) * src_row - extra, extra);
+            slice_row(t0, base + (size_t)r * src_row, cols, sl.c0, nc, dst + (size_t)r * dst_row);
             continue;
         }
         /* a row with a scale trailer (or going to one) is decoded whole, then sliced */
@@ -198,10 +206,7 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
         CP_CHECK_GOTO(cp_backend_dequantize(host, &one, 0, 1, row), st, done);
         if (qrow) {
             CP_CHECK_GOTO(cp_backend_quantize(host, t, row, 1, cols, qrow), st, done);
-            char *d = dst + (size_t)r * dst_row;
-            const size_t code_off = (size_t)(sl.c0 / cp_dtype_block_size(t)) * cp_dtype_type_size(t);
-            memcpy(d, qrow + code_off, dst_row - extra_t);
-            memcpy(d + dst_row - extra_t, qrow + cp_dtype_row_size(t, cols) - extra_t, extra_t);
+            slice_row(t, qrow, cols, sl.c0, nc, dst + (size_t)r * dst_row);
             continue;
         }
         CP_CHECK_GOTO(cp_backend_quantize(host, t, extra ? row + sl.c0 : row, 1, nc, dst + (size_t)r * dst_row),
@@ -542,7 +547,6 @@ void cp_model_free(cp_model_t m) {
     free(m->cpx.seq);
     free(m->cpx.gpos);
     free(m->cpx.gseq);
-    free(m->cpx.qsend);
     free(m->cpx.qall);
     free(m->cpx.o);
     free(m->cpx.lse);
