@@ -310,7 +310,6 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.seq = malloc(mb * sizeof(int32_t));
     m->cpx.gpos = malloc(cp * mb * sizeof(int32_t));
     m->cpx.gseq = malloc(cp * mb * sizeof(int32_t));
-    m->cpx.qsend = malloc(mb * qd * sizeof(float));
     m->cpx.qall = malloc(cp * mb * qd * sizeof(float));
     m->cpx.o = malloc(cp * mb * qd * sizeof(float));
     m->cpx.lse = malloc(cp * mb * nh * sizeof(float));
@@ -319,7 +318,7 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.red = malloc(mb * pw * sizeof(float));
     m->cpx.xg = malloc(mb * (size_t)m->cfg.dim * sizeof(float));
     if (!m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
-        !m->cpx.qsend || !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack ||
+        !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack ||
         !m->cpx.red || !m->cpx.xg)
         return CP_ERROR(CP_ERR_OOM, "out of memory for the context-parallel buffers (%zu rows)", cp * mb);
     return CP_OK;
@@ -332,9 +331,11 @@ static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_at
     const int cp = m->plan.cp, tmax = m->cpx.tmax, nh = m->n_head_l, hd = m->cfg.head_dim;
     const size_t qd = (size_t)nh * (size_t)hd, pw = (size_t)nh * (size_t)(hd + 1);
     const size_t rows = (size_t)cp * (size_t)tmax;
-    memcpy(m->cpx.qsend, m->s.q, (size_t)T * qd * sizeof(float));
-    memset(m->cpx.qsend + (size_t)T * qd, 0, (size_t)(tmax - T) * qd * sizeof(float));
-    CP_CHECK(cp_comm_allgather(m->cp_comm, m->cpx.qsend, m->cpx.qall, (size_t)tmax * qd, CP_DTYPE_F32, NULL));
+    /* this rank's queries go to its slot of qall, gathered in place */
+    float *mine = m->cpx.qall + (size_t)m->plan.cp_rank * (size_t)tmax * qd;
+    memcpy(mine, m->s.q, (size_t)T * qd * sizeof(float));
+    memset(mine + (size_t)T * qd, 0, (size_t)(tmax - T) * qd * sizeof(float));
+    CP_CHECK(cp_comm_allgather(m->cp_comm, mine, m->cpx.qall, (size_t)tmax * qd, CP_DTYPE_F32, NULL));
     cp_attn_params g = *ap;
     g.n_tok = (int)rows;
     g.pos_of_tok = m->cpx.gpos;
@@ -346,7 +347,7 @@ static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_at
                                NULL));
     for (size_t i = 0; i < rows * (size_t)nh; i++) {
         const float L = m->cpx.lmax[i], e = m->cpx.lse[i];
-        const float w = L == -INFINITY || e == -INFINITY ? 0.0f : expf(e - L);
+        const float w = e == -INFINITY ? 0.0f : expf(e - L); /* e finite: L >= e is too */
         const float *o = m->cpx.o + i * (size_t)hd;
         float *dst = m->cpx.pack + i * (size_t)(hd + 1);
         for (int d = 0; d < hd; d++) dst[d] = w * o[d];
@@ -443,6 +444,33 @@ static cp_status norm_logit_rows(cp_model_t m, const cp_batch *b, int t0, int T,
                               c->norm_eps);
 }
 
+/* This rank's rows of the residual stream for T tokens (Ts of them, padded
+ * to Tp, with sequence parallelism): the first stage embeds tok (summed over
+ * the vocabulary-parallel TP group), later stages receive the previous
+ * stage's rows. */
+static cp_status stage_input(cp_model_t m, const int32_t *tok, int T, int Tp, int Ts, bool sp) {
+    const cp_plan *p = &m->plan;
+    cp_scratch *s = &m->s;
+    const size_t xn = (size_t)Ts * (size_t)m->cfg.dim;
+    if (!p->first_stage) return act_recv(m, s->x, xn, p->pp_rank - 1);
+    if (!m->tp_comm) return embed(m, tok, T, s->x);
+    CP_CHECK(cp_backend_memset(m->be, s->x, 0, xn * sizeof(float)));
+    CP_CHECK(embed(m, tok, T, s->proj));
+    return reduce_into_x(m, s->proj, T, Tp, Ts, sp);
+}
+
+/* The last stage's n normed rows in xb: sampled (rs) or their full logits
+ * into logits, rows counted from *logit_idx on, which advances by n. */
+static cp_status head_rows(cp_model_t m, int n, const row_sampler *rs, float *logits, int *logit_idx) {
+    if (n == 0) return CP_OK;
+    if (rs)
+        CP_CHECK(sample_rows(m, n, rs, *logit_idx));
+    else
+        CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * m->cfg.n_vocab));
+    *logit_idx += n;
+    return CP_OK;
+}
+
 /* One chunk: batch rows [t0, t0+T) through this stage's layers. The first
  * stage embeds, later ones receive the hidden states of the previous stage;
  * the last stage computes the logits of the requested rows inside the chunk
@@ -476,15 +504,7 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         if (t == 0 || b->seq[t0 + t] != b->seq[t0 + t - 1]) ap.n_seq_hint++; /* runs of a sequence */
     }
 
-    if (!p->first_stage) {
-        CP_CHECK(act_recv(m, s->x, xn, p->pp_rank - 1));
-    } else if (!m->tp_comm) {
-        CP_CHECK(embed(m, b->tokens + t0, T, s->x));
-    } else {
-        CP_CHECK(cp_backend_memset(be, s->x, 0, xn * sizeof(float)));
-        CP_CHECK(embed(m, b->tokens + t0, T, s->proj));
-        CP_CHECK(reduce_into_x(m, s->proj, T, Tp, Ts, sp));
-    }
+    CP_CHECK(stage_input(m, b->tokens + t0, T, Tp, Ts, sp));
     CP_CHECK(run_layers(m, kv, &ap, &rp, T, Tp, Ts, sp));
     if (!p->last_stage) {
         CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));
@@ -500,13 +520,7 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     }
     int n;
     CP_CHECK(norm_logit_rows(m, b, t0, T, xfull, *logit_idx, &n));
-    if (n == 0) return CP_OK;
-    if (rs)
-        CP_CHECK(sample_rows(m, n, rs, *logit_idx));
-    else
-        CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * c->n_vocab));
-    *logit_idx += n;
-    return CP_OK;
+    return head_rows(m, n, rs, logits, logit_idx);
 }
 
 /* One chunk under context parallelism (see cp_attention): this rank runs
@@ -562,17 +576,7 @@ static cp_status forward_chunk_cp(cp_model_t m, cp_kv_cache_t kv, const cp_batch
     for (int t = 0; t < Tl; t++)
         if (t == 0 || m->cpx.seq[t] != m->cpx.seq[t - 1]) ap.n_seq_hint++;
 
-    if (Tl > 0) {
-        if (!p->first_stage) {
-            CP_CHECK(act_recv(m, s->x, xn, p->pp_rank - 1));
-        } else if (!m->tp_comm) {
-            CP_CHECK(embed(m, m->cpx.tok, Tl, s->x));
-        } else {
-            CP_CHECK(cp_backend_memset(m->be, s->x, 0, xn * sizeof(float)));
-            CP_CHECK(embed(m, m->cpx.tok, Tl, s->proj));
-            CP_CHECK(reduce_into_x(m, s->proj, Tl, Tp, Ts, sp));
-        }
-    }
+    if (Tl > 0) CP_CHECK(stage_input(m, m->cpx.tok, Tl, Tp, Ts, sp));
     CP_CHECK(run_layers(m, kv, &ap, &rp, Tl, Tp, Ts, sp));
     if (!p->last_stage) {
         if (Tl > 0) CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));
@@ -599,12 +603,7 @@ static cp_status forward_chunk_cp(cp_model_t m, cp_kv_cache_t kv, const cp_batch
     }
     CP_CHECK(cp_comm_allreduce(m->cp_comm, xg, xg, (size_t)n * dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
     CP_CHECK(cp_backend_rmsnorm(m->be, s->xb, xg, m->w.out_norm, n, c->dim, c->norm_eps));
-    if (rs)
-        CP_CHECK(sample_rows(m, n, rs, *logit_idx));
-    else
-        CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * c->n_vocab));
-    *logit_idx += n;
-    return CP_OK;
+    return head_rows(m, n, rs, logits, logit_idx);
 }
 
 /* Local top-k of row[0..n) as (value, global id = id0 + index) pairs, k

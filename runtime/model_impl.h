@@ -61,7 +61,7 @@ struct cp_model {
         int32_t *lrow;               /* [max_batch] a chunk row's index among its owner's rows */
         int32_t *tok, *pos, *seq;    /* [max_batch] this rank's rows */
         int32_t *gpos, *gseq;        /* [cp * max_batch] every rank's rows */
-        float *qsend, *qall, *o;     /* [max_batch] / [cp * max_batch] rows of q_dim */
+        float *qall, *o;             /* [cp * max_batch] rows of q_dim */
         float *lse, *lmax;           /* [cp * max_batch][n_head_l] */
         float *pack, *red;           /* [cp * max_batch] / [max_batch] rows of n_head_l * (head_dim + 1) */
         float *xg;                   /* [max_batch][dim] logit rows shared over the group */
