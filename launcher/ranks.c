@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "cp_plan.h"
 #include "cp_backend.h"
 #include "cp_common.h"
 
@@ -48,12 +49,11 @@ int ranks_init(ranks *r, int tp, int pp, int cp, int timeout_ms) {
                     r->rank, tp, pp, tp * pp, r->size, tp * pp);
         return 2;
     }
-    /* the ranks of a TP group are consecutive:
-     * rank = (pp_rank * cp + cp_rank) * tp + tp_rank */
-    const int tc = tp * cp;
-    if ((tp > 1 && cp_comm_split(r->world, r->rank / tp, r->rank, &r->tp) != CP_OK) ||
-        (pp > 1 && cp_comm_split(r->world, r->rank % tc, r->rank, &r->pp) != CP_OK) ||
-        (cp > 1 && cp_comm_split(r->world, r->rank / tc * tp + r->rank % tp, r->rank, &r->cp) != CP_OK)) {
+    /* the ranks of a TP group are consecutive (cp_plan.h) */
+    const cp_plan_colors col = cp_plan_group_colors(r->rank, tp, cp);
+    if ((tp > 1 && cp_comm_split(r->world, col.tp, r->rank, &r->tp) != CP_OK) ||
+        (pp > 1 && cp_comm_split(r->world, col.pp, r->rank, &r->pp) != CP_OK) ||
+        (cp > 1 && cp_comm_split(r->world, col.cp, r->rank, &r->cp) != CP_OK)) {
         cli_report_error("cannot create the parallel groups");
         return 1;
     }

@@ -66,6 +66,14 @@ typedef struct cp_plan {
  * head split points must fall on quantization-block boundaries. */
 cp_status cp_plan_init(const cp_plan_shape *s, const cp_plan_opts *opts, int rank, cp_plan *out);
 
+/* The colors that split the world into rank's groups (cp_comm_split, key =
+ * rank): its TP group (same stage and cp rank), PP group (same cp and TP
+ * rank) and CP group (same stage and TP rank) under the layout above. */
+typedef struct cp_plan_colors {
+    int tp, pp, cp;
+} cp_plan_colors;
+cp_plan_colors cp_plan_group_colors(int rank, int tp, int cp);
+
 /* Writes the valid tensor-parallel sizes for shape s (ascending, at most
  * cap) and returns how many there are. */
 int cp_plan_valid_tp(const cp_plan_shape *s, int *out, int cap);

@@ -53,6 +53,11 @@ static void list_valid_tp(const cp_plan_shape *s, char *buf, size_t cap) {
         off += (size_t)snprintf(buf + off, cap - off, "%s%d", i ? ", " : "", v[i]);
 }
 
+cp_plan_colors cp_plan_group_colors(int rank, int tp, int cp) {
+    const int tc = tp * cp;
+    return (cp_plan_colors){rank / tp, rank % tc, rank / tc * tp + rank % tp};
+}
+
 cp_status cp_plan_init(const cp_plan_shape *s, const cp_plan_opts *o, int rank, cp_plan *p) {
     memset(p, 0, sizeof(*p));
     if (!s || !o) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_plan_init: NULL argument");

@@ -318,11 +318,11 @@ int main(int argc, char **argv) {
         rc = 2;
         goto out;
     }
-    /* the launcher's layout: rank = (pp_rank * cp + cp_rank) * tp + tp_rank */
-    const int tc = o.tp * o.cp;
-    if ((o.tp > 1 && cp_comm_split(world, rank / o.tp, rank, &tp) != CP_OK) ||
-        (o.pp > 1 && cp_comm_split(world, rank % tc, rank, &pp) != CP_OK) ||
-        (o.cp > 1 && cp_comm_split(world, rank / tc * o.tp + rank % o.tp, rank, &cpc) != CP_OK)) {
+    /* the launcher's layout (cp_plan.h) */
+    const cp_plan_colors col = cp_plan_group_colors(rank, o.tp, o.cp);
+    if ((o.tp > 1 && cp_comm_split(world, col.tp, rank, &tp) != CP_OK) ||
+        (o.pp > 1 && cp_comm_split(world, col.pp, rank, &pp) != CP_OK) ||
+        (o.cp > 1 && cp_comm_split(world, col.cp, rank, &cpc) != CP_OK)) {
         fail_msg(rank, "cannot create the parallel groups");
         goto out;
     }

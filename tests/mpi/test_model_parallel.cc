@@ -71,11 +71,10 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
     cp_comm_t tpc = nullptr, ppc = nullptr, cpc = nullptr;
     bool alone = tp * pp * cp == 1;
     if (!alone) {
-        const int tc = tp * cp;
-        EXPECT_EQ(cp_comm_split(g_world, tp > 1 ? rank / tp : -1, rank, &tpc), CP_OK) << cp_last_error();
-        EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? rank % tc : -1, rank, &ppc), CP_OK) << cp_last_error();
-        EXPECT_EQ(cp_comm_split(g_world, cp > 1 ? rank / tc * tp + rank % tp : -1, rank, &cpc), CP_OK)
-            << cp_last_error();
+        const cp_plan_colors col = cp_plan_group_colors(rank, tp, cp);
+        EXPECT_EQ(cp_comm_split(g_world, tp > 1 ? col.tp : -1, rank, &tpc), CP_OK) << cp_last_error();
+        EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? col.pp : -1, rank, &ppc), CP_OK) << cp_last_error();
+        EXPECT_EQ(cp_comm_split(g_world, cp > 1 ? col.cp : -1, rank, &cpc), CP_OK) << cp_last_error();
     }
     cp_engine_opts o = {};
     o.model_path = model.c_str();

@@ -135,6 +135,17 @@ TEST(Plan, ContextParallelRanksShareTheirSlotsShardsAndSplitPositions) {
         EXPECT_EQ(p.layer_begin, q.layer_begin);
         EXPECT_EQ(p.layer_end, q.layer_end);
     }
+    // the group colors put exactly the ranks the plan pairs into one group
+    for (int a = 0; a < 12; a++)
+        for (int b = 0; b < 12; b++) {
+            cp_plan pa, pb;
+            ASSERT_EQ(cp_plan_init(&s, &o, a, &pa), CP_OK);
+            ASSERT_EQ(cp_plan_init(&s, &o, b, &pb), CP_OK);
+            cp_plan_colors ca = cp_plan_group_colors(a, 3, 2), cb = cp_plan_group_colors(b, 3, 2);
+            EXPECT_EQ(ca.tp == cb.tp, pa.pp_rank == pb.pp_rank && pa.cp_rank == pb.cp_rank) << a << " " << b;
+            EXPECT_EQ(ca.pp == cb.pp, pa.cp_rank == pb.cp_rank && pa.tp_rank == pb.tp_rank) << a << " " << b;
+            EXPECT_EQ(ca.cp == cb.cp, pa.pp_rank == pb.pp_rank && pa.tp_rank == pb.tp_rank) << a << " " << b;
+        }
     cp_plan p;
     EXPECT_EQ(cp_plan_init(&s, &o, 12, &p), CP_ERR_INVALID_ARG);
     EXPECT_NE(std::string(cp_last_error_detail()).find("cp=2"), std::string::npos) << cp_last_error_detail();
