@@ -4,6 +4,7 @@
 #include "cli_optimize.h"
 
 #include "cli.h"
+#include "cp_comm.h"
 #include "cp_eval.h"
 #include "cp_runtime.h"
 #include "cp_tokenizer.h"
@@ -27,20 +28,103 @@ const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap) {
     return NULL;
 }
 
+void cli_job_defaults(cli_job *j) {
+    memset(j, 0, sizeof(*j));
+    j->tp = j->pp = j->cp = 1;
+    j->timeout_s = 60;
+}
+
+int cli_job_start(cli_job *j) {
+    int rc = ranks_init(&j->rk, j->tp, j->pp, j->cp, j->timeout_s * 1000);
+    if (rc) {
+        ranks_free(&j->rk);
+        return rc;
+    }
+    j->lead = j->rk.rank == 0;
+    int device_id = -1;
+    ranks_node_defaults(&j->rk, CP_DEVICE_CPU, &j->threads, &device_id);
+    return 0;
+}
+
+int cli_job_end(cli_job *j, int rc, bool shared) {
+    if (rc && !shared && j->rk.size > 1) cp_comm_abort(j->rk.world, rc);
+    ranks_free(&j->rk);
+    return rc;
+}
+
+bool cli_job_partial_name(cli_job *j, const char *out, char *tmp, size_t cap) {
+    int64_t pid = (int64_t)getpid();
+    if (j->rk.size > 1 && cp_comm_bcast(j->rk.world, &pid, 1, CP_DTYPE_I64, 0, NULL) != CP_OK) {
+        cli_report_error("cannot agree on the temporary file");
+        return false;
+    }
+    return snprintf(tmp, cap, "%s.partial-%lld", out, (long long)pid) < (int)cap;
+}
+
+/* The message rank 0 broadcasts while it writes: {state, done, total}. */
+enum { BEAT_WRITING = 0, BEAT_WRITTEN = 1, BEAT_FAILED = 2 };
+
+static bool beat(cli_job *j, int64_t state, size_t done, size_t total) {
+    if (j->rk.size < 2) return true;
+    int64_t msg[3] = {state, (int64_t)done, (int64_t)total};
+    j->last_beat = cp_time_now();
+    return cp_comm_bcast(j->rk.world, msg, 3, CP_DTYPE_I64, 0, NULL) == CP_OK;
+}
+
+bool cli_job_written(cli_job *j, bool ok) {
+    if (j->rk.size < 2) return ok;
+    if (j->lead) {
+        if (!beat(j, ok ? BEAT_WRITTEN : BEAT_FAILED, 0, 0)) {
+            cli_report_error("cannot tell the other ranks the model is written");
+            return false;
+        }
+        return ok;
+    }
+    for (;;) {
+        int64_t msg[3] = {0, 0, 0};
+        if (cp_comm_bcast(j->rk.world, msg, 3, CP_DTYPE_I64, 0, NULL) != CP_OK) {
+            cli_report_error("rank 0 went silent while writing the model (raise --collective-timeout when "
+                             "one tensor takes longer)");
+            return false;
+        }
+        if (msg[0] != BEAT_WRITING) return msg[0] == BEAT_WRITTEN;
+    }
+}
+
+void cli_write_progress(void *user, size_t done, size_t total) {
+    cli_write_progress_state *p = user;
+    if (p->job && cp_time_now() - p->job->last_beat >= 1.0) beat(p->job, BEAT_WRITING, done, total);
+    if (!p->cmd) return;
+    int pct = total ? (int)(100 * done / total) : 100;
+    if (pct / 10 == p->last / 10) return;
+    p->last = pct;
+    fprintf(stderr, "cparallel: %s %3d%%\n", p->cmd, pct);
+}
+
+/* An engine of the model sharded over the job's ranks, on the CPU with an
+ * exact cache; NULL after reporting `what` failed. */
+static cp_engine_t job_engine(cli_job *j, const char *model, int ctx, const char *what) {
+    cp_engine_opts eo = ranks_engine_opts(&j->rk, model, CP_DEVICE_CPU, 0, j->threads, ctx, j->tp, j->pp);
+    eo.kv_f32 = true;
+    cp_engine_t e = NULL;
+    if (cp_engine_init(&eo, &e) != CP_OK) {
+        cli_report_error(what);
+        return NULL;
+    }
+    return e;
+}
+
 /* Activation statistics of the original model over calibration text. */
-int cli_calibrate(const char *cmd, const char *model, const char *calib, int tokens, int threads, cp_act_stats **out) {
+int cli_calibrate(const char *cmd, cli_job *j, const char *model, const char *calib, int tokens,
+                  cp_act_stats **out) {
     size_t len = 0;
     char *body = NULL;
     if (!cli_read_file(cmd, "calibration text", calib, 256, &body, &len)) return 1;
-    cp_engine_opts eo = {.model_path = model, .n_threads = threads, .n_ctx = 512, .n_seq = 1, .kv_f32 = true};
-    cp_engine_t e = NULL;
+    cp_engine_t e = job_engine(j, model, 512, "cannot load the model");
     int32_t *ids = NULL;
     size_t n = 0;
     int rc = 1;
-    if (cp_engine_init(&eo, &e) != CP_OK) {
-        cli_report_error("cannot load the model");
-        goto out;
-    }
+    if (!e) goto out;
     if (cp_tokenizer_encode(cp_engine_tokenizer(e), body, len, true, false, &ids, &n) != CP_OK) {
         cli_report_error("cannot tokenize the calibration text");
         goto out;
@@ -50,7 +134,7 @@ int cli_calibrate(const char *cmd, const char *model, const char *calib, int tok
         cli_report_error("calibration failed");
         goto out;
     }
-    printf("calibration       %s: %zu tokens\n", calib, n);
+    if (j->lead) printf("calibration       %s: %zu tokens\n", calib, n);
     rc = 0;
 out:
     free(ids);
@@ -59,35 +143,17 @@ out:
     return rc;
 }
 
-void cli_write_progress(void *user, size_t done, size_t total) {
-    cli_write_progress_state *p = user;
-    int pct = total ? (int)(100 * done / total) : 100;
-    if (pct / 10 == p->last / 10) return;
-    p->last = pct;
-    fprintf(stderr, "cparallel: %s %3d%%\n", p->cmd, pct);
-}
-
 /* Measures the written model against the original; 0 when it may be kept. */
-int cli_measure(const char *cmd, const char *orig, const char *quant, const char *text, int ctx, int max_tokens,
-                   int threads, double max_increase, bool force, double *increase) {
+int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant, const char *text, int ctx,
+                int max_tokens, double max_increase, bool force, double *increase) {
     size_t len = 0;
     char *body = NULL;
     if (!cli_read_file(cmd, "evaluation text", text, 256, &body, &len)) return 1;
-    cp_engine_opts eo = {.model_path = orig, .n_threads = threads, .n_ctx = ctx, .n_seq = 1,
-                         .kv_f32 = true};
-    cp_engine_t r = NULL, m = NULL;
+    cp_engine_t r = job_engine(j, orig, ctx, "cannot load the original model"), m = NULL;
     int32_t *ids = NULL;
     size_t n = 0;
     int rc = 1;
-    if (cp_engine_init(&eo, &r) != CP_OK) {
-        cli_report_error("cannot load the original model");
-        goto out;
-    }
-    eo.model_path = quant;
-    if (cp_engine_init(&eo, &m) != CP_OK) {
-        cli_report_error("cannot load the new model");
-        goto out;
-    }
+    if (!r || !(m = job_engine(j, quant, ctx, "cannot load the new model"))) goto out;
     if (cp_tokenizer_encode(cp_engine_tokenizer(r), body, len, true, false, &ids, &n) != CP_OK) {
         cli_report_error("cannot tokenize the evaluation text");
         goto out;
@@ -100,13 +166,24 @@ int cli_measure(const char *cmd, const char *orig, const char *quant, const char
         goto out;
     }
     *increase = res.ppl / res.ref_ppl - 1;
-    printf("evaluation text   %s: %zu tokens, windows of %d\n", text, n, res.ctx);
-    printf("perplexity        original %.4f, %s %.4f (%+.2f%%; bound %+.2f%%)\n",
-           res.ref_ppl, !strcmp(cmd, "quantize") ? "quantized" : "pruned", res.ppl, 100 * *increase, 100 * max_increase);
-    printf("KL(orig || new)   mean %.5f  median %.5f  p99 %.5f  max %.5f  nats/token\n",
-           res.kl_mean, res.kl_p50, res.kl_p99, res.kl_max);
-    printf("top-1 agreement   %.2f%%\n", 100 * res.top1);
-    rc = *increase > max_increase && !force ? 3 : 0;
+    int32_t verdict = *increase > max_increase && !force ? 3 : 0;
+    if (j->lead) {
+        printf("evaluation text   %s: %zu tokens, windows of %d\n", text, n, res.ctx);
+        printf("perplexity        original %.4f, %s %.4f (%+.2f%%; bound %+.2f%%)\n", res.ref_ppl,
+               !strcmp(cmd, "quantize") ? "quantized" : "pruned", res.ppl, 100 * *increase, 100 * max_increase);
+        printf("KL(orig || new)   mean %.5f  median %.5f  p99 %.5f  max %.5f  nats/token\n", res.kl_mean,
+               res.kl_p50, res.kl_p99, res.kl_max);
+        printf("top-1 agreement   %.2f%%\n", 100 * res.top1);
+        fflush(stdout);
+    }
+    /* one verdict: rank 0's */
+    double v[2] = {(double)verdict, *increase};
+    if (j->rk.size > 1 && cp_comm_bcast(j->rk.world, v, 2, CP_DTYPE_F64, 0, NULL) != CP_OK) {
+        cli_report_error("cannot agree on the measurement");
+        goto out;
+    }
+    rc = (int)v[0];
+    *increase = v[1];
 out:
     free(ids);
     free(body);
@@ -114,4 +191,3 @@ out:
     cp_engine_free(r);
     return rc;
 }
-

@@ -6,29 +6,76 @@
 #include <stddef.h>
 
 #include "cp_quantize.h"
+#include "ranks.h"
 
 /* A chapter of the Python tutorial from Debian's python3-doc (English prose
  * nobody on this project wrote) into path[cap], or NULL when it is not
  * installed. Evaluation uses "appetite"; calibration "controlflow". */
 const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap);
 
-/* Activation statistics of model over the first `tokens` tokens of the
- * file calib; 0 on success (errors reported as `cparallel cmd: ...`). */
-int cli_calibrate(const char *cmd, const char *model, const char *calib, int tokens, int threads,
-                  cp_act_stats **out);
+/* The ranks a model-rewriting command runs over (mpirun -np tp x cp x pp):
+ * the calibration and the measurement shard the model over them like
+ * `cparallel eval`; rank 0 alone reads the source and writes the result
+ * (streaming, one tensor at a time) while the others wait for it, and only
+ * rank 0 prints. The output must be on a file system every rank sees. */
+typedef struct cli_job {
+    ranks rk;
+    int tp, pp, cp, timeout_s, threads;
+    bool lead;          /* rank 0 */
+    double last_beat;   /* rank 0: when the waiting ranks last heard from it */
+} cli_job;
 
-/* Progress on stderr every 10%: pass a cli_write_progress_state as the user. */
+/* The layout options of a cli_job j (a pointer), for an option table. */
+#define CLI_JOB_OPTS(j)                                                                                      \
+    {"tp", 0, CLI_INT, &(j)->tp, 1, 1024, "N", "tensor-parallel ranks for calibration and measurement (default 1)", \
+     NULL},                                                                                                  \
+    {"pp", 0, CLI_INT, &(j)->pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},                          \
+    {"cp", 0, CLI_INT, &(j)->cp, 1, 1024, "N",                                                               \
+     "context-parallel ranks (default 1); the job needs tp x cp x pp ranks", NULL},                          \
+    {"collective-timeout", 0, CLI_INT, &(j)->timeout_s, 0, 86400, "S",                                      \
+     "deadline of every collective in seconds (default 60), also of the wait for rank 0's next tensor "      \
+     "while it writes", NULL},                                                                                \
+    {"threads", 0, CLI_INT, &(j)->threads, 1, 4096, "N", "CPU threads per rank (default: the node's cores "   \
+     "shared by its ranks)", NULL}
+
+/* Defaults for the options above (before parsing). */
+void cli_job_defaults(cli_job *j);
+/* Starts the ranks; 0, or the exit code after printing why. */
+int cli_job_start(cli_job *j);
+/* Ends the job with exit code rc. A failure not every rank saw (shared is
+ * false) aborts the other ranks, which would otherwise wait for it. */
+int cli_job_end(cli_job *j, int rc, bool shared);
+
+/* The temporary file out.partial-PID (PID of rank 0) on every rank; false
+ * when it does not fit cap. */
+bool cli_job_partial_name(cli_job *j, const char *out, char *tmp, size_t cap);
+
+/* Rank 0 after writing: tells the waiting ranks whether it succeeded.
+ * The others: wait for that (each heartbeat within the collective
+ * deadline) and return rank 0's outcome. Collective. */
+bool cli_job_written(cli_job *j, bool ok);
+/* Progress of the write on rank 0: prints every 10% (user: a
+ * cli_write_progress_state whose job is set) and sends the waiting ranks a
+ * heartbeat at most once a second. */
 typedef struct cli_write_progress_state {
     const char *cmd;
     int last;
+    cli_job *job;
 } cli_write_progress_state;
 void cli_write_progress(void *user, size_t done, size_t total);
 
+/* Activation statistics of model over the first `tokens` tokens of the
+ * file calib, the model sharded over the job's ranks (collective: every
+ * rank gets them); 0 on success (errors reported as `cparallel cmd: ...`). */
+int cli_calibrate(const char *cmd, cli_job *j, const char *model, const char *calib, int tokens,
+                  cp_act_stats **out);
+
 /* Measures the model at cand against orig on the text (perplexity, KL,
- * top-1 agreement, printed); *increase gets the relative perplexity rise.
- * Returns 0 when it may be kept, 3 when the rise exceeds max_increase (a
- * fraction) and !force, 1 on errors. */
-int cli_measure(const char *cmd, const char *orig, const char *cand, const char *text, int ctx, int max_tokens,
-                int threads, double max_increase, bool force, double *increase);
+ * top-1 agreement, printed by rank 0), both sharded over the job's ranks;
+ * *increase gets the relative perplexity rise. Collective; every rank
+ * returns rank 0's verdict: 0 when it may be kept, 3 when the rise exceeds
+ * max_increase (a fraction) and !force, 1 on errors. */
+int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *cand, const char *text, int ctx,
+                int max_tokens, double max_increase, bool force, double *increase);
 
 #endif /* CP_CLI_OPTIMIZE_H */

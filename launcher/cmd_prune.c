@@ -2,7 +2,9 @@
  * needs activations, plans what to remove (cp_prune_plan), writes the
  * pruned model to a temporary file next to the output, measures it against
  * the original on evaluation text, and renames it into place only when the
- * perplexity increase is within --max-ppl-increase (or --force). */
+ * perplexity increase is within --max-ppl-increase (or --force). Under
+ * mpirun the calibration and the measurement run over the ranks
+ * (--tp/--pp/--cp) and rank 0 plans and writes (see cli_job). */
 #include "cmd_prune.h"
 
 #include "cli.h"
@@ -53,13 +55,78 @@ static void default_type(const char *in, bool n2m, bool zeroing, cp_dtype *t, bo
     *keep = !zeroing || all_exact;
 }
 
+/* Rank 0: plans the edit from the statistics, writes the pruned model to
+ * tmp and prints what it did; false after reporting an error. */
+static bool write_pruned(const char *in, const char *tmp, const char *out, cp_prune_opts *po,
+                         const cp_act_stats *stats, cp_dtype t, bool keep_types, bool no_progress, cli_job *job) {
+    po->stats = stats;
+    cp_gguf_t g = NULL;
+    cp_model_edit *edit = NULL;
+    cp_prune_report rep;
+    if (cp_gguf_open(in, &g) != CP_OK) {
+        cli_report_error("cannot read the model");
+        return false;
+    }
+    cp_status pst = cp_prune_plan(g, po, &edit, &rep);
+    cp_gguf_close(g);
+    if (pst != CP_OK) {
+        cli_report_error("cannot prune the model");
+        return false;
+    }
+    if (po->drop_layers) {
+        printf("block importance  1 - cos(in, out) per layer:");
+        for (int l = 0; l < rep.n_layer; l++) printf(" %d:%.4f", l, rep.importance[l]);
+        printf("\ndropped layers   ");
+        for (int i = 0; i < rep.n_dropped; i++) printf(" %d", rep.dropped[i]);
+        printf("\n");
+    }
+    cli_write_progress_state prog = {no_progress ? NULL : "prune", -1, job};
+    cp_quantize_opts qo = {.type = t, .keep_types = keep_types, .edit = edit, .progress = cli_write_progress,
+                           .progress_user = &prog};
+    cp_quantize_stats qs;
+    const double t0 = cp_time_now();
+    cp_status qst = cp_quantize_gguf(in, tmp, &qo, &qs);
+    cp_model_edit_free(edit);
+    if (qst != CP_OK) {
+        cli_report_error("cannot write the pruned model");
+        unlink(tmp);
+        return false;
+    }
+    const bool zeroing = po->n2m || po->sparsity > 0;
+    printf("pruned            %s -> %s:", in, out);
+    const char *sep = " ";
+    if (zeroing) {
+        printf("%s%d matrices %s (%s)", sep, rep.n_pruned, po->n2m ? "2:4 sparse" : "sparse",
+               po->method == CP_PRUNE_WANDA ? "wanda" : "magnitude");
+        if (po->sparsity > 0) printf(" at %.0f%%", 100 * po->sparsity);
+        sep = ", ";
+    }
+    if (po->drop_layers) {
+        printf("%s%d layers dropped", sep, rep.n_dropped);
+        sep = ", ";
+    }
+    if (po->n_head) {
+        printf("%s%d heads per layer kept", sep, po->n_head);
+        sep = ", ";
+    }
+    if (po->ffn_dim) printf("%s%d MLP channels per layer kept", sep, po->ffn_dim);
+    printf("; matrices %s", keep_types ? "in their own types" : cp_dtype_name(t));
+    if (qs.n_fallback) printf(" (%d in %s: rows not whole blocks)", qs.n_fallback, cp_dtype_name(qs.fallback_type));
+    printf("\nsize              %.1f MB -> %.1f MB of tensor data in %.1f s\n", qs.bytes_in / 1e6,
+           qs.bytes_out / 1e6, cp_time_now() - t0);
+    fflush(stdout);
+    return true;
+}
+
 int cp_cli_prune(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL, *method = "wanda",
                *sparsity = NULL;
     char text_buf[256], calib_buf[256];
-    int ctx = 512, max_tokens = 4096, threads = 0, calib_tokens = 1024, drop = 0, heads = 0, ffn = 0;
+    int ctx = 512, max_tokens = 4096, calib_tokens = 1024, drop = 0, heads = 0, ffn = 0;
     float max_increase = 5.0f;
     bool force = false, no_eval = false, no_progress = false;
+    cli_job job;
+    cli_job_defaults(&job);
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &in, 0, -1, "PATH", "the GGUF model to prune (required)", NULL},
         {"out", 'o', CLI_STR, &out, 0, -1, "PATH", "where to write the pruned model (required)", NULL},
@@ -89,7 +156,7 @@ int cp_cli_prune(int argc, char **argv) {
         {"force", 0, CLI_FLAG, &force, 0, -1, NULL, "write even past the bound", NULL},
         {"no-eval", 0, CLI_FLAG, &no_eval, 0, -1, NULL, "skip the measurement and the bound (nothing is checked)",
          NULL},
-        {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads (default: all cores)", NULL},
+        CLI_JOB_OPTS(&job),
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print progress", NULL},
         {0},
     };
@@ -147,94 +214,43 @@ int cp_cli_prune(int argc, char **argv) {
                         "python3-doc, or skip the check with --no-eval)\n");
         return 2;
     }
-    char tmp[4096];
-    if (snprintf(tmp, sizeof(tmp), "%s.partial-%ld", out, (long)getpid()) >= (int)sizeof(tmp)) {
-        fprintf(stderr, "cparallel prune: error: --out is too long\n");
+    const bool need_calib = (zeroing && po.method == CP_PRUNE_WANDA) || drop || heads || ffn;
+    if (need_calib && !calib && !(calib = cli_tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
+        fprintf(stderr, "cparallel prune: error: wanda and structured pruning need calibration text: give "
+                        "--calib FILE (or install python3-doc)\n");
         return 2;
     }
+    if ((rc = cli_job_start(&job))) return rc;
+    char tmp[4096];
+    if (!cli_job_partial_name(&job, out, tmp, sizeof(tmp))) {
+        fprintf(stderr, "cparallel prune: error: --out is too long\n");
+        return cli_job_end(&job, 2, true);
+    }
     cp_act_stats *stats = NULL;
-    if ((zeroing && po.method == CP_PRUNE_WANDA) || drop || heads || ffn) {
-        if (!calib && !(calib = cli_tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
-            fprintf(stderr, "cparallel prune: error: wanda and structured pruning need calibration text: give "
-                            "--calib FILE (or install python3-doc)\n");
-            return 2;
-        }
-        if (cli_calibrate("prune", in, calib, calib_tokens, threads, &stats)) return 1;
-    }
-    po.stats = stats;
-    cp_gguf_t g = NULL;
-    cp_model_edit *edit = NULL;
-    cp_prune_report rep;
-    if (cp_gguf_open(in, &g) != CP_OK) {
-        cp_act_stats_free(stats);
-        cli_report_error("cannot read the model");
-        return 1;
-    }
-    cp_status pst = cp_prune_plan(g, &po, &edit, &rep);
-    cp_gguf_close(g);
+    if (need_calib && cli_calibrate("prune", &job, in, calib, calib_tokens, &stats)) return cli_job_end(&job, 1, false);
+    /* rank 0 plans and writes; the others wait for it */
+    const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, t, keep_types, no_progress, &job);
     cp_act_stats_free(stats);
-    if (pst != CP_OK) {
-        cli_report_error("cannot prune the model");
-        return 1;
-    }
-    if (drop) {
-        printf("block importance  1 - cos(in, out) per layer:");
-        for (int l = 0; l < rep.n_layer; l++) printf(" %d:%.4f", l, rep.importance[l]);
-        printf("\ndropped layers   ");
-        for (int i = 0; i < rep.n_dropped; i++) printf(" %d", rep.dropped[i]);
-        printf("\n");
-    }
-    cli_write_progress_state prog = {"prune", -1};
-    cp_quantize_opts qo = {.type = t, .keep_types = keep_types, .edit = edit,
-                           .progress = no_progress ? NULL : cli_write_progress, .progress_user = &prog};
-    cp_quantize_stats qs;
-    const double t0 = cp_time_now();
-    cp_status qst = cp_quantize_gguf(in, tmp, &qo, &qs);
-    cp_model_edit_free(edit);
-    if (qst != CP_OK) {
-        cli_report_error("cannot write the pruned model");
-        unlink(tmp);
-        return 1;
-    }
-    printf("pruned            %s -> %s:", in, out);
-    const char *sep = " ";
-    if (zeroing) {
-        printf("%s%d matrices %s (%s)", sep, rep.n_pruned, po.n2m ? "2:4 sparse" : "sparse",
-               po.method == CP_PRUNE_WANDA ? "wanda" : "magnitude");
-        if (po.sparsity > 0) printf(" at %.0f%%", 100 * po.sparsity);
-        sep = ", ";
-    }
-    if (drop) {
-        printf("%s%d layers dropped", sep, rep.n_dropped);
-        sep = ", ";
-    }
-    if (heads) {
-        printf("%s%d heads per layer kept", sep, heads);
-        sep = ", ";
-    }
-    if (ffn) printf("%s%d MLP channels per layer kept", sep, ffn);
-    printf("; matrices %s", keep_types ? "in their own types" : cp_dtype_name(t));
-    if (qs.n_fallback) printf(" (%d in %s: rows not whole blocks)", qs.n_fallback, cp_dtype_name(qs.fallback_type));
-    printf("\nsize              %.1f MB -> %.1f MB of tensor data in %.1f s\n", qs.bytes_in / 1e6,
-           qs.bytes_out / 1e6, cp_time_now() - t0);
-    fflush(stdout);
+    if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
     if (!no_eval) {
         double increase = 0;
-        rc = cli_measure("prune", in, tmp, text, ctx, max_tokens, threads, max_increase / 100.0, force, &increase);
+        rc = cli_measure("prune", &job, in, tmp, text, ctx, max_tokens, max_increase / 100.0, force, &increase);
         if (rc) {
-            unlink(tmp);
-            if (rc == 3)
+            if (job.lead) unlink(tmp);
+            if (rc == 3 && job.lead)
                 fprintf(stderr, "cparallel prune: error: not written: perplexity rose by %.2f%%, more than "
                                 "--max-ppl-increase %.2f%% (--force writes it anyway)\n", 100 * increase,
                         (double)max_increase);
-            return 1;
+            return cli_job_end(&job, 1, rc == 3);
         }
     }
-    if (rename(tmp, out) != 0) {
-        fprintf(stderr, "cparallel prune: error: cannot write '%s': %s\n", out, strerror(errno));
-        unlink(tmp);
-        return 1;
+    if (job.lead) {
+        if (rename(tmp, out) != 0) {
+            fprintf(stderr, "cparallel prune: error: cannot write '%s': %s\n", out, strerror(errno));
+            unlink(tmp);
+            return cli_job_end(&job, 1, true);
+        }
+        printf("written           %s\n", out);
     }
-    printf("written           %s\n", out);
-    return 0;
+    return cli_job_end(&job, 0, true);
 }

@@ -2,7 +2,8 @@
  * temporary file next to the output, measures it against the original on
  * evaluation text (perplexity, KL, top-1 agreement), and renames it into
  * place only when the perplexity increase is within --max-ppl-increase
- * (or --force). */
+ * (or --force). Under mpirun the calibration and the measurement run over
+ * the ranks (--tp/--pp/--cp) and rank 0 writes (see cli_job). */
 #include "cmd_quantize.h"
 
 #include "cli.h"
@@ -23,9 +24,11 @@
 int cp_cli_quantize(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL;
     char text_buf[256], calib_buf[256];
-    int ctx = 512, max_tokens = 4096, threads = 0, calib_tokens = 1024;
+    int ctx = 512, max_tokens = 4096, calib_tokens = 1024;
     float max_increase = 5.0f;
     bool force = false, no_eval = false, no_progress = false;
+    cli_job job;
+    cli_job_defaults(&job);
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &in, 0, -1, "PATH", "the GGUF model to quantize (required)", NULL},
         {"out", 'o', CLI_STR, &out, 0, -1, "PATH", "where to write the GGUF result (required)",
@@ -47,7 +50,7 @@ int cp_cli_quantize(int argc, char **argv) {
         {"force", 0, CLI_FLAG, &force, 0, -1, NULL, "write even past the bound", NULL},
         {"no-eval", 0, CLI_FLAG, &no_eval, 0, -1, NULL,
          "skip the measurement and the bound (nothing is checked)", NULL},
-        {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads (default: all cores)", NULL},
+        CLI_JOB_OPTS(&job),
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print progress", NULL},
         {0},
     };
@@ -73,62 +76,65 @@ int cp_cli_quantize(int argc, char **argv) {
                         "(or install python3-doc, or skip the check with --no-eval)\n");
         return 2;
     }
-    char tmp[4096];
-    if (snprintf(tmp, sizeof(tmp), "%s.partial-%ld", out, (long)getpid()) >= (int)sizeof(tmp)) {
-        fprintf(stderr, "cparallel quantize: error: --out is too long\n");
+    if (awq && !calib && !(calib = cli_tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
+        fprintf(stderr, "cparallel quantize: error: awq needs calibration text: give --calib FILE "
+                        "(or install python3-doc)\n");
         return 2;
     }
-    cli_write_progress_state prog = {"quantize", -1};
+    if ((rc = cli_job_start(&job))) return rc;
+    char tmp[4096];
+    if (!cli_job_partial_name(&job, out, tmp, sizeof(tmp))) {
+        fprintf(stderr, "cparallel quantize: error: --out is too long\n");
+        return cli_job_end(&job, 2, true);
+    }
     cp_act_stats *stats = NULL;
-    if (awq) {
-        if (!calib && !(calib = cli_tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
-            fprintf(stderr, "cparallel quantize: error: awq needs calibration text: give --calib FILE "
-                            "(or install python3-doc)\n");
-            return 2;
+    if (awq && cli_calibrate("quantize", &job, in, calib, calib_tokens, &stats))
+        return cli_job_end(&job, 1, false);
+    /* rank 0 writes; the others wait for it */
+    bool ok = true;
+    if (job.lead) {
+        cli_write_progress_state prog = {no_progress ? NULL : "quantize", -1, &job};
+        cp_quantize_opts qo = {.type = t, .awq = stats, .progress = cli_write_progress, .progress_user = &prog};
+        cp_quantize_stats qs;
+        double t0 = cp_time_now();
+        ok = cp_quantize_gguf(in, tmp, &qo, &qs) == CP_OK;
+        if (!ok) {
+            cli_report_error("cannot quantize the model");
+            unlink(tmp);
+        } else {
+            printf("quantized         %s -> %s: %d matrices to %s", in, out, qs.n_quantized, cp_dtype_name(t));
+            if (qs.n_fallback)
+                printf(", %d to %s (rows not whole %s blocks)", qs.n_fallback, cp_dtype_name(qs.fallback_type),
+                       cp_dtype_name(t));
+            if (qs.n_head_8bit) printf(", the output projection to I8_ROW");
+            printf(", %d tensors kept\n", qs.n_kept);
+            printf("size              %.1f MB -> %.1f MB of tensor data (%.2fx) in %.1f s\n", qs.bytes_in / 1e6,
+                   qs.bytes_out / 1e6, qs.bytes_out ? (double)qs.bytes_in / (double)qs.bytes_out : 0.0,
+                   cp_time_now() - t0);
+            fflush(stdout);
         }
-        if (cli_calibrate("quantize", in, calib, calib_tokens, threads, &stats)) return 1;
     }
-    cp_quantize_opts qo = {.type = t, .awq = stats, .progress = no_progress ? NULL : cli_write_progress,
-                           .progress_user = &prog};
-    cp_quantize_stats qs;
-    double t0 = cp_time_now();
-    cp_status qst = cp_quantize_gguf(in, tmp, &qo, &qs);
     cp_act_stats_free(stats);
-    if (qst != CP_OK) {
-        cli_report_error("cannot quantize the model");
-        unlink(tmp);
-        return 1;
-    }
-    printf("quantized         %s -> %s: %d matrices to %s", in, out, qs.n_quantized,
-           cp_dtype_name(t));
-    if (qs.n_fallback)
-        printf(", %d to %s (rows not whole %s blocks)", qs.n_fallback,
-               cp_dtype_name(qs.fallback_type), cp_dtype_name(t));
-    if (qs.n_head_8bit) printf(", the output projection to I8_ROW");
-    printf(", %d tensors kept\n", qs.n_kept);
-    printf("size              %.1f MB -> %.1f MB of tensor data (%.2fx) in %.1f s\n",
-           qs.bytes_in / 1e6, qs.bytes_out / 1e6,
-           qs.bytes_out ? (double)qs.bytes_in / (double)qs.bytes_out : 0.0, cp_time_now() - t0);
-    fflush(stdout);
+    if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
     if (!no_eval) {
         double increase = 0;
-        rc = cli_measure("quantize", in, tmp, text, ctx, max_tokens, threads, max_increase / 100.0, force,
-                         &increase);
+        rc = cli_measure("quantize", &job, in, tmp, text, ctx, max_tokens, max_increase / 100.0, force, &increase);
         if (rc) {
-            unlink(tmp);
-            if (rc == 3)
+            if (job.lead) unlink(tmp);
+            if (rc == 3 && job.lead)
                 fprintf(stderr, "cparallel quantize: error: not written: perplexity rose by "
                                 "%.2f%%, more than --max-ppl-increase %.2f%% (--force writes it "
                                 "anyway)\n", 100 * increase, (double)max_increase);
-            return 1;
+            return cli_job_end(&job, 1, rc == 3);
         }
     }
-    if (rename(tmp, out) != 0) {
-        fprintf(stderr, "cparallel quantize: error: cannot write '%s': %s\n", out,
-                strerror(errno));
-        unlink(tmp);
-        return 1;
+    if (job.lead) {
+        if (rename(tmp, out) != 0) {
+            fprintf(stderr, "cparallel quantize: error: cannot write '%s': %s\n", out, strerror(errno));
+            unlink(tmp);
+            return cli_job_end(&job, 1, true);
+        }
+        printf("written           %s\n", out);
     }
-    printf("written           %s\n", out);
-    return 0;
+    return cli_job_end(&job, 0, true);
 }

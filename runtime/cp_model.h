@@ -164,9 +164,23 @@ typedef enum cp_act_site {
 typedef void (*cp_act_observer)(void *user, int layer, cp_act_site site, const float *x, int n, int width);
 
 /* Calls fn (NULL: stop) during every later forward pass with the rows of
- * each site of each layer (host memory, valid during the call). Only a
- * single-rank model on the CPU backend: CP_ERR_UNSUPPORTED otherwise. */
+ * each site of each layer (host memory, valid during the call). On the CPU
+ * backend only, and without sequence parallelism: CP_ERR_UNSUPPORTED
+ * otherwise. Across ranks each rank sees its own part: the layers of its
+ * stage (layer is the model's index), the rows of the positions it computes
+ * (context parallelism), and at CP_ACT_ATTN_OUT and CP_ACT_FFN_ACT the
+ * columns of its query heads and FFN columns (cp_plan head_begin and
+ * ffn_begin give where they start); the other sites are the whole width on
+ * every rank of a TP group. */
 cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user);
+
+/* The communicators of this rank's tensor-parallel, pipeline and
+ * context-parallel groups (borrowed; NULL where the group is this rank
+ * alone), for collectives over the model's layout. */
+typedef struct cp_model_groups {
+    struct cp_comm *tp, *pp, *cp;
+} cp_model_groups;
+cp_model_groups cp_model_get_groups(cp_model_t m);
 
 /* Largest number of tokens one internal chunk of cp_model_forward takes. */
 int cp_model_max_batch(cp_model_t m);

@@ -40,11 +40,18 @@ int cp_model_max_batch(cp_model_t m) { return m->max_batch; }
 void cp_model_get_stats(cp_model_t m, cp_model_stats *s) { *s = m->stats; }
 
 cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
-    if (fn && (cp_backend_device(m->be) != CP_DEVICE_CPU || m->plan.tp > 1 || m->plan.pp > 1 || m->plan.cp > 1))
-        return CP_ERROR(CP_ERR_UNSUPPORTED, "activation statistics need a single-rank model on the CPU");
+    if (fn && cp_backend_device(m->be) != CP_DEVICE_CPU)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "activation statistics need the CPU backend");
+    /* with sequence parallelism the residual stream holds a slice of the rows */
+    if (fn && m->sp)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "activation statistics cannot be collected with sequence parallelism");
     m->observe = fn;
     m->observe_user = user;
     return CP_OK;
+}
+
+cp_model_groups cp_model_get_groups(cp_model_t m) {
+    return (cp_model_groups){.tp = m->tp_comm, .pp = m->pp_comm, .cp = m->cp_comm};
 }
 
 /* ---- weight lookup ------------------------------------------------------ */

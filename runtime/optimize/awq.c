@@ -7,15 +7,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cp_comm.h"
 #include "cp_model.h"
+#include "cp_plan.h"
 
 /* The statistics being collected, and the residual stream entering the
- * last block seen (to compare with what leaves it). */
+ * last block seen (to compare with what leaves it). Across ranks: where
+ * this rank's columns of the sharded sites start, and whether it counts
+ * the sites every rank of its TP group sees whole (only TP rank 0 does). */
 typedef struct collector {
     cp_act_stats *s;
     float *prev;
     size_t prev_cap;
     int prev_layer, prev_rows;
+    int col0[CP_ACT_SITES];
+    bool whole;
 } collector;
 
 /* Block l's input against its output, row by row. */
@@ -51,12 +57,15 @@ static void observe(void *user, int layer, cp_act_site site, const float *x, int
     collector *c = user;
     cp_act_stats *s = c->s;
     if (site == CP_ACT_RESID) {
-        if (width == s->width[CP_ACT_ATTN_IN]) observe_resid(c, layer, x, n, width);
+        if (c->whole && width == s->width[CP_ACT_ATTN_IN]) observe_resid(c, layer, x, n, width);
         return;
     }
     if ((int)site < 0 || site >= CP_ACT_SITES) return;
-    if (layer < 0 || layer >= s->n_layer || width != s->width[site]) return;
-    double *sq = s->sq[site] + (size_t)layer * (size_t)width, *ab = s->abs[site] + (size_t)layer * (size_t)width;
+    const int col0 = c->col0[site];
+    if (!c->whole && (site == CP_ACT_ATTN_IN || site == CP_ACT_FFN_IN)) return;
+    if (layer < 0 || layer >= s->n_layer || col0 + width > s->width[site]) return;
+    const size_t at = (size_t)layer * (size_t)s->width[site] + (size_t)col0;
+    double *sq = s->sq[site] + at, *ab = s->abs[site] + at;
     for (int i = 0; i < n; i++) {
         const float *r = x + (size_t)i * (size_t)width;
         for (int j = 0; j < width; j++) {
@@ -65,6 +74,28 @@ static void observe(void *user, int layer, cp_act_site site, const float *x, int
         }
     }
     if (layer == 0 && site == CP_ACT_ATTN_IN) s->rows += n;
+}
+
+/* Sums x[n] over the model's TP, context-parallel and pipeline groups: each
+ * rank collected its own layers, rows and columns, zeros elsewhere. */
+static cp_status sum_over_ranks(cp_model_groups g, double *x, size_t n) {
+    struct cp_comm *groups[3] = {g.tp, g.cp, g.pp};
+    for (int i = 0; i < 3; i++)
+        if (groups[i]) CP_CHECK(cp_comm_allreduce(groups[i], x, x, n, CP_DTYPE_F64, CP_REDUCE_SUM, NULL));
+    return CP_OK;
+}
+
+static cp_status merge_ranks(cp_model_groups g, cp_act_stats *s) {
+    for (int k = 0; k < CP_ACT_SITES; k++) {
+        const size_t n = (size_t)s->n_layer * (size_t)s->width[k];
+        CP_CHECK(sum_over_ranks(g, s->sq[k], n));
+        CP_CHECK(sum_over_ranks(g, s->abs[k], n));
+    }
+    CP_CHECK(sum_over_ranks(g, s->block_cos, (size_t)s->n_layer));
+    double rows = (double)s->rows; /* exact: far below 2^53 */
+    CP_CHECK(sum_over_ranks(g, &rows, 1));
+    s->rows = (int64_t)rows;
+    return CP_OK;
 }
 
 void cp_act_stats_free(cp_act_stats *s) {
@@ -83,8 +114,11 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
     const cp_model_config *c = cp_model_get_config(m);
     if (n < 2) return CP_ERROR(CP_ERR_INVALID_ARG, "calibration needs at least 2 tokens, got %zu", n);
     if (ctx <= 0 || ctx > cp_engine_n_ctx(e)) ctx = cp_engine_n_ctx(e);
+    const cp_plan *plan = cp_model_get_plan(m);
     cp_act_stats *s = calloc(1, sizeof(*s));
-    collector col = {.s = s, .prev_layer = -1};
+    collector col = {.s = s, .prev_layer = -1, .whole = plan->tp_rank == 0};
+    col.col0[CP_ACT_ATTN_OUT] = plan->head_begin * c->head_dim;
+    col.col0[CP_ACT_FFN_ACT] = plan->ffn_begin;
     float *logits = NULL;
     cp_status st = CP_OK;
     if (!s) return CP_ERROR(CP_ERR_OOM, "out of memory");
@@ -117,6 +151,7 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
     }
     cp_model_set_observer(m, NULL, NULL);
     free(col.prev);
+    if (st == CP_OK) st = merge_ranks(cp_model_get_groups(m), s);
     if (st != CP_OK) goto fail;
     free(logits);
     *out = s;

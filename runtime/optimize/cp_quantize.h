@@ -39,9 +39,11 @@ typedef struct cp_act_stats {
     double *block_cos;
 } cp_act_stats;
 
-/* Runs e (a single-rank CPU engine) over tokens in windows of ctx (<= 0:
- * the engine's context) and collects the statistics. Errors: the engine's,
- * CP_ERR_UNSUPPORTED (other engines), CP_ERR_OOM. */
+/* Runs e (a CPU engine) over tokens in windows of ctx (<= 0: the engine's
+ * context) and collects the statistics. Across ranks it is a collective:
+ * each rank observes its layers, rows and columns and every rank gets the
+ * whole model's statistics. Errors: the engine's, CP_ERR_UNSUPPORTED (GPU
+ * engines, sequence parallelism), CP_ERR_OOM. */
 cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, int ctx, cp_act_stats **out);
 void cp_act_stats_free(cp_act_stats *s);
 
@@ -84,7 +86,9 @@ typedef struct cp_quantize_opts {
      * 1/s folded into what feeds it (the norm weights; up's rows for down).
      * NULL: round to nearest. */
     const cp_act_stats *awq;
-    /* Called as tensors are written: bytes of the input done and in all. */
+    /* Called as tensors are written: bytes of the input done and in all;
+     * with AWQ also with (0, 1) after each layer's scale search, which
+     * precedes the writing. */
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;
 } cp_quantize_opts;

@@ -305,6 +305,7 @@ static cp_status awq_plan(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *
     layer_done:
         for (int k = 0; k < 3; k++) free(W[k]);
         if (st != CP_OK) return st;
+        if (o->progress) o->progress(o->progress_user, 0, 1);
     }
     return CP_OK;
 }

@@ -6,6 +6,8 @@
 extern "C" {
 #include "cp_backend.h"
 }
+#include <dirent.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -400,6 +402,49 @@ TEST(Cli, PruneWritesOnlyWithinTheAccuracyBound) {
     r = run("prune --model " + model() + " --out " + out + " --heads 4 --no-eval --calib-tokens 64");
     EXPECT_EQ(r.code, 1);
     EXPECT_NE(r.err.find("--heads 4"), std::string::npos) << r.err;
+}
+
+// Quantize and prune under mpirun: calibration and measurement run over the
+// ranks, rank 0 writes and prints. Pipeline stages compute what one rank
+// does, so the statistics and the pruned file are the same bytes; the
+// accuracy gate refuses across ranks as on one; nothing partial is left.
+TEST(Cli, OptimizeAcrossRanks) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    if (mpirun(2).empty()) GTEST_SKIP() << "mpirun not installed";
+    std::string text = eval_text();
+    if (text.empty()) GTEST_SKIP() << "no evaluation text (install python3-doc)";
+    const std::string dir = ::testing::TempDir() + "opt_mpi_" + std::to_string(getpid()) + "/";
+    ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+    const std::string prune = "prune --no-progress --model " + model() +
+                              " --sparsity 0.5 --drop-layers 1 --no-eval --calib-tokens 128 --out " + dir;
+    Result one = run(prune + "one.gguf");
+    ASSERT_EQ(one.code, 0) << one.err;
+    Result two = run_mpi(2, prune + "two.gguf --pp 2");
+    ASSERT_EQ(two.code, 0) << two.err;
+    EXPECT_EQ(slurp(dir + "one.gguf"), slurp(dir + "two.gguf")) << "pp 2 must write what one rank writes";
+    EXPECT_EQ(count_lines(two.out), count_lines(one.out)) << "only rank 0 prints:\n" << two.out;
+    // the gate across tp 3 ranks: Q4_K of the Q4_1 weights rises > 5%
+    Result q = run_mpi(3, "quantize --no-progress --model " + model() + " --out " + dir +
+                              "q.gguf --type q4_k --eval-ctx 128 --eval-tokens 300 --tp 3");
+    EXPECT_NE(q.code, 0) << q.out << q.err;
+    size_t at = q.err.find("not written: perplexity rose by");
+    EXPECT_NE(at, std::string::npos) << q.err;
+    EXPECT_EQ(q.err.find("not written", at + 1), std::string::npos) << "reported once:\n" << q.err;
+    EXPECT_NE(q.out.find("KL(orig || new)"), std::string::npos) << q.out;
+    // a layout the model cannot take is one clear error
+    Result bad = run_mpi(2, "quantize --no-progress --no-eval --model " + model() + " --out " + dir +
+                                "b.gguf --type awq --tp 2");
+    EXPECT_NE(bad.code, 0);
+    EXPECT_NE(bad.err.find("valid"), std::string::npos) << bad.err;
+    unlink((dir + "one.gguf").c_str());
+    unlink((dir + "two.gguf").c_str());
+    // nothing else: no result past the gate, no partial file
+    DIR *d = opendir(dir.c_str());
+    ASSERT_NE(d, nullptr);
+    for (struct dirent *e; (e = readdir(d));)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) ADD_FAILURE() << "left behind: " << e->d_name;
+    closedir(d);
+    rmdir(dir.c_str());
 }
 
 TEST(Cli, QuantizedKvCacheIsMeasuredAndBadTypesRefused) {

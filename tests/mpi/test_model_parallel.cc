@@ -18,6 +18,7 @@
 extern "C" {
 #include "cp_comm.h"
 #include "cp_plan.h"
+#include "cp_quantize.h"
 #include "cp_runtime.h"
 }
 
@@ -62,42 +63,58 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
     return true;
 }
 
-// Runs the prompt on an engine over tp x cp x pp ranks of the world
-// (1 x 1 x 1: this rank alone); rank = (stage * cp + cp rank) * tp + tp rank.
+// An engine over tp x cp x pp ranks of the world (1 x 1 x 1: this rank
+// alone); rank = (stage * cp + cp rank) * tp + tp rank.
+struct Sharded {
+    cp_comm_t tpc = nullptr, ppc = nullptr, cpc = nullptr;
+    cp_engine_t e = nullptr;
+    Sharded(const std::string &model, int tp, int pp, bool f32_weights, bool sp, int cp) {
+        int rank = cp_comm_rank(g_world);
+        bool alone = tp * pp * cp == 1;
+        if (!alone) {
+            const cp_plan_colors col = cp_plan_group_colors(rank, tp, cp);
+            EXPECT_EQ(cp_comm_split(g_world, tp > 1 ? col.tp : -1, rank, &tpc), CP_OK) << cp_last_error();
+            EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? col.pp : -1, rank, &ppc), CP_OK) << cp_last_error();
+            EXPECT_EQ(cp_comm_split(g_world, cp > 1 ? col.cp : -1, rank, &cpc), CP_OK) << cp_last_error();
+        }
+        cp_engine_opts o = {};
+        o.model_path = model.c_str();
+        o.n_threads = 1;
+        // CP_TEST_DEVICE=cuda: every rank on the GPU (ranks sharing one GPU talk
+        // through MPI with host staging)
+        const char *dev = getenv("CP_TEST_DEVICE");
+        if (dev && !strcmp(dev, "cuda")) o.device = CP_DEVICE_CUDA;
+        o.n_ctx = 256;
+        o.kv_f32 = true;
+        o.tokens_only = true;
+        o.convert_weights = f32_weights;
+        o.weight_dtype = CP_DTYPE_F32;
+        o.tp = tp;
+        o.pp = pp;
+        o.cp = cp;
+        o.sp = sp;
+        o.rank = alone ? 0 : rank;
+        o.tp_comm = tpc;
+        o.pp_comm = ppc;
+        o.cp_comm = cpc;
+        EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
+    }
+    ~Sharded() {
+        cp_engine_free(e);
+        cp_comm_free(tpc);
+        cp_comm_free(ppc);
+        cp_comm_free(cpc);
+    }
+    Sharded(const Sharded &) = delete;
+    Sharded &operator=(const Sharded &) = delete;
+};
+
+// Runs the prompt on the model sharded tp x cp x pp.
 RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
            bool sp = false, int cp = 1) {
     RunOut r;
-    int rank = cp_comm_rank(g_world);
-    cp_comm_t tpc = nullptr, ppc = nullptr, cpc = nullptr;
-    bool alone = tp * pp * cp == 1;
-    if (!alone) {
-        const cp_plan_colors col = cp_plan_group_colors(rank, tp, cp);
-        EXPECT_EQ(cp_comm_split(g_world, tp > 1 ? col.tp : -1, rank, &tpc), CP_OK) << cp_last_error();
-        EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? col.pp : -1, rank, &ppc), CP_OK) << cp_last_error();
-        EXPECT_EQ(cp_comm_split(g_world, cp > 1 ? col.cp : -1, rank, &cpc), CP_OK) << cp_last_error();
-    }
-    cp_engine_opts o = {};
-    o.model_path = model.c_str();
-    o.n_threads = 1;
-    // CP_TEST_DEVICE=cuda: every rank on the GPU (ranks sharing one GPU talk
-    // through MPI with host staging)
-    const char *dev = getenv("CP_TEST_DEVICE");
-    if (dev && !strcmp(dev, "cuda")) o.device = CP_DEVICE_CUDA;
-    o.n_ctx = 256;
-    o.kv_f32 = true;
-    o.tokens_only = true;
-    o.convert_weights = f32_weights;
-    o.weight_dtype = CP_DTYPE_F32;
-    o.tp = tp;
-    o.pp = pp;
-    o.cp = cp;
-    o.sp = sp;
-    o.rank = alone ? 0 : rank;
-    o.tp_comm = tpc;
-    o.pp_comm = ppc;
-    o.cp_comm = cpc;
-    cp_engine_t e = nullptr;
-    EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
+    Sharded sh(model, tp, pp, f32_weights, sp, cp);
+    cp_engine_t e = sh.e;
     if (e) {
         int vocab = cp_model_get_config(cp_engine_model(e))->n_vocab;
         r.logits.assign(prompt.size() * (size_t)vocab, NAN);
@@ -123,10 +140,6 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
         r.share = st.weight_bytes;
         r.resident = mapped_rss(model);
     }
-    cp_engine_free(e);
-    cp_comm_free(tpc);
-    cp_comm_free(ppc);
-    cp_comm_free(cpc);
     return r;
 }
 
@@ -190,7 +203,7 @@ constexpr double kF32Tol = 1e-5;
 // read other ranks' slices exceeds the bound.
 constexpr size_t kHeaderAndPageSlack = 24u << 20;
 
-TEST(ModelParallel, StressShapesMatchSingleRank) {
+cptest::TinySpec stress_spec() {
     cptest::TinySpec s;
     s.dim = 128;
     s.n_head = 8;
@@ -198,6 +211,11 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
     s.ffn = 200;
     s.vocab = 101;
     s.n_layer = 4;
+    return s;
+}
+
+TEST(ModelParallel, StressShapesMatchSingleRank) {
+    const cptest::TinySpec s = stress_spec();
     cptest::TinyModel tm = cptest::make_model(s, 2024);
     // every rank writes the same bytes to its own file
     std::string path = cptest::write_gguf(tm, "mp_tiny_" + std::to_string(cp_comm_rank(g_world)));
@@ -213,6 +231,57 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
         // sequence parallelism: 21 prompt tokens (or a cp rank's share of
         // them) are padded to a multiple of tp
         if (l.tp > 1) compare(ref, run(path, prompt, l.tp, l.pp, false, true, l.cp), s.vocab, kF32Tol, what + " sp");
+    }
+    remove(path.c_str());
+}
+
+// Calibration statistics (the input of AWQ and pruning) collected across
+// ranks: each rank observes its layers, positions and columns, and the sums
+// every rank ends with equal one rank's over the whole model.
+TEST(ModelParallel, ActivationStatisticsMatchSingleRank) {
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 77);
+    std::string path = cptest::write_gguf(tm, "mp_stats_" + std::to_string(cp_comm_rank(g_world)));
+    auto tokens = prompt_ids(45, s.vocab); // windows of 16: 16 + 16 + 13 rows
+    auto collect_stats = [&](int tp, int pp, int cp) {
+        Sharded sh(path, tp, pp, false, false, cp);
+        cp_act_stats *st = nullptr;
+        if (sh.e) EXPECT_EQ(cp_act_stats_collect(sh.e, tokens.data(), tokens.size(), 16, &st), CP_OK) << cp_last_error();
+        return std::unique_ptr<cp_act_stats, void (*)(cp_act_stats *)>(st, cp_act_stats_free);
+    };
+    auto ref = collect_stats(1, 1, 1);
+    ASSERT_TRUE(ref);
+    EXPECT_EQ(ref->rows, 45);
+    cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 1};
+    // a rank with sequence parallelism holds a slice of the residual rows
+    const int world = cp_comm_size(g_world);
+    if (world == 2 || world == 4 || world == 8) { // tp values of 8 query / 2 KV heads
+        Sharded sh(path, world, 1, false, true, 1);
+        cp_act_stats *st = nullptr;
+        if (sh.e) {
+            EXPECT_EQ(cp_act_stats_collect(sh.e, tokens.data(), tokens.size(), 16, &st), CP_ERR_UNSUPPORTED);
+            EXPECT_NE(std::string(cp_last_error()).find("sequence parallelism"), std::string::npos) << cp_last_error();
+        }
+        cp_act_stats_free(st);
+    }
+    for (const Layout &l : layouts(shape, world)) {
+        auto par = collect_stats(l.tp, l.pp, l.cp);
+        ASSERT_TRUE(par) << l.name();
+        EXPECT_EQ(par->rows, ref->rows) << l.name();
+        // sums of squares over 45 rows in another order (TP partial sums,
+        // attention merged over cp ranks): fp32 rounding of a few 1e-7
+        for (int k = 0; k < CP_ACT_SITES; k++) {
+            ASSERT_EQ(par->width[k], ref->width[k]);
+            double worst = 0;
+            for (size_t i = 0; i < (size_t)s.n_layer * (size_t)ref->width[k]; i++) {
+                worst = std::max(worst, std::fabs(par->sq[k][i] - ref->sq[k][i]) / (ref->sq[k][i] + 1e-12));
+                worst = std::max(worst, std::fabs(par->abs[k][i] - ref->abs[k][i]) / (ref->abs[k][i] + 1e-12));
+            }
+            EXPECT_LT(worst, 1e-4) << l.name() << " site " << k;
+        }
+        // sums of 45 cosines; a row counted twice or missed moves one by ~1
+        for (int i = 0; i < s.n_layer; i++)
+            EXPECT_NEAR(par->block_cos[i], ref->block_cos[i], 1e-3) << l.name() << " layer " << i;
     }
     remove(path.c_str());
 }
