@@ -8,6 +8,7 @@
 
 #include "cli.h"
 #include "cli_optimize.h"
+#include "cp_comm.h"
 #include "cp_eval.h"
 #include "cp_quantize.h"
 #include "cp_runtime.h"
@@ -20,6 +21,32 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+
+/* The AWQ scale search, its layers dealt out over the ranks and the
+ * results summed (each layer's scales come from one rank, zeros from the
+ * others), so every rank ends with all of them; 0 on success. */
+static int awq_search(cli_job *j, const char *in, cp_dtype t, const cp_act_stats *stats, bool no_progress,
+                      cp_awq_scales **out) {
+    cli_write_progress_state prog = {no_progress || !j->lead ? NULL : "awq search", -1, NULL};
+    const double t0 = cp_time_now();
+    if (cp_awq_search(in, t, stats, j->rk.rank, j->rk.size, j->threads, cli_write_progress, &prog, out) != CP_OK) {
+        cli_report_error("the AWQ search failed");
+        return 1;
+    }
+    cp_awq_scales *s = *out;
+    const size_t n_dim = (size_t)s->n_layer * (size_t)s->dim, n_ffn = (size_t)s->n_layer * (size_t)s->ffn;
+    if (j->rk.size > 1 &&
+        (cp_comm_allreduce(j->rk.world, s->attn, s->attn, n_dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL) != CP_OK ||
+         cp_comm_allreduce(j->rk.world, s->ffn_in, s->ffn_in, n_dim, CP_DTYPE_F32, CP_REDUCE_SUM, NULL) != CP_OK ||
+         cp_comm_allreduce(j->rk.world, s->down, s->down, n_ffn, CP_DTYPE_F32, CP_REDUCE_SUM, NULL) != CP_OK)) {
+        cli_report_error("cannot gather the AWQ scales");
+        return 1;
+    }
+    if (j->lead)
+        printf("awq search        %d layers over %d rank%s in %.1f s\n", s->n_layer, j->rk.size,
+               j->rk.size > 1 ? "s" : "", cp_time_now() - t0);
+    return 0;
+}
 
 int cp_cli_quantize(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL;
@@ -88,13 +115,18 @@ int cp_cli_quantize(int argc, char **argv) {
         return cli_job_end(&job, 2, true);
     }
     cp_act_stats *stats = NULL;
-    if (awq && cli_calibrate("quantize", &job, in, calib, calib_tokens, &stats))
+    cp_awq_scales *scales = NULL;
+    if (awq && (cli_calibrate("quantize", &job, in, calib, calib_tokens, &stats) ||
+                awq_search(&job, in, t, stats, no_progress, &scales))) {
+        cp_act_stats_free(stats);
         return cli_job_end(&job, 1, false);
+    }
     /* rank 0 writes; the others wait for it */
     bool ok = true;
     if (job.lead) {
         cli_write_progress_state prog = {no_progress ? NULL : "quantize", -1, &job};
-        cp_quantize_opts qo = {.type = t, .awq = stats, .progress = cli_write_progress, .progress_user = &prog};
+        cp_quantize_opts qo = {.type = t, .awq = stats, .awq_scales = scales, .progress = cli_write_progress,
+                               .progress_user = &prog};
         cp_quantize_stats qs;
         double t0 = cp_time_now();
         ok = cp_quantize_gguf(in, tmp, &qo, &qs) == CP_OK;
@@ -115,6 +147,7 @@ int cp_cli_quantize(int argc, char **argv) {
         }
     }
     cp_act_stats_free(stats);
+    cp_awq_scales_free(scales);
     if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
     if (!no_eval) {
         double increase = 0;

@@ -72,6 +72,25 @@ typedef struct cp_model_edit {
     int n_kv_set;
 } cp_model_edit;
 
+/* AWQ scales of every layer, as searched for the inputs the quantized
+ * matrices share: attn[n_layer][dim] (Q, K, V), ffn_in[n_layer][dim] (gate,
+ * up), down[n_layer][ffn] (down). */
+typedef struct cp_awq_scales {
+    int n_layer, dim, ffn;
+    float *attn, *ffn_in, *down;
+} cp_awq_scales;
+
+/* Searches the AWQ scales (see cp_quantize_opts.awq) of the layers l of the
+ * GGUF at in with l % parts == part, leaving the others 0, so that parts
+ * searched by different processes sum to the whole; threads: CPU threads (0:
+ * all cores); progress (optional) gets layers done and this part's total.
+ * Errors: CP_ERR_INVALID_ARG (a type other than I4_G32/I4_G128, a bad part),
+ * the reader's, CP_ERR_FORMAT (a layer lacks a tensor), CP_ERR_OOM. */
+cp_status cp_awq_search(const char *in, cp_dtype type, const cp_act_stats *a, int part, int parts, int threads,
+                        void (*progress)(void *user, size_t done, size_t total), void *user,
+                        cp_awq_scales **out);
+void cp_awq_scales_free(cp_awq_scales *s);
+
 typedef struct cp_quantize_opts {
     cp_dtype type; /* the target type of weight matrices */
     bool keep_types; /* GGUF targets: every tensor keeps its own type (type only
@@ -86,6 +105,9 @@ typedef struct cp_quantize_opts {
      * 1/s folded into what feeds it (the norm weights; up's rows for down).
      * NULL: round to nearest. */
     const cp_act_stats *awq;
+    /* With awq: the scales already searched (cp_awq_search, e.g. split over
+     * ranks and summed), else NULL: searched here. */
+    const cp_awq_scales *awq_scales;
     /* Called as tensors are written: bytes of the input done and in all;
      * with AWQ also with (0, 1) after each layer's scale search, which
      * precedes the writing. */

@@ -227,87 +227,189 @@ done:
     return st;
 }
 
-/* Per tensor i: cs[i] (column scales; for a norm vector its multiplier) and
- * rs[i] (row scales), malloc'd or NULL, for every layer of the model. */
-static cp_status awq_plan(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *o, float **cs, float **rs) {
+static const char *const awq_suffix[8] = {"attn_q.weight",   "attn_k.weight", "attn_v.weight",
+                                          "attn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                                          "ffn_down.weight", "ffn_norm.weight"};
+
+/* The indices in g of layer l's tensors in awq_suffix's order. */
+static cp_status awq_tensors(cp_gguf_t g, int l, int64_t ix[8]) {
+    char name[96];
+    for (int k = 0; k < 8; k++) {
+        snprintf(name, sizeof(name), "blk.%d.%s", l, awq_suffix[k]);
+        if ((ix[k] = tensor_index(g, name)) < 0) return CP_ERROR(CP_ERR_FORMAT, "AWQ: layer %d lacks %s", l, name);
+    }
+    return CP_OK;
+}
+
+/* Layer l's scales: sd[ffn] of down's input, sf[dim] of gate/up's, sa[dim]
+ * of Q/K/V's. Down first, as its 1/s goes into up's rows. */
+static cp_status awq_layer(cp_gguf_t g, cp_backend_t be, cp_dtype type, const cp_act_stats *a, int l, float *sd,
+                           float *sf, float *sa) {
+    int64_t ix[8];
+    CP_CHECK(awq_tensors(g, l, ix));
+    const int dim = a->width[CP_ACT_ATTN_IN], ffn = a->width[CP_ACT_FFN_ACT];
+    const size_t ld = (size_t)l;
+    float *W[3] = {NULL, NULL, NULL};
+    int64_t rows[3];
+    cp_status st = CP_OK;
+    float *inv_d = malloc((size_t)ffn * sizeof(float));
+    if (!inv_d) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    CP_CHECK_GOTO(load_f32(be, g, ix[6], NULL, &W[0]), st, done);
+    rows[0] = cp_gguf_tensor(g, ix[6])->ne[1];
+    CP_CHECK_GOTO(awq_search(be, type, 1, W, rows, ffn, a->sq[CP_ACT_FFN_ACT] + ld * (size_t)ffn,
+                             a->abs[CP_ACT_FFN_ACT] + ld * (size_t)ffn, a->rows, sd),
+                  st, done);
+    for (int j = 0; j < ffn; j++) inv_d[j] = 1.0f / sd[j];
+    free(W[0]);
+    W[0] = NULL;
+    /* gate and up (up's rows already divided by down's scales) */
+    CP_CHECK_GOTO(load_f32(be, g, ix[4], NULL, &W[0]), st, done);
+    CP_CHECK_GOTO(load_f32(be, g, ix[5], inv_d, &W[1]), st, done);
+    rows[0] = rows[1] = ffn;
+    CP_CHECK_GOTO(awq_search(be, type, 2, W, rows, dim, a->sq[CP_ACT_FFN_IN] + ld * (size_t)dim,
+                             a->abs[CP_ACT_FFN_IN] + ld * (size_t)dim, a->rows, sf),
+                  st, done);
+    for (int k = 0; k < 2; k++) free(W[k]), W[k] = NULL;
+    /* q, k, v */
+    for (int k = 0; k < 3; k++) {
+        CP_CHECK_GOTO(load_f32(be, g, ix[k], NULL, &W[k]), st, done);
+        rows[k] = cp_gguf_tensor(g, ix[k])->ne[1];
+    }
+    st = awq_search(be, type, 3, W, rows, dim, a->sq[CP_ACT_ATTN_IN] + ld * (size_t)dim,
+                    a->abs[CP_ACT_ATTN_IN] + ld * (size_t)dim, a->rows, sa);
+done:
+    for (int k = 0; k < 3; k++) free(W[k]);
+    free(inv_d);
+    return st;
+}
+
+static cp_status awq_scales_alloc(int n_layer, int dim, int ffn, cp_awq_scales **out) {
+    cp_awq_scales *s = calloc(1, sizeof(*s));
+    if (!s) return CP_ERROR(CP_ERR_OOM, "out of memory");
+    s->n_layer = n_layer;
+    s->dim = dim;
+    s->ffn = ffn;
+    s->attn = calloc((size_t)n_layer * (size_t)dim, sizeof(float));
+    s->ffn_in = calloc((size_t)n_layer * (size_t)dim, sizeof(float));
+    s->down = calloc((size_t)n_layer * (size_t)ffn, sizeof(float));
+    if (!s->attn || !s->ffn_in || !s->down) {
+        cp_awq_scales_free(s);
+        return CP_ERROR(CP_ERR_OOM, "out of memory for AWQ scales");
+    }
+    *out = s;
+    return CP_OK;
+}
+
+void cp_awq_scales_free(cp_awq_scales *s) {
+    if (!s) return;
+    free(s->attn);
+    free(s->ffn_in);
+    free(s->down);
+    free(s);
+}
+
+/* Every layer's scales (those of o->awq_scales, else searched here). */
+static cp_status awq_all(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *o, cp_awq_scales **owned,
+                         const cp_awq_scales **out) {
     const cp_act_stats *a = o->awq;
-    char name[7][96];
-    static const char *suffix[7] = {"attn_q.weight",   "attn_k.weight", "attn_v.weight", "attn_norm.weight",
-                                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
+    const int dim = a->width[CP_ACT_ATTN_IN], ffn = a->width[CP_ACT_FFN_ACT];
+    if (o->awq_scales) {
+        const cp_awq_scales *s = o->awq_scales;
+        if (s->n_layer != a->n_layer || s->dim != dim || s->ffn != ffn)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "AWQ scales for %d layers of %d/%d channels, statistics for %d of %d/%d",
+                            s->n_layer, s->dim, s->ffn, a->n_layer, dim, ffn);
+        *out = s;
+        return CP_OK;
+    }
+    CP_CHECK(awq_scales_alloc(a->n_layer, dim, ffn, owned));
+    cp_awq_scales *s = *owned;
     for (int l = 0; l < a->n_layer; l++) {
+        CP_CHECK(awq_layer(g, be, o->type, a, l, s->down + (size_t)l * ffn, s->ffn_in + (size_t)l * dim,
+                           s->attn + (size_t)l * dim));
+        if (o->progress) o->progress(o->progress_user, 0, 1);
+    }
+    *out = s;
+    return CP_OK;
+}
+
+static float *copy_floats(const float *x, int n, bool invert) {
+    float *v = malloc((size_t)n * sizeof(float));
+    if (v)
+        for (int j = 0; j < n; j++) v[j] = invert ? 1.0f / x[j] : x[j];
+    return v;
+}
+
+/* Per tensor i: cs[i] (column scales; for a norm vector its multiplier) and
+ * rs[i] (row scales), malloc'd or NULL, for every layer of the model: the
+ * same scales on the matrices sharing an input, 1/s folded into what feeds
+ * it (the norms; up's rows for down). */
+static cp_status awq_plan(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *o, float **cs, float **rs) {
+    cp_awq_scales *owned = NULL;
+    const cp_awq_scales *s = NULL;
+    cp_status st = awq_all(g, be, o, &owned, &s);
+    for (int l = 0; st == CP_OK && l < s->n_layer; l++) {
         int64_t ix[8];
-        for (int k = 0; k < 7; k++) {
-            snprintf(name[k], sizeof(name[k]), "blk.%d.%s", l, suffix[k]);
-            ix[k] = tensor_index(g, name[k]);
-        }
-        char fn[96];
-        snprintf(fn, sizeof(fn), "blk.%d.ffn_norm.weight", l);
-        ix[7] = tensor_index(g, fn);
-        for (int k = 0; k < 8; k++)
-            if (ix[k] < 0) return CP_ERROR(CP_ERR_FORMAT, "AWQ: layer %d lacks a tensor it needs", l);
-        const int dim = a->width[CP_ACT_ATTN_IN], ffn = a->width[CP_ACT_FFN_ACT];
-        const size_t ld = (size_t)l;
-        float *W[3] = {NULL, NULL, NULL};
-        int64_t rows[3];
-        cp_status st = CP_OK;
-        /* down, whose 1/s goes into up's rows */
-        float *sd = malloc((size_t)ffn * sizeof(float)), *inv_d = malloc((size_t)ffn * sizeof(float));
-        float *sf = malloc((size_t)dim * sizeof(float)), *sa = malloc((size_t)dim * sizeof(float));
-        if (!sd || !inv_d || !sf || !sa) {
-            free(sd), free(inv_d), free(sf), free(sa);
-            return CP_ERROR(CP_ERR_OOM, "out of memory");
-        }
-        cs[ix[6]] = sd;
-        rs[ix[5]] = inv_d;
-        cs[ix[4]] = sf;
-        cs[ix[0]] = sa;
-        CP_CHECK_GOTO(load_f32(be, g, ix[6], NULL, &W[0]), st, layer_done);
-        rows[0] = cp_gguf_tensor(g, ix[6])->ne[1];
-        CP_CHECK_GOTO(awq_search(be, o->type, 1, W, rows, ffn, a->sq[CP_ACT_FFN_ACT] + ld * (size_t)ffn,
-                                 a->abs[CP_ACT_FFN_ACT] + ld * (size_t)ffn, a->rows, sd),
-                      st, layer_done);
-        for (int j = 0; j < ffn; j++) inv_d[j] = 1.0f / sd[j];
-        free(W[0]);
-        W[0] = NULL;
-        /* gate and up (up's rows already divided by down's scales) */
-        CP_CHECK_GOTO(load_f32(be, g, ix[4], NULL, &W[0]), st, layer_done);
-        CP_CHECK_GOTO(load_f32(be, g, ix[5], inv_d, &W[1]), st, layer_done);
-        rows[0] = rows[1] = ffn;
-        CP_CHECK_GOTO(awq_search(be, o->type, 2, W, rows, dim, a->sq[CP_ACT_FFN_IN] + ld * (size_t)dim,
-                                 a->abs[CP_ACT_FFN_IN] + ld * (size_t)dim, a->rows, sf),
-                      st, layer_done);
-        for (int k = 0; k < 2; k++) free(W[k]), W[k] = NULL;
-        /* q, k, v */
-        for (int k = 0; k < 3; k++) {
-            CP_CHECK_GOTO(load_f32(be, g, ix[k], NULL, &W[k]), st, layer_done);
-            rows[k] = cp_gguf_tensor(g, ix[k])->ne[1];
-        }
-        CP_CHECK_GOTO(awq_search(be, o->type, 3, W, rows, dim, a->sq[CP_ACT_ATTN_IN] + ld * (size_t)dim,
-                                 a->abs[CP_ACT_ATTN_IN] + ld * (size_t)dim, a->rows, sa),
-                      st, layer_done);
-        /* the same scales on the matrices sharing each input, 1/s on the norms */
-        const int64_t share[3][2] = {{ix[1], ix[0]}, {ix[2], ix[0]}, {ix[5], ix[4]}};
-        for (int k = 0; k < 3 && st == CP_OK; k++) {
-            cs[share[k][0]] = malloc((size_t)dim * sizeof(float));
-            if (!cs[share[k][0]]) st = CP_ERROR(CP_ERR_OOM, "out of memory");
-            else memcpy(cs[share[k][0]], cs[share[k][1]], (size_t)dim * sizeof(float));
-        }
-        const int64_t norm[2][2] = {{ix[3], ix[0]}, {ix[7], ix[4]}};
-        for (int k = 0; k < 2 && st == CP_OK; k++) {
-            float *v = malloc((size_t)dim * sizeof(float));
+        CP_CHECK_GOTO(awq_tensors(g, l, ix), st, done);
+        const float *sa = s->attn + (size_t)l * s->dim, *sf = s->ffn_in + (size_t)l * s->dim,
+                    *sd = s->down + (size_t)l * s->ffn;
+        const struct {
+            int64_t tensor;
+            float **dst;
+            const float *src;
+            int n;
+            bool invert;
+        } put[9] = {
+            {ix[6], cs, sd, s->ffn, false},   {ix[5], rs, sd, s->ffn, true},   /* down; 1/s on up's rows */
+            {ix[4], cs, sf, s->dim, false},   {ix[5], cs, sf, s->dim, false},  /* gate, up */
+            {ix[0], cs, sa, s->dim, false},   {ix[1], cs, sa, s->dim, false},  /* q, k */
+            {ix[2], cs, sa, s->dim, false},                                    /* v */
+            {ix[3], cs, sa, s->dim, true},    {ix[7], cs, sf, s->dim, true},   /* the norms */
+        };
+        for (int k = 0; k < 9; k++) {
+            float *v = copy_floats(put[k].src, put[k].n, put[k].invert);
             if (!v) {
                 st = CP_ERROR(CP_ERR_OOM, "out of memory");
                 break;
             }
-            for (int j = 0; j < dim; j++) v[j] = 1.0f / cs[norm[k][1]][j];
-            cs[norm[k][0]] = v;
+            put[k].dst[put[k].tensor] = v;
         }
-    layer_done:
-        for (int k = 0; k < 3; k++) free(W[k]);
-        if (st != CP_OK) return st;
-        if (o->progress) o->progress(o->progress_user, 0, 1);
     }
-    return CP_OK;
+done:
+    cp_awq_scales_free(owned);
+    return st;
+}
+
+cp_status cp_awq_search(const char *in, cp_dtype type, const cp_act_stats *a, int part, int parts, int threads,
+                        void (*progress)(void *user, size_t done, size_t total), void *user,
+                        cp_awq_scales **out) {
+    *out = NULL;
+    if (type != CP_DTYPE_I4_G32 && type != CP_DTYPE_I4_G128)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "AWQ scales are for the 4-bit types, not %s", cp_dtype_name(type));
+    if (parts < 1 || part < 0 || part >= parts)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "AWQ search part %d of %d", part, parts);
+    cp_gguf_t g = NULL;
+    cp_backend_t be = NULL;
+    cp_awq_scales *s = NULL;
+    cp_status st;
+    CP_CHECK_GOTO(cp_gguf_open(in, &g), st, done);
+    CP_CHECK_GOTO(cp_backend_cpu_init(threads, &be), st, done);
+    const int dim = a->width[CP_ACT_ATTN_IN], ffn = a->width[CP_ACT_FFN_ACT];
+    CP_CHECK_GOTO(awq_scales_alloc(a->n_layer, dim, ffn, &s), st, done);
+    size_t mine = 0, n_done = 0;
+    for (int l = part; l < a->n_layer; l += parts) mine++;
+    for (int l = part; l < a->n_layer; l += parts) {
+        CP_CHECK_GOTO(awq_layer(g, be, type, a, l, s->down + (size_t)l * ffn, s->ffn_in + (size_t)l * dim,
+                                s->attn + (size_t)l * dim),
+                      st, done);
+        if (progress) progress(user, ++n_done, mine);
+    }
+    *out = s;
+    s = NULL;
+done:
+    cp_awq_scales_free(s);
+    cp_backend_free(be);
+    cp_gguf_close(g);
+    return st;
 }
 
 /* The output tensors of g under o (the edit applied, AWQ scales cs/rs

@@ -13,6 +13,8 @@
 #include <unistd.h>
 #include <vector>
 
+#include "common/tiny_model.h"
+
 #include "cp_backend.h"
 #include "cp_eval.h"
 #include "cp_gguf.h"
@@ -30,6 +32,16 @@ std::string model_path() {
 }
 
 bool have_model() { return access(model_path().c_str(), R_OK) == 0; }
+
+std::string slurp(const std::string &path) {
+    FILE *f = fopen(path.c_str(), "rb");
+    std::string s;
+    if (!f) return s;
+    char buf[1 << 16];
+    for (size_t n; (n = fread(buf, 1, sizeof(buf), f)) > 0;) s.append(buf, n);
+    fclose(f);
+    return s;
+}
 
 std::string tmp_path(const char *name) {
     return ::testing::TempDir() + "quant_" + std::to_string(getpid()) + "_" + name;
@@ -400,4 +412,83 @@ TEST(Quantize, AwqBeatsRoundToNearest) {
     EXPECT_EQ(cp_quantize_gguf(model_path().c_str(), tmp_path("x").c_str(), &bad, &qs), CP_ERR_INVALID_ARG);
     cp_act_stats_free(stats);
     cp_engine_free(orig);
+}
+
+/* The AWQ search dealt out over processes: parts searched separately sum
+ * to the whole search bit for bit, and a file written from given scales is
+ * the file the search inside cp_quantize_gguf writes. */
+TEST(Quantize, AwqSearchSplitsIntoPartsThatSumToTheWhole) {
+    cptest::TinySpec sp;
+    sp.dim = 128;
+    sp.ffn = 256;
+    sp.n_layer = 3;
+    sp.vocab = 64;
+    const std::string model = cptest::write_gguf(cptest::make_model(sp, 5), "awq_parts");
+    cp_engine_opts eo = {};
+    eo.model_path = model.c_str();
+    eo.tokens_only = true;
+    eo.n_threads = 1;
+    eo.n_ctx = 64;
+    eo.n_seq = 1;
+    eo.kv_f32 = true;
+    cp_engine_t e = nullptr;
+    ASSERT_EQ(cp_engine_init(&eo, &e), CP_OK) << cp_last_error();
+    std::vector<int32_t> toks(96);
+    for (size_t i = 0; i < toks.size(); i++) toks[i] = (int32_t)((i * 29 + 3) % sp.vocab);
+    cp_act_stats *stats = nullptr;
+    ASSERT_EQ(cp_act_stats_collect(e, toks.data(), toks.size(), 32, &stats), CP_OK) << cp_last_error();
+    cp_engine_free(e);
+    cp_awq_scales *whole = nullptr, *sum = nullptr;
+    ASSERT_EQ(cp_awq_search(model.c_str(), CP_DTYPE_I4_G32, stats, 0, 1, 1, nullptr, nullptr, &whole), CP_OK)
+        << cp_last_error();
+    const size_t nd = (size_t)sp.n_layer * sp.dim, nf = (size_t)sp.n_layer * sp.ffn;
+    for (int part = 0; part < 2; part++) {
+        cp_awq_scales *p = nullptr;
+        ASSERT_EQ(cp_awq_search(model.c_str(), CP_DTYPE_I4_G32, stats, part, 2, 1, nullptr, nullptr, &p), CP_OK);
+        // layers of the other part are left 0
+        for (int l = 0; l < sp.n_layer; l++) EXPECT_EQ(p->attn[(size_t)l * sp.dim] != 0.0f, l % 2 == part) << l;
+        if (!sum) {
+            sum = p;
+            continue;
+        }
+        for (size_t i = 0; i < nd; i++) sum->attn[i] += p->attn[i], sum->ffn_in[i] += p->ffn_in[i];
+        for (size_t i = 0; i < nf; i++) sum->down[i] += p->down[i];
+        cp_awq_scales_free(p);
+    }
+    EXPECT_EQ(memcmp(sum->attn, whole->attn, nd * sizeof(float)), 0);
+    EXPECT_EQ(memcmp(sum->ffn_in, whole->ffn_in, nd * sizeof(float)), 0);
+    EXPECT_EQ(memcmp(sum->down, whole->down, nf * sizeof(float)), 0);
+    // the scales are not all one: the search chose something
+    int not_one = 0;
+    for (size_t i = 0; i < nd; i++) not_one += whole->attn[i] != 1.0f;
+    EXPECT_GT(not_one, 0);
+    // writing from the given scales = searching inside
+    std::string files[2];
+    for (int given = 0; given < 2; given++) {
+        files[given] = tmp_path(given ? "awq_given.safetensors" : "awq_inside.safetensors");
+        cp_quantize_opts o = {};
+        o.type = CP_DTYPE_I4_G32;
+        o.awq = stats;
+        o.awq_scales = given ? sum : nullptr;
+        cp_quantize_stats qs;
+        ASSERT_EQ(cp_quantize_gguf(model.c_str(), files[given].c_str(), &o, &qs), CP_OK) << cp_last_error();
+    }
+    EXPECT_EQ(slurp(files[0]), slurp(files[1]));
+    // scales of another shape, a bad part, a type AWQ does not serve
+    sum->ffn = 128;
+    cp_quantize_opts o = {};
+    o.type = CP_DTYPE_I4_G32;
+    o.awq = stats;
+    o.awq_scales = sum;
+    cp_quantize_stats qs;
+    EXPECT_EQ(cp_quantize_gguf(model.c_str(), files[1].c_str(), &o, &qs), CP_ERR_INVALID_ARG);
+    cp_awq_scales *bad = nullptr;
+    EXPECT_EQ(cp_awq_search(model.c_str(), CP_DTYPE_I4_G32, stats, 2, 2, 1, nullptr, nullptr, &bad), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(cp_awq_search(model.c_str(), CP_DTYPE_Q8_0, stats, 0, 1, 1, nullptr, nullptr, &bad), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(bad, nullptr);
+    cp_awq_scales_free(sum);
+    cp_awq_scales_free(whole);
+    cp_act_stats_free(stats);
+    for (auto &f : files) unlink(f.c_str());
+    unlink(model.c_str());
 }
