@@ -151,17 +151,24 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id) {
     return true;
 }
 
-bool cli_parse_kv_type(const char *s, cp_engine_opts *eo) {
-    if (!strcasecmp(s, "f16") || !strcasecmp(s, "f32")) {
-        eo->kv_f32 = !strcasecmp(s, "f32");
-        eo->kv_dtype = CP_DTYPE_F32; /* not quantized: kv_f32 decides */
-        return true;
-    }
-    if (!strcasecmp(s, "int8") || !strcasecmp(s, "fp8")) {
-        eo->kv_dtype = !strcasecmp(s, "int8") ? CP_DTYPE_I8_ROW : CP_DTYPE_F8_ROW;
-        return true;
-    }
+bool cli_parse_kv_type(const char *cmd, const char *s, cp_dtype *out) {
+    static const struct {
+        const char *name;
+        cp_dtype t;
+    } types[] = {{"f32", CP_DTYPE_F32}, {"f16", CP_DTYPE_F16}, {"int8", CP_DTYPE_I8_ROW}, {"fp8", CP_DTYPE_F8_ROW}};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
+        if (!strcasecmp(s, types[i].name)) {
+            *out = types[i].t;
+            return true;
+        }
+    fprintf(stderr, "cparallel %s: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", cmd, s);
     return false;
+}
+
+void cli_set_kv_type(cp_engine_opts *eo, cp_dtype t) {
+    const bool quantized = t == CP_DTYPE_I8_ROW || t == CP_DTYPE_F8_ROW;
+    if (!quantized) eo->kv_f32 = t == CP_DTYPE_F32;
+    eo->kv_dtype = quantized ? t : CP_DTYPE_F32; /* not quantized: kv_f32 decides */
 }
 
 bool cli_parse_convert(const char *s, cp_dtype *out) {

@@ -53,12 +53,15 @@ bool cli_parse_device(const char *s, cp_device *dev, int *id);
 #define CLI_CONVERT_HELP "convert weights at load to " CLI_CONVERT_TYPES
 bool cli_parse_convert(const char *s, cp_dtype *out);
 
-/* The value of --kv-type into the engine options: f32, f16, int8 (a row of
- * int8 codes and a scale per position and KV head) or fp8 (E4M3 codes and a
- * scale); the quantized ones on the CPU backend. */
+/* --kv-type: f32, f16, int8 (a row of int8 codes and a scale per position
+ * and KV head) or fp8 (E4M3 codes and a scale), the quantized ones on the
+ * CPU backend. cli_parse_kv_type gives F32, F16, I8_ROW or F8_ROW, or is
+ * false after printing cmd's usage error; cli_set_kv_type puts the type
+ * into the engine options. */
 #define CLI_KV_TYPE_HELP                                                                           \
     "KV cache type: f16, f32, int8 or fp8 (a scale per position and KV head; CPU backend)"
-bool cli_parse_kv_type(const char *s, cp_engine_opts *eo);
+bool cli_parse_kv_type(const char *cmd, const char *s, cp_dtype *out);
+void cli_set_kv_type(cp_engine_opts *eo, cp_dtype t);
 
 /* Prints s to stdout as a JSON string literal (quotes, backslashes and
  * control characters escaped: paths may hold them). */

@@ -85,11 +85,8 @@ int cp_cli_eval(int argc, char **argv) {
                         CLI_CONVERT_TYPES ")\n", convert);
         return 2;
     }
-    cp_engine_opts kv_check = {0};
-    if (kv_type && !cli_parse_kv_type(kv_type, &kv_check)) {
-        fprintf(stderr, "cparallel eval: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", kv_type);
-        return 2;
-    }
+    cp_dtype kv_dtype = CP_DTYPE_F32;
+    if (kv_type && !cli_parse_kv_type("eval", kv_type, &kv_dtype)) return 2;
     size_t text_len = 0;
     char *body = NULL;
     if (!cli_read_file("eval", "text", text, 256, &body, &text_len)) return 1;
@@ -105,7 +102,7 @@ int cp_cli_eval(int argc, char **argv) {
     cli_progress lp = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
     eo.kv_f32 = true; /* exact unless asked: --kv-type measures a cheaper cache */
-    if (kv_type) cli_parse_kv_type(kv_type, &eo);
+    if (kv_type) cli_set_kv_type(&eo, kv_dtype);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;

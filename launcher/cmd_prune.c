@@ -37,28 +37,25 @@ static bool zero_exact(cp_dtype t) {
 /* The default output: 2:4 compressed; unstructured in the source's types
  * when they hold 0 exactly (else q8_0); structured only in the source's
  * types (*keep: every tensor keeps its type). */
-static void default_type(const char *in, bool n2m, bool zeroing, cp_dtype *t, bool *keep) {
+static void default_type(cp_gguf_t g, bool n2m, bool zeroing, cp_dtype *t, bool *keep) {
     *keep = false;
     if (n2m) {
         *t = CP_DTYPE_S24_Q8;
         return;
     }
     *t = CP_DTYPE_Q8_0;
-    cp_gguf_t g = NULL;
-    if (cp_gguf_open(in, &g) != CP_OK) return; /* the plan reports the error */
     bool all_exact = true;
     for (int64_t i = 0; i < cp_gguf_n_tensors(g); i++) {
         const cp_weight_info *w = cp_gguf_tensor(g, i);
         if (w->ndim >= 2 && !strncmp(w->name, "blk.", 4) && !zero_exact(w->dtype)) all_exact = false;
     }
-    cp_gguf_close(g);
     *keep = !zeroing || all_exact;
 }
 
 /* Rank 0: plans the edit from the statistics, writes the pruned model to
  * tmp and prints what it did; false after reporting an error. */
 static bool write_pruned(const char *in, const char *tmp, const char *out, cp_prune_opts *po,
-                         const cp_act_stats *stats, cp_dtype t, bool keep_types, bool no_progress, cli_job *job) {
+                         const cp_act_stats *stats, const char *type, bool no_progress, cli_job *job) {
     po->stats = stats;
     cp_gguf_t g = NULL;
     cp_model_edit *edit = NULL;
@@ -67,6 +64,9 @@ static bool write_pruned(const char *in, const char *tmp, const char *out, cp_pr
         cli_report_error("cannot read the model");
         return false;
     }
+    cp_dtype t;
+    bool keep_types = false;
+    if (!type || !cli_parse_convert(type, &t)) default_type(g, po->n2m, po->n2m || po->sparsity > 0, &t, &keep_types);
     cp_status pst = cp_prune_plan(g, po, &edit, &rep);
     cp_gguf_close(g);
     if (pst != CP_OK) {
@@ -199,15 +199,10 @@ int cp_cli_prune(int argc, char **argv) {
         return 2;
     }
     cp_dtype t;
-    bool keep_types = false;
-    if (type) {
-        if (!cli_parse_convert(type, &t)) {
-            fprintf(stderr, "cparallel prune: error: invalid value '%s' for --type (expected " CLI_CONVERT_TYPES
-                            ")\n", type);
-            return 2;
-        }
-    } else {
-        default_type(in, po.n2m, zeroing, &t, &keep_types);
+    if (type && !cli_parse_convert(type, &t)) {
+        fprintf(stderr, "cparallel prune: error: invalid value '%s' for --type (expected " CLI_CONVERT_TYPES ")\n",
+                type);
+        return 2;
     }
     if (!no_eval && !text && !(text = cli_tutorial_chapter("appetite", text_buf, sizeof(text_buf)))) {
         fprintf(stderr, "cparallel prune: error: no evaluation text: give --eval-text FILE (or install "
@@ -229,7 +224,7 @@ int cp_cli_prune(int argc, char **argv) {
     cp_act_stats *stats = NULL;
     if (need_calib && cli_calibrate("prune", &job, in, calib, calib_tokens, &stats)) return cli_job_end(&job, 1, false);
     /* rank 0 plans and writes; the others wait for it */
-    const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, t, keep_types, no_progress, &job);
+    const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, type, no_progress, &job);
     cp_act_stats_free(stats);
     if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
     if (!no_eval) {

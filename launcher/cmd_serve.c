@@ -172,11 +172,8 @@ int cp_cli_serve(int argc, char **argv) {
                 convert);
         return 2;
     }
-    cp_engine_opts kv_check = {0};
-    if (kv_type && !cli_parse_kv_type(kv_type, &kv_check)) {
-        fprintf(stderr, "cparallel serve: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", kv_type);
-        return 2;
-    }
+    cp_dtype kv_dtype = CP_DTYPE_F32;
+    if (kv_type && !cli_parse_kv_type("serve", kv_type, &kv_dtype)) return 2;
     cp_hooks *hooks = NULL;
     if (cp_hooks_create(hook_timeout * 1000, &hooks) != CP_OK) {
         cli_report_error("cannot set up the hooks");
@@ -224,7 +221,7 @@ int cp_cli_serve(int argc, char **argv) {
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
     eo.n_seq = max_running;
     eo.kv_f32 = kv_f32;
-    if (kv_type) cli_parse_kv_type(kv_type, &eo);
+    if (kv_type) cli_set_kv_type(&eo, kv_dtype);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;

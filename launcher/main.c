@@ -107,11 +107,8 @@ static int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "cparallel generate: error: invalid value '%s' for --convert (expected " CLI_CONVERT_TYPES ")\n", convert);
         return 2;
     }
-    cp_engine_opts kv_check = {0};
-    if (kv_type && !cli_parse_kv_type(kv_type, &kv_check)) {
-        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --kv-type (expected f16, f32, int8 or fp8)\n", kv_type);
-        return 2;
-    }
+    cp_dtype kv_dtype = CP_DTYPE_F32;
+    if (kv_type && !cli_parse_kv_type("generate", kv_type, &kv_dtype)) return 2;
     char *file_text = NULL;
     if (prompt_file) {
         if (!cli_read_file("generate", "prompt file", prompt_file, 64, &file_text, NULL)) return 1;
@@ -142,7 +139,7 @@ static int cmd_generate(int argc, char **argv) {
     cli_progress ps = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
     eo.kv_f32 = kv_f32;
-    if (kv_type) cli_parse_kv_type(kv_type, &eo);
+    if (kv_type) cli_set_kv_type(&eo, kv_dtype);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;

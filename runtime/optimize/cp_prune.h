@@ -12,6 +12,13 @@
 extern "C" {
 #endif
 
+/* Zeroes the weights of row x[n] with the lowest scores |x_j| * col_norm[j]
+ * (|x_j| when col_norm is NULL): floor(sparsity * n) of them, or with n2m
+ * two of every group of four (n a multiple of 4). scratch holds n floats and
+ * n ints. Ties go to the lower index. cp_quantize_gguf applies it to the
+ * rows a cp_model_edit marks. */
+void cp_prune_row(float *x, int64_t n, const float *col_norm, double sparsity, bool n2m, void *scratch);
+
 typedef enum cp_prune_method {
     CP_PRUNE_MAGNITUDE = 0, /* score |W_ij| */
     CP_PRUNE_WANDA,         /* score |W_ij| * ||x_j|| (Sun et al. 2023), x the layer's input */

@@ -128,12 +128,6 @@ typedef struct cp_quantize_stats {
     size_t bytes_in, bytes_out; /* tensor data */
 } cp_quantize_stats;
 
-/* Zeroes the weights of row x[n] with the lowest scores |x_j| * col_norm[j]
- * (|x_j| when col_norm is NULL): floor(sparsity * n) of them, or with n2m
- * two of every group of four (n a multiple of 4). scratch holds n floats and
- * n ints. Ties go to the lower index. */
-void cp_prune_row(float *x, int64_t n, const float *col_norm, double sparsity, bool n2m, void *scratch);
-
 /* Reads the GGUF at in and writes out (replaced; written in place, so pass
  * a temporary name and rename it when the result is to be kept). Matrices
  * (2 or more dimensions) are dequantized to fp32 and quantized to o->type;

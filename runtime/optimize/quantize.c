@@ -14,6 +14,7 @@
 
 #include "cp_backend.h"
 #include "cp_gguf.h"
+#include "cp_prune.h"
 #include "cp_safetensors.h"
 
 static bool is_target(cp_dtype t) {
