@@ -9,22 +9,14 @@
 #   BUILD=build benchmarks/parallel/run.sh   (env: PROMPT=32, GEN=64, REPS=3, OUT)
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-BUILD=${BUILD:-$REPO/build}
+. "$(dirname "$0")/common.sh"
 BENCH=$BUILD/bench_parallel
 PROMPT=${PROMPT:-32}
 GEN=${GEN:-64}
 REPS=${REPS:-3}
-DATE=$(date +%Y-%m-%d)
 OUT=${OUT:-$REPO/benchmarks/parallel/results/$DATE.md}
-DEFAULT_MODEL=$REPO/models/SmolLM2-135M-Instruct.Q4_1.gguf
 RAND_MODEL=$REPO/models/rand-1024x16.Q8_0.gguf
 PY=${PY:-/opt/llamacpp/bin/python}
-
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-# no binding: Open MPI binds each rank to one core by default when np <= 2,
-# which would put a one-rank run's threads on a single core
-MPIRUN=(mpirun --oversubscribe --bind-to none)
 
 [ -x "$BENCH" ] || { echo "run.sh: $BENCH not found: build first (cmake --build $BUILD --target bench_parallel)" >&2; exit 1; }
 [ -f "$DEFAULT_MODEL" ] || { echo "run.sh: $DEFAULT_MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
@@ -95,13 +87,7 @@ run_one "$DEFAULT_MODEL" "SmolLM2-135M-Q4_1" 3 1
     echo "$GEN measured greedy decode steps; each layout run $REPS times, the run with the median"
     echo "decode rate shown; see benchmarks/parallel/README.md for the method)."
     echo
-    echo "## Machine"
-    echo
-    echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores online"
-    echo "- memory: $(free -g | awk '/^Mem:/ {print $2}') GiB; kernel $(uname -sr)"
-    echo "- $(mpirun --version 2>/dev/null | head -1); communicator: MPI (host buffers), CPU backend"
-    echo "- load average before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "- source: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit') $(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo '(with uncommitted changes)')"
+    machine_section
     echo
     echo "## Per layout"
     echo

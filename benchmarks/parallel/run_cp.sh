@@ -10,18 +10,13 @@
 #   BUILD=build benchmarks/parallel/run_cp.sh   (env: WORDS=700, GEN=32, REPS=3, OUT)
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-BUILD=${BUILD:-$REPO/build}
+. "$(dirname "$0")/common.sh"
 CPAR=$BUILD/cparallel
 WORDS=${WORDS:-700}
 GEN=${GEN:-32}
 REPS=${REPS:-3}
-DATE=$(date +%Y-%m-%d)
 OUT=${OUT:-$REPO/benchmarks/parallel/results/cp_$DATE.md}
-MODEL=$REPO/models/SmolLM2-135M-Instruct.Q4_1.gguf
-
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-MPIRUN=(mpirun --oversubscribe --bind-to none)
+MODEL=$DEFAULT_MODEL
 
 [ -x "$CPAR" ] || { echo "run_cp.sh: $CPAR not found: build first" >&2; exit 1; }
 [ -f "$MODEL" ] || { echo "run_cp.sh: $MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
@@ -90,13 +85,7 @@ run_one 6 "tp 3 x cp 2" --tp 3 --cp 2
     echo "its cores (one thread per rank here); layouts with more ranks than cores are"
     echo "oversubscribed and show the cost of the exchange, not a speed-up."
     echo
-    echo "## Machine"
-    echo
-    echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores online"
-    echo "- memory: $(free -g | awk '/^Mem:/ {print $2}') GiB; kernel $(uname -sr)"
-    echo "- $(mpirun --version 2>/dev/null | head -1); communicator: MPI (host buffers), CPU backend"
-    echo "- load average before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "- source: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit') $(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo '(with uncommitted changes)')"
+    machine_section
     echo
     echo "| layout | np | flags | prompt tokens | prefill tok/s | decode tok/s | text as one rank |"
     echo "|---|---|---|---|---|---|---|"

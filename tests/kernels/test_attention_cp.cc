@@ -12,39 +12,16 @@
 #include <string>
 #include <vector>
 
-extern "C" {
-#include "cp_backend.h"
-}
+#include "common/cpu_backend.h"
 
 namespace {
 
 constexpr int kHeads = 8, kKv = 2, kHd = 32, kBs = 24, kSeq = 3, kCtx = 700;
 constexpr int kMaxBlocks = (kCtx + kBs - 1) / kBs, kBlocks = kMaxBlocks * kSeq;
 
-struct Backend {
-    cp_backend_t be = nullptr;
-    explicit Backend(bool ref) {
-        if (ref) setenv("CP_CPU_FORCE_REF", "1", 1);
-        EXPECT_EQ(cp_backend_cpu_init(3, &be), CP_OK) << cp_last_error();
-        if (ref) unsetenv("CP_CPU_FORCE_REF");
-    }
-    ~Backend() { cp_backend_free(be); }
-};
-
 cp_attn_params params(int n_tok, const int32_t *seq, const int32_t *pos, const int32_t *tables, int cp, int rank,
                       cp_dtype dt) {
-    cp_attn_params p = {};
-    p.n_tok = n_tok;
-    p.n_head = kHeads;
-    p.n_head_kv = kKv;
-    p.head_dim = kHd;
-    p.block_size = kBs / cp;
-    p.max_blocks = kMaxBlocks;
-    p.scale = 1.0f / std::sqrt((float)kHd);
-    p.kv_dtype = dt;
-    p.seq_of_tok = seq;
-    p.pos_of_tok = pos;
-    p.block_tables = tables;
+    cp_attn_params p = cptest::paged_attn_params(n_tok, kHeads, kKv, kHd, kBs / cp, kMaxBlocks, dt, seq, pos, tables);
     p.kv_stride = cp > 1 ? cp : 0;
     p.kv_offset = cp > 1 ? rank : 0;
     return p;
@@ -55,7 +32,7 @@ class AttentionCp : public ::testing::TestWithParam<std::tuple<bool, cp_dtype>> 
 TEST_P(AttentionCp, MergedRanksEqualTheWholeCache) {
     const bool ref = std::get<0>(GetParam());
     const cp_dtype dt = std::get<1>(GetParam());
-    Backend b(ref);
+    cptest::CpuBackend b(ref);
     const size_t es = dt == CP_DTYPE_F16 ? 2 : 4, row = (size_t)kKv * kHd;
     std::mt19937 rng(11);
     std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -152,7 +129,7 @@ INSTANTIATE_TEST_SUITE_P(Paths, AttentionCp,
                          });
 
 TEST(AttentionCpErrors, StoreRefusesAPositionAnotherRankHolds) {
-    Backend b(false);
+    cptest::CpuBackend b(false);
     std::vector<int32_t> tables(kMaxBlocks);
     for (int i = 0; i < kMaxBlocks; i++) tables[i] = i;
     std::vector<float> k(kKv * kHd, 1.0f), v(k);

@@ -11,8 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_backend.h"
+
 extern "C" {
-#include "cp_backend.h"
 #include "cp_dtype.h"
 }
 
@@ -22,19 +23,7 @@ constexpr int kHeads = 9, kKv = 3, kHd = 64, kBs = 16, kCtx = 600;
 constexpr int kMaxBlocks = (kCtx + kBs - 1) / kBs;
 
 cp_attn_params params(int n_tok, const int32_t *seq, const int32_t *pos, const int32_t *tables, cp_dtype dt) {
-    cp_attn_params p = {};
-    p.n_tok = n_tok;
-    p.n_head = kHeads;
-    p.n_head_kv = kKv;
-    p.head_dim = kHd;
-    p.block_size = kBs;
-    p.max_blocks = kMaxBlocks;
-    p.scale = 0.125f;
-    p.kv_dtype = dt;
-    p.seq_of_tok = seq;
-    p.pos_of_tok = pos;
-    p.block_tables = tables;
-    return p;
+    return cptest::paged_attn_params(n_tok, kHeads, kKv, kHd, kBs, kMaxBlocks, dt, seq, pos, tables);
 }
 
 // The values a row of x reads back as after quantizing it to t.
@@ -53,10 +42,9 @@ class AttentionKvq : public ::testing::TestWithParam<std::tuple<bool, cp_dtype>>
 TEST_P(AttentionKvq, EqualsFp32OverTheDequantizedRows) {
     const bool ref = std::get<0>(GetParam());
     const cp_dtype t = std::get<1>(GetParam());
-    if (ref) setenv("CP_CPU_FORCE_REF", "1", 1);
-    cp_backend_t be = nullptr;
-    ASSERT_EQ(cp_backend_cpu_init(3, &be), CP_OK) << cp_last_error();
-    if (ref) unsetenv("CP_CPU_FORCE_REF");
+    cptest::CpuBackend backend(ref);
+    cp_backend_t be = backend.be;
+    ASSERT_NE(be, nullptr);
 
     std::mt19937 rng(3);
     std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -111,7 +99,6 @@ TEST_P(AttentionKvq, EqualsFp32OverTheDequantizedRows) {
         EXPECT_LE(drift, t == CP_DTYPE_I8_ROW ? 0.05 : 0.15) << cp_dtype_name(t) << " against the fp32 cache";
         RecordProperty(std::string("drift_") + cp_dtype_name(t) + "_" + std::to_string(n), std::to_string(drift));
     }
-    cp_backend_free(be);
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, AttentionKvq,
