@@ -22,6 +22,7 @@ typedef struct collector {
     int prev_layer, prev_rows;
     int col0[CP_ACT_SITES];
     bool whole;
+    bool oom; /* a residual copy could not be kept: the statistics are incomplete */
 } collector;
 
 /* Block l's input against its output, row by row. */
@@ -44,7 +45,10 @@ static void observe_resid(collector *c, int layer, const float *x, int n, int wi
     if (layer >= s->n_layer) return;
     if (need > c->prev_cap) {
         float *p = realloc(c->prev, need * sizeof(float));
-        if (!p) return; /* this chunk's similarity is not counted: block_cos stays a lower bound */
+        if (!p) {
+            c->oom = true;
+            return;
+        }
         c->prev = p;
         c->prev_cap = need;
     }
@@ -85,16 +89,19 @@ static cp_status sum_over_ranks(cp_model_groups g, double *x, size_t n) {
     return CP_OK;
 }
 
-static cp_status merge_ranks(cp_model_groups g, cp_act_stats *s) {
+/* Sums every rank's part; *oom: some rank could not keep a residual copy
+ * (every rank learns it, so all of them fail together). */
+static cp_status merge_ranks(cp_model_groups g, cp_act_stats *s, bool *oom) {
     for (int k = 0; k < CP_ACT_SITES; k++) {
         const size_t n = (size_t)s->n_layer * (size_t)s->width[k];
         CP_CHECK(sum_over_ranks(g, s->sq[k], n));
         CP_CHECK(sum_over_ranks(g, s->abs[k], n));
     }
     CP_CHECK(sum_over_ranks(g, s->block_cos, (size_t)s->n_layer));
-    double rows = (double)s->rows; /* exact: far below 2^53 */
-    CP_CHECK(sum_over_ranks(g, &rows, 1));
-    s->rows = (int64_t)rows;
+    double rows_oom[2] = {(double)s->rows, *oom ? 1.0 : 0.0}; /* exact: far below 2^53 */
+    CP_CHECK(sum_over_ranks(g, rows_oom, 2));
+    s->rows = (int64_t)rows_oom[0];
+    *oom = rows_oom[1] > 0;
     return CP_OK;
 }
 
@@ -151,7 +158,8 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
     }
     cp_model_set_observer(m, NULL, NULL);
     free(col.prev);
-    if (st == CP_OK) st = merge_ranks(cp_model_get_groups(m), s);
+    if (st == CP_OK) st = merge_ranks(cp_model_get_groups(m), s, &col.oom);
+    if (st == CP_OK && col.oom) st = CP_ERROR(CP_ERR_OOM, "out of memory for the residual stream of a block");
     if (st != CP_OK) goto fail;
     free(logits);
     *out = s;
