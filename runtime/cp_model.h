@@ -18,6 +18,8 @@ typedef struct cp_kv_cache *cp_kv_cache_t;
 struct cp_plan;
 struct cp_comm;
 
+enum { CP_CP_AUTO = 0, CP_CP_QUERIES = 1, CP_CP_KV = 2 };
+
 typedef struct cp_model_load_opts {
     cp_backend_t backend;     /* borrowed; must outlive the model */
     /* Multi-rank: tp x pp ranks share the model (0 counts as 1); `rank` is
@@ -36,6 +38,11 @@ typedef struct cp_model_load_opts {
      * group of ranks with this rank's stage and tp_rank, ordered by cp_rank.
      * CPU backend only; the KV block size must be a multiple of cp. */
     int cp;
+    /* How the cp ranks meet in attention (see forward.c): CP_CP_AUTO moves
+     * whichever is smaller per chunk, the queries (and partial outputs) or
+     * the K/V history of the chunk's sequences; the others force one way
+     * (K/V only where every sequence of the chunk appears in one run). */
+    int cp_exchange;
     int edge_layer_discount;  /* layers moved off the first and last stage */
     /* Megatron sequence parallelism inside the TP group for multi-token
      * batches (prompts): the residual stream, norms and residual adds are

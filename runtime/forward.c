@@ -295,8 +295,15 @@ static cp_attn_params attn_params(cp_model_t m, cp_kv_cache_t kv, const cp_batch
  *   4. a reduce-scatter sums [w * out, w] so each owner receives its rows,
  *      and out = sum(w out) / sum(w): the softmax over all positions.
  * This is the pass-queries form of ring attention: the cache stays where it
- * was written, so prefill with a cached prefix and decode work the same way
- * (passing K/V around would move the whole history every step). */
+ * was written, so prefill with a cached prefix and decode work the same way.
+ * The pass-K/V form moves the other side: every rank all-gathers the K/V
+ * rows the ranks hold of the chunk's sequences (their whole history), lays
+ * them out as one cache of those sequences and attends its own rows to it
+ * with the single-rank kernel. A fresh prompt's chunk moves 2 x n_kv_l rows
+ * per position instead of the queries and the partial outputs (n_head_l rows
+ * each, and more), a third as much for a model with 3 query heads per KV
+ * head; a decode step would move the whole history, so each chunk takes the
+ * smaller (choose_exchange). */
 
 static cp_status cpx_reserve(cp_model_t m) {
     if (m->cpx.count) return CP_OK;
@@ -317,17 +324,143 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.pack = malloc(cp * mb * pw * sizeof(float));
     m->cpx.red = malloc(mb * pw * sizeof(float));
     m->cpx.xg = malloc(mb * (size_t)m->cfg.dim * sizeof(float));
-    if (!m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
+    m->cpx.runs = malloc(2 * mb * sizeof(int32_t));
+    m->cpx.share = malloc(2 * cp * sizeof(size_t));
+    if (!m->cpx.runs || !m->cpx.share || !m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
         !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack ||
         !m->cpx.red || !m->cpx.xg)
         return CP_ERROR(CP_ERR_OOM, "out of memory for the context-parallel buffers (%zu rows)", cp * mb);
     return CP_OK;
 }
 
+/* Bytes of one position's K (or V) in kv: n_kv_l rows of the cache's type. */
+static size_t kv_pos_bytes(cp_model_t m, cp_kv_cache_t kv) {
+    return (size_t)m->n_kv_l * cp_dtype_row_size(kv->dtype, m->cfg.head_dim);
+}
+
+/* Positions p < len with p % cp == r. */
+static int held(int len, int cp, int r) { return len > r ? (len - 1 - r) / cp + 1 : 0; }
+
+/* Whether chunk [t0, t0+T) of b passes K/V (m->cpx.pass_kv, the same on
+ * every cp rank, which all see the whole batch): each sequence of the chunk
+ * must come in one run of consecutive positions, and under CP_CP_AUTO its
+ * history (up to the run's last position) must weigh fewer bytes than the
+ * chunk's queries, partial outputs and log-sum-exps. */
+static void choose_exchange(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, int t0, int T) {
+    m->cpx.pass_kv = false;
+    m->cpx.n_runs = 0;
+    if (m->cp_exchange == CP_CP_QUERIES) return;
+    int32_t *runs = m->cpx.runs;
+    int n = 0;
+    double positions = 0;
+    for (int t = 0; t < T; t++) {
+        const int32_t sq = b->seq[t0 + t], ps = b->pos[t0 + t];
+        if (t > 0 && sq == b->seq[t0 + t - 1]) {
+            if (ps != b->pos[t0 + t - 1] + 1) return;
+            runs[2 * n - 1] = ps + 1;
+            continue;
+        }
+        for (int i = 0; i < n; i++)
+            if (runs[2 * i] == sq) return; /* a second run of one sequence */
+        runs[2 * n] = sq;
+        runs[2 * n + 1] = ps + 1;
+        n++;
+    }
+    for (int i = 0; i < n; i++) positions += runs[2 * i + 1];
+    if (m->cp_exchange == CP_CP_AUTO) {
+        const double nh = m->n_head_l, hd = m->cfg.head_dim;
+        const double kv_bytes = positions * 2.0 * (double)kv_pos_bytes(m, kv);
+        const double q_bytes = (double)T * (nh * hd + nh * (hd + 1) + nh) * sizeof(float);
+        if (kv_bytes > q_bytes) return;
+    }
+    m->cpx.n_runs = n;
+    m->cpx.pass_kv = true;
+}
+
+/* The pass-K/V exchange (see above): this rank's held rows of the chunk's
+ * sequences go to every cp rank, and this rank's T rows attend to the
+ * sequences laid out whole, into s->att. */
+static cp_status cp_attention_kv(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
+    const int cp = m->plan.cp, me = m->plan.cp_rank, bs = kv->block_size, slots = kv->slots;
+    const int n = m->cpx.n_runs, mb = ap->max_blocks;
+    const int32_t *runs = m->cpx.runs;
+    const size_t sb = kv_pos_bytes(m, kv);
+    /* each rank's share in bytes, and where it starts */
+    size_t *share = m->cpx.share, *off = m->cpx.share + cp, total = 0;
+    for (int r = 0; r < cp; r++) {
+        size_t k = 0;
+        for (int i = 0; i < n; i++) k += (size_t)held(runs[2 * i + 1], cp, r);
+        share[r] = k * 2 * sb;
+        off[r] = total;
+        total += share[r];
+    }
+    if (total > m->cpx.kvall_cap) {
+        unsigned char *p = realloc(m->cpx.kvall, total);
+        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu bytes of K/V rows", total);
+        m->cpx.kvall = p;
+        m->cpx.kvall_cap = total;
+    }
+    /* this rank's rows, K then V per position, into its share */
+    const unsigned char *lk = cp_kv_layer_k(kv, l), *lv = cp_kv_layer_v(kv, l);
+    unsigned char *dst = m->cpx.kvall + off[me];
+    for (int i = 0; i < n; i++)
+        for (int p = me; p < runs[2 * i + 1]; p += cp) {
+            const int slot = p / cp;
+            const size_t row = (size_t)ap->block_tables[(size_t)runs[2 * i] * mb + slot / slots] * slots + slot % slots;
+            memcpy(dst, lk + row * sb, sb);
+            memcpy(dst + sb, lv + row * sb, sb);
+            dst += 2 * sb;
+        }
+    CP_CHECK(cp_comm_allgatherv(m->cp_comm, m->cpx.kvall + off[me], share[me], m->cpx.kvall, share, CP_DTYPE_I8,
+                                NULL));
+    if (T == 0) return CP_OK;
+    /* the sequences whole: blocks of bs positions, numbered in run order */
+    int32_t max_seq = 0, n_blocks = 0;
+    for (int i = 0; i < n; i++) {
+        if (runs[2 * i] > max_seq) max_seq = runs[2 * i];
+        n_blocks += (runs[2 * i + 1] + bs - 1) / bs;
+    }
+    const size_t tab = ((size_t)max_seq + 1) * (size_t)mb, half = (size_t)n_blocks * (size_t)bs * sb;
+    if (tab > m->cpx.ftab_cap) {
+        int32_t *p = realloc(m->cpx.ftab, tab * sizeof(int32_t));
+        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for block tables");
+        m->cpx.ftab = p;
+        m->cpx.ftab_cap = tab;
+    }
+    if (2 * half > m->cpx.kvfull_cap) {
+        unsigned char *p = realloc(m->cpx.kvfull, 2 * half);
+        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu bytes of K/V", 2 * half);
+        m->cpx.kvfull = p;
+        m->cpx.kvfull_cap = 2 * half;
+    }
+    int32_t next = 0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < (runs[2 * i + 1] + bs - 1) / bs; j++) m->cpx.ftab[(size_t)runs[2 * i] * mb + j] = next++;
+    unsigned char *fk = m->cpx.kvfull, *fv = m->cpx.kvfull + half;
+    for (int r = 0; r < cp; r++) {
+        const unsigned char *src = m->cpx.kvall + off[r];
+        for (int i = 0; i < n; i++)
+            for (int p = r; p < runs[2 * i + 1]; p += cp) {
+                const size_t row = (size_t)m->cpx.ftab[(size_t)runs[2 * i] * mb + p / bs] * bs + p % bs;
+                memcpy(fk + row * sb, src, sb);
+                memcpy(fv + row * sb, src + sb, sb);
+                src += 2 * sb;
+            }
+    }
+    cp_attn_params g = *ap;
+    g.block_size = bs;
+    g.block_tables = m->cpx.ftab;
+    g.kv_stride = 0;
+    g.kv_offset = 0;
+    g.lse = NULL;
+    return cp_backend_attention(m->be, &g, m->s.q, fk, fv, m->s.att);
+}
+
 /* Attention of this rank's T rows (queries in s->q, ap their parameters)
  * over the positions every cp rank holds, into s->att. A collective of the
  * cp group: ranks without rows take part with T = 0. */
 static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
+    if (m->cpx.pass_kv) return cp_attention_kv(m, kv, l, ap, T);
     const int cp = m->plan.cp, tmax = m->cpx.tmax, nh = m->n_head_l, hd = m->cfg.head_dim;
     const size_t qd = (size_t)nh * (size_t)hd, pw = (size_t)nh * (size_t)(hd + 1);
     const size_t rows = (size_t)cp * (size_t)tmax;
@@ -565,6 +698,7 @@ static cp_status forward_chunk_cp(cp_model_t m, cp_kv_cache_t kv, const cp_batch
             m->cpx.gpos[(size_t)r * tmax + i] = 0;
             m->cpx.gseq[(size_t)r * tmax + i] = b->seq[t0];
         }
+    choose_exchange(m, kv, b, t0, T);
     const int Tl = count[me];
     const bool sp = m->sp && Tl > 1;
     const int Ts = sp ? (Tl + p->tp - 1) / p->tp : Tl, Tp = sp ? Ts * p->tp : Tl;

@@ -360,6 +360,7 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     m->tp_comm = po.tp > 1 ? o->tp_comm : NULL;
     m->sp = o->sp && po.tp > 1;
     m->pp_micro = o->pp_micro > 0 ? o->pp_micro : 4 * po.pp;
+    m->cp_exchange = o->cp_exchange;
     m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
     return CP_OK;
 }
@@ -561,6 +562,11 @@ void cp_model_free(cp_model_t m) {
     free(m->cpx.pack);
     free(m->cpx.red);
     free(m->cpx.xg);
+    free(m->cpx.runs);
+    free(m->cpx.share);
+    free(m->cpx.kvall);
+    free(m->cpx.kvfull);
+    free(m->cpx.ftab);
     free(m->w.layers);
     cp_gguf_close(m->gguf);
     free(m->meta_image);

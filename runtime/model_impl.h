@@ -65,7 +65,20 @@ struct cp_model {
         float *lse, *lmax;           /* [cp * max_batch][n_head_l] */
         float *pack, *red;           /* [cp * max_batch] / [max_batch] rows of n_head_l * (head_dim + 1) */
         float *xg;                   /* [max_batch][dim] logit rows shared over the group */
+        /* passing K/V instead (the chunk's choice, made alike on every cp rank):
+         * the chunk's sequences and their lengths (history included) */
+        bool pass_kv;
+        int n_runs;
+        int32_t *runs;               /* [max_batch][2] {seq, length} */
+        size_t *share;               /* [2 * cp] bytes of K/V rows from each rank, and their offsets */
+        unsigned char *kvall;        /* every rank's held rows of those sequences, K then V per position */
+        size_t kvall_cap;
+        unsigned char *kvfull;       /* the sequences' whole K, then V, in blocks of block_size */
+        size_t kvfull_cap;
+        int32_t *ftab;               /* its block tables [max seq id + 1][max_blocks] */
+        size_t ftab_cap;
     } cpx;
+    int cp_exchange;             /* CP_CP_AUTO, CP_CP_QUERIES or CP_CP_KV */
     bool sp;                     /* sequence parallelism for multi-token chunks */
     int pp_micro;                /* micro-batches per batch across pipeline stages */
     int n_layer_l;               /* layers of this stage */

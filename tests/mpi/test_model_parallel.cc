@@ -68,7 +68,7 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
 struct Sharded {
     cp_comm_t tpc = nullptr, ppc = nullptr, cpc = nullptr;
     cp_engine_t e = nullptr;
-    Sharded(const std::string &model, int tp, int pp, bool f32_weights, bool sp, int cp) {
+    Sharded(const std::string &model, int tp, int pp, bool f32_weights, bool sp, int cp, int exchange = CP_CP_AUTO) {
         int rank = cp_comm_rank(g_world);
         bool alone = tp * pp * cp == 1;
         if (!alone) {
@@ -92,6 +92,7 @@ struct Sharded {
         o.tp = tp;
         o.pp = pp;
         o.cp = cp;
+        o.cp_exchange = exchange;
         o.sp = sp;
         o.rank = alone ? 0 : rank;
         o.tp_comm = tpc;
@@ -111,9 +112,9 @@ struct Sharded {
 
 // Runs the prompt on the model sharded tp x cp x pp.
 RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
-           bool sp = false, int cp = 1) {
+           bool sp = false, int cp = 1, int exchange = CP_CP_AUTO) {
     RunOut r;
-    Sharded sh(model, tp, pp, f32_weights, sp, cp);
+    Sharded sh(model, tp, pp, f32_weights, sp, cp, exchange);
     cp_engine_t e = sh.e;
     if (e) {
         int vocab = cp_model_get_config(cp_engine_model(e))->n_vocab;
@@ -231,7 +232,50 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
         // sequence parallelism: 21 prompt tokens (or a cp rank's share of
         // them) are padded to a multiple of tp
         if (l.tp > 1) compare(ref, run(path, prompt, l.tp, l.pp, false, true, l.cp), s.vocab, kF32Tol, what + " sp");
+        // the attention exchange forced either way: queries for the prompt
+        // too, or K/V for every decode step too (the whole history)
+        if (l.cp > 1) {
+            compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp, CP_CP_QUERIES), s.vocab, kF32Tol,
+                    what + " passing queries");
+            compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp, CP_CP_KV), s.vocab, kF32Tol,
+                    what + " passing K/V");
+        }
     }
+    remove(path.c_str());
+}
+
+// Which way the cp ranks meet in attention: a fresh prompt moves its K/V
+// rows (all-gathered; no reduce-scatter of partial outputs), a decode step
+// moves its query (the history would weigh more), unless forced.
+TEST(ModelParallel, ContextParallelExchangeFollowsTheCost) {
+    const int world = cp_comm_size(g_world);
+    if (world < 2) GTEST_SKIP() << "needs cp ranks";
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 31);
+    std::string path = cptest::write_gguf(tm, "mp_cpx_" + std::to_string(cp_comm_rank(g_world)));
+    auto prompt = prompt_ids(40, s.vocab);
+    auto scatters = [&](int exchange, int n) {
+        Sharded sh(path, 1, 1, false, false, world, exchange);
+        std::vector<float> logits((size_t)n * s.vocab);
+        EXPECT_EQ(cp_engine_logits(sh.e, prompt.data(), n, logits.data()), CP_OK) << cp_last_error();
+        cp_comm_stats st;
+        cp_comm_get_stats(sh.cpc, &st);
+        return st.calls[CP_COMM_OP_REDUCE_SCATTER];
+    };
+    EXPECT_EQ(scatters(CP_CP_AUTO, 40), 0u) << "a fresh prompt passes K/V";
+    EXPECT_EQ(scatters(CP_CP_QUERIES, 40), (uint64_t)s.n_layer) << "one exchange of partial outputs per layer";
+    EXPECT_EQ(scatters(CP_CP_KV, 40), 0u);
+    // decode steps after the prompt: one query against 40+ positions
+    Sharded sh(path, 1, 1, false, false, world);
+    cp_gen_params gp = {};
+    gp.max_tokens = 4;
+    gp.ignore_eos = true;
+    std::vector<int32_t> toks;
+    ASSERT_EQ(cp_engine_generate(sh.e, prompt.data(), 40, &gp, collect, &toks, nullptr), CP_OK) << cp_last_error();
+    cp_comm_stats st;
+    cp_comm_get_stats(sh.cpc, &st);
+    EXPECT_GT(st.calls[CP_COMM_OP_REDUCE_SCATTER], 0u) << "decode passes queries";
+    EXPECT_EQ(st.calls[CP_COMM_OP_REDUCE_SCATTER] % (uint64_t)s.n_layer, 0u);
     remove(path.c_str());
 }
 
