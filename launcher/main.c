@@ -36,7 +36,8 @@ static bool print_token(void *user, int32_t token, const char *piece, size_t len
 }
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL, *kv_type = NULL;
+    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL, *kv_type = NULL,
+               *cp_exchange = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
     bool template_system = false, sp = false;
     const char *device = "cpu";
@@ -70,6 +71,9 @@ static int cmd_generate(int argc, char **argv) {
         {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
         {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
          "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
+        {"cp-exchange", 0, CLI_STR, &cp_exchange, 0, -1, "HOW",
+         "what the cp ranks pass in attention: auto (default: the smaller per chunk, K/V for a fresh prompt, "
+         "queries for decode), queries or kv", NULL},
         {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL, "sequence parallelism for the prompt inside the TP group (needs --tp > 1)", NULL},
         {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",
          "cut each batch into N micro-batches so pipeline stages overlap (default 4 x --pp)", NULL},
@@ -109,6 +113,18 @@ static int cmd_generate(int argc, char **argv) {
     }
     cp_dtype kv_dtype = CP_DTYPE_F32;
     if (kv_type && !cli_parse_kv_type("generate", kv_type, &kv_dtype)) return 2;
+    int exchange = CP_CP_AUTO;
+    if (cp_exchange) {
+        if (!strcmp(cp_exchange, "queries")) {
+            exchange = CP_CP_QUERIES;
+        } else if (!strcmp(cp_exchange, "kv")) {
+            exchange = CP_CP_KV;
+        } else if (strcmp(cp_exchange, "auto")) {
+            fprintf(stderr, "cparallel generate: error: invalid value '%s' for --cp-exchange (expected auto, queries or kv)\n",
+                    cp_exchange);
+            return 2;
+        }
+    }
     char *file_text = NULL;
     if (prompt_file) {
         if (!cli_read_file("generate", "prompt file", prompt_file, 64, &file_text, NULL)) return 1;
@@ -146,6 +162,7 @@ static int cmd_generate(int argc, char **argv) {
     eo.progress_user = &ps;
     eo.sp = sp;
     eo.pp_micro = micro;
+    eo.cp_exchange = exchange;
     cp_engine_t e = NULL;
     int32_t *ids = NULL;
     size_t n_ids = 0;
