@@ -9,6 +9,7 @@
 #include "cp_runtime.h"
 #include "cp_tokenizer.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,13 +53,33 @@ int cli_job_end(cli_job *j, int rc, bool shared) {
     return rc;
 }
 
-bool cli_job_partial_name(cli_job *j, const char *out, char *tmp, size_t cap) {
+bool cli_job_partial_name(const char *cmd, cli_job *j, const char *out, char *tmp, size_t cap) {
     int64_t pid = (int64_t)getpid();
     if (j->rk.size > 1 && cp_comm_bcast(j->rk.world, &pid, 1, CP_DTYPE_I64, 0, NULL) != CP_OK) {
         cli_report_error("cannot agree on the temporary file");
         return false;
     }
-    return snprintf(tmp, cap, "%s.partial-%lld", out, (long long)pid) < (int)cap;
+    if (snprintf(tmp, cap, "%s.partial-%lld", out, (long long)pid) >= (int)cap) {
+        fprintf(stderr, "cparallel %s: error: --out is too long\n", cmd);
+        return false;
+    }
+    /* rank 0 finds out now, not after the calibration, that it cannot write there */
+    int32_t ok = 1;
+    if (j->lead) {
+        FILE *f = fopen(tmp, "wb");
+        if (!f) {
+            fprintf(stderr, "cparallel %s: error: cannot write next to --out '%s': %s\n", cmd, out, strerror(errno));
+            ok = 0;
+        } else {
+            fclose(f);
+            unlink(tmp);
+        }
+    }
+    if (j->rk.size > 1 && cp_comm_bcast(j->rk.world, &ok, 1, CP_DTYPE_I32, 0, NULL) != CP_OK) {
+        cli_report_error("cannot agree on the output");
+        return false;
+    }
+    return ok != 0;
 }
 
 /* The message rank 0 broadcasts while it writes: {state, done, total}. */

@@ -46,9 +46,10 @@ int cli_job_start(cli_job *j);
  * false) aborts the other ranks, which would otherwise wait for it. */
 int cli_job_end(cli_job *j, int rc, bool shared);
 
-/* The temporary file out.partial-PID (PID of rank 0) on every rank; false
- * when it does not fit cap. */
-bool cli_job_partial_name(cli_job *j, const char *out, char *tmp, size_t cap);
+/* The temporary file out.partial-PID (PID of rank 0) on every rank, which
+ * rank 0 checks it can create; false (after printing why) when the name
+ * does not fit cap or rank 0 cannot write there. */
+bool cli_job_partial_name(const char *cmd, cli_job *j, const char *out, char *tmp, size_t cap);
 
 /* Rank 0 after writing: tells the waiting ranks whether it succeeded.
  * The others: wait for that (each heartbeat within the collective

@@ -217,10 +217,7 @@ int cp_cli_prune(int argc, char **argv) {
     }
     if ((rc = cli_job_start(&job))) return rc;
     char tmp[4096];
-    if (!cli_job_partial_name(&job, out, tmp, sizeof(tmp))) {
-        fprintf(stderr, "cparallel prune: error: --out is too long\n");
-        return cli_job_end(&job, 2, true);
-    }
+    if (!cli_job_partial_name("prune", &job, out, tmp, sizeof(tmp))) return cli_job_end(&job, 1, true);
     cp_act_stats *stats = NULL;
     if (need_calib && cli_calibrate("prune", &job, in, calib, calib_tokens, &stats)) return cli_job_end(&job, 1, false);
     /* rank 0 plans and writes; the others wait for it */

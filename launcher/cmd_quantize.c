@@ -110,10 +110,7 @@ int cp_cli_quantize(int argc, char **argv) {
     }
     if ((rc = cli_job_start(&job))) return rc;
     char tmp[4096];
-    if (!cli_job_partial_name(&job, out, tmp, sizeof(tmp))) {
-        fprintf(stderr, "cparallel quantize: error: --out is too long\n");
-        return cli_job_end(&job, 2, true);
-    }
+    if (!cli_job_partial_name("quantize", &job, out, tmp, sizeof(tmp))) return cli_job_end(&job, 1, true);
     cp_act_stats *stats = NULL;
     cp_awq_scales *scales = NULL;
     if (awq && (cli_calibrate("quantize", &job, in, calib, calib_tokens, &stats) ||

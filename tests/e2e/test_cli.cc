@@ -366,6 +366,11 @@ TEST(Cli, QuantizeWritesOnlyWithinTheAccuracyBound) {
     r = run("quantize --model " + model() + " --out " + out + " --type q3_k");
     EXPECT_EQ(r.code, 2);
     EXPECT_NE(r.err.find("invalid value 'q3_k' for --type"), std::string::npos) << r.err;
+    // an output directory that is not there fails before any work
+    r = run("quantize --model " + model() + " --out /nonexistent/dir/q.gguf --type awq");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("cannot write next to --out '/nonexistent/dir/q.gguf'"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("calibration"), std::string::npos) << r.out;
     unlink(out.c_str());
 }
 
