@@ -212,3 +212,29 @@ out:
     cp_engine_free(r);
     return rc;
 }
+
+int cli_job_finish(const char *cmd, cli_job *j, const char *orig, const char *tmp, const char *out,
+                   const cli_gate *gate) {
+    if (gate->text) {
+        double increase = 0;
+        const int rc = cli_measure(cmd, j, orig, tmp, gate->text, gate->ctx, gate->max_tokens,
+                                   gate->max_increase_pct / 100.0, gate->force, &increase);
+        if (rc) {
+            if (j->lead) unlink(tmp);
+            if (rc == 3 && j->lead)
+                fprintf(stderr, "cparallel %s: error: not written: perplexity rose by %.2f%%, more than "
+                                "--max-ppl-increase %.2f%% (--force writes it anyway)\n",
+                        cmd, 100 * increase, gate->max_increase_pct);
+            return cli_job_end(j, 1, rc == 3);
+        }
+    }
+    if (j->lead) {
+        if (rename(tmp, out) != 0) {
+            fprintf(stderr, "cparallel %s: error: cannot write '%s': %s\n", cmd, out, strerror(errno));
+            unlink(tmp);
+            return cli_job_end(j, 1, true);
+        }
+        printf("written           %s\n", out);
+    }
+    return cli_job_end(j, 0, true);
+}

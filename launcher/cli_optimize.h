@@ -79,4 +79,20 @@ int cli_calibrate(const char *cmd, cli_job *j, const char *model, const char *ca
 int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *cand, const char *text, int ctx,
                 int max_tokens, double max_increase, bool force, double *increase);
 
+/* The accuracy gate of a rewritten model: evaluation text (NULL: no
+ * measurement, nothing checked), its windows, and the bound. */
+typedef struct cli_gate {
+    const char *text;
+    int ctx, max_tokens;
+    double max_increase_pct;
+    bool force;
+} cli_gate;
+
+/* After the model is written to tmp (on every rank, collective): measures
+ * it against orig through the gate, then rank 0 renames it to out or
+ * removes it, printing what happened; ends the job and returns its exit
+ * code (0 written, 1 refused or failed). */
+int cli_job_finish(const char *cmd, cli_job *j, const char *orig, const char *tmp, const char *out,
+                   const cli_gate *gate);
+
 #endif /* CP_CLI_OPTIMIZE_H */

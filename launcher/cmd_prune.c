@@ -224,25 +224,6 @@ int cp_cli_prune(int argc, char **argv) {
     const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, type, no_progress, &job);
     cp_act_stats_free(stats);
     if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
-    if (!no_eval) {
-        double increase = 0;
-        rc = cli_measure("prune", &job, in, tmp, text, ctx, max_tokens, max_increase / 100.0, force, &increase);
-        if (rc) {
-            if (job.lead) unlink(tmp);
-            if (rc == 3 && job.lead)
-                fprintf(stderr, "cparallel prune: error: not written: perplexity rose by %.2f%%, more than "
-                                "--max-ppl-increase %.2f%% (--force writes it anyway)\n", 100 * increase,
-                        (double)max_increase);
-            return cli_job_end(&job, 1, rc == 3);
-        }
-    }
-    if (job.lead) {
-        if (rename(tmp, out) != 0) {
-            fprintf(stderr, "cparallel prune: error: cannot write '%s': %s\n", out, strerror(errno));
-            unlink(tmp);
-            return cli_job_end(&job, 1, true);
-        }
-        printf("written           %s\n", out);
-    }
-    return cli_job_end(&job, 0, true);
+    const cli_gate gate = {no_eval ? NULL : text, ctx, max_tokens, max_increase, force};
+    return cli_job_finish("prune", &job, in, tmp, out, &gate);
 }
