@@ -326,9 +326,9 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.xg = malloc(mb * (size_t)m->cfg.dim * sizeof(float));
     m->cpx.runs = malloc(2 * mb * sizeof(int32_t));
     m->cpx.share = malloc(2 * cp * sizeof(size_t));
-    if (!m->cpx.runs || !m->cpx.share || !m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
-        !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack ||
-        !m->cpx.red || !m->cpx.xg)
+    if (!m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
+        !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack || !m->cpx.red || !m->cpx.xg ||
+        !m->cpx.runs || !m->cpx.share)
         return CP_ERROR(CP_ERR_OOM, "out of memory for the context-parallel buffers (%zu rows)", cp * mb);
     return CP_OK;
 }
