@@ -18,7 +18,7 @@
 
 typedef struct bench_opts {
     const char *model, *name, *ops_out;
-    int tp, pp, cp, n_prompt, n_gen, threads;
+    int tp, pp, cp, n_prompt, n_gen, threads, cp_exchange;
     bool header_only;
 } bench_opts;
 
@@ -29,6 +29,7 @@ static void usage(FILE *f) {
                "  --prompt N     prompt tokens prefilled before the measured decode (default 32)\n"
                "  --gen N        decode steps measured (default 32)\n"
                "  --threads N    CPU threads per rank (default: cores / ranks on the node, >= 1)\n"
+               "  --cp-exchange auto|queries|kv  what cp ranks pass in attention (default auto)\n"
                "  --name LABEL   model label in the table (default: the file name)\n"
                "  --ops-out FILE append the per-operation rows to FILE\n"
                "  --header-only  print the table headers (main table to stdout, the\n"
@@ -68,6 +69,10 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
             ok = parse_int(v, 1, 1 << 20, &o->n_gen);
         else if (!strcmp(a, "--threads") && v)
             ok = parse_int(v, 1, 4096, &o->threads);
+        else if (!strcmp(a, "--cp-exchange") && v)
+            ok = (!strcmp(v, "auto") && (o->cp_exchange = CP_CP_AUTO, true)) ||
+                 (!strcmp(v, "queries") && (o->cp_exchange = CP_CP_QUERIES, true)) ||
+                 (!strcmp(v, "kv") && (o->cp_exchange = CP_CP_KV, true));
         else if (!strcmp(a, "--header-only")) {
             o->header_only = true;
             takes = false;
@@ -176,7 +181,16 @@ typedef struct measure {
     int n_seen, n_last;
     double t_begin, t_end;
     cp_comm_stats tp_stats, pp_stats, cp_stats;
+    uint64_t prefill_bytes; /* payload this rank passed during the prefill, all groups */
 } measure;
+
+static uint64_t total_bytes(cp_comm_t c) {
+    cp_comm_stats st;
+    cp_comm_get_stats(c, &st);
+    uint64_t n = 0;
+    for (int op = 0; op < CP_COMM_OP_COUNT; op++) n += st.bytes[op];
+    return n;
+}
 
 static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
     (void)token;
@@ -185,6 +199,8 @@ static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
     measure *m = user;
     m->n_seen++;
     if (m->n_seen == 1) {
+        /* the counters were zeroed just before the prompt went in */
+        m->prefill_bytes = total_bytes(m->tp) + total_bytes(m->pp) + total_bytes(m->cp);
         cp_comm_reset_stats(m->tp);
         cp_comm_reset_stats(m->pp);
         cp_comm_reset_stats(m->cp);
@@ -346,6 +362,7 @@ int main(int argc, char **argv) {
         .tp_comm = tp,
         .pp_comm = pp,
         .cp_comm = cpc,
+        .cp_exchange = o.cp_exchange,
     };
     if (cp_engine_init(&eo, &e) != CP_OK) {
         fail_msg(rank, "cannot load the model");
@@ -372,6 +389,9 @@ int main(int argc, char **argv) {
         goto out;
     }
     measure m = {.tp = tp, .pp = pp, .cp = cpc, .n_last = o.n_gen + 1};
+    cp_comm_reset_stats(tp);
+    cp_comm_reset_stats(pp);
+    cp_comm_reset_stats(cpc);
     gp.max_tokens = o.n_gen + 1; /* the first token comes from the prefill */
     cp_gen_stats gs;
     if (cp_engine_generate(e, prompt, o.n_prompt, &gp, on_token, &m, &gs) != CP_OK) {
@@ -408,10 +428,10 @@ int main(int argc, char **argv) {
         }
         report(&o, size, ints, dbls, ops_out);
         fprintf(stderr,
-                "bench_parallel: %s tp=%d pp=%d cp=%d: %d threads/rank, prefill %d tokens %.1f ms, "
-                "decode %d tokens %.1f ms (rank 0)\n",
-                o.name, o.tp, o.pp, o.cp, threads, o.n_prompt, gs.prefill_s * 1e3, o.n_gen,
-                mine_d[R_DECODE] * 1e3);
+                "bench_parallel: %s tp=%d pp=%d cp=%d: %d threads/rank, prefill %d tokens %.1f ms "
+                "(%.0f bytes per token passed by rank 0), decode %d tokens %.1f ms (rank 0)\n",
+                o.name, o.tp, o.pp, o.cp, threads, o.n_prompt, gs.prefill_s * 1e3,
+                (double)m.prefill_bytes / o.n_prompt, o.n_gen, mine_d[R_DECODE] * 1e3);
     }
     rc = 0;
 out:
