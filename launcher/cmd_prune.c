@@ -53,9 +53,10 @@ static void default_type(cp_gguf_t g, bool n2m, bool zeroing, cp_dtype *t, bool 
 }
 
 /* Rank 0: plans the edit from the statistics, writes the pruned model to
- * tmp and prints what it did; false after reporting an error. */
+ * tmp (matrices in *type, NULL: the default of default_type) and prints
+ * what it did; false after reporting an error. */
 static bool write_pruned(const char *in, const char *tmp, const char *out, cp_prune_opts *po,
-                         const cp_act_stats *stats, const char *type, bool no_progress, cli_job *job) {
+                         const cp_act_stats *stats, const cp_dtype *type, bool no_progress, cli_job *job) {
     po->stats = stats;
     cp_gguf_t g = NULL;
     cp_model_edit *edit = NULL;
@@ -64,9 +65,9 @@ static bool write_pruned(const char *in, const char *tmp, const char *out, cp_pr
         cli_report_error("cannot read the model");
         return false;
     }
-    cp_dtype t;
+    cp_dtype t = type ? *type : CP_DTYPE_F32;
     bool keep_types = false;
-    if (!type || !cli_parse_convert(type, &t)) default_type(g, po->n2m, po->n2m || po->sparsity > 0, &t, &keep_types);
+    if (!type) default_type(g, po->n2m, po->n2m || po->sparsity > 0, &t, &keep_types);
     cp_status pst = cp_prune_plan(g, po, &edit, &rep);
     cp_gguf_close(g);
     if (pst != CP_OK) {
@@ -221,7 +222,7 @@ int cp_cli_prune(int argc, char **argv) {
     cp_act_stats *stats = NULL;
     if (need_calib && cli_calibrate("prune", &job, in, calib, calib_tokens, &stats)) return cli_job_end(&job, 1, false);
     /* rank 0 plans and writes; the others wait for it */
-    const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, type, no_progress, &job);
+    const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, type ? &t : NULL, no_progress, &job);
     cp_act_stats_free(stats);
     if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
     const cli_gate gate = {no_eval ? NULL : text, ctx, max_tokens, max_increase, force};

@@ -309,6 +309,29 @@ void cp_awq_scales_free(cp_awq_scales *s) {
     free(s);
 }
 
+/* Searches layers part, part + parts, ... into s; progress gets the layers
+ * done and this part's count. */
+static cp_status search_layers(cp_gguf_t g, cp_backend_t be, cp_dtype type, const cp_act_stats *a, int part,
+                               int parts, void (*progress)(void *user, size_t done, size_t total), void *user,
+                               cp_awq_scales *s) {
+    size_t mine = 0, n_done = 0;
+    for (int l = part; l < a->n_layer; l += parts) mine++;
+    for (int l = part; l < a->n_layer; l += parts) {
+        CP_CHECK(awq_layer(g, be, type, a, l, s->down + (size_t)l * s->ffn, s->ffn_in + (size_t)l * s->dim,
+                           s->attn + (size_t)l * s->dim));
+        if (progress) progress(user, ++n_done, mine);
+    }
+    return CP_OK;
+}
+
+/* cp_quantize_opts.progress after each layer's search: (0, 1). */
+static void layer_searched(void *user, size_t done, size_t total) {
+    (void)done;
+    (void)total;
+    const cp_quantize_opts *o = user;
+    if (o->progress) o->progress(o->progress_user, 0, 1);
+}
+
 /* Every layer's scales (those of o->awq_scales, else searched here). */
 static cp_status awq_all(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *o, cp_awq_scales **owned,
                          const cp_awq_scales **out) {
@@ -323,13 +346,8 @@ static cp_status awq_all(cp_gguf_t g, cp_backend_t be, const cp_quantize_opts *o
         return CP_OK;
     }
     CP_CHECK(awq_scales_alloc(a->n_layer, dim, ffn, owned));
-    cp_awq_scales *s = *owned;
-    for (int l = 0; l < a->n_layer; l++) {
-        CP_CHECK(awq_layer(g, be, o->type, a, l, s->down + (size_t)l * ffn, s->ffn_in + (size_t)l * dim,
-                           s->attn + (size_t)l * dim));
-        if (o->progress) o->progress(o->progress_user, 0, 1);
-    }
-    *out = s;
+    CP_CHECK(search_layers(g, be, o->type, a, 0, 1, layer_searched, (void *)o, *owned));
+    *out = *owned;
     return CP_OK;
 }
 
@@ -394,16 +412,8 @@ cp_status cp_awq_search(const char *in, cp_dtype type, const cp_act_stats *a, in
     cp_status st;
     CP_CHECK_GOTO(cp_gguf_open(in, &g), st, done);
     CP_CHECK_GOTO(cp_backend_cpu_init(threads, &be), st, done);
-    const int dim = a->width[CP_ACT_ATTN_IN], ffn = a->width[CP_ACT_FFN_ACT];
-    CP_CHECK_GOTO(awq_scales_alloc(a->n_layer, dim, ffn, &s), st, done);
-    size_t mine = 0, n_done = 0;
-    for (int l = part; l < a->n_layer; l += parts) mine++;
-    for (int l = part; l < a->n_layer; l += parts) {
-        CP_CHECK_GOTO(awq_layer(g, be, type, a, l, s->down + (size_t)l * ffn, s->ffn_in + (size_t)l * dim,
-                                s->attn + (size_t)l * dim),
-                      st, done);
-        if (progress) progress(user, ++n_done, mine);
-    }
+    CP_CHECK_GOTO(awq_scales_alloc(a->n_layer, a->width[CP_ACT_ATTN_IN], a->width[CP_ACT_FFN_ACT], &s), st, done);
+    CP_CHECK_GOTO(search_layers(g, be, type, a, part, parts, progress, user, s), st, done);
     *out = s;
     s = NULL;
 done:

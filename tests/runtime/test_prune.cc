@@ -16,6 +16,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "common/tiny_engine.h"
 #include "common/tiny_model.h"
 #include "cp_backend.h"
 #include "cp_gguf.h"
@@ -87,22 +88,8 @@ TEST(PruneRow, TwoOfFourAreZeroedInEveryGroup) {
 
 // ---- whole models ---------------------------------------------------------
 
-// A one-sequence CPU engine on a model without a tokenizer.
-cp_engine_t open_engine(const std::string &path) {
-    cp_engine_opts eo = {};
-    eo.model_path = path.c_str();
-    eo.tokens_only = true;
-    eo.n_threads = 1;
-    eo.n_ctx = 64;
-    eo.n_seq = 1;
-    eo.kv_f32 = true;
-    cp_engine_t e = nullptr;
-    EXPECT_EQ(cp_engine_init(&eo, &e), CP_OK) << cp_last_error();
-    return e;
-}
-
 std::vector<float> logits_of(const std::string &path, const std::vector<int32_t> &toks, int *vocab) {
-    cp_engine_t e = open_engine(path);
+    cp_engine_t e = cptest::open_engine(path);
     if (!e) return {};
     *vocab = cp_model_get_config(cp_engine_model(e))->n_vocab;
     std::vector<float> out(toks.size() * (size_t)*vocab);
@@ -111,17 +98,6 @@ std::vector<float> logits_of(const std::string &path, const std::vector<int32_t>
     return out;
 }
 
-cp_act_stats *calibrate(const std::string &path, int n_tokens, int vocab) {
-    cp_engine_t e = open_engine(path);
-    if (!e) return nullptr;
-    std::mt19937 rng(17);
-    std::vector<int32_t> t(n_tokens);
-    for (auto &x : t) x = (int32_t)(rng() % vocab);
-    cp_act_stats *s = nullptr;
-    EXPECT_EQ(cp_act_stats_collect(e, t.data(), t.size(), 32, &s), CP_OK) << cp_last_error();
-    cp_engine_free(e);
-    return s;
-}
 
 struct Pruned {
     std::string path;
@@ -169,7 +145,7 @@ TEST(PruneModel, DropsTheBlockThatDoesNothing) {
     std::fill(m.L[1].wo.begin(), m.L[1].wo.end(), 0.0f);
     std::fill(m.L[1].wd.begin(), m.L[1].wd.end(), 0.0f);
     const std::string in = write_gguf(m, "prune_drop");
-    cp_act_stats *st = calibrate(in, 96, s.vocab);
+    cp_act_stats *st = cptest::calibrate(in, 96, s.vocab);
     ASSERT_NE(st, nullptr);
     cp_prune_opts o = {};
     o.drop_layers = 1;
@@ -219,7 +195,7 @@ TEST(PruneModel, RemovesDeadHeadsAndChannels) {
         }
     }
     const std::string in = write_gguf(m, "prune_heads");
-    cp_act_stats *st = calibrate(in, 64, s.vocab);
+    cp_act_stats *st = cptest::calibrate(in, 64, s.vocab);
     ASSERT_NE(st, nullptr);
     cp_prune_opts o = {};
     o.n_head = 6;
@@ -257,7 +233,7 @@ TEST(PruneModel, UnstructuredRowsKeepTheirOtherWeights) {
     TinySpec s;
     TinyModel m = make_model(s, 44);
     const std::string in = write_gguf(m, "prune_wanda");
-    cp_act_stats *st = calibrate(in, 64, s.vocab);
+    cp_act_stats *st = cptest::calibrate(in, 64, s.vocab);
     ASSERT_NE(st, nullptr);
     cp_prune_opts o = {};
     o.method = CP_PRUNE_WANDA;

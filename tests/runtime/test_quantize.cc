@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "common/tiny_engine.h"
 #include "common/tiny_model.h"
 
 #include "cp_backend.h"
@@ -424,20 +425,8 @@ TEST(Quantize, AwqSearchSplitsIntoPartsThatSumToTheWhole) {
     sp.n_layer = 3;
     sp.vocab = 64;
     const std::string model = cptest::write_gguf(cptest::make_model(sp, 5), "awq_parts");
-    cp_engine_opts eo = {};
-    eo.model_path = model.c_str();
-    eo.tokens_only = true;
-    eo.n_threads = 1;
-    eo.n_ctx = 64;
-    eo.n_seq = 1;
-    eo.kv_f32 = true;
-    cp_engine_t e = nullptr;
-    ASSERT_EQ(cp_engine_init(&eo, &e), CP_OK) << cp_last_error();
-    std::vector<int32_t> toks(96);
-    for (size_t i = 0; i < toks.size(); i++) toks[i] = (int32_t)((i * 29 + 3) % sp.vocab);
-    cp_act_stats *stats = nullptr;
-    ASSERT_EQ(cp_act_stats_collect(e, toks.data(), toks.size(), 32, &stats), CP_OK) << cp_last_error();
-    cp_engine_free(e);
+    cp_act_stats *stats = cptest::calibrate(model, 96, sp.vocab);
+    ASSERT_NE(stats, nullptr);
     cp_awq_scales *whole = nullptr, *sum = nullptr;
     ASSERT_EQ(cp_awq_search(model.c_str(), CP_DTYPE_I4_G32, stats, 0, 1, 1, nullptr, nullptr, &whole), CP_OK)
         << cp_last_error();
