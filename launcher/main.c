@@ -114,16 +114,10 @@ static int cmd_generate(int argc, char **argv) {
     cp_dtype kv_dtype = CP_DTYPE_F32;
     if (kv_type && !cli_parse_kv_type("generate", kv_type, &kv_dtype)) return 2;
     int exchange = CP_CP_AUTO;
-    if (cp_exchange) {
-        if (!strcmp(cp_exchange, "queries")) {
-            exchange = CP_CP_QUERIES;
-        } else if (!strcmp(cp_exchange, "kv")) {
-            exchange = CP_CP_KV;
-        } else if (strcmp(cp_exchange, "auto")) {
-            fprintf(stderr, "cparallel generate: error: invalid value '%s' for --cp-exchange (expected auto, queries or kv)\n",
-                    cp_exchange);
-            return 2;
-        }
+    if (cp_exchange && !cp_cp_exchange_parse(cp_exchange, &exchange)) {
+        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --cp-exchange (expected auto, queries or kv)\n",
+                cp_exchange);
+        return 2;
     }
     char *file_text = NULL;
     if (prompt_file) {

@@ -50,6 +50,16 @@ cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
     return CP_OK;
 }
 
+bool cp_cp_exchange_parse(const char *name, int *out) {
+    static const char *const names[] = {"auto", "queries", "kv"}; /* in CP_CP_* order */
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(name, names[i])) {
+            *out = i;
+            return true;
+        }
+    return false;
+}
+
 cp_model_groups cp_model_get_groups(cp_model_t m) {
     return (cp_model_groups){.tp = m->tp_comm, .pp = m->pp_comm, .cp = m->cp_comm};
 }

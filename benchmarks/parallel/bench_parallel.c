@@ -70,9 +70,7 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
         else if (!strcmp(a, "--threads") && v)
             ok = parse_int(v, 1, 4096, &o->threads);
         else if (!strcmp(a, "--cp-exchange") && v)
-            ok = (!strcmp(v, "auto") && (o->cp_exchange = CP_CP_AUTO, true)) ||
-                 (!strcmp(v, "queries") && (o->cp_exchange = CP_CP_QUERIES, true)) ||
-                 (!strcmp(v, "kv") && (o->cp_exchange = CP_CP_KV, true));
+            ok = cp_cp_exchange_parse(v, &o->cp_exchange);
         else if (!strcmp(a, "--header-only")) {
             o->header_only = true;
             takes = false;

@@ -484,6 +484,10 @@ TEST(Cli, MultiRankLayoutMismatchIsAnError) {
     r = run_mpi(2, "generate --no-progress --model " + model() + " --prompt hi --tp 3 --cp 2");
     EXPECT_NE(r.code, 0);
     EXPECT_NE(r.err.find("--tp 3 x --cp 2 x --pp 1 = 6 ranks, but the job has 2"), std::string::npos) << r.err;
+    r = run("generate --no-progress --model " + model() + " --prompt hi --cp-exchange sideways");
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("invalid value 'sideways' for --cp-exchange (expected auto, queries or kv)"),
+              std::string::npos) << r.err;
 }
 
 }  // namespace
