@@ -302,15 +302,16 @@ static cp_attn_params attn_params(cp_model_t m, cp_kv_cache_t kv, const cp_batch
  * with the single-rank kernel. A fresh prompt's chunk moves 2 x n_kv_l rows
  * per position instead of the queries and the partial outputs (n_head_l rows
  * each, and more), a third as much for a model with 3 query heads per KV
- * head; a decode step would move the whole history, so each chunk takes the
- * smaller (choose_exchange). */
+ * head; a decode step would move the whole history, so each sequence of a
+ * chunk takes the smaller (choose_exchange): a chunk that mixes a prompt
+ * with decode rows runs both exchanges, each on its own rows. */
 
 static cp_status cpx_reserve(cp_model_t m) {
     if (m->cpx.count) return CP_OK;
     const size_t cp = (size_t)m->plan.cp, mb = (size_t)m->max_batch;
     const size_t qd = (size_t)m->n_head_l * (size_t)m->cfg.head_dim, nh = (size_t)m->n_head_l;
     const size_t pw = nh * ((size_t)m->cfg.head_dim + 1);
-    m->cpx.count = calloc(2 * cp, sizeof(int));
+    m->cpx.count = calloc(4 * cp, sizeof(int));
     m->cpx.lrow = malloc(mb * sizeof(int32_t));
     m->cpx.tok = malloc(mb * sizeof(int32_t));
     m->cpx.pos = malloc(mb * sizeof(int32_t));
@@ -325,10 +326,17 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.red = malloc(mb * pw * sizeof(float));
     m->cpx.xg = malloc(mb * (size_t)m->cfg.dim * sizeof(float));
     m->cpx.runs = malloc(2 * mb * sizeof(int32_t));
+    m->cpx.seqs = malloc(3 * mb * sizeof(int32_t));
+    m->cpx.kvrow = malloc(mb);
+    m->cpx.kidx = malloc(mb * sizeof(int32_t));
+    m->cpx.qidx = malloc(mb * sizeof(int32_t));
+    m->cpx.kpos = malloc(mb * sizeof(int32_t));
+    m->cpx.kseq = malloc(mb * sizeof(int32_t));
     m->cpx.share = malloc(2 * cp * sizeof(size_t));
     if (!m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
         !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack || !m->cpx.red || !m->cpx.xg ||
-        !m->cpx.runs || !m->cpx.share)
+        !m->cpx.runs || !m->cpx.seqs || !m->cpx.kvrow || !m->cpx.kidx || !m->cpx.qidx || !m->cpx.kpos ||
+        !m->cpx.kseq || !m->cpx.share)
         return CP_ERROR(CP_ERR_OOM, "out of memory for the context-parallel buffers (%zu rows)", cp * mb);
     return CP_OK;
 }
@@ -341,48 +349,86 @@ static size_t kv_pos_bytes(cp_model_t m, cp_kv_cache_t kv) {
 /* Positions p < len with p % cp == r. */
 static int held(int len, int cp, int r) { return len > r ? (len - 1 - r) / cp + 1 : 0; }
 
-/* Whether chunk [t0, t0+T) of b passes K/V (m->cpx.pass_kv, the same on
- * every cp rank, which all see the whole batch): each sequence of the chunk
- * must come in one run of consecutive positions, and under CP_CP_AUTO its
- * history (up to the run's last position) must weigh fewer bytes than the
- * chunk's queries, partial outputs and log-sum-exps. */
+/* What one collective costs beyond its bytes, counted in bytes: its latency
+ * (a few microseconds) at a few GB/s, as between the ranks of one node. */
+#define CPX_CALL_BYTES 16384.0
+
+/* Which sequences of chunk [t0, t0+T) of b pass K/V and which pass queries
+ * (cpx.runs and cpx.kvrow), the same on every cp rank, which all see the
+ * whole batch. Passing a sequence's K/V moves its length (history
+ * included) x 2 rows of the cache; passing its queries moves its rows x
+ * (query + partial output + log-sum-exp). Under CP_CP_AUTO each sequence
+ * takes the lighter, unless sending the whole chunk one way costs less
+ * once every collective is counted CPX_CALL_BYTES (passing K/V is one
+ * all-gather per layer, passing queries three collectives): a fresh prompt
+ * passes K/V, a decode step queries, and a chunk that mixes a long prompt
+ * with decode rows of long histories splits. */
 static void choose_exchange(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, int t0, int T) {
-    m->cpx.pass_kv = false;
-    m->cpx.n_runs = 0;
-    if (m->cp_exchange == CP_CP_QUERIES) return;
-    int32_t *runs = m->cpx.runs;
+    int32_t *seqs = m->cpx.seqs, *rows_seq = m->cpx.kidx; /* kidx: the row's sequence, until forward_chunk_cp */
     int n = 0;
-    double positions = 0;
     for (int t = 0; t < T; t++) {
-        const int32_t sq = b->seq[t0 + t], ps = b->pos[t0 + t];
-        if (t > 0 && sq == b->seq[t0 + t - 1]) {
-            if (ps != b->pos[t0 + t - 1] + 1) return;
-            runs[2 * n - 1] = ps + 1;
-            continue;
+        const int32_t sq = b->seq[t0 + t], len = b->pos[t0 + t] + 1;
+        int i = t > 0 && sq == b->seq[t0 + t - 1] ? rows_seq[t - 1] : -1;
+        for (int j = 0; i < 0 && j < n; j++)
+            if (seqs[3 * j] == sq) i = j;
+        if (i < 0) {
+            i = n++;
+            seqs[3 * i] = sq;
+            seqs[3 * i + 1] = 0;
+            seqs[3 * i + 2] = 0;
         }
-        for (int i = 0; i < n; i++)
-            if (runs[2 * i] == sq) return; /* a second run of one sequence */
-        runs[2 * n] = sq;
-        runs[2 * n + 1] = ps + 1;
-        n++;
+        if (len > seqs[3 * i + 1]) seqs[3 * i + 1] = len;
+        seqs[3 * i + 2]++;
+        rows_seq[t] = i;
     }
-    for (int i = 0; i < n; i++) positions += runs[2 * i + 1];
+    const double nh = m->n_head_l, hd = m->cfg.head_dim;
+    const double kv_bytes = 2.0 * (double)kv_pos_bytes(m, kv), q_bytes = (nh * hd + nh * (hd + 1) + nh) * sizeof(float);
+    /* 0: every sequence passes queries, 1: K/V, 2: each the lighter */
+    int how = m->cp_exchange == CP_CP_KV ? 1 : 0;
     if (m->cp_exchange == CP_CP_AUTO) {
-        const double nh = m->n_head_l, hd = m->cfg.head_dim;
-        const double kv_bytes = positions * 2.0 * (double)kv_pos_bytes(m, kv);
-        const double q_bytes = (double)T * (nh * hd + nh * (hd + 1) + nh) * sizeof(float);
-        if (kv_bytes > q_bytes) return;
+        double split = 0, all_kv = CPX_CALL_BYTES, all_q = 3 * CPX_CALL_BYTES;
+        bool some_kv = false, some_q = false;
+        for (int i = 0; i < n; i++) {
+            const double k = seqs[3 * i + 1] * kv_bytes, q = seqs[3 * i + 2] * q_bytes;
+            all_kv += k;
+            all_q += q;
+            split += k <= q ? k : q;
+            some_kv |= k <= q;
+            some_q |= k > q;
+        }
+        split += (some_kv ? CPX_CALL_BYTES : 0) + (some_q ? 3 * CPX_CALL_BYTES : 0);
+        how = split < all_kv && split < all_q ? 2 : all_kv <= all_q ? 1 : 0;
     }
-    m->cpx.n_runs = n;
-    m->cpx.pass_kv = true;
+    int n_runs = 0;
+    for (int i = 0; i < n; i++) {
+        bool pass_kv = how == 1 || (how == 2 && seqs[3 * i + 1] * kv_bytes <= seqs[3 * i + 2] * q_bytes);
+        seqs[3 * i + 2] = pass_kv; /* from here: whether it passes K/V */
+        if (!pass_kv) continue;
+        m->cpx.runs[2 * n_runs] = seqs[3 * i];
+        m->cpx.runs[2 * n_runs + 1] = seqs[3 * i + 1];
+        n_runs++;
+    }
+    for (int t = 0; t < T; t++) m->cpx.kvrow[t] = (unsigned char)seqs[3 * rows_seq[t] + 2];
+    m->cpx.n_runs = n_runs;
 }
 
-/* The pass-K/V exchange (see above): this rank's held rows of the chunk's
- * sequences go to every cp rank, and this rank's T rows attend to the
- * sequences laid out whole, into s->att. */
+/* Copies rows idx[0..n) of src (of width w floats) to dst, one after the other. */
+static void gather_rows(float *dst, const float *src, const int32_t *idx, int n, size_t w) {
+    for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * w, src + (size_t)idx[i] * w, w * sizeof(float));
+}
+
+/* Copies the n rows of src to rows idx[0..n) of dst. */
+static void scatter_rows(float *dst, const float *src, const int32_t *idx, int n, size_t w) {
+    for (int i = 0; i < n; i++) memcpy(dst + (size_t)idx[i] * w, src + (size_t)i * w, w * sizeof(float));
+}
+
+/* The pass-K/V exchange (see above): this rank's held rows of the K/V
+ * sequences go to every cp rank, and this rank's rows of those sequences
+ * (cpx.nk of them; all of its T rows when none passes queries) attend to
+ * the sequences laid out whole, into s->att. */
 static cp_status cp_attention_kv(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
     const int cp = m->plan.cp, me = m->plan.cp_rank, bs = kv->block_size, slots = kv->slots;
-    const int n = m->cpx.n_runs, mb = ap->max_blocks;
+    const int n = m->cpx.n_runs, mb = ap->max_blocks, nk = m->cpx.nk;
     const int32_t *runs = m->cpx.runs;
     const size_t sb = kv_pos_bytes(m, kv);
     /* each rank's share in bytes, and where it starts */
@@ -413,7 +459,7 @@ static cp_status cp_attention_kv(cp_model_t m, cp_kv_cache_t kv, int l, const cp
         }
     CP_CHECK(cp_comm_allgatherv(m->cp_comm, m->cpx.kvall + off[me], share[me], m->cpx.kvall, share, CP_DTYPE_I8,
                                 NULL));
-    if (T == 0) return CP_OK;
+    if (nk == 0) return CP_OK;
     /* the sequences whole: blocks of bs positions, numbered in run order */
     int32_t max_seq = 0, n_blocks = 0;
     for (int i = 0; i < n; i++) {
@@ -453,21 +499,34 @@ static cp_status cp_attention_kv(cp_model_t m, cp_kv_cache_t kv, int l, const cp
     g.kv_stride = 0;
     g.kv_offset = 0;
     g.lse = NULL;
-    return cp_backend_attention(m->be, &g, m->s.q, fk, fv, m->s.att);
+    if (nk == T) return cp_backend_attention(m->be, &g, m->s.q, fk, fv, m->s.att);
+    /* a split chunk: this rank's K/V rows gathered, attended, put back */
+    const size_t qd = (size_t)m->n_head_l * (size_t)m->cfg.head_dim;
+    g.n_tok = nk;
+    g.seq_of_tok = m->cpx.kseq;
+    g.pos_of_tok = m->cpx.kpos;
+    g.n_seq_hint = 0;
+    gather_rows(m->cpx.qall, m->s.q, m->cpx.kidx, nk, qd);
+    CP_CHECK(cp_backend_attention(m->be, &g, m->cpx.qall, fk, fv, m->cpx.o));
+    scatter_rows(m->s.att, m->cpx.o, m->cpx.kidx, nk, qd);
+    return CP_OK;
 }
 
-/* Attention of this rank's T rows (queries in s->q, ap their parameters)
- * over the positions every cp rank holds, into s->att. A collective of the
- * cp group: ranks without rows take part with T = 0. */
-static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
-    if (m->cpx.pass_kv) return cp_attention_kv(m, kv, l, ap, T);
-    const int cp = m->plan.cp, tmax = m->cpx.tmax, nh = m->n_head_l, hd = m->cfg.head_dim;
+/* The pass-queries exchange (see above) of this rank's rows of the
+ * sequences that pass queries (cpx.nq of them; all of its T rows when
+ * none passes K/V), into their rows of s->att. */
+static cp_status cp_attention_q(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
+    const int cp = m->plan.cp, tmax = m->cpx.tmax, nh = m->n_head_l, hd = m->cfg.head_dim, nq = m->cpx.nq;
     const size_t qd = (size_t)nh * (size_t)hd, pw = (size_t)nh * (size_t)(hd + 1);
     const size_t rows = (size_t)cp * (size_t)tmax;
+    const bool all = nq == T;
     /* this rank's queries go to its slot of qall, gathered in place */
     float *mine = m->cpx.qall + (size_t)m->plan.cp_rank * (size_t)tmax * qd;
-    memcpy(mine, m->s.q, (size_t)T * qd * sizeof(float));
-    memset(mine + (size_t)T * qd, 0, (size_t)(tmax - T) * qd * sizeof(float));
+    if (all)
+        memcpy(mine, m->s.q, (size_t)nq * qd * sizeof(float));
+    else
+        gather_rows(mine, m->s.q, m->cpx.qidx, nq, qd);
+    memset(mine + (size_t)nq * qd, 0, (size_t)(tmax - nq) * qd * sizeof(float));
     CP_CHECK(cp_comm_allgather(m->cp_comm, mine, m->cpx.qall, (size_t)tmax * qd, CP_DTYPE_F32, NULL));
     cp_attn_params g = *ap;
     g.n_tok = (int)rows;
@@ -488,12 +547,25 @@ static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_at
     }
     CP_CHECK(cp_comm_reduce_scatter(m->cp_comm, m->cpx.pack, m->cpx.red, (size_t)tmax * pw, CP_DTYPE_F32,
                                     CP_REDUCE_SUM, NULL));
-    for (size_t i = 0; i < (size_t)T * (size_t)nh; i++) {
-        const float *src = m->cpx.red + i * (size_t)(hd + 1);
-        const float inv = src[hd] > 0 ? 1.0f / src[hd] : 0.0f;
-        float *dst = m->s.att + i * (size_t)hd;
-        for (int d = 0; d < hd; d++) dst[d] = src[d] * inv;
+    for (int t = 0; t < nq; t++) {
+        float *out = m->s.att + (size_t)(all ? t : m->cpx.qidx[t]) * qd;
+        for (int h = 0; h < nh; h++) {
+            const float *src = m->cpx.red + ((size_t)t * (size_t)nh + (size_t)h) * (size_t)(hd + 1);
+            const float inv = src[hd] > 0 ? 1.0f / src[hd] : 0.0f;
+            for (int d = 0; d < hd; d++) out[(size_t)h * (size_t)hd + (size_t)d] = src[d] * inv;
+        }
     }
+    return CP_OK;
+}
+
+/* Attention of this rank's T rows (queries in s->q, ap their parameters)
+ * over the positions every cp rank holds, into s->att: the rows of K/V
+ * sequences, then those of query sequences (either set may be empty on
+ * every rank, and its exchange is skipped). A collective of the cp group:
+ * ranks without rows take part with T = 0. */
+static cp_status cp_attention(cp_model_t m, cp_kv_cache_t kv, int l, const cp_attn_params *ap, int T) {
+    if (m->cpx.n_runs) CP_CHECK(cp_attention_kv(m, kv, l, ap, T));
+    if (m->cpx.tmax) CP_CHECK(cp_attention_q(m, kv, l, ap, T));
     return CP_OK;
 }
 
@@ -670,35 +742,48 @@ static cp_status forward_chunk_cp(cp_model_t m, cp_kv_cache_t kv, const cp_batch
     const int cp = p->cp, me = p->cp_rank;
     const size_t dim = (size_t)c->dim;
     CP_CHECK(cpx_reserve(m));
-    int *count = m->cpx.count, *fill = m->cpx.count + cp;
-    memset(count, 0, 2 * (size_t)cp * sizeof(int));
+    choose_exchange(m, kv, b, t0, T);
+    /* rows each rank owns, and those of them that pass queries */
+    int *count = m->cpx.count, *qcount = count + cp, *fill = count + 2 * cp, *qfill = count + 3 * cp;
+    memset(count, 0, 4 * (size_t)cp * sizeof(int));
     int n_ctx = 0;
     for (int t = 0; t < T; t++) {
         count[b->pos[t0 + t] % cp]++;
+        qcount[b->pos[t0 + t] % cp] += !m->cpx.kvrow[t];
         if (b->pos[t0 + t] + 1 > n_ctx) n_ctx = b->pos[t0 + t] + 1;
     }
     int tmax = 0;
     for (int r = 0; r < cp; r++)
-        if (count[r] > tmax) tmax = count[r];
+        if (qcount[r] > tmax) tmax = qcount[r];
     m->cpx.tmax = tmax;
+    m->cpx.nk = m->cpx.nq = 0;
     for (int t = 0; t < T; t++) {
         const int r = b->pos[t0 + t] % cp, i = fill[r]++;
         m->cpx.lrow[t] = i;
-        m->cpx.gpos[(size_t)r * tmax + i] = b->pos[t0 + t];
-        m->cpx.gseq[(size_t)r * tmax + i] = b->seq[t0 + t];
+        if (!m->cpx.kvrow[t]) {
+            const int j = qfill[r]++;
+            m->cpx.gpos[(size_t)r * tmax + j] = b->pos[t0 + t];
+            m->cpx.gseq[(size_t)r * tmax + j] = b->seq[t0 + t];
+        }
         if (r == me) {
             m->cpx.tok[i] = b->tokens[t0 + t];
             m->cpx.pos[i] = b->pos[t0 + t];
             m->cpx.seq[i] = b->seq[t0 + t];
+            if (m->cpx.kvrow[t]) {
+                m->cpx.kpos[m->cpx.nk] = b->pos[t0 + t];
+                m->cpx.kseq[m->cpx.nk] = b->seq[t0 + t];
+                m->cpx.kidx[m->cpx.nk++] = i;
+            } else {
+                m->cpx.qidx[m->cpx.nq++] = i;
+            }
         }
     }
     /* padding rows: position 0 of a sequence of the chunk (attended, never used) */
     for (int r = 0; r < cp; r++)
-        for (int i = count[r]; i < tmax; i++) {
-            m->cpx.gpos[(size_t)r * tmax + i] = 0;
-            m->cpx.gseq[(size_t)r * tmax + i] = b->seq[t0];
+        for (int j = qcount[r]; j < tmax; j++) {
+            m->cpx.gpos[(size_t)r * tmax + j] = 0;
+            m->cpx.gseq[(size_t)r * tmax + j] = b->seq[t0];
         }
-    choose_exchange(m, kv, b, t0, T);
     const int Tl = count[me];
     const bool sp = m->sp && Tl > 1;
     const int Ts = sp ? (Tl + p->tp - 1) / p->tp : Tl, Tp = sp ? Ts * p->tp : Tl;

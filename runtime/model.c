@@ -573,6 +573,12 @@ void cp_model_free(cp_model_t m) {
     free(m->cpx.red);
     free(m->cpx.xg);
     free(m->cpx.runs);
+    free(m->cpx.seqs);
+    free(m->cpx.kvrow);
+    free(m->cpx.kidx);
+    free(m->cpx.qidx);
+    free(m->cpx.kpos);
+    free(m->cpx.kseq);
     free(m->cpx.share);
     free(m->cpx.kvall);
     free(m->cpx.kvfull);

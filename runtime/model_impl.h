@@ -56,8 +56,8 @@ struct cp_model {
      * chunk's rows by owner (rank-major, each owner's rows padded to
      * cp_tmax), this rank's rows, and the attention exchange */
     struct {
-        int tmax;                    /* the most rows any cp rank owns in the chunk */
-        int *count;                  /* [2 * cp] rows each rank owns, then a fill counter */
+        int tmax;                    /* the most query-passing rows any cp rank owns in the chunk */
+        int *count;                  /* [4 * cp] rows each rank owns, its query-passing rows, and fill counters */
         int32_t *lrow;               /* [max_batch] a chunk row's index among its owner's rows */
         int32_t *tok, *pos, *seq;    /* [max_batch] this rank's rows */
         int32_t *gpos, *gseq;        /* [cp * max_batch] every rank's rows */
@@ -65,11 +65,17 @@ struct cp_model {
         float *lse, *lmax;           /* [cp * max_batch][n_head_l] */
         float *pack, *red;           /* [cp * max_batch] / [max_batch] rows of n_head_l * (head_dim + 1) */
         float *xg;                   /* [max_batch][dim] logit rows shared over the group */
-        /* passing K/V instead (the chunk's choice, made alike on every cp rank):
-         * the chunk's sequences and their lengths (history included) */
-        bool pass_kv;
+        /* passing K/V instead, per sequence (the chunk's choice, made alike on
+         * every cp rank): the sequences that do and their lengths (history
+         * included), which chunk rows belong to them, and this rank's rows of
+         * each kind */
         int n_runs;
         int32_t *runs;               /* [max_batch][2] {seq, length} */
+        int32_t *seqs;               /* [max_batch][3] {seq, length, rows} of every sequence of the chunk */
+        unsigned char *kvrow;        /* [max_batch] chunk row t passes K/V */
+        int nk, nq;                  /* this rank's rows passing K/V and queries */
+        int32_t *kidx, *qidx;        /* [max_batch] their indices among this rank's rows */
+        int32_t *kpos, *kseq;        /* [max_batch] positions and sequences of the K/V rows */
         size_t *share;               /* [2 * cp] bytes of K/V rows from each rank, and their offsets */
         unsigned char *kvall;        /* every rank's held rows of those sequences, K then V per position */
         size_t kvall_cap;

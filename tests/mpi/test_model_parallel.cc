@@ -246,14 +246,16 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
 
 // Which way the cp ranks meet in attention: a fresh prompt moves its K/V
 // rows (all-gathered; no reduce-scatter of partial outputs), a decode step
-// moves its query (the history would weigh more), unless forced.
+// moves its query (a history of 200 positions weighs more, even counting
+// the two more collectives), unless forced.
 TEST(ModelParallel, ContextParallelExchangeFollowsTheCost) {
     const int world = cp_comm_size(g_world);
     if (world < 2) GTEST_SKIP() << "needs cp ranks";
     const cptest::TinySpec s = stress_spec();
     cptest::TinyModel tm = cptest::make_model(s, 31);
     std::string path = cptest::write_gguf(tm, "mp_cpx_" + std::to_string(cp_comm_rank(g_world)));
-    auto prompt = prompt_ids(40, s.vocab);
+    const int n_prompt = 200;
+    auto prompt = prompt_ids(n_prompt, s.vocab);
     auto scatters = [&](int exchange, int n) {
         Sharded sh(path, 1, 1, false, false, world, exchange);
         std::vector<float> logits((size_t)n * s.vocab);
@@ -262,20 +264,119 @@ TEST(ModelParallel, ContextParallelExchangeFollowsTheCost) {
         cp_comm_get_stats(sh.cpc, &st);
         return st.calls[CP_COMM_OP_REDUCE_SCATTER];
     };
-    EXPECT_EQ(scatters(CP_CP_AUTO, 40), 0u) << "a fresh prompt passes K/V";
-    EXPECT_EQ(scatters(CP_CP_QUERIES, 40), (uint64_t)s.n_layer) << "one exchange of partial outputs per layer";
-    EXPECT_EQ(scatters(CP_CP_KV, 40), 0u);
-    // decode steps after the prompt: one query against 40+ positions
+    EXPECT_EQ(scatters(CP_CP_AUTO, n_prompt), 0u) << "a fresh prompt passes K/V";
+    EXPECT_EQ(scatters(CP_CP_QUERIES, n_prompt), (uint64_t)s.n_layer) << "one exchange of partial outputs per layer";
+    EXPECT_EQ(scatters(CP_CP_KV, n_prompt), 0u);
+    // decode steps after the prompt: one query against 200+ positions
     Sharded sh(path, 1, 1, false, false, world);
     cp_gen_params gp = {};
     gp.max_tokens = 4;
     gp.ignore_eos = true;
     std::vector<int32_t> toks;
-    ASSERT_EQ(cp_engine_generate(sh.e, prompt.data(), 40, &gp, collect, &toks, nullptr), CP_OK) << cp_last_error();
+    ASSERT_EQ(cp_engine_generate(sh.e, prompt.data(), n_prompt, &gp, collect, &toks, nullptr), CP_OK)
+        << cp_last_error();
     cp_comm_stats st;
     cp_comm_get_stats(sh.cpc, &st);
     EXPECT_GT(st.calls[CP_COMM_OP_REDUCE_SCATTER], 0u) << "decode passes queries";
     EXPECT_EQ(st.calls[CP_COMM_OP_REDUCE_SCATTER] % (uint64_t)s.n_layer, 0u);
+    remove(path.c_str());
+}
+
+// A chunk that mixes a fresh prompt with decode rows of long histories, as
+// a serving step does: the prompt passes its K/V and the decode rows their
+// queries, both in the one chunk, and the logits equal one rank's, as they
+// do with either exchange forced for the whole chunk.
+TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
+    const int world = cp_comm_size(g_world);
+    if (world < 2) GTEST_SKIP() << "needs cp ranks";
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 53);
+    std::string path = cptest::write_gguf(tm, "mp_mix_" + std::to_string(cp_comm_rank(g_world)));
+    const int hist = 250, fresh = 100, bs = 8 * world; // bs: a multiple of every cp
+    const int per_seq = (hist + 1 + bs - 1) / bs;
+    struct Out {
+        std::vector<float> logits;
+        uint64_t gathers_v = 0, scatters = 0; // during the mixed chunk
+    };
+    auto run_mixed = [&](const Layout &l, int exchange) {
+        Out o;
+        Sharded sh(path, l.tp, l.pp, false, false, l.cp, exchange);
+        if (!sh.e) return o;
+        cp_model_t m = cp_engine_model(sh.e);
+        cp_kv_cache_opts ko = {3 * per_seq, bs, CP_DTYPE_F32};
+        cp_kv_cache_t kv = nullptr;
+        EXPECT_EQ(cp_kv_cache_init(m, &ko, &kv), CP_OK) << cp_last_error();
+        if (!kv) return o;
+        std::vector<int32_t> tables(3 * (size_t)per_seq);
+        EXPECT_EQ(cp_kv_cache_alloc_blocks(kv, 3 * per_seq, tables.data()), CP_OK) << cp_last_error();
+        // sequences 0 and 2: 250 tokens of history
+        std::vector<int32_t> tok, pos, seq;
+        auto add = [&](int sq, int p) {
+            tok.push_back((p * 37 + sq * 11 + 5) % s.vocab);
+            pos.push_back(p);
+            seq.push_back(sq);
+        };
+        for (int sq : {0, 2})
+            for (int p = 0; p < hist; p++) add(sq, p);
+        cp_batch b = {(int)tok.size(), tok.data(), pos.data(), seq.data(), tables.data(), 3, per_seq, nullptr, 0};
+        EXPECT_EQ(cp_model_forward(m, kv, &b, nullptr), CP_OK) << cp_last_error();
+        // the mixed chunk: a decode row of 0, a fresh prompt of 1, a decode row of 2
+        tok.clear();
+        pos.clear();
+        seq.clear();
+        add(0, hist);
+        for (int p = 0; p < fresh; p++) add(1, p);
+        add(2, hist);
+        std::vector<int32_t> rows(tok.size());
+        for (size_t i = 0; i < rows.size(); i++) rows[i] = (int32_t)i;
+        b = {(int)tok.size(), tok.data(), pos.data(), seq.data(), tables.data(), 3, per_seq, rows.data(),
+             (int)rows.size()};
+        cp_comm_stats before = {}, after = {};
+        if (sh.cpc) cp_comm_get_stats(sh.cpc, &before);
+        o.logits.assign(rows.size() * (size_t)s.vocab, NAN);
+        EXPECT_EQ(cp_model_forward(m, kv, &b, o.logits.data()), CP_OK) << cp_last_error();
+        if (sh.cpc) cp_comm_get_stats(sh.cpc, &after);
+        o.gathers_v = after.calls[CP_COMM_OP_ALLGATHERV] - before.calls[CP_COMM_OP_ALLGATHERV];
+        o.scatters = after.calls[CP_COMM_OP_REDUCE_SCATTER] - before.calls[CP_COMM_OP_REDUCE_SCATTER];
+        cp_kv_cache_free(kv);
+        return o;
+    };
+    auto close = [&](const Out &ref, const Out &par, const std::string &what) {
+        ASSERT_EQ(par.logits.size(), ref.logits.size()) << what;
+        double worst = 0;
+        for (size_t t = 0; t < ref.logits.size() / s.vocab; t++) {
+            double scale = 0, err = 0;
+            for (int i = 0; i < s.vocab; i++) {
+                scale = std::max(scale, (double)std::fabs(ref.logits[t * s.vocab + i]));
+                err = std::max(err, (double)std::fabs(par.logits[t * s.vocab + i] - ref.logits[t * s.vocab + i]));
+            }
+            worst = std::max(worst, err / scale);
+        }
+        EXPECT_LE(worst, kF32Tol) << what << ": max relative logit difference " << worst;
+    };
+    const Out ref = run_mixed({1, 1, 1}, CP_CP_AUTO);
+    cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 1};
+    for (const Layout &l : layouts(shape, world)) {
+        if (l.cp < 2) continue;
+        const Out split = run_mixed(l, CP_CP_AUTO), q = run_mixed(l, CP_CP_QUERIES), k = run_mixed(l, CP_CP_KV);
+        close(ref, split, l.name() + " split");
+        close(ref, q, l.name() + " passing queries");
+        close(ref, k, l.name() + " passing K/V");
+        // pipeline stages cut the batch into micro-batches, each its own chunk
+        if (l.pp > 1) continue;
+        const uint64_t layers = (uint64_t)s.n_layer;
+        EXPECT_EQ(q.gathers_v, 0u) << l.name();
+        EXPECT_EQ(q.scatters, layers) << l.name();
+        EXPECT_EQ(k.gathers_v, layers) << l.name();
+        EXPECT_EQ(k.scatters, 0u) << l.name();
+        // 8 query and 2 KV heads per rank: the prompt's 100 rows weigh 108800
+        // bytes as queries against 25600 as K/V, each decode row 1088 bytes
+        // against a history of 64256
+        if (l.tp == 1) {
+            EXPECT_EQ(split.gathers_v, layers) << l.name() << ": the prompt passes K/V";
+            EXPECT_EQ(split.scatters, layers) << l.name() << ": the decode rows pass queries";
+        }
+    }
     remove(path.c_str());
 }
 
