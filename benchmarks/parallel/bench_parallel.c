@@ -18,7 +18,7 @@
 
 typedef struct bench_opts {
     const char *model, *name, *ops_out;
-    int tp, pp, cp, n_prompt, n_gen, threads, cp_exchange;
+    int tp, pp, cp, n_prompt, n_gen, threads, cp_exchange, mixed, fresh;
     bool header_only;
 } bench_opts;
 
@@ -30,6 +30,9 @@ static void usage(FILE *f) {
                "  --gen N        decode steps measured (default 32)\n"
                "  --threads N    CPU threads per rank (default: cores / ranks on the node, >= 1)\n"
                "  --cp-exchange auto|queries|kv  what cp ranks pass in attention (default auto)\n"
+               "  --mixed S      instead: one serving step of S sequences decoding after --prompt\n"
+               "                 tokens of history each, batched with a fresh prompt of --fresh\n"
+               "                 tokens (default 256); prints the step's bytes and time\n"
                "  --name LABEL   model label in the table (default: the file name)\n"
                "  --ops-out FILE append the per-operation rows to FILE\n"
                "  --header-only  print the table headers (main table to stdout, the\n"
@@ -47,7 +50,7 @@ static bool parse_int(const char *s, int lo, int hi, int *out) {
 
 /* 0 ok, 2 usage error (message printed). */
 static int parse_args(int argc, char **argv, bench_opts *o) {
-    *o = (bench_opts){.tp = 1, .pp = 1, .cp = 1, .n_prompt = 32, .n_gen = 32};
+    *o = (bench_opts){.tp = 1, .pp = 1, .cp = 1, .n_prompt = 32, .n_gen = 32, .fresh = 256};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = true, takes = true;
@@ -69,6 +72,10 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
             ok = parse_int(v, 1, 1 << 20, &o->n_gen);
         else if (!strcmp(a, "--threads") && v)
             ok = parse_int(v, 1, 4096, &o->threads);
+        else if (!strcmp(a, "--mixed") && v)
+            ok = parse_int(v, 1, 4096, &o->mixed);
+        else if (!strcmp(a, "--fresh") && v)
+            ok = parse_int(v, 1, 1 << 20, &o->fresh);
         else if (!strcmp(a, "--cp-exchange") && v)
             ok = cp_cp_exchange_parse(v, &o->cp_exchange);
         else if (!strcmp(a, "--header-only")) {
@@ -294,6 +301,79 @@ static void report(const bench_opts *o, int size, const int64_t *ints, const dou
     }
 }
 
+/* ---- a mixed serving step ---------------------------------------------------------- */
+
+/* --mixed: S sequences with `hist` tokens of history each decode one token
+ * in the same batch as the `fresh` tokens of a new prompt, the way the
+ * server mixes a chunked prefill with running streams; the batch is one
+ * chunk (S + fresh <= cp_model_max_batch). Returns the payload bytes this
+ * rank passed over all its groups during that step and the step's time. */
+static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp_comm_t pp, cp_comm_t cpc,
+                            double *bytes, double *secs) {
+    cp_model_t m = cp_engine_model(e);
+    const cp_model_config *cfg = cp_model_get_config(m);
+    const int S = o->mixed, hist = o->n_prompt, fresh = o->fresh, n_seq = S + 1;
+    if (S + fresh > cp_model_max_batch(m))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "--mixed %d + --fresh %d exceed one chunk (%d tokens)", S, fresh,
+                        cp_model_max_batch(m));
+    const int bs = 16 * o->cp, len = (hist + 1 > fresh ? hist + 1 : fresh);
+    const int per_seq = (len + bs - 1) / bs;
+    cp_kv_cache_opts ko = {n_seq * per_seq, bs, CP_DTYPE_F32};
+    cp_kv_cache_t kv = NULL;
+    const size_t n_hist = (size_t)S * (size_t)hist;
+    int32_t *tables = malloc((size_t)n_seq * (size_t)per_seq * sizeof(int32_t));
+    int32_t *tok = malloc((n_hist + (size_t)S + (size_t)fresh) * 3 * sizeof(int32_t));
+    int32_t *rows = malloc(((size_t)S + 1) * sizeof(int32_t));
+    float *logits = malloc(((size_t)S + 1) * (size_t)cfg->n_vocab * sizeof(float));
+    cp_status st = CP_OK;
+    if (!tables || !tok || !rows || !logits) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory");
+        goto done;
+    }
+    int32_t *pos = tok + n_hist + (size_t)S + (size_t)fresh, *seq = pos + n_hist + (size_t)S + (size_t)fresh;
+    if ((st = cp_kv_cache_init(m, &ko, &kv)) != CP_OK) goto done;
+    if ((st = cp_kv_cache_alloc_blocks(kv, n_seq * per_seq, tables)) != CP_OK) goto done;
+    /* the histories (any fixed ids do) */
+    size_t n = 0;
+    for (int s = 0; s < S; s++)
+        for (int p = 0; p < hist; p++, n++) {
+            tok[n] = (int32_t)(1 + ((int64_t)(p + 31 * s) * 7919) % (cfg->n_vocab - 1));
+            pos[n] = p;
+            seq[n] = s;
+        }
+    cp_batch b = {(int)n, tok, pos, seq, tables, n_seq, per_seq, NULL, 0};
+    if ((st = cp_model_forward(m, kv, &b, NULL)) != CP_OK) goto done;
+    /* the step: a decode row of every stream, then the new prompt */
+    n = 0;
+    for (int s = 0; s < S; s++, n++) {
+        tok[n] = 1 + s;
+        pos[n] = hist;
+        seq[n] = s;
+        rows[s] = (int32_t)n;
+    }
+    for (int p = 0; p < fresh; p++, n++) {
+        tok[n] = (int32_t)(1 + ((int64_t)p * 104729) % (cfg->n_vocab - 1));
+        pos[n] = p;
+        seq[n] = S;
+    }
+    rows[S] = (int32_t)n - 1;
+    b = (cp_batch){(int)n, tok, pos, seq, tables, n_seq, per_seq, rows, S + 1};
+    cp_comm_reset_stats(tp);
+    cp_comm_reset_stats(pp);
+    cp_comm_reset_stats(cpc);
+    const double t0 = cp_time_now();
+    if ((st = cp_model_forward(m, kv, &b, logits)) != CP_OK) goto done;
+    *secs = cp_time_now() - t0;
+    *bytes = (double)(total_bytes(tp) + total_bytes(pp) + total_bytes(cpc));
+done:
+    cp_kv_cache_free(kv);
+    free(tables);
+    free(tok);
+    free(rows);
+    free(logits);
+    return st;
+}
+
 /* ---- main ----------------------------------------------------------------------- */
 
 static void fail_msg(int rank, const char *what) {
@@ -384,6 +464,22 @@ int main(int argc, char **argv) {
     if (cp_engine_generate(e, prompt, o.n_prompt < 8 ? o.n_prompt : 8, &gp, NULL, NULL, NULL) !=
         CP_OK) {
         fail_msg(rank, "warm-up generation failed");
+        goto out;
+    }
+    if (o.mixed) {
+        double bytes = 0, secs = 0, worst = 0;
+        if (mixed_step(e, &o, tp, pp, cpc, &bytes, &secs) != CP_OK) {
+            fail_msg(rank, "the mixed step failed");
+            goto out;
+        }
+        if (cp_comm_allreduce(world, &secs, &worst, 1, CP_DTYPE_F64, CP_REDUCE_MAX, NULL) != CP_OK) {
+            fail_msg(rank, "cannot gather the results");
+            goto out;
+        }
+        if (rank == 0)
+            printf("| %s | %d | %d | %d | %s | %d x %d | %d | %.0f | %.1f |\n", o.name, o.tp, o.pp, o.cp,
+                   (const char *const[]){"auto", "queries", "kv"}[o.cp_exchange], o.mixed, o.n_prompt, o.fresh, bytes, worst * 1e3);
+        rc = 0;
         goto out;
     }
     measure m = {.tp = tp, .pp = pp, .cp = cpc, .n_last = o.n_gen + 1};
