@@ -350,7 +350,8 @@ static size_t kv_pos_bytes(cp_model_t m, cp_kv_cache_t kv) {
 static int held(int len, int cp, int r) { return len > r ? (len - 1 - r) / cp + 1 : 0; }
 
 /* What one collective costs beyond its bytes, counted in bytes: its latency
- * (a few microseconds) at a few GB/s, as between the ranks of one node. */
+ * times the bandwidth, 2-6 KiB between two ranks of one node
+ * (benchmarks/parallel/bench_comm), tens of KiB between nodes. */
 #define CPX_CALL_BYTES 16384.0
 
 /* Which sequences of chunk [t0, t0+T) of b pass K/V and which pass queries
