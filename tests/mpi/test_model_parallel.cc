@@ -144,19 +144,26 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
     return r;
 }
 
+// The largest difference of two sets of logit rows of the same size, each
+// relative to the reference row's largest |logit|.
+double max_rel_logit_diff(const std::vector<float> &ref, const std::vector<float> &par, int vocab) {
+    double worst = 0;
+    for (size_t t = 0; t < ref.size() / vocab; t++) {
+        double scale = 0, err = 0;
+        for (int i = 0; i < vocab; i++) {
+            scale = std::max(scale, (double)std::fabs(ref[t * vocab + i]));
+            err = std::max(err, (double)std::fabs(par[t * vocab + i] - ref[t * vocab + i]));
+        }
+        worst = std::max(worst, err / scale);
+    }
+    return worst;
+}
+
 // Compares a parallel run with the single-rank one: logits within tol
 // (relative to the row's largest |logit|) and greedy tokens equal.
 void compare(const RunOut &ref, const RunOut &par, int vocab, double tol, const std::string &what) {
     ASSERT_EQ(par.logits.size(), ref.logits.size()) << what;
-    double worst = 0;
-    for (size_t t = 0; t < ref.logits.size() / vocab; t++) {
-        double scale = 0, err = 0;
-        for (int i = 0; i < vocab; i++) {
-            scale = std::max(scale, (double)std::fabs(ref.logits[t * vocab + i]));
-            err = std::max(err, (double)std::fabs(par.logits[t * vocab + i] - ref.logits[t * vocab + i]));
-        }
-        worst = std::max(worst, err / scale);
-    }
+    const double worst = max_rel_logit_diff(ref.logits, par.logits, vocab);
     EXPECT_LE(worst, tol) << what << ": max relative logit difference " << worst;
     EXPECT_EQ(par.greedy, ref.greedy) << what;
     EXPECT_EQ(par.topk, ref.topk) << what << " (top-k sampling)";
@@ -343,15 +350,7 @@ TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
     };
     auto close = [&](const Out &ref, const Out &par, const std::string &what) {
         ASSERT_EQ(par.logits.size(), ref.logits.size()) << what;
-        double worst = 0;
-        for (size_t t = 0; t < ref.logits.size() / s.vocab; t++) {
-            double scale = 0, err = 0;
-            for (int i = 0; i < s.vocab; i++) {
-                scale = std::max(scale, (double)std::fabs(ref.logits[t * s.vocab + i]));
-                err = std::max(err, (double)std::fabs(par.logits[t * s.vocab + i] - ref.logits[t * s.vocab + i]));
-            }
-            worst = std::max(worst, err / scale);
-        }
+        const double worst = max_rel_logit_diff(ref.logits, par.logits, s.vocab);
         EXPECT_LE(worst, kF32Tol) << what << ": max relative logit difference " << worst;
     };
     const Out ref = run_mixed({1, 1, 1}, CP_CP_AUTO);
