@@ -943,6 +943,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_Q6_K].vec_dot = cp_cpu_vec_dot_q6_K_avx2;
         traits[CP_DTYPE_I8_ROW].vec_dot = cp_cpu_vec_dot_i8_row_f32_avx2;
         traits[CP_DTYPE_F8_ROW].vec_dot = cp_cpu_vec_dot_f8_row_avx2;
+        traits[CP_DTYPE_F8_ROW].vec_dot2 = cp_cpu_vec_dot2_f8_row_avx2;
         traits[CP_DTYPE_I4_G32].vec_dot = cp_cpu_vec_dot_i4_g32_f32_avx2;
         traits[CP_DTYPE_I4_G128].vec_dot = cp_cpu_vec_dot_i4_g128_f32_avx2;
         traits[CP_DTYPE_S24_Q8].vec_dot = cp_cpu_vec_dot_s24_q8_q8_0_avx2;

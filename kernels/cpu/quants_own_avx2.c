@@ -1,7 +1,7 @@
 /* quants_own_avx2.c - AVX2 + FMA + F16C dot products of cparallel's own
  * weight types (quants_own.c has the references): int8 and 4-bit codes are
  * widened to fp32 and multiplied with fp32 activations; FP8 codes of both
- * operands are decoded through a 256-entry table (the products are exact). */
+ * operands are decoded through F16C (the products are exact). */
 #include "quants_simd.h"
 
 #ifdef CP_X86
@@ -33,22 +33,60 @@ void cp_cpu_vec_dot_i8_row_f32_avx2(int64_t n, float *s, const void *vx, const v
     *s = acc * cp_row_scale(vx, n);
 }
 
-static __m256 e4m3x8(const uint8_t *p) {
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    return _mm256_i32gather_ps(cp_cpu_e4m3_lut, idx, 4);
+/* 8 E4M3 codes decoded as their values x 2^-8, without a table: the code's
+ * exponent and mantissa bits, placed in an fp16's, make an fp16 of exactly
+ * that value (exponent bias 15 against 7; E4M3 subnormals become fp16
+ * subnormals of the same mantissa), which F16C widens; the sign bit moves
+ * to bit 15 and the NaN codes (0x7f, 0xff) become NaN. */
+static __m256 e4m3x8_scaled(const uint8_t *p) {
+    const __m128i x = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    const __m128i mag = _mm_and_si128(x, _mm_set1_epi16(0x7f));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(x, _mm_set1_epi16(0x80)), 8);
+    const __m256 v = _mm256_cvtph_ps(_mm_or_si128(sign, _mm_slli_epi16(mag, 7)));
+    const __m128i nan = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f));
+    return _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan)));
 }
 
+/* The products of two scaled values are the exact products x 2^-16, far
+ * above fp32's smallest normal (2^-34 at least), and every sum rounds as it
+ * would unscaled: multiplying by 2^16 at the end gives what decoding
+ * through the table gives, bit for bit. */
 void cp_cpu_vec_dot_f8_row_avx2(int64_t n, float *s, const void *vx, const void *vy) {
     const uint8_t *a = vx, *b = vy;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(e4m3x8(a + i), e4m3x8(b + i), a0);
-        a1 = _mm256_fmadd_ps(e4m3x8(a + i + 8), e4m3x8(b + i + 8), a1);
+        a0 = _mm256_fmadd_ps(e4m3x8_scaled(a + i), e4m3x8_scaled(b + i), a0);
+        a1 = _mm256_fmadd_ps(e4m3x8_scaled(a + i + 8), e4m3x8_scaled(b + i + 8), a1);
     }
-    float acc = hsum(_mm256_add_ps(a0, a1));
+    float acc = hsum(_mm256_add_ps(a0, a1)) * 65536.0f;
     for (; i < n; i++) acc += cp_cpu_e4m3_lut[a[i]] * cp_cpu_e4m3_lut[b[i]];
     *s = acc * cp_row_scale(vx, n) * cp_row_scale(vy, n);
+}
+
+/* Two weight rows against one activation row, which is decoded once; each
+ * row's sums in cp_cpu_vec_dot_f8_row_avx2's order, so each result equals
+ * that function's bit for bit. */
+void cp_cpu_vec_dot2_f8_row_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy) {
+    const uint8_t *a = vx0, *c = vx1, *b = vy;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 y0 = e4m3x8_scaled(b + i), y1 = e4m3x8_scaled(b + i + 8);
+        a0 = _mm256_fmadd_ps(e4m3x8_scaled(a + i), y0, a0);
+        a1 = _mm256_fmadd_ps(e4m3x8_scaled(a + i + 8), y1, a1);
+        c0 = _mm256_fmadd_ps(e4m3x8_scaled(c + i), y0, c0);
+        c1 = _mm256_fmadd_ps(e4m3x8_scaled(c + i + 8), y1, c1);
+    }
+    float sa = hsum(_mm256_add_ps(a0, a1)) * 65536.0f, sc = hsum(_mm256_add_ps(c0, c1)) * 65536.0f;
+    for (; i < n; i++) {
+        sa += cp_cpu_e4m3_lut[a[i]] * cp_cpu_e4m3_lut[b[i]];
+        sc += cp_cpu_e4m3_lut[c[i]] * cp_cpu_e4m3_lut[b[i]];
+    }
+    const float sy = cp_row_scale(vy, n);
+    s[0] = sa * cp_row_scale(vx0, n) * sy;
+    s[1] = sc * cp_row_scale(vx1, n) * sy;
 }
 
 /* Groups of g: qs[j] holds element j (low nibble) and j + g/2 (high). Each

@@ -1256,7 +1256,7 @@ TEST(VecDot2, BitIdenticalToOneRow) {
         const cp_cpu_type_traits *tr = cp_cpu_get_type_traits((cp_dtype)t);
         if (!tr || !tr->vec_dot2) continue;
         const cp_cpu_type_traits *yt = cp_cpu_get_type_traits(tr->vec_dot_type);
-        for (int64_t n : {32, 64, 96, 576, 4096 + 32}) {
+        for (int64_t n : {32, 37, 64, 96, 576, 4096 + 32, 4096 + 45}) {
             if (n % cp_dtype_block_size((cp_dtype)t) != 0) continue;
             std::vector<float> a(n), b(n), c(n);
             for (auto *v : {&a, &b, &c})

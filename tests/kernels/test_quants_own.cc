@@ -111,6 +111,48 @@ TEST(OwnTypesE4M3, DecodeAllCodes) {
     EXPECT_EQ(cp_e4m3_to_fp32(0x08), std::ldexp(1.0f, -6));
 }
 
+/* Every code through the dot products (the fast one decodes without the
+ * table): a weight row holding all 256 codes (the NaN codes only where
+ * tested), shifted so that each code passes through several lanes of the
+ * vectors and the scalar tail, against an
+ * activation row of one 1.0 (code 0x38) among zeros gives that code's value
+ * times both scales, exactly; the NaN codes give NaN. */
+TEST(OwnTypesE4M3, DotProductsDecodeEveryCode) {
+    const cp_cpu_type_traits *tr = cp_cpu_get_type_traits(CP_DTYPE_F8_ROW);
+    const int64_t n = 256 + 7; // 16 vectors of 16, then a tail of 7
+    std::vector<float> ramp(n);
+    for (int64_t i = 0; i < n; i++) ramp[i] = 0.25f * (float)(i + 1);
+    std::vector<uint8_t> x(cp_dtype_row_size(CP_DTYPE_F8_ROW, n)), y(x.size());
+    tr->from_float(ramp.data(), x.data(), n); // the trailers hold the scales
+    tr->from_float(ramp.data(), y.data(), n);
+    const float sx = cp_row_scale(x.data(), n), sy = cp_row_scale(y.data(), n);
+    int checked = 0;
+    for (int shift : {0, 3, 8, 13}) {
+        for (int64_t i = 0; i < n; i++) {
+            // a NaN anywhere else would make the whole sum NaN (NaN x 0)
+            for (int64_t j = 0; j < n; j++) {
+                const uint8_t c = (uint8_t)((j + shift) % 256);
+                x[j] = j == i || (c & 0x7f) != 0x7f ? c : 0;
+            }
+            std::fill(y.begin(), y.begin() + n, (uint8_t)0);
+            y[i] = 0x38;
+            const double v = e4m3_value(x[i]);
+            float ref = 0, fast = 0;
+            tr->vec_dot_ref(n, &ref, x.data(), y.data());
+            tr->vec_dot(n, &fast, x.data(), y.data());
+            if (std::isnan(v)) {
+                EXPECT_TRUE(std::isnan(ref) && std::isnan(fast)) << "code " << (int)x[i] << " at " << i;
+            } else {
+                const float want = (float)v * sx * sy;
+                EXPECT_EQ(ref, want) << "code " << (int)x[i] << " at " << i;
+                EXPECT_EQ(fast, want) << "code " << (int)x[i] << " at " << i;
+            }
+            checked++;
+        }
+    }
+    EXPECT_EQ(checked, 4 * n);
+}
+
 TEST(OwnTypesE4M3, EncodeExactValuesMidpointsAndNeighbours) {
     std::vector<double> pos;
     for (int c = 0; c <= 0x7e; c++) pos.push_back(e4m3_value(c));
