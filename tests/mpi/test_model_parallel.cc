@@ -338,9 +338,10 @@ TEST(ModelParallel, ContextParallelExchangeFollowsTheCost) {
 }
 
 // A chunk that mixes a fresh prompt with decode rows of long histories, as
-// a serving step does: the prompt passes its K/V and the decode rows their
-// queries, both in the one chunk, and the logits equal one rank's, as they
-// do with either exchange forced for the whole chunk.
+// a serving step does: the prompt (in two runs, a decode row between them)
+// passes its K/V and the decode rows their queries, both in the one chunk,
+// and the logits equal one rank's, as they do with either exchange forced
+// for the whole chunk.
 TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
     const int world = cp_comm_size(g_world);
     if (world < 2) GTEST_SKIP() << "needs cp ranks";
@@ -375,13 +376,15 @@ TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
             for (int p = 0; p < hist; p++) add(sq, p);
         cp_batch b = {(int)tok.size(), tok.data(), pos.data(), seq.data(), tables.data(), 3, per_seq, nullptr, 0};
         EXPECT_EQ(cp_model_forward(m, kv, &b, nullptr), CP_OK) << cp_last_error();
-        // the mixed chunk: a decode row of 0, a fresh prompt of 1, a decode row of 2
+        // the mixed chunk: a decode row of 0, a fresh prompt of 1 in two runs
+        // with the decode row of 2 between them
         tok.clear();
         pos.clear();
         seq.clear();
         add(0, hist);
-        for (int p = 0; p < fresh; p++) add(1, p);
+        for (int p = 0; p < fresh / 2; p++) add(1, p);
         add(2, hist);
+        for (int p = fresh / 2; p < fresh; p++) add(1, p);
         std::vector<int32_t> rows(tok.size());
         for (size_t i = 0; i < rows.size(); i++) rows[i] = (int32_t)i;
         b = {(int)tok.size(), tok.data(), pos.data(), seq.data(), tables.data(), 3, per_seq, rows.data(),
