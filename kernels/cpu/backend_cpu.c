@@ -237,6 +237,7 @@ static int cpu_n_threads(cp_backend_t be) {
 struct mm_job {
     cp_vec_dot_fn vec_dot;
     cp_vec_dot2_fn vec_dot2; /* optional: two weight rows per activation pass */
+    cp_vec_dot22_fn vec_dot22; /* optional: two weight rows x two activation rows */
     const char *w; /* [m] rows of w_stride bytes */
     size_t w_stride;
     /* NULL, or how S24_Q8 weight rows are repacked into tile rows of
@@ -274,7 +275,31 @@ static void mm_rows(void *vctx, size_t r0, size_t r1, int thread) {
             }
             continue;
         }
-        for (int i = 0; i < j->n; i++) {
+        int i = 0;
+        if (j->vec_dot22)
+            /* two activation rows at a time; an odd last one below */
+            for (; i + 1 < j->n; i += 2) {
+                const char *x0 = j->xq + (size_t)i * j->xq_stride, *x1 = x0 + j->xq_stride;
+                float *y0 = j->y + (size_t)i * (size_t)j->m, *y1 = y0 + j->m;
+                size_t r = t0;
+                for (; r + 1 < t1; r += 2) {
+                    float s4[4];
+                    j->vec_dot22(j->k, s4, j->w + r * j->w_stride, j->w + (r + 1) * j->w_stride, x0, x1);
+                    const float b0 = j->bias ? j->bias[r] : 0.0f, b1 = j->bias ? j->bias[r + 1] : 0.0f;
+                    y0[r] = j->bias ? s4[0] + b0 : s4[0];
+                    y0[r + 1] = j->bias ? s4[1] + b1 : s4[1];
+                    y1[r] = j->bias ? s4[2] + b0 : s4[2];
+                    y1[r + 1] = j->bias ? s4[3] + b1 : s4[3];
+                }
+                for (; r < t1; r++) {
+                    float s0, s1;
+                    j->vec_dot(j->k, &s0, j->w + r * j->w_stride, x0);
+                    j->vec_dot(j->k, &s1, j->w + r * j->w_stride, x1);
+                    y0[r] = j->bias ? s0 + j->bias[r] : s0;
+                    y1[r] = j->bias ? s1 + j->bias[r] : s1;
+                }
+            }
+        for (; i < j->n; i++) {
             const char *xi = j->xq + (size_t)i * j->xq_stride;
             float *yi = j->y + (size_t)i * (size_t)j->m;
             size_t r = t0;
@@ -309,6 +334,7 @@ static cp_status cpu_matmul(cp_backend_t be, const cp_tensor *w, const float *x,
     struct mm_job j;
     j.vec_dot = tr->vec_dot;
     j.vec_dot2 = tr->vec_dot2;
+    j.vec_dot22 = tr->vec_dot22;
     j.w = w->data;
     j.w_stride = w->nb[1];
     j.n = n;

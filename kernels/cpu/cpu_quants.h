@@ -21,6 +21,9 @@ typedef void (*cp_vec_dot_fn)(int64_t n, float *s, const void *x, const void *y)
 /* s[0], s[1] = the dots of weight rows x0 and x1 with one activation row y:
  * each bit-identical to vec_dot's, sharing the loads of y (decode GEMV). */
 typedef void (*cp_vec_dot2_fn)(int64_t n, float *s, const void *x0, const void *x1, const void *y);
+/* s[0..3] = x0.y0, x1.y0, x0.y1, x1.y1 */
+typedef void (*cp_vec_dot22_fn)(int64_t n, float *s, const void *x0, const void *x1, const void *y0,
+                                const void *y1);
 
 typedef struct cp_cpu_type_traits {
     cp_dtype type;
@@ -33,6 +36,8 @@ typedef struct cp_cpu_type_traits {
     cp_vec_dot_fn vec_dot_ref;   /* NULL for activation-only types */
     cp_vec_dot_fn vec_dot;       /* fast variant */
     cp_vec_dot2_fn vec_dot2;     /* optional two-row fast variant, NULL when absent */
+    cp_vec_dot22_fn vec_dot22;   /* optional two weight rows x two activation rows, NULL when absent;
+                                   like vec_dot2, each result equals vec_dot's bit for bit */
 } cp_cpu_type_traits;
 
 /* The traits of t, or NULL when the CPU backend has no routines for it.

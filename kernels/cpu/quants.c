@@ -872,6 +872,7 @@ static void set_traits(cp_dtype t, cp_dtype vdt, cp_to_float_fn to, cp_from_floa
         /* .vec_dot_ref = */ dot,
         /* .vec_dot = */ dot,
         /* .vec_dot2 = */ NULL,
+        /* .vec_dot22 = */ NULL,
     };
 }
 
@@ -938,6 +939,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_Q5_0].vec_dot = cp_cpu_vec_dot_q5_0_avx2;
         traits[CP_DTYPE_Q5_1].vec_dot = cp_cpu_vec_dot_q5_1_avx2;
         traits[CP_DTYPE_Q8_0].vec_dot = cp_cpu_vec_dot_q8_0_avx2;
+        traits[CP_DTYPE_Q8_0].vec_dot22 = cp_cpu_vec_dot22_q8_0_avx2;
         traits[CP_DTYPE_Q4_K].vec_dot = cp_cpu_vec_dot_q4_K_avx2;
         traits[CP_DTYPE_Q5_K].vec_dot = cp_cpu_vec_dot_q5_K_avx2;
         traits[CP_DTYPE_Q6_K].vec_dot = cp_cpu_vec_dot_q6_K_avx2;

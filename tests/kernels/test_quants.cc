@@ -1237,7 +1237,8 @@ TEST(QuantTraits, ForceRefEnvironment) {
             for (cp_dtype t : {CP_DTYPE_F32, CP_DTYPE_Q4_0, CP_DTYPE_Q4_1, CP_DTYPE_Q8_0,
                                CP_DTYPE_Q4_K, CP_DTYPE_Q6_K, CP_DTYPE_Q8_K}) {
                 const cp_cpu_type_traits *tr = cp_cpu_get_type_traits(t);
-                ok = ok && tr->vec_dot == tr->vec_dot_ref && tr->from_float == tr->from_float_ref;
+                ok = ok && tr->vec_dot == tr->vec_dot_ref && tr->from_float == tr->from_float_ref &&
+                     !tr->vec_dot2 && !tr->vec_dot22;
             }
             std::exit(ok ? 0 : 1);
         },
@@ -1245,6 +1246,42 @@ TEST(QuantTraits, ForceRefEnvironment) {
 }
 
 } // namespace
+
+// The 2 x 2 kernels (two weight rows x two activation rows, prompt
+// batches) must give exactly the one-row kernel's result for each of the
+// four pairs: a prompt's logits then do not depend on how it is batched.
+TEST(VecDot22, BitIdenticalToOneRow) {
+    std::mt19937 rng(78);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    int checked = 0;
+    for (int t = 0; t < CP_DTYPE_COUNT; t++) {
+        const cp_cpu_type_traits *tr = cp_cpu_get_type_traits((cp_dtype)t);
+        if (!tr || !tr->vec_dot22) continue;
+        const cp_cpu_type_traits *yt = cp_cpu_get_type_traits(tr->vec_dot_type);
+        for (int64_t n : {32, 64, 96, 576, 4096 + 32}) {
+            if (n % cp_dtype_block_size((cp_dtype)t) != 0) continue;
+            std::vector<float> a(n), b(n), c(n), d(n);
+            for (auto *v : {&a, &b, &c, &d})
+                for (auto &x : *v) x = nd(rng) * 3.0f;
+            std::vector<uint8_t> x0(cp_dtype_row_size((cp_dtype)t, n)), x1(x0.size());
+            std::vector<uint8_t> y0(cp_dtype_row_size(tr->vec_dot_type, n)), y1(y0.size());
+            tr->from_float(a.data(), x0.data(), n);
+            tr->from_float(b.data(), x1.data(), n);
+            yt->from_float(c.data(), y0.data(), n);
+            yt->from_float(d.data(), y1.data(), n);
+            float s4[4], want[4];
+            tr->vec_dot22(n, s4, x0.data(), x1.data(), y0.data(), y1.data());
+            tr->vec_dot(n, &want[0], x0.data(), y0.data());
+            tr->vec_dot(n, &want[1], x1.data(), y0.data());
+            tr->vec_dot(n, &want[2], x0.data(), y1.data());
+            tr->vec_dot(n, &want[3], x1.data(), y1.data());
+            for (int q = 0; q < 4; q++) EXPECT_EQ(s4[q], want[q]) << cp_dtype_name((cp_dtype)t) << " n=" << n << " " << q;
+            checked++;
+        }
+    }
+    if (!cp_cpu_has_avx2()) GTEST_SKIP() << "no 2 x 2 kernels without AVX2";
+    EXPECT_GT(checked, 0);
+}
 
 // The two-row kernels must give exactly the one-row kernel's result for
 // each row (the matmul relies on it for thread-count independence).
