@@ -936,6 +936,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_Q4_0].vec_dot = cp_cpu_vec_dot_q4_0_avx2;
         traits[CP_DTYPE_Q4_1].vec_dot = cp_cpu_vec_dot_q4_1_avx2;
         traits[CP_DTYPE_Q4_1].vec_dot2 = cp_cpu_vec_dot2_q4_1_avx2;
+        traits[CP_DTYPE_Q4_1].vec_dot22 = cp_cpu_vec_dot22_q4_1_avx2;
         traits[CP_DTYPE_Q5_0].vec_dot = cp_cpu_vec_dot_q5_0_avx2;
         traits[CP_DTYPE_Q5_1].vec_dot = cp_cpu_vec_dot_q5_1_avx2;
         traits[CP_DTYPE_Q8_0].vec_dot = cp_cpu_vec_dot_q8_0_avx2;

@@ -348,6 +348,54 @@ void cp_cpu_vec_dot2_q4_1_avx2(int64_t n, float *s, const void *vx0, const void 
     s[1] = hsum_ps(_mm256_add_ps(a10, a11)) + m1;
 }
 
+/* Two Q4_1 weight rows x two activation rows (prompt batches), as
+ * cp_cpu_vec_dot22_q8_0_avx2: a weight block is unpacked once for both
+ * activation rows, and each output keeps the one-row kernel's accumulators,
+ * pairing of the offset terms and final reduction, bit for bit. */
+void cp_cpu_vec_dot22_q4_1_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy0,
+                                const void *vy1) {
+    const cp_block_q4_1 *x0 = (const cp_block_q4_1 *)vx0, *x1 = (const cp_block_q4_1 *)vx1;
+    const cp_block_q8_1 *y0 = (const cp_block_q8_1 *)vy0, *y1 = (const cp_block_q8_1 *)vy1;
+    const int64_t nb = n / CP_QK4_1;
+    __m256 e00 = _mm256_setzero_ps(), e10 = _mm256_setzero_ps(), e01 = _mm256_setzero_ps(),
+           e11 = _mm256_setzero_ps();
+    __m256 o00 = _mm256_setzero_ps(), o10 = _mm256_setzero_ps(), o01 = _mm256_setzero_ps(),
+           o11 = _mm256_setzero_ps();
+    float m00 = 0.0f, m10 = 0.0f, m01 = 0.0f, m11 = 0.0f; /* [weight row][activation row] */
+#define Q4_1_BLOCK22(i, a00, a10, a01, a11)                                                                    \
+    do {                                                                                                       \
+        const __m256i w0 = unpack_nibbles_32(x0[i].qs), w1 = unpack_nibbles_32(x1[i].qs);                     \
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)y0[i].qs);                                      \
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)y1[i].qs);                                      \
+        const float dx0 = h2f(x0[i].d), dx1 = h2f(x1[i].d), dy0 = h2f(y0[i].d), dy1 = h2f(y1[i].d);           \
+        a00 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(w0, v0)), a00);          \
+        a10 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(w1, v0)), a10);          \
+        a01 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(w0, v1)), a01);          \
+        a11 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(w1, v1)), a11);          \
+    } while (0)
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2) {
+        Q4_1_BLOCK22(i, e00, e10, e01, e11);
+        Q4_1_BLOCK22(i + 1, o00, o10, o01, o11);
+        m00 += h2f(x0[i].m) * h2f(y0[i].s) + h2f(x0[i + 1].m) * h2f(y0[i + 1].s);
+        m10 += h2f(x1[i].m) * h2f(y0[i].s) + h2f(x1[i + 1].m) * h2f(y0[i + 1].s);
+        m01 += h2f(x0[i].m) * h2f(y1[i].s) + h2f(x0[i + 1].m) * h2f(y1[i + 1].s);
+        m11 += h2f(x1[i].m) * h2f(y1[i].s) + h2f(x1[i + 1].m) * h2f(y1[i + 1].s);
+    }
+    for (; i < nb; i++) {
+        Q4_1_BLOCK22(i, e00, e10, e01, e11);
+        m00 += h2f(x0[i].m) * h2f(y0[i].s);
+        m10 += h2f(x1[i].m) * h2f(y0[i].s);
+        m01 += h2f(x0[i].m) * h2f(y1[i].s);
+        m11 += h2f(x1[i].m) * h2f(y1[i].s);
+    }
+#undef Q4_1_BLOCK22
+    s[0] = hsum_ps(_mm256_add_ps(e00, o00)) + m00;
+    s[1] = hsum_ps(_mm256_add_ps(e10, o10)) + m10;
+    s[2] = hsum_ps(_mm256_add_ps(e01, o01)) + m01;
+    s[3] = hsum_ps(_mm256_add_ps(e11, o11)) + m11;
+}
+
 /* ---- K-quants ------------------------------------------------------------- *
  * The int32 dot of a whole super-block is reduced exactly and then scaled
  * with the same fp32 operations, in the same order, as the reference: the
