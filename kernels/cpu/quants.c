@@ -934,6 +934,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_F16].vec_dot = cp_cpu_vec_dot_f16_avx2;
         traits[CP_DTYPE_BF16].vec_dot = cp_cpu_vec_dot_bf16_avx2;
         traits[CP_DTYPE_Q4_0].vec_dot = cp_cpu_vec_dot_q4_0_avx2;
+        traits[CP_DTYPE_Q4_0].vec_dot22 = cp_cpu_vec_dot22_q4_0_avx2;
         traits[CP_DTYPE_Q4_1].vec_dot = cp_cpu_vec_dot_q4_1_avx2;
         traits[CP_DTYPE_Q4_1].vec_dot2 = cp_cpu_vec_dot2_q4_1_avx2;
         traits[CP_DTYPE_Q4_1].vec_dot22 = cp_cpu_vec_dot22_q4_1_avx2;

@@ -260,51 +260,74 @@ void cp_cpu_vec_dot_q8_0_avx2(int64_t n, float *s, const void *vx, const void *v
     *s = hsum_ps(_mm256_add_ps(acc0, acc1));
 }
 
-/* Two weight rows x two activation rows (prompt batches): s = {x0.y0,
- * x1.y0, x0.y1, x1.y1}. Each output keeps the one-row kernel's
- * accumulators (even blocks, odd blocks), block order and final reduction,
- * so it is that kernel's result bit for bit; a weight block's |x| and
- * scale serve both activation rows, and an activation block both weight
- * rows. */
+/* One block of a 2 x 2 product: signed weight blocks w0, w1 against
+ * activation blocks v0, v1, each pair's int32 dot scaled by the product of
+ * its two scales (weight first, as the one-row kernels multiply them) and
+ * added to its accumulator a[weight row][activation row]. |w| is taken
+ * once per weight block. */
+static inline __attribute__((always_inline)) void s8_block22(__m256i w0, __m256i w1, __m256i v0, __m256i v1,
+                                                             float dx0, float dx1, float dy0, float dy1,
+                                                             __m256 *a00, __m256 *a10, __m256 *a01,
+                                                             __m256 *a11) {
+    const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
+    *a00 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(u0, _mm256_sign_epi8(v0, w0))),
+                           *a00);
+    *a10 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(u1, _mm256_sign_epi8(v0, w1))),
+                           *a10);
+    *a01 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(u0, _mm256_sign_epi8(v1, w0))),
+                           *a01);
+    *a11 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(u1, _mm256_sign_epi8(v1, w1))),
+                           *a11);
+}
+
+/* The 2 x 2 kernels of Q8_0 and Q4_0 (prompt batches) against Q8_0
+ * activations: s = {x0.y0, x1.y0, x0.y1, x1.y1}. Each output keeps the
+ * one-row kernel's accumulators (even blocks, odd blocks), block order and
+ * final reduction, so it is that kernel's result bit for bit; a weight
+ * block is loaded (unpacked) once for both activation rows, and an
+ * activation block once for both weight rows. WEIGHT(b) gives a block's
+ * signed codes. */
+#define S8_BLOCK22(i, WEIGHT, a00, a10, a01, a11)                                                              \
+    s8_block22(WEIGHT(x0[i]), WEIGHT(x1[i]), _mm256_loadu_si256((const __m256i *)y0[i].qs),                   \
+               _mm256_loadu_si256((const __m256i *)y1[i].qs), h2f(x0[i].d), h2f(x1[i].d), h2f(y0[i].d),       \
+               h2f(y1[i].d), &a00, &a10, &a01, &a11)
+#define S8_DOT22(WEIGHT)                                                                                       \
+    do {                                                                                                       \
+        const cp_block_q8_0 *y0 = (const cp_block_q8_0 *)vy0, *y1 = (const cp_block_q8_0 *)vy1;               \
+        const int64_t nb = n / 32;                                                                             \
+        __m256 e00 = _mm256_setzero_ps(), e10 = e00, e01 = e00, e11 = e00;                                     \
+        __m256 o00 = e00, o10 = e00, o01 = e00, o11 = e00;                                                     \
+        int64_t i = 0;                                                                                         \
+        for (; i + 1 < nb; i += 2) {                                                                           \
+            S8_BLOCK22(i, WEIGHT, e00, e10, e01, e11);                                                         \
+            S8_BLOCK22(i + 1, WEIGHT, o00, o10, o01, o11);                                                     \
+        }                                                                                                      \
+        for (; i < nb; i++) S8_BLOCK22(i, WEIGHT, e00, e10, e01, e11);                                         \
+        s[0] = hsum_ps(_mm256_add_ps(e00, o00));                                                               \
+        s[1] = hsum_ps(_mm256_add_ps(e10, o10));                                                               \
+        s[2] = hsum_ps(_mm256_add_ps(e01, o01));                                                               \
+        s[3] = hsum_ps(_mm256_add_ps(e11, o11));                                                               \
+    } while (0)
+
+#define Q8_0_WEIGHT(b) _mm256_loadu_si256((const __m256i *)(b).qs)
+#define Q4_0_WEIGHT(b) _mm256_sub_epi8(unpack_nibbles_32((b).qs), _mm256_set1_epi8(8))
+
 void cp_cpu_vec_dot22_q8_0_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy0,
                                 const void *vy1) {
     const cp_block_q8_0 *x0 = (const cp_block_q8_0 *)vx0, *x1 = (const cp_block_q8_0 *)vx1;
-    const cp_block_q8_0 *y0 = (const cp_block_q8_0 *)vy0, *y1 = (const cp_block_q8_0 *)vy1;
-    const int64_t nb = n / CP_QK8_0;
-    __m256 e00 = _mm256_setzero_ps(), e10 = _mm256_setzero_ps(), e01 = _mm256_setzero_ps(),
-           e11 = _mm256_setzero_ps();
-    __m256 o00 = _mm256_setzero_ps(), o10 = _mm256_setzero_ps(), o01 = _mm256_setzero_ps(),
-           o11 = _mm256_setzero_ps();
-/* block i into the accumulators a00..a11 (weight row, activation row) */
-#define Q8_0_BLOCK22(i, a00, a10, a01, a11)                                                                    \
-    do {                                                                                                       \
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)x0[i].qs);                                      \
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)x1[i].qs);                                      \
-        const __m256i v0 = _mm256_loadu_si256((const __m256i *)y0[i].qs);                                      \
-        const __m256i v1 = _mm256_loadu_si256((const __m256i *)y1[i].qs);                                      \
-        const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);                           \
-        const float dx0 = h2f(x0[i].d), dx1 = h2f(x1[i].d), dy0 = h2f(y0[i].d), dy1 = h2f(y1[i].d);           \
-        a00 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy0),                                                       \
-                              _mm256_cvtepi32_ps(dot_u8_s8(u0, _mm256_sign_epi8(v0, w0))), a00);               \
-        a10 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy0),                                                       \
-                              _mm256_cvtepi32_ps(dot_u8_s8(u1, _mm256_sign_epi8(v0, w1))), a10);               \
-        a01 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy1),                                                       \
-                              _mm256_cvtepi32_ps(dot_u8_s8(u0, _mm256_sign_epi8(v1, w0))), a01);               \
-        a11 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy1),                                                       \
-                              _mm256_cvtepi32_ps(dot_u8_s8(u1, _mm256_sign_epi8(v1, w1))), a11);               \
-    } while (0)
-    int64_t i = 0;
-    for (; i + 1 < nb; i += 2) {
-        Q8_0_BLOCK22(i, e00, e10, e01, e11);
-        Q8_0_BLOCK22(i + 1, o00, o10, o01, o11);
-    }
-    for (; i < nb; i++) Q8_0_BLOCK22(i, e00, e10, e01, e11);
-#undef Q8_0_BLOCK22
-    s[0] = hsum_ps(_mm256_add_ps(e00, o00));
-    s[1] = hsum_ps(_mm256_add_ps(e10, o10));
-    s[2] = hsum_ps(_mm256_add_ps(e01, o01));
-    s[3] = hsum_ps(_mm256_add_ps(e11, o11));
+    S8_DOT22(Q8_0_WEIGHT);
 }
+
+void cp_cpu_vec_dot22_q4_0_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy0,
+                                const void *vy1) {
+    const cp_block_q4_0 *x0 = (const cp_block_q4_0 *)vx0, *x1 = (const cp_block_q4_0 *)vx1;
+    S8_DOT22(Q4_0_WEIGHT);
+}
+
+#undef Q8_0_WEIGHT
+#undef Q4_0_WEIGHT
+#undef S8_DOT22
+#undef S8_BLOCK22
 
 /* Two weight rows against one activation row: each row keeps the
  * accumulators, block order and final reduction of the one-row kernel above,

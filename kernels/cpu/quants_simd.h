@@ -63,6 +63,8 @@ void cp_cpu_vec_dot_f32_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_f16_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_bf16_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_q4_0_avx2(int64_t n, float *s, const void *x, const void *y);
+void cp_cpu_vec_dot22_q4_0_avx2(int64_t n, float *s, const void *x0, const void *x1, const void *y0,
+                                const void *y1);
 void cp_cpu_vec_dot_q4_1_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_q5_0_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_q5_1_avx2(int64_t n, float *s, const void *x, const void *y);
