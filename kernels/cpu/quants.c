@@ -943,6 +943,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_Q8_0].vec_dot = cp_cpu_vec_dot_q8_0_avx2;
         traits[CP_DTYPE_Q8_0].vec_dot22 = cp_cpu_vec_dot22_q8_0_avx2;
         traits[CP_DTYPE_Q4_K].vec_dot = cp_cpu_vec_dot_q4_K_avx2;
+        traits[CP_DTYPE_Q4_K].vec_dot22 = cp_cpu_vec_dot22_q4_K_avx2;
         traits[CP_DTYPE_Q5_K].vec_dot = cp_cpu_vec_dot_q5_K_avx2;
         traits[CP_DTYPE_Q6_K].vec_dot = cp_cpu_vec_dot_q6_K_avx2;
         traits[CP_DTYPE_I8_ROW].vec_dot = cp_cpu_vec_dot_i8_row_f32_avx2;

@@ -465,6 +465,59 @@ void cp_cpu_vec_dot_q4_K_avx2(int64_t n, float *s, const void *vx, const void *v
     *s = sumf;
 }
 
+/* Two Q4_K weight rows x two Q8_K activation rows (prompt batches): s =
+ * {x0.y0, x1.y0, x0.y1, x1.y1}. A weight super-block's scales, minimums and
+ * nibbles are decoded once for both activation rows; each output's integer
+ * sums are exact and its fp32 steps those of cp_cpu_vec_dot_q4_K_avx2, so
+ * it is that kernel's result bit for bit. */
+void cp_cpu_vec_dot22_q4_K_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy0,
+                                const void *vy1) {
+    const cp_block_q4_K *x[2] = {(const cp_block_q4_K *)vx0, (const cp_block_q4_K *)vx1};
+    const cp_block_q8_K *y[2] = {(const cp_block_q8_K *)vy0, (const cp_block_q8_K *)vy1};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* [activation row * 2 + weight row] */
+    for (int64_t i = 0; i < n / CP_QK_K; i++) {
+        int sc[2][8], m[2][8], summs[4] = {0, 0, 0, 0};
+        k4_scales_mins(x[0][i].scales, sc[0], m[0]);
+        k4_scales_mins(x[1][i].scales, sc[1], m[1]);
+        for (int a = 0; a < 2; a++)
+            for (int w = 0; w < 2; w++)
+                for (int j = 0; j < 8; j++)
+                    summs[2 * a + w] += m[w][j] * (y[a][i].bsums[2 * j] + y[a][i].bsums[2 * j + 1]);
+        __m256i i00 = _mm256_setzero_si256(), i10 = i00, i01 = i00, i11 = i00;
+        for (int c = 0; c < 4; c++) {
+            const __m256i q0 = _mm256_loadu_si256((const __m256i *)(x[0][i].qs + 32 * c));
+            const __m256i q1 = _mm256_loadu_si256((const __m256i *)(x[1][i].qs + 32 * c));
+            const __m256i lo0 = _mm256_and_si256(q0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(q0, 4), m4);
+            const __m256i lo1 = _mm256_and_si256(q1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(q1, 4), m4);
+            const __m256i s0a = _mm256_set1_epi16((short)sc[0][2 * c]), s0b = _mm256_set1_epi16((short)sc[0][2 * c + 1]);
+            const __m256i s1a = _mm256_set1_epi16((short)sc[1][2 * c]), s1b = _mm256_set1_epi16((short)sc[1][2 * c + 1]);
+            for (int a = 0; a < 2; a++) {
+                const __m256i ya = _mm256_loadu_si256((const __m256i *)(y[a][i].qs + 64 * c));
+                const __m256i yb = _mm256_loadu_si256((const __m256i *)(y[a][i].qs + 64 * c + 32));
+                const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo0, ya), s0a),
+                                                    _mm256_madd_epi16(_mm256_maddubs_epi16(hi0, yb), s0b));
+                const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo1, ya), s1a),
+                                                    _mm256_madd_epi16(_mm256_maddubs_epi16(hi1, yb), s1b));
+                if (a == 0) {
+                    i00 = _mm256_add_epi32(i00, p0);
+                    i10 = _mm256_add_epi32(i10, p1);
+                } else {
+                    i01 = _mm256_add_epi32(i01, p0);
+                    i11 = _mm256_add_epi32(i11, p1);
+                }
+            }
+        }
+        const __m256i isum[4] = {i00, i10, i01, i11};
+        for (int a = 0; a < 2; a++)
+            for (int w = 0; w < 2; w++) {
+                const float d = y[a][i].d * h2f(x[w][i].d), dmin = y[a][i].d * h2f(x[w][i].dmin);
+                sumf[2 * a + w] += d * (float)hsum_epi32(isum[2 * a + w]) - dmin * (float)summs[2 * a + w];
+            }
+    }
+    for (int q = 0; q < 4; q++) s[q] = sumf[q];
+}
+
 void cp_cpu_vec_dot_q5_K_avx2(int64_t n, float *s, const void *vx, const void *vy) {
     const cp_block_q5_K *x = (const cp_block_q5_K *)vx;
     const cp_block_q8_K *y = (const cp_block_q8_K *)vy;
