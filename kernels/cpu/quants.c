@@ -946,6 +946,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_Q4_K].vec_dot22 = cp_cpu_vec_dot22_q4_K_avx2;
         traits[CP_DTYPE_Q5_K].vec_dot = cp_cpu_vec_dot_q5_K_avx2;
         traits[CP_DTYPE_Q6_K].vec_dot = cp_cpu_vec_dot_q6_K_avx2;
+        traits[CP_DTYPE_Q6_K].vec_dot22 = cp_cpu_vec_dot22_q6_K_avx2;
         traits[CP_DTYPE_I8_ROW].vec_dot = cp_cpu_vec_dot_i8_row_f32_avx2;
         traits[CP_DTYPE_F8_ROW].vec_dot = cp_cpu_vec_dot_f8_row_avx2;
         traits[CP_DTYPE_F8_ROW].vec_dot2 = cp_cpu_vec_dot2_f8_row_avx2;

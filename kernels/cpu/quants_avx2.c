@@ -601,6 +601,56 @@ void cp_cpu_vec_dot_q6_K_avx2(int64_t n, float *s, const void *vx, const void *v
     *s = sumf;
 }
 
+/* Two Q6_K weight rows x two Q8_K activation rows (prompt batches): s =
+ * {x0.y0, x1.y0, x0.y1, x1.y1}. Each weight half-block's 6-bit codes are
+ * assembled once for both activation rows; each output's integer sums are
+ * exact and its fp32 steps those of cp_cpu_vec_dot_q6_K_avx2, bit for bit. */
+void cp_cpu_vec_dot22_q6_K_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy0,
+                                const void *vy1) {
+    const cp_block_q6_K *x[2] = {(const cp_block_q6_K *)vx0, (const cp_block_q6_K *)vx1};
+    const cp_block_q8_K *y[2] = {(const cp_block_q8_K *)vy0, (const cp_block_q8_K *)vy1};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
+    float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* [activation row * 2 + weight row] */
+    for (int64_t i = 0; i < n / CP_QK_K; i++)
+        for (int w = 0; w < 2; w++) {
+            const cp_block_q6_K *xb = &x[w][i];
+            int corr0 = 0, corr1 = 0;
+            for (int g = 0; g < 16; g++) {
+                corr0 += xb->scales[g] * y[0][i].bsums[g];
+                corr1 += xb->scales[g] * y[1][i].bsums[g];
+            }
+            __m256i is0 = _mm256_setzero_si256(), is1 = _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = xb->ql + 64 * h;
+                const int8_t *sc = xb->scales + 8 * h;
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(xb->qh + 32 * h));
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+                q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+                for (int r = 0; r < 4; r++) {
+                    const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[2 * r + 1]), _mm_set1_epi16(sc[2 * r]));
+                    const __m256i p0 =
+                        _mm256_maddubs_epi16(q[r], _mm256_loadu_si256((const __m256i *)(y[0][i].qs + 128 * h + 32 * r)));
+                    const __m256i p1 =
+                        _mm256_maddubs_epi16(q[r], _mm256_loadu_si256((const __m256i *)(y[1][i].qs + 128 * h + 32 * r)));
+                    is0 = _mm256_add_epi32(is0, _mm256_madd_epi16(p0, scv));
+                    is1 = _mm256_add_epi32(is1, _mm256_madd_epi16(p1, scv));
+                }
+            }
+            const int t0 = hsum_epi32(is0) - 32 * corr0, t1 = hsum_epi32(is1) - 32 * corr1;
+            sumf[w] += (y[0][i].d * h2f(xb->d)) * (float)t0;
+            sumf[2 + w] += (y[1][i].d * h2f(xb->d)) * (float)t1;
+        }
+    for (int q = 0; q < 4; q++) s[q] = sumf[q];
+}
+
 /* ---- activation quantizers (bit-identical to the references) -------------- */
 
 /* 32 int32 in four vectors -> 32 int8 in element order. */

@@ -1280,7 +1280,7 @@ TEST(VecDot22, BitIdenticalToOneRow) {
         }
     }
     if (!cp_cpu_has_avx2()) GTEST_SKIP() << "no 2 x 2 kernels without AVX2";
-    EXPECT_EQ(checked, 3 * 8 + 3) << "Q8_0, Q4_0 and Q4_1 at 8 lengths, Q4_K at 3";
+    EXPECT_EQ(checked, 3 * 8 + 2 * 3) << "Q8_0, Q4_0 and Q4_1 at 8 lengths, Q4_K and Q6_K at 3";
 }
 
 // The two-row kernels must give exactly the one-row kernel's result for
