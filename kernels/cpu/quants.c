@@ -950,6 +950,7 @@ static void init_traits(void) {
         traits[CP_DTYPE_I8_ROW].vec_dot = cp_cpu_vec_dot_i8_row_f32_avx2;
         traits[CP_DTYPE_F8_ROW].vec_dot = cp_cpu_vec_dot_f8_row_avx2;
         traits[CP_DTYPE_F8_ROW].vec_dot2 = cp_cpu_vec_dot2_f8_row_avx2;
+        traits[CP_DTYPE_F8_ROW].vec_dot22 = cp_cpu_vec_dot22_f8_row_avx2;
         traits[CP_DTYPE_I4_G32].vec_dot = cp_cpu_vec_dot_i4_g32_f32_avx2;
         traits[CP_DTYPE_I4_G128].vec_dot = cp_cpu_vec_dot_i4_g128_f32_avx2;
         traits[CP_DTYPE_S24_Q8].vec_dot = cp_cpu_vec_dot_s24_q8_q8_0_avx2;

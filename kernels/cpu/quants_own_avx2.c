@@ -89,6 +89,41 @@ void cp_cpu_vec_dot2_f8_row_avx2(int64_t n, float *s, const void *vx0, const voi
     s[1] = sc * cp_row_scale(vx1, n) * sy;
 }
 
+/* Two weight rows x two activation rows (prompt batches): s = {x0.y0,
+ * x1.y0, x0.y1, x1.y1}, every operand decoded once per 8 codes; each
+ * output's sums in cp_cpu_vec_dot_f8_row_avx2's order, bit for bit. */
+void cp_cpu_vec_dot22_f8_row_avx2(int64_t n, float *s, const void *vx0, const void *vx1, const void *vy0,
+                                  const void *vy1) {
+    const uint8_t *x[2] = {vx0, vx1}, *y[2] = {vy0, vy1};
+    /* a[lane half][weight row][activation row] */
+    __m256 a000 = _mm256_setzero_ps(), a010 = a000, a001 = a000, a011 = a000;
+    __m256 a100 = a000, a110 = a000, a101 = a000, a111 = a000;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = e4m3x8_scaled(x[0] + i), w1 = e4m3x8_scaled(x[1] + i);
+        __m256 v0 = e4m3x8_scaled(y[0] + i), v1 = e4m3x8_scaled(y[1] + i);
+        a000 = _mm256_fmadd_ps(w0, v0, a000);
+        a010 = _mm256_fmadd_ps(w1, v0, a010);
+        a001 = _mm256_fmadd_ps(w0, v1, a001);
+        a011 = _mm256_fmadd_ps(w1, v1, a011);
+        w0 = e4m3x8_scaled(x[0] + i + 8);
+        w1 = e4m3x8_scaled(x[1] + i + 8);
+        v0 = e4m3x8_scaled(y[0] + i + 8);
+        v1 = e4m3x8_scaled(y[1] + i + 8);
+        a100 = _mm256_fmadd_ps(w0, v0, a100);
+        a110 = _mm256_fmadd_ps(w1, v0, a110);
+        a101 = _mm256_fmadd_ps(w0, v1, a101);
+        a111 = _mm256_fmadd_ps(w1, v1, a111);
+    }
+    float acc[4] = {hsum(_mm256_add_ps(a000, a100)) * 65536.0f, hsum(_mm256_add_ps(a010, a110)) * 65536.0f,
+                    hsum(_mm256_add_ps(a001, a101)) * 65536.0f, hsum(_mm256_add_ps(a011, a111)) * 65536.0f};
+    for (int q = 0; q < 4; q++) {
+        const uint8_t *a = x[q & 1], *b = y[q >> 1];
+        for (int64_t t = i; t < n; t++) acc[q] += cp_cpu_e4m3_lut[a[t]] * cp_cpu_e4m3_lut[b[t]];
+        s[q] = acc[q] * cp_row_scale(a, n) * cp_row_scale(b, n);
+    }
+}
+
 /* Groups of g: qs[j] holds element j (low nibble) and j + g/2 (high). Each
  * 16 code bytes give 16 low and 16 high elements, weighted (q - z) * d. */
 static void i4_dot_avx2(int64_t n, float *s, const void *vx, const float *y, int g) {

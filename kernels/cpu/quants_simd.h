@@ -84,6 +84,8 @@ void cp_cpu_vec_dot22_q6_K_avx2(int64_t n, float *s, const void *x0, const void 
 void cp_cpu_vec_dot_i8_row_f32_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_f8_row_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot2_f8_row_avx2(int64_t n, float *s, const void *x0, const void *x1, const void *y);
+void cp_cpu_vec_dot22_f8_row_avx2(int64_t n, float *s, const void *x0, const void *x1, const void *y0,
+                                  const void *y1);
 void cp_cpu_vec_dot_i4_g32_f32_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_vec_dot_i4_g128_f32_avx2(int64_t n, float *s, const void *x, const void *y);
 void cp_cpu_quantize_q8_0_avx2(const float *x, void *y, int64_t n);

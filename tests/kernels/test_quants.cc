@@ -1258,7 +1258,7 @@ TEST(VecDot22, BitIdenticalToOneRow) {
         const cp_cpu_type_traits *tr = cp_cpu_get_type_traits((cp_dtype)t);
         if (!tr || !tr->vec_dot22) continue;
         const cp_cpu_type_traits *yt = cp_cpu_get_type_traits(tr->vec_dot_type);
-        for (int64_t n : {32, 64, 96, 256, 576, 768, 4096, 4096 + 32}) {
+        for (int64_t n : {32, 37, 64, 96, 256, 576, 768, 4096, 4096 + 32, 4096 + 45}) {
             if (n % cp_dtype_block_size((cp_dtype)t) != 0) continue;
             std::vector<float> a(n), b(n), c(n), d(n);
             for (auto *v : {&a, &b, &c, &d})
@@ -1280,7 +1280,8 @@ TEST(VecDot22, BitIdenticalToOneRow) {
         }
     }
     if (!cp_cpu_has_avx2()) GTEST_SKIP() << "no 2 x 2 kernels without AVX2";
-    EXPECT_EQ(checked, 3 * 8 + 2 * 3) << "Q8_0, Q4_0 and Q4_1 at 8 lengths, Q4_K and Q6_K at 3";
+    EXPECT_EQ(checked, 4 * 8 + 2 * 3 + 2) << "Q8_0, Q4_0, Q4_1 and F8_ROW at 8 lengths (and F8_ROW at 2 more), "
+                                             "Q4_K and Q6_K at 3";
 }
 
 // The two-row kernels must give exactly the one-row kernel's result for
