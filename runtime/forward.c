@@ -327,6 +327,7 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.xg = malloc(mb * (size_t)m->cfg.dim * sizeof(float));
     m->cpx.runs = malloc(2 * mb * sizeof(int32_t));
     m->cpx.seqs = malloc(3 * mb * sizeof(int32_t));
+    m->cpx.rseq = malloc(mb * sizeof(int32_t));
     m->cpx.kvrow = malloc(mb);
     m->cpx.kidx = malloc(mb * sizeof(int32_t));
     m->cpx.qidx = malloc(mb * sizeof(int32_t));
@@ -335,7 +336,7 @@ static cp_status cpx_reserve(cp_model_t m) {
     m->cpx.share = malloc(2 * cp * sizeof(size_t));
     if (!m->cpx.count || !m->cpx.lrow || !m->cpx.tok || !m->cpx.pos || !m->cpx.seq || !m->cpx.gpos || !m->cpx.gseq ||
         !m->cpx.qall || !m->cpx.o || !m->cpx.lse || !m->cpx.lmax || !m->cpx.pack || !m->cpx.red || !m->cpx.xg ||
-        !m->cpx.runs || !m->cpx.seqs || !m->cpx.kvrow || !m->cpx.kidx || !m->cpx.qidx || !m->cpx.kpos ||
+        !m->cpx.runs || !m->cpx.seqs || !m->cpx.rseq || !m->cpx.kvrow || !m->cpx.kidx || !m->cpx.qidx || !m->cpx.kpos ||
         !m->cpx.kseq || !m->cpx.share)
         return CP_ERROR(CP_ERR_OOM, "out of memory for the context-parallel buffers (%zu rows)", cp * mb);
     return CP_OK;
@@ -365,7 +366,7 @@ static int held(int len, int cp, int r) { return len > r ? (len - 1 - r) / cp + 
  * passes K/V, a decode step queries, and a chunk that mixes a long prompt
  * with decode rows of long histories splits. */
 static void choose_exchange(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, int t0, int T) {
-    int32_t *seqs = m->cpx.seqs, *rows_seq = m->cpx.kidx; /* kidx: the row's sequence, until forward_chunk_cp */
+    int32_t *seqs = m->cpx.seqs, *rows_seq = m->cpx.rseq;
     int n = 0;
     for (int t = 0; t < T; t++) {
         const int32_t sq = b->seq[t0 + t], len = b->pos[t0 + t] + 1;

@@ -72,6 +72,7 @@ struct cp_model {
         int n_runs;
         int32_t *runs;               /* [max_batch][2] {seq, length} */
         int32_t *seqs;               /* [max_batch][3] {seq, length, rows} of every sequence of the chunk */
+        int32_t *rseq;               /* [max_batch] a chunk row's index in seqs */
         unsigned char *kvrow;        /* [max_batch] chunk row t passes K/V */
         int nk, nq;                  /* this rank's rows passing K/V and queries */
         int32_t *kidx, *qidx;        /* [max_batch] their indices among this rank's rows */
