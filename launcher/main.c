@@ -72,7 +72,7 @@ static int cmd_generate(int argc, char **argv) {
         {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
          "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
         {"cp-exchange", 0, CLI_STR, &cp_exchange, 0, -1, "HOW",
-         "what the cp ranks pass in attention: auto (default: the smaller per chunk, K/V for a fresh prompt, "
+         "what the cp ranks pass in attention: auto (default: the smaller per sequence, K/V for a fresh prompt, "
          "queries for decode), queries or kv", NULL},
         {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL, "sequence parallelism for the prompt inside the TP group (needs --tp > 1)", NULL},
         {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",

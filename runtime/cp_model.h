@@ -21,6 +21,8 @@ struct cp_comm;
 enum { CP_CP_AUTO = 0, CP_CP_QUERIES = 1, CP_CP_KV = 2 };
 /* The exchange named "auto", "queries" or "kv" into *out; false otherwise. */
 bool cp_cp_exchange_parse(const char *name, int *out);
+/* Its name ("?" for a value out of range); static storage. */
+const char *cp_cp_exchange_name(int exchange);
 
 typedef struct cp_model_load_opts {
     cp_backend_t backend;     /* borrowed; must outlive the model */

@@ -50,14 +50,19 @@ cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
     return CP_OK;
 }
 
+static const char *const exchange_names[] = {"auto", "queries", "kv"}; /* in CP_CP_* order */
+
 bool cp_cp_exchange_parse(const char *name, int *out) {
-    static const char *const names[] = {"auto", "queries", "kv"}; /* in CP_CP_* order */
     for (int i = 0; i < 3; i++)
-        if (!strcmp(name, names[i])) {
+        if (!strcmp(name, exchange_names[i])) {
             *out = i;
             return true;
         }
     return false;
+}
+
+const char *cp_cp_exchange_name(int exchange) {
+    return exchange >= 0 && exchange < 3 ? exchange_names[exchange] : "?";
 }
 
 cp_model_groups cp_model_get_groups(cp_model_t m) {
@@ -574,6 +579,7 @@ void cp_model_free(cp_model_t m) {
     free(m->cpx.xg);
     free(m->cpx.runs);
     free(m->cpx.seqs);
+    free(m->cpx.rseq);
     free(m->cpx.kvrow);
     free(m->cpx.kidx);
     free(m->cpx.qidx);

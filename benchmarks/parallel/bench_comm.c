@@ -8,20 +8,14 @@
  * a call's latency is worth, which the exchange choice of forward.c counts
  * per collective (CPX_CALL_BYTES). */
 #include "cp_comm.h"
+#include "cp_common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 enum { OP_ALLGATHER, OP_ALLGATHERV, OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_N };
 static const char *const op_name[OP_N] = {"all-gather", "all-gatherv", "all-reduce", "reduce-scatter"};
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b) {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -80,12 +74,12 @@ int main(int argc, char **argv) {
         for (size_t n = 2; n <= max_n && !rc; n *= 4) {
             for (int i = 0; i < 5 + reps && !rc; i++) {
                 cp_comm_barrier(w);
-                const double t0 = now();
+                const double t0 = cp_time_now();
                 if (call(w, op, send, recv, n, counts) != CP_OK) {
                     fprintf(stderr, "bench_comm: rank %d: %s\n", rank, cp_last_error());
                     rc = 1;
                 }
-                if (i >= 5) t[i - 5] = now() - t0;
+                if (i >= 5) t[i - 5] = cp_time_now() - t0;
             }
             /* a call ends when its slowest rank is done */
             double med;

@@ -478,7 +478,7 @@ int main(int argc, char **argv) {
         }
         if (rank == 0)
             printf("| %s | %d | %d | %d | %s | %d x %d | %d | %.0f | %.1f |\n", o.name, o.tp, o.pp, o.cp,
-                   (const char *const[]){"auto", "queries", "kv"}[o.cp_exchange], o.mixed, o.n_prompt, o.fresh, bytes, worst * 1e3);
+                   cp_cp_exchange_name(o.cp_exchange), o.mixed, o.n_prompt, o.fresh, bytes, worst * 1e3);
         rc = 0;
         goto out;
     }

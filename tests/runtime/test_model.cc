@@ -341,6 +341,21 @@ TEST(ModelForward, RejectsBadBatches) {
     }
 }
 
+// The names of the context-parallel exchanges, both ways.
+TEST(ModelOptions, ExchangeNamesRoundTrip) {
+    for (int x : {CP_CP_AUTO, CP_CP_QUERIES, CP_CP_KV}) {
+        int back = -1;
+        EXPECT_TRUE(cp_cp_exchange_parse(cp_cp_exchange_name(x), &back)) << x;
+        EXPECT_EQ(back, x);
+    }
+    EXPECT_STREQ(cp_cp_exchange_name(CP_CP_KV), "kv");
+    EXPECT_STREQ(cp_cp_exchange_name(3), "?");
+    EXPECT_STREQ(cp_cp_exchange_name(-1), "?");
+    int v = 7;
+    EXPECT_FALSE(cp_cp_exchange_parse("ring", &v));
+    EXPECT_EQ(v, 7) << "a bad name leaves the value alone";
+}
+
 TEST(KvCache, AllocatorCountsAndRefs) {
     TinyModel tm = make_model(TinySpec{}, 8);
     Env e;
