@@ -285,11 +285,10 @@ static void mm_rows(void *vctx, size_t r0, size_t r1, int thread) {
                 for (; r + 1 < t1; r += 2) {
                     float s4[4];
                     j->vec_dot22(j->k, s4, j->w + r * j->w_stride, j->w + (r + 1) * j->w_stride, x0, x1);
-                    const float b0 = j->bias ? j->bias[r] : 0.0f, b1 = j->bias ? j->bias[r + 1] : 0.0f;
-                    y0[r] = j->bias ? s4[0] + b0 : s4[0];
-                    y0[r + 1] = j->bias ? s4[1] + b1 : s4[1];
-                    y1[r] = j->bias ? s4[2] + b0 : s4[2];
-                    y1[r + 1] = j->bias ? s4[3] + b1 : s4[3];
+                    y0[r] = j->bias ? s4[0] + j->bias[r] : s4[0];
+                    y0[r + 1] = j->bias ? s4[1] + j->bias[r + 1] : s4[1];
+                    y1[r] = j->bias ? s4[2] + j->bias[r] : s4[2];
+                    y1[r + 1] = j->bias ? s4[3] + j->bias[r + 1] : s4[3];
                 }
                 for (; r < t1; r++) {
                     float s0, s1;

@@ -260,24 +260,31 @@ void cp_cpu_vec_dot_q8_0_avx2(int64_t n, float *s, const void *vx, const void *v
     *s = hsum_ps(_mm256_add_ps(acc0, acc1));
 }
 
-/* One block of a 2 x 2 product: signed weight blocks w0, w1 against
- * activation blocks v0, v1, each pair's int32 dot scaled by the product of
- * its two scales (weight first, as the one-row kernels multiply them) and
- * added to its accumulator a[weight row][activation row]. |w| is taken
- * once per weight block. */
+/* One block of a 2 x 2 product: unsigned weight codes u0, u1 against the
+ * signed activation codes v_wa each pair (weight row w, activation row a)
+ * multiplies them by; each pair's int32 dot is scaled by the product of its
+ * two scales (weight first, as the one-row kernels multiply them) and added
+ * to its accumulator a_wa. */
+static inline __attribute__((always_inline)) void u8_block22(__m256i u0, __m256i u1, __m256i v00, __m256i v10,
+                                                             __m256i v01, __m256i v11, float dx0, float dx1,
+                                                             float dy0, float dy1, __m256 *a00, __m256 *a10,
+                                                             __m256 *a01, __m256 *a11) {
+    *a00 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(u0, v00)), *a00);
+    *a10 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(u1, v10)), *a10);
+    *a01 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(u0, v01)), *a01);
+    *a11 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(u1, v11)), *a11);
+}
+
+/* The same for signed weight codes w0, w1 against activation blocks v0, v1,
+ * as dot_s8_s8 does it: |w| once per weight block, the activations carrying
+ * w's signs. */
 static inline __attribute__((always_inline)) void s8_block22(__m256i w0, __m256i w1, __m256i v0, __m256i v1,
                                                              float dx0, float dx1, float dy0, float dy1,
                                                              __m256 *a00, __m256 *a10, __m256 *a01,
                                                              __m256 *a11) {
-    const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
-    *a00 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(u0, _mm256_sign_epi8(v0, w0))),
-                           *a00);
-    *a10 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(u1, _mm256_sign_epi8(v0, w1))),
-                           *a10);
-    *a01 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(u0, _mm256_sign_epi8(v1, w0))),
-                           *a01);
-    *a11 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(u1, _mm256_sign_epi8(v1, w1))),
-                           *a11);
+    u8_block22(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1), _mm256_sign_epi8(v0, w0),
+               _mm256_sign_epi8(v0, w1), _mm256_sign_epi8(v1, w0), _mm256_sign_epi8(v1, w1), dx0, dx1, dy0, dy1,
+               a00, a10, a01, a11);
 }
 
 /* The 2 x 2 kernels of Q8_0 and Q4_0 (prompt batches) against Q8_0
@@ -387,14 +394,10 @@ void cp_cpu_vec_dot22_q4_1_avx2(int64_t n, float *s, const void *vx0, const void
     float m00 = 0.0f, m10 = 0.0f, m01 = 0.0f, m11 = 0.0f; /* [weight row][activation row] */
 #define Q4_1_BLOCK22(i, a00, a10, a01, a11)                                                                    \
     do {                                                                                                       \
-        const __m256i w0 = unpack_nibbles_32(x0[i].qs), w1 = unpack_nibbles_32(x1[i].qs);                     \
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)y0[i].qs);                                      \
         const __m256i v1 = _mm256_loadu_si256((const __m256i *)y1[i].qs);                                      \
-        const float dx0 = h2f(x0[i].d), dx1 = h2f(x1[i].d), dy0 = h2f(y0[i].d), dy1 = h2f(y1[i].d);           \
-        a00 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(w0, v0)), a00);          \
-        a10 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy0), _mm256_cvtepi32_ps(dot_u8_s8(w1, v0)), a10);          \
-        a01 = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(w0, v1)), a01);          \
-        a11 = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * dy1), _mm256_cvtepi32_ps(dot_u8_s8(w1, v1)), a11);          \
+        u8_block22(unpack_nibbles_32(x0[i].qs), unpack_nibbles_32(x1[i].qs), v0, v0, v1, v1, h2f(x0[i].d),     \
+                   h2f(x1[i].d), h2f(y0[i].d), h2f(y1[i].d), &a00, &a10, &a01, &a11);                          \
     } while (0)
     int64_t i = 0;
     for (; i + 1 < nb; i += 2) {
