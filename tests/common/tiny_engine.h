@@ -15,14 +15,14 @@
 
 namespace cptest {
 
-// A one-sequence CPU engine (one thread, 64 positions, fp32 cache) on a
-// model without a tokenizer.
-inline cp_engine_t open_engine(const std::string &path) {
+// A one-sequence CPU engine with an fp32 cache (by default one thread, 64
+// positions, on a model without a tokenizer).
+inline cp_engine_t open_engine(const std::string &path, int threads = 1, int n_ctx = 64, bool tokens_only = true) {
     cp_engine_opts eo = {};
     eo.model_path = path.c_str();
-    eo.tokens_only = true;
-    eo.n_threads = 1;
-    eo.n_ctx = 64;
+    eo.tokens_only = tokens_only;
+    eo.n_threads = threads;
+    eo.n_ctx = n_ctx;
     eo.n_seq = 1;
     eo.kv_f32 = true;
     cp_engine_t e = nullptr;

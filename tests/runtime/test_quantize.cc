@@ -348,17 +348,8 @@ std::vector<int32_t> tokens_of(cp_engine_t e, const char *path, size_t max) {
     return out;
 }
 
-cp_engine_t engine_on(const std::string &path) {
-    cp_engine_opts eo = {};
-    eo.model_path = path.c_str();
-    eo.n_threads = 2;
-    eo.n_ctx = 256;
-    eo.n_seq = 1;
-    eo.kv_f32 = true;
-    cp_engine_t e = nullptr;
-    EXPECT_EQ(cp_engine_init(&eo, &e), CP_OK) << cp_last_error();
-    return e;
-}
+// The default model's engine: two threads, 256 positions, its tokenizer.
+cp_engine_t engine_on(const std::string &path) { return cptest::open_engine(path, 2, 256, false); }
 
 } // namespace
 
