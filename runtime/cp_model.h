@@ -159,6 +159,33 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
 cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
                                   const cp_sample_params *sp, const float *u, int32_t *tokens);
 
+/* The k best candidates of each requested row, for a caller that samples
+ * by itself (the serving scheduler). With tensor parallelism each rank
+ * sends only its k best (logit, id) pairs and the max and sum of exp of its
+ * slice, not the slice; pipeline stages pass only these. Rows flagged
+ * CP_TOP_FULL get their whole logits too (sampling that needs the whole
+ * distribution); those rows are gathered as cp_model_forward gathers them.
+ * Every rank of the model receives everything. */
+#define CP_MODEL_MAX_TOP 256
+enum { CP_TOP_FULL = 1, CP_TOP_LSE = 2 };
+typedef struct cp_logit_top {
+    int k;               /* candidates per row, 1..CP_MODEL_MAX_TOP */
+    const uint8_t *need; /* [n_logits] CP_TOP_* bits per row, or NULL (none) */
+    float *logits;       /* [n_logits][n_vocab] host: the CP_TOP_FULL rows are
+                            written there (the others untouched); may be NULL
+                            when no row is flagged */
+    float *val;          /* [n_logits][k] logits, descending, lower id first on
+                            ties (as a full-row search finds them) */
+    int32_t *id;         /* [n_logits][k] their token ids; -1 (val -inf) past
+                            the vocabulary */
+    double *lse;         /* [n_logits] log(sum(exp(logit))) over the whole row
+                            for CP_TOP_LSE rows (on one rank summed in id order
+                            from the row's max, in double); NaN for the others */
+} cp_logit_top;
+
+/* Like cp_model_forward, with the requested rows as cp_logit_top. */
+cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out);
+
 /* ---- calibration ---------------------------------------------------------
  * The inputs of every linear layer, for activation-aware optimizations
  * (AWQ scales, Wanda pruning). */

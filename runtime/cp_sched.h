@@ -28,11 +28,11 @@ typedef struct cp_sched_opts {
     int prefill_chunk;    /* prompt tokens of one sequence per step (<= 0: 256) */
     bool no_prefix_cache; /* do not share prompt blocks between requests */
     /* Multi-rank serving (see cp_step_link.h): forward runs each step
-     * instead of cp_model_forward (same contract), and idle is called by
+     * instead of cp_model_forward_top (same contract), and idle is called by
      * cp_sched_step when it ran no step; an idle error is returned by
-     * cp_sched_step (the scheduler cannot go on). NULL: cp_model_forward,
+     * cp_sched_step (the scheduler cannot go on). NULL: cp_model_forward_top,
      * nothing. Both run on the stepping thread with hook_user. */
-    cp_status (*forward)(void *user, const cp_batch *b, float *logits);
+    cp_status (*forward)(void *user, const cp_batch *b, const cp_logit_top *out);
     cp_status (*idle)(void *user);
     void *hook_user;
 } cp_sched_opts;

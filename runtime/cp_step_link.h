@@ -2,7 +2,7 @@
  * HTTP front end) and every other rank follows it. For each forward step
  * rank 0 broadcasts the step's batch descriptor (tokens, positions,
  * sequence rows, KV block tables, logit rows) over the world communicator,
- * then all ranks run cp_model_forward on it together, so TP, PP and SP work
+ * then all ranks run cp_model_forward_top on it together, so TP, PP and SP work
  * exactly as for one request. KV blocks are allocated by rank 0's scheduler
  * only; the followers' caches hold the same blocks by id.
  *
@@ -35,9 +35,10 @@ cp_status cp_step_link_init(struct cp_comm *world, cp_model_t m, cp_kv_cache_t k
                             cp_step_link_t *out);
 void cp_step_link_free(cp_step_link_t l);
 
-/* Rank 0: sends b to every rank, then runs cp_model_forward(b) with them
- * (logits as cp_model_forward). The signature of cp_sched_opts.forward. */
-cp_status cp_step_link_forward(void *link, const cp_batch *b, float *logits);
+/* Rank 0: sends b and what its logit rows need to every rank, then runs
+ * cp_model_forward_top(b) with them. The signature of
+ * cp_sched_opts.forward. */
+cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top *out);
 
 /* Rank 0, when idle: sends a heartbeat if none went out for
  * CP_STEP_LINK_HEARTBEAT_MS. The signature of cp_sched_opts.idle. Fails

@@ -238,9 +238,11 @@ typedef struct row_sampler {
     const cp_sample_params *sp;
     const float *u;  /* [n_logits] */
     int32_t *out;    /* [n_logits] */
+    const cp_logit_top *top; /* instead of sampling: candidates (sp, u, out unused) */
 } row_sampler;
 
 static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row0);
+static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0, bool ready);
 
 static cp_rope_params rope_params(cp_model_t m) {
     const cp_model_config *c = &m->cfg;
@@ -670,7 +672,9 @@ static cp_status stage_input(cp_model_t m, const int32_t *tok, int T, int Tp, in
  * into logits, rows counted from *logit_idx on, which advances by n. */
 static cp_status head_rows(cp_model_t m, int n, const row_sampler *rs, float *logits, int *logit_idx) {
     if (n == 0) return CP_OK;
-    if (rs)
+    if (rs && rs->top)
+        CP_CHECK(top_rows(m, n, rs->top, *logit_idx, false));
+    else if (rs)
         CP_CHECK(sample_rows(m, n, rs, *logit_idx));
     else
         CP_CHECK(lm_head(m, n, logits + (size_t)(*logit_idx) * m->cfg.n_vocab));
@@ -923,6 +927,155 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
     return CP_OK;
 }
 
+/* ---- candidates instead of logits (cp_model_forward_top) ------------------
+ * Per row, every rank finds its slice's k best (local_top) and, for rows
+ * that want the log-sum-exp, the slice's max and sum of exp(l - max); one
+ * all-gather of CP_LOGIT_CHUNK rows of these (2k + 4 words a row) replaces
+ * gathering the vocabulary, and every rank merges the tp sorted lists the
+ * same way. A chunk with a CP_TOP_FULL row gathers its full rows instead
+ * (lm_head_rows) and every rank searches them as one rank would. */
+
+#define TOP_WORDS(k) (2 * (size_t)(k) + 4)
+
+static uint8_t top_need(const cp_logit_top *top, int row) {
+    return top->need ? top->need[row] : 0;
+}
+
+/* max and sum of exp(l - max) of row[0..n), summed in id order in double */
+static void slice_exp_sum(const float *row, int n, float *mx, double *se) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (row[i] > m) m = row[i];
+    double s = 0.0;
+    for (int i = 0; i < n; i++)
+        s += exp((double)row[i] - m);
+    *mx = m;
+    *se = s;
+}
+
+/* Whether candidate (va, ia) ranks before (vb, ib): larger logit, then the
+ * lower id. */
+static bool top_before(float va, int32_t ia, float vb, int32_t ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+/* Merges row j of every rank's packed candidates (all: [tp][kr][w] words)
+ * into val/id (k slots) and the row's log-sum-exp into *lse. */
+static void top_merge(const int32_t *all, int tp, int kr, int j, int k, float *val, int32_t *id,
+                      double *lse) {
+    const size_t w = TOP_WORDS(k);
+    int at[CP_MAX_TP] = {0};
+    for (int c = 0; c < k; c++) {
+        int best = -1;
+        float bv = 0;
+        int32_t bi = 0;
+        for (int r = 0; r < tp; r++) {
+            const int32_t *p = all + ((size_t)r * kr + j) * w;
+            if (at[r] >= k || p[k + at[r]] < 0) continue;
+            float v;
+            memcpy(&v, p + at[r], sizeof v);
+            if (best < 0 || top_before(v, p[k + at[r]], bv, bi)) {
+                best = r;
+                bv = v;
+                bi = p[k + at[r]];
+            }
+        }
+        if (best < 0) {
+            val[c] = -INFINITY;
+            id[c] = -1;
+            continue;
+        }
+        val[c] = bv;
+        id[c] = bi;
+        at[best]++;
+    }
+    if (!lse) return;
+    float M = -INFINITY;
+    for (int r = 0; r < tp; r++) {
+        float mx;
+        memcpy(&mx, all + ((size_t)r * kr + j) * w + 2 * k, sizeof mx);
+        if (mx > M) M = mx;
+    }
+    double S = 0.0;
+    for (int r = 0; r < tp; r++) {
+        const int32_t *p = all + ((size_t)r * kr + j) * w;
+        float mx;
+        double se;
+        memcpy(&mx, p + 2 * k, sizeof mx);
+        memcpy(&se, p + 2 * k + 2, sizeof se);
+        if (se > 0) S += se * exp((double)mx - M);
+    }
+    *lse = M + log(S);
+}
+
+/* The candidates (and full rows, log-sum-exps) of the n normed rows in xb,
+ * rows row0.. of top. ready: a single rank's device already holds these
+ * rows' logits in m->logits (n <= CP_LOGIT_CHUNK). */
+static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0, bool ready) {
+    cp_backend_t be = m->be;
+    const int vocab = m->cfg.n_vocab, vl = m->vocab_l, tp = m->plan.tp, k = top->k;
+    const bool host = cp_backend_device(be) == CP_DEVICE_CPU;
+    const size_t w = TOP_WORDS(k);
+    for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
+        const int kr = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
+        bool full = !m->tp_comm;
+        for (int j = 0; j < kr; j++)
+            if (top_need(top, row0 + i + j) & CP_TOP_FULL) full = true;
+        if (full) {
+            /* whole rows on every rank, searched as one rank searches them */
+            if (ready)
+                CP_CHECK(cp_backend_copy(be, m->full, m->logits, (size_t)kr * vocab * sizeof(float),
+                                         CP_COPY_DEVICE_TO_HOST));
+            else
+                CP_CHECK(lm_head_rows(m, i, kr, m->full));
+            for (int j = 0; j < kr; j++) {
+                const int r = row0 + i + j;
+                const float *row = m->full + (size_t)j * vocab;
+                local_top(row, vocab, 0, k, top->val + (size_t)r * k, top->id + (size_t)r * k);
+                top->lse[r] = NAN;
+                if (top_need(top, r) & CP_TOP_LSE) {
+                    float mx;
+                    double se;
+                    slice_exp_sum(row, vocab, &mx, &se);
+                    top->lse[r] = mx + log(se);
+                }
+                if (top_need(top, r) & CP_TOP_FULL)
+                    memcpy(top->logits + (size_t)r * vocab, row, (size_t)vocab * sizeof(float));
+            }
+            continue;
+        }
+        /* this rank's slices, then the candidates of every rank */
+        CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * m->cfg.dim, kr, m->logits, NULL));
+        const float *rows = m->logits;
+        if (!host) {
+            CP_CHECK(cp_backend_copy(be, m->gather, m->logits, (size_t)kr * vl * sizeof(float),
+                                     CP_COPY_DEVICE_TO_HOST));
+            rows = m->gather;
+        }
+        int32_t *pack = m->top_pack, *all = m->top_pack + (size_t)CP_LOGIT_CHUNK * TOP_WORDS(CP_MODEL_MAX_TOP);
+        for (int j = 0; j < kr; j++) {
+            int32_t *p = pack + (size_t)j * w;
+            float v[CP_MODEL_MAX_TOP], mx = -INFINITY;
+            double se = 0.0;
+            local_top(rows + (size_t)j * vl, vl, m->plan.vocab_begin, k, v, p + k);
+            memcpy(p, v, (size_t)k * sizeof(float));
+            if (top_need(top, row0 + i + j) & CP_TOP_LSE) slice_exp_sum(rows + (size_t)j * vl, vl, &mx, &se);
+            memcpy(p + 2 * k, &mx, sizeof mx);
+            p[2 * k + 1] = 0;
+            memcpy(p + 2 * k + 2, &se, sizeof se);
+        }
+        CP_CHECK(cp_comm_allgather(m->tp_comm, pack, all, (size_t)kr * w, CP_DTYPE_I32, NULL));
+        for (int j = 0; j < kr; j++) {
+            const int r = row0 + i + j;
+            const bool lse = top_need(top, r) & CP_TOP_LSE;
+            top->lse[r] = NAN;
+            top_merge(all, tp, kr, j, k, top->val + (size_t)r * k, top->id + (size_t)r * k,
+                      lse ? &top->lse[r] : NULL);
+        }
+    }
+    return CP_OK;
+}
+
 /* ---- decode steps as recorded graphs --------------------------------------
  * A decode-shaped batch (one new token for each of up to CP_DECODE_MAX_TOK
  * distinct sequences) on a single device rank runs as one bracketed step of
@@ -1056,6 +1209,7 @@ static cp_status forward_decode(cp_model_t m, cp_kv_cache_t kv, const cp_batch *
     CP_CHECK(end);
 
     if (n == 0) return CP_OK;
+    if (rs && rs->top) return top_rows(m, n, rs->top, 0, head);
     if (head)
         return rs ? cp_backend_sample(be, m->logits, n, vocab, rs->sp, rs->u, rs->out)
                   : cp_backend_copy(be, logits, m->logits, (size_t)n * vocab * sizeof(float),
@@ -1106,11 +1260,38 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
     return CP_OK;
 }
 
+cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out) {
+    if (!out || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL argument");
+    if (out->k < 1 || out->k > CP_MODEL_MAX_TOP)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: k = %d is outside 1..%d", out->k,
+                        CP_MODEL_MAX_TOP);
+    bool any_full = false;
+    for (int i = 0; out->need && i < b->n_logits; i++)
+        any_full |= (out->need[i] & CP_TOP_FULL) != 0;
+    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (any_full && !out->logits)))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL output buffer");
+    row_sampler rs = {.top = out};
+    CP_CHECK(run_forward(m, kv, b, NULL, &rs));
+    /* the last stage has the candidates; every stage gets them */
+    if (m->pp_comm && b->n_logits > 0) {
+        const int root = m->plan.pp - 1;
+        const size_t n = (size_t)b->n_logits * (size_t)out->k;
+        CP_CHECK(cp_comm_bcast(m->pp_comm, out->val, n, CP_DTYPE_F32, root, NULL));
+        CP_CHECK(cp_comm_bcast(m->pp_comm, out->id, n, CP_DTYPE_I32, root, NULL));
+        CP_CHECK(cp_comm_bcast(m->pp_comm, out->lse, (size_t)b->n_logits, CP_DTYPE_F64, root, NULL));
+        for (int i = 0; any_full && i < b->n_logits; i++)
+            if (out->need[i] & CP_TOP_FULL)
+                CP_CHECK(cp_comm_bcast(m->pp_comm, out->logits + (size_t)i * m->cfg.n_vocab,
+                                       (size_t)m->cfg.n_vocab, CP_DTYPE_F32, root, NULL));
+    }
+    return CP_OK;
+}
+
 cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_sample_params *sp,
                                   const float *u, int32_t *tokens) {
     if (!sp || (b && b->n_logits > 0 && (!u || !tokens)))
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_sample: NULL argument");
-    row_sampler rs = {sp, u, tokens};
+    row_sampler rs = {sp, u, tokens, NULL};
     CP_CHECK(run_forward(m, kv, b, NULL, &rs));
     /* only token ids cross the pipeline */
     if (m->pp_comm && b->n_logits > 0)

@@ -532,7 +532,10 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
     m->cand_i = malloc(nc * sizeof(int32_t));
     m->cand_row = malloc(nc * sizeof(float));
     m->cand_ids = malloc(nc * sizeof(int32_t));
-    if (!m->gather || !m->full || !m->ids_host || !m->cand_v || !m->cand_i || !m->cand_row || !m->cand_ids) {
+    if (m->tp_comm)
+        m->top_pack = malloc((size_t)(1 + m->plan.tp) * CP_LOGIT_CHUNK * (2 * CP_MODEL_MAX_TOP + 4) * sizeof(int32_t));
+    if (!m->gather || !m->full || !m->ids_host || !m->cand_v || !m->cand_i || !m->cand_row || !m->cand_ids ||
+        (m->tp_comm && !m->top_pack)) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
     }
@@ -563,6 +566,7 @@ void cp_model_free(cp_model_t m) {
     free(m->cand_i);
     free(m->cand_row);
     free(m->cand_ids);
+    free(m->top_pack);
     free(m->cpx.count);
     free(m->cpx.lrow);
     free(m->cpx.tok);

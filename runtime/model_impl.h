@@ -99,6 +99,8 @@ struct cp_model {
     int32_t *cand_i;             /* [CP_MAX_CANDIDATES * (1 + tp)] */
     float *cand_row;             /* [CP_MAX_CANDIDATES * tp] candidate logits in id order */
     int32_t *cand_ids;           /* [CP_MAX_CANDIDATES * tp] */
+    int32_t *top_pack;           /* TP: [1 + tp][CP_LOGIT_CHUNK][2 * CP_MODEL_MAX_TOP + 4]
+                                    packed candidates, this rank's then all (forward.c) */
     cp_model_weights w;
     cp_model_stats stats;
     cp_gguf_t gguf;

@@ -12,9 +12,6 @@
 #include <string.h>
 #include <time.h>
 
-/* Top-k up to this many samples from the k best candidates of a row. */
-#define SCHED_MAX_CAND 256
-
 typedef struct req req;
 
 struct req {
@@ -81,7 +78,7 @@ struct cp_sched {
     int max_running, max_waiting, max_step_tokens, prefill_chunk;
     bool prefix;
     int64_t fail_step; /* fault injection for tests: this forward step fails */
-    cp_status (*forward)(void *user, const cp_batch *b, float *logits);
+    cp_status (*forward)(void *user, const cp_batch *b, const cp_logit_top *out);
     cp_status (*idle)(void *user);
     void *hook_user;
 
@@ -98,14 +95,20 @@ struct cp_sched {
     /* step-thread state */
     step_batch b;
     req **rows;       /* [max_running] the request of each batch row */
-    float *logits;    /* [max_running][n_vocab] */
+    float *logits;    /* [max_running][n_vocab] full rows (CP_TOP_FULL) */
+    /* each sampled row's candidates and log-sum-exp (cp_model_forward_top) */
+    float *top_val;   /* [max_running][CP_MODEL_MAX_TOP] */
+    int32_t *top_id;  /* [max_running][CP_MODEL_MAX_TOP] */
+    double *top_lse;  /* [max_running] */
+    uint8_t *need;    /* [max_running] CP_TOP_* of each logit row */
+    cp_logit_top top; /* this step's request to the forward pass */
     int32_t *matched; /* [max_blocks] scratch for prefix matches */
     cp_backend_t be;
     bool host_backend; /* the backend computes on host memory */
-    /* top-k candidates of one row: ids (heap, then ascending) and logits */
-    int32_t cand_id[SCHED_MAX_CAND];
-    float cand_l[SCHED_MAX_CAND];
-    float *zbuf; /* [n_vocab] scaled logits of one row */
+    /* top-k candidates of one row: their indices, then logits in id order */
+    int32_t cand_ix[CP_MODEL_MAX_TOP];
+    int32_t cand_id[CP_MODEL_MAX_TOP];
+    float cand_l[CP_MODEL_MAX_TOP];
 
     /* prefix cache, per physical block */
     uint64_t *bhash, *bparent;    /* chain hash of the block and of its predecessor */
@@ -456,51 +459,50 @@ static void add_text(cp_sched_t s, req *r, int32_t tok) {
     r->ev_len = r->text_len - hold;
 }
 
-/* Log-softmax of row l[V] at temperature 1: the chosen token's logprob and
- * the n best alternatives (descending, lower id first on ties). */
-static void logprobs(const float *l, int V, int32_t tok, int n, cp_sched_logprob *lp,
-                     cp_sched_logprob *top) {
-    float mx = l[0];
-    for (int i = 1; i < V; i++)
-        if (l[i] > mx) mx = l[i];
-    double sum = 0;
-    for (int i = 0; i < V; i++)
-        sum += exp((double)l[i] - mx);
-    const double lse = mx + log(sum);
-    lp->token = tok;
-    lp->logprob = (float)(l[tok] - lse);
-    int k = 0;
-    for (int i = 0; i < V && n > 0; i++) {
-        if (k == n && !(l[i] > top[n - 1].logprob)) continue;
-        int j = k < n ? k++ : n - 1;
-        while (j > 0 && l[i] > top[j - 1].logprob) {
-            top[j] = top[j - 1];
-            j--;
-        }
-        top[j].token = i;
-        top[j].logprob = l[i];
+/* ---- sampling ------------------------------------------------------------
+ * Each sampled row arrives as its best candidates (descending logit, lower
+ * id first on ties), its log-sum-exp when logprobs are wanted, and its full
+ * logits only when the request samples from the whole distribution
+ * (temperature without a top-k that fits the candidates). So across tensor
+ * parallel ranks greedy, top-k and logprobs move a few hundred bytes a row
+ * instead of the vocabulary (cp_model_forward_top). */
+
+/* Whether row r's choice needs the full logits, and how many candidates. */
+static uint8_t row_need(const req *r, int V, int *k) {
+    const cp_sample_params *sp = &r->sample;
+    uint8_t need = 0;
+    int want = 1;
+    if (sp->temperature > 0) {
+        if (sp->top_k > 0 && sp->top_k < V && sp->top_k < CP_MODEL_MAX_TOP)
+            want = sp->top_k + 1; /* one more shows a tie at the boundary */
+        else
+            need |= CP_TOP_FULL;
     }
-    for (int j = 0; j < k; j++)
-        top[j].logprob = (float)(top[j].logprob - lse);
+    if (r->top_logprobs >= 0) {
+        need |= CP_TOP_LSE;
+        if (r->top_logprobs > want) want = r->top_logprobs;
+    }
+    if (want > *k) *k = want;
+    return need;
 }
 
-/* ---- sampling ----------------------------------------------------------- */
-
-/* Candidate a ranks below b (scaled logit z, lower id first on ties). */
-static bool worse(const float *z, int32_t a, int32_t b) {
-    return z[a] < z[b] || (z[a] == z[b] && a > b);
-}
-
-static void heap_down(const float *z, int32_t *h, int n, int i) {
-    for (;;) {
-        int l = 2 * i + 1, r = l + 1, w = i;
-        if (l < n && worse(z, h[l], h[w])) w = l;
-        if (r < n && worse(z, h[r], h[w])) w = r;
-        if (w == i) return;
-        int32_t t = h[i];
-        h[i] = h[w];
-        h[w] = t;
-        i = w;
+/* Log-softmax at temperature 1 of logit row li: the chosen token's logprob
+ * and the n best alternatives (descending, lower id first on ties). */
+static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob *lp,
+                     cp_sched_logprob *top) {
+    const int K = s->top.k;
+    const float *val = s->top_val + (size_t)li * K;
+    const int32_t *id = s->top_id + (size_t)li * K;
+    const double lse = s->top_lse[li];
+    float l = NAN;
+    for (int j = 0; j < K && isnan(l); j++)
+        if (id[j] == tok) l = val[j];
+    if (isnan(l) && (s->need[li] & CP_TOP_FULL)) l = s->logits[(size_t)li * s->n_vocab + tok];
+    lp->token = tok;
+    lp->logprob = (float)(l - lse);
+    for (int j = 0; j < n && j < K && id[j] >= 0; j++) {
+        top[j].token = id[j];
+        top[j].logprob = (float)(val[j] - lse);
     }
 }
 
@@ -509,40 +511,59 @@ static int cmp_id(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* One token from row l[V] with the request's parameters and uniform u:
- * cp_sample_host's choice. Top-k needs only the k best candidates (ranked
- * by the same scaled logits, in vocabulary order, so ties resolve alike);
- * without top-k a backend on host memory runs its own sampler, which makes
- * the same choices without sorting the vocabulary. */
-static cp_status sample_token(cp_sched_t s, const float *l, const cp_sample_params *sp, float u,
-                              int32_t *tok) {
-    const int V = s->n_vocab;
-    if (sp->temperature > 0 && sp->top_k > 0 && sp->top_k <= SCHED_MAX_CAND && sp->top_k < V) {
-        const int k = sp->top_k;
-        int32_t *h = s->cand_id; /* min-heap: the worst of the k best on top */
-        for (int i = 0; i < k; i++)
-            h[i] = i;
-        float *z = s->zbuf; /* the same IEEE division as the sampler */
-        for (int i = 0; i < V; i++)
-            z[i] = l[i] / sp->temperature;
-        for (int i = k / 2 - 1; i >= 0; i--)
-            heap_down(z, h, k, i);
-        for (int i = k; i < V; i++)
-            if (worse(z, h[0], i)) {
-                h[0] = i;
-                heap_down(z, h, k, 0);
-            }
-        qsort(h, (size_t)k, sizeof(int32_t), cmp_id);
-        for (int i = 0; i < k; i++)
-            s->cand_l[i] = l[h[i]];
-        int32_t pick;
-        CP_CHECK(cp_sample_host(s->cand_l, 1, k, sp, &u, &pick));
-        *tok = h[pick];
+/* One token for logit row li with the request's parameters and uniform u:
+ * cp_sample_host's choice over the full row. Top-k samples from the k best
+ * by scaled logit (lower id first on ties) among the candidates, passed in
+ * vocabulary order as the sampler would see them. That is exact unless the
+ * k-th and (k+1)-th candidates tie after scaling, when a token outside the
+ * candidates could tie too; the choice is then among equally likely
+ * tokens. Without top-k the full row goes to the sampler (a backend on
+ * host memory runs its own, with the same choices). */
+static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, float u, int32_t *tok) {
+    const int K = s->top.k;
+    const float *val = s->top_val + (size_t)li * K;
+    const int32_t *id = s->top_id + (size_t)li * K;
+    if (!(sp->temperature > 0)) {
+        *tok = id[0]; /* the first largest logit, as greedy takes it */
         return CP_OK;
     }
-    if (sp->temperature > 0 && s->host_backend)
-        return cp_backend_sample(s->be, l, 1, V, sp, &u, tok);
-    return cp_sample_host(l, 1, V, sp, &u, tok);
+    if (!(s->need[li] & CP_TOP_FULL)) {
+        const int k = sp->top_k;
+        int have = 0;
+        while (have < K && have <= k && id[have] >= 0)
+            have++;
+        /* order by (scaled logit desc, id asc); candidates arrive in logit
+         * order, which scaling keeps up to new ties */
+        int32_t *ix = s->cand_ix;
+        for (int j = 0; j < have; j++) {
+            const float z = val[j] / sp->temperature;
+            int p = j;
+            while (p > 0) {
+                const float zp = val[ix[p - 1]] / sp->temperature;
+                if (zp > z || (zp == z && id[ix[p - 1]] < id[j])) break;
+                ix[p] = ix[p - 1];
+                p--;
+            }
+            ix[p] = j;
+        }
+        const int kk = have < k ? have : k;
+        for (int j = 0; j < kk; j++)
+            s->cand_id[j] = id[ix[j]];
+        qsort(s->cand_id, (size_t)kk, sizeof(int32_t), cmp_id);
+        for (int j = 0; j < kk; j++) {
+            int c = 0;
+            while (id[c] != s->cand_id[j])
+                c++;
+            s->cand_l[j] = val[c];
+        }
+        int32_t pick;
+        CP_CHECK(cp_sample_host(s->cand_l, 1, kk, sp, &u, &pick));
+        *tok = s->cand_id[pick];
+        return CP_OK;
+    }
+    const float *l = s->logits + (size_t)li * s->n_vocab;
+    if (s->host_backend) return cp_backend_sample(s->be, l, 1, s->n_vocab, sp, &u, tok);
+    return cp_sample_host(l, 1, s->n_vocab, sp, &u, tok);
 }
 
 /* ---- init / free -------------------------------------------------------- */
@@ -613,7 +634,10 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->rows = calloc(R, sizeof(req *));
     s->logits = malloc(R * (size_t)s->n_vocab * sizeof(float));
     s->matched = malloc((size_t)s->max_blocks * sizeof(int32_t));
-    s->zbuf = malloc((size_t)s->n_vocab * sizeof(float));
+    s->top_val = malloc(R * CP_MODEL_MAX_TOP * sizeof(float));
+    s->top_id = malloc(R * CP_MODEL_MAX_TOP * sizeof(int32_t));
+    s->top_lse = malloc(R * sizeof(double));
+    s->need = malloc(R);
     s->b.tokens = malloc(T * sizeof(int32_t));
     s->b.pos = malloc(T * sizeof(int32_t));
     s->b.seq = malloc(T * sizeof(int32_t));
@@ -627,7 +651,7 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->lru_prev = malloc(NB * sizeof(int32_t));
     s->lru_next = malloc(NB * sizeof(int32_t));
     s->slots = malloc(cap * sizeof(int32_t));
-    if (!s->run || !s->rows || !s->logits || !s->matched || !s->zbuf || !s->b.tokens || !s->b.pos ||
+    if (!s->run || !s->rows || !s->logits || !s->matched || !s->top_val || !s->top_id || !s->top_lse || !s->need || !s->b.tokens || !s->b.pos ||
         !s->b.seq || !s->b.block_tables || !s->b.logit_rows || !s->bhash || !s->bparent ||
         !s->btoks || !s->users || !s->cached || !s->lru_prev || !s->lru_next || !s->slots) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory for the scheduler (%d running, %d KV blocks)",
@@ -680,7 +704,10 @@ void cp_sched_free(cp_sched_t s) {
     free(s->rows);
     free(s->logits);
     free(s->matched);
-    free(s->zbuf);
+    free(s->top_val);
+    free(s->top_id);
+    free(s->top_lse);
+    free(s->need);
     free(s->b.tokens);
     free(s->b.pos);
     free(s->b.seq);
@@ -1000,13 +1027,13 @@ static void schedule(cp_sched_t s) {
 
 /* After a successful forward: sample the rows that reached their last
  * token, update text and finish conditions. No lock held. */
-static void process_row(cp_sched_t s, req *r, const float *logits) {
+static void process_row(cp_sched_t s, req *r, int li) {
     r->n_computed += r->take;
     register_blocks(s, r);
     if (r->n_computed < r->n_tokens) return; /* more prompt to prefill */
     float u = cp_rng_uniform(&r->rng);
     int32_t tok;
-    if (sample_token(s, logits, &r->sample, u, &tok) != CP_OK) {
+    if (sample_token(s, li, &r->sample, u, &tok) != CP_OK) {
         set_error(r, cp_last_error());
         return;
     }
@@ -1021,7 +1048,7 @@ static void process_row(cp_sched_t s, req *r, const float *logits) {
     r->ev_tokens = 1;
     r->ev_tok = tok;
     if (r->top_logprobs >= 0)
-        logprobs(logits, s->n_vocab, tok, r->top_logprobs, &r->ev_lp, r->ev_top);
+        logprobs(s, li, tok, r->top_logprobs, &r->ev_lp, r->ev_top);
     add_text(s, r, tok);
     if (r->finish != CP_FINISH_NONE) return;
     if (r->n_gen >= r->max_tokens || r->n_tokens > s->n_ctx) {
@@ -1084,13 +1111,21 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
         .logit_rows = b->logit_rows,
         .n_logits = b->n_logits,
     };
+    /* what each sampled row needs from the forward pass */
+    int k = 1, nl = 0;
+    for (int i = 0; i < b->n_seq; i++) {
+        const req *r = s->rows[i];
+        if (r->n_computed + r->take == r->n_tokens) s->need[nl++] = row_need(r, s->n_vocab, &k);
+    }
+    s->top = (cp_logit_top){
+        .k = k, .need = s->need, .logits = s->logits, .val = s->top_val, .id = s->top_id, .lse = s->top_lse};
     double t0 = cp_time_now();
     cp_status st =
         s->fail_step > 0 && s->stats.steps + 1 == s->fail_step
             ? CP_ERROR(CP_ERR_INTERNAL, "injected failure of step %lld (CP_SCHED_FAIL_STEP)",
                        (long long)s->fail_step)
-        : s->forward ? s->forward(s->hook_user, &batch, s->logits)
-                     : cp_model_forward(s->model, s->kv, &batch, s->logits);
+        : s->forward ? s->forward(s->hook_user, &batch, &s->top)
+                     : cp_model_forward_top(s->model, s->kv, &batch, &s->top);
     double t1 = cp_time_now();
     int n_sampled = 0, li = 0;
     for (int i = 0; i < b->n_seq; i++) {
@@ -1100,9 +1135,8 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
             continue;
         }
         bool wants = r->n_computed + r->take == r->n_tokens;
-        const float *row = wants ? s->logits + (size_t)(li++) * s->n_vocab : NULL;
         int before = r->n_gen;
-        process_row(s, r, row);
+        process_row(s, r, wants ? li++ : -1);
         n_sampled += r->n_gen - before;
     }
 

@@ -3,9 +3,10 @@
  *
  * Wire format, per message: a header of HDR_N int64 broadcast from rank 0,
  *   {magic, command, seqno, n_tok, n_seq, max_blocks, n_logits, flag}
+ * (flag: a step's candidates per row, cp_logit_top.k; a stop's failure)
  * then, for a step, one int32 body
  *   tokens[n_tok] pos[n_tok] seq[n_tok] block_tables[n_seq * max_blocks]
- *   logit_rows[n_logits]. */
+ *   logit_rows[n_logits] need[n_logits] (cp_logit_top.need). */
 #include "cp_step_link.h"
 
 #include <stdio.h>
@@ -27,8 +28,14 @@ struct cp_step_link {
     double last_send;
     int32_t *body; /* followers: received descriptor; rank 0: packed one */
     size_t body_cap;
-    float *logits; /* followers: the logits every rank receives */
+    /* followers: what every rank receives of the logit rows */
+    float *logits; /* [n_logits][n_vocab] when a row wants its full logits */
     size_t logits_cap;
+    float *val;
+    int32_t *id;
+    double *lse;
+    uint8_t *need;
+    size_t val_cap, id_cap, lse_cap, need_cap; /* elements */
     cp_status broken; /* CP_OK, or the error that broke the link */
     char broken_msg[256];
     cp_step_link_stats stats;
@@ -69,6 +76,10 @@ void cp_step_link_free(cp_step_link_t l) {
     if (!l) return;
     free(l->body);
     free(l->logits);
+    free(l->val);
+    free(l->id);
+    free(l->lse);
+    free(l->need);
     free(l);
 }
 
@@ -114,12 +125,33 @@ static cp_status send_header(cp_step_link_t l, int64_t cmd, const cp_batch *b, i
 }
 
 static size_t body_len(int64_t n_tok, int64_t n_seq, int64_t max_blocks, int64_t n_logits) {
-    return (size_t)(3 * n_tok + n_seq * max_blocks + n_logits);
+    return (size_t)(3 * n_tok + n_seq * max_blocks + 2 * n_logits);
 }
 
-cp_status cp_step_link_forward(void *link, const cp_batch *b, float *logits) {
+/* Grows *p to hold n elements of size sz (cap counts elements). */
+static cp_status grow(void **p, size_t *cap, size_t n, size_t sz) {
+    if (n <= *cap) return CP_OK;
+    void *q = realloc(*p, n * sz);
+    if (!q) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu logit outputs", n);
+    *p = q;
+    *cap = n;
+    return CP_OK;
+}
+
+/* A follower's output buffers for n_logits rows of k candidates. */
+static cp_status reserve_top(cp_step_link_t l, size_t n_logits, int k, bool full, size_t vocab) {
+    const size_t nk = n_logits * (size_t)k;
+    CP_CHECK(grow((void **)&l->val, &l->val_cap, nk, sizeof(float)));
+    CP_CHECK(grow((void **)&l->id, &l->id_cap, nk, sizeof(int32_t)));
+    CP_CHECK(grow((void **)&l->lse, &l->lse_cap, n_logits, sizeof(double)));
+    CP_CHECK(grow((void **)&l->need, &l->need_cap, n_logits, 1));
+    if (full) CP_CHECK(grow((void **)&l->logits, &l->logits_cap, n_logits * vocab, sizeof(float)));
+    return CP_OK;
+}
+
+cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top *out) {
     cp_step_link_t l = link;
-    if (!l || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward: NULL argument");
+    if (!l || !b || !out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward: NULL argument");
     CP_CHECK(check_broken(l));
     if (l->rank != 0)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward runs on rank 0 only");
@@ -137,13 +169,16 @@ cp_status cp_step_link_forward(void *link, const cp_batch *b, float *logits) {
         memcpy(p, b->block_tables, (size_t)b->n_seq * (size_t)b->max_blocks * 4);
         p += (size_t)b->n_seq * (size_t)b->max_blocks;
         if (b->n_logits) memcpy(p, b->logit_rows, (size_t)b->n_logits * 4);
-        cp_status st = send_header(l, CMD_STEP, b, 0);
+        p += b->n_logits;
+        for (int i = 0; i < b->n_logits; i++)
+            p[i] = out->need ? out->need[i] : 0;
+        cp_status st = send_header(l, CMD_STEP, b, out->k);
         if (st == CP_OK) st = cp_comm_bcast(l->world, l->body, n, CP_DTYPE_I32, 0, NULL);
         if (st != CP_OK) return brk(l, st);
         l->stats.bcast_s += cp_time_now() - t0;
     }
     l->stats.steps++;
-    cp_status st = cp_model_forward(l->model, l->kv, b, logits);
+    cp_status st = cp_model_forward_top(l->model, l->kv, b, out);
     /* a batch the model rejects is rejected on every rank before any
      * collective; anything else may have left the ranks apart */
     if (st != CP_OK && st != CP_ERR_INVALID_ARG) brk(l, st);
@@ -196,26 +231,26 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
         if (h[1] != CMD_STEP)
             return CP_ERROR(CP_ERR_INTERNAL, "rank %d: unknown command %lld from rank 0", l->rank,
                             (long long)h[1]);
-        const int64_t n_tok = h[3], n_seq = h[4], max_blocks = h[5], n_logits = h[6];
+        const int64_t n_tok = h[3], n_seq = h[4], max_blocks = h[5], n_logits = h[6], k = h[7];
         if (n_tok < 1 || n_tok > max_batch || n_seq < 1 || n_seq > n_tok || max_blocks < 1 ||
-            max_blocks > (1 << 20) || n_logits < 0 || n_logits > n_tok)
+            max_blocks > (1 << 20) || n_logits < 0 || n_logits > n_tok || k < 1 || k > CP_MODEL_MAX_TOP)
             return CP_ERROR(CP_ERR_INTERNAL,
                             "rank %d: step descriptor out of range (n_tok %lld, n_seq %lld, "
-                            "max_blocks %lld, n_logits %lld)",
+                            "max_blocks %lld, n_logits %lld, k %lld)",
                             l->rank, (long long)n_tok, (long long)n_seq, (long long)max_blocks,
-                            (long long)n_logits);
+                            (long long)n_logits, (long long)k);
         size_t n = body_len(n_tok, n_seq, max_blocks, n_logits);
         CP_CHECK(reserve_body(l, n));
         st = cp_comm_bcast(l->world, l->body, n, CP_DTYPE_I32, 0, NULL);
         if (st != CP_OK) return st;
-        size_t nl = (size_t)n_logits * (size_t)cfg->n_vocab;
-        if (nl > l->logits_cap) {
-            float *p = realloc(l->logits, nl * sizeof(float));
-            if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu logits", nl);
-            l->logits = p;
-            l->logits_cap = nl;
-        }
         const int32_t *p = l->body;
+        const int32_t *need = p + 3 * n_tok + n_seq * max_blocks + n_logits;
+        bool full = false;
+        for (int64_t i = 0; i < n_logits; i++)
+            full |= (need[i] & CP_TOP_FULL) != 0;
+        CP_CHECK(reserve_top(l, (size_t)n_logits, (int)k, full, (size_t)cfg->n_vocab));
+        for (int64_t i = 0; i < n_logits; i++)
+            l->need[i] = (uint8_t)need[i];
         cp_batch b = {
             .n_tok = (int)n_tok,
             .tokens = p,
@@ -228,7 +263,9 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
             .n_logits = (int)n_logits,
         };
         l->stats.steps++;
-        st = cp_model_forward(l->model, l->kv, &b, l->logits);
+        const cp_logit_top top = {
+            .k = (int)k, .need = l->need, .logits = l->logits, .val = l->val, .id = l->id, .lse = l->lse};
+        st = cp_model_forward_top(l->model, l->kv, &b, &top);
         if (st != CP_OK && st != CP_ERR_INVALID_ARG) return st;
     }
 }

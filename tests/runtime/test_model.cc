@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/gguf_builder.h"
+#include "common/logit_top.h"
 #include "common/tiny_model.h"
 
 extern "C" {
@@ -265,6 +266,53 @@ TinySpec mha() {
 // other summation orders while a wrong index or missing term shows up at
 // 1e-2 or more. An fp16 cache rounds K and V to 11 significant bits (rel.
 // 4.9e-4); measured at most 9.3e-4, bound 3e-3.
+// cp_model_forward_top on one rank: each row's candidates, log-sum-exp and
+// (when asked) full logits are exactly those of cp_model_forward's rows, for
+// a prompt batch (chunks of the LM head) and for a decode step; k larger
+// than the vocabulary pads with id -1.
+TEST(ForwardTop, EqualsTheFullRowsSearched) {
+    TinyModel tm = make_model(TinySpec{}, 77);
+    Env e;
+    open_env(e, write_gguf(tm, "top_one_rank"), CP_DTYPE_F32);
+    if (HasFatalFailure()) return;
+    const int n = 37, V = TinySpec{}.vocab;
+    auto toks = some_tokens(n, V, 3);
+    std::vector<int32_t> tok(toks.begin(), toks.end()), pos(n), seq(n, 0), rows(n);
+    for (int i = 0; i < n; i++) pos[i] = rows[i] = i;
+    std::vector<int32_t> table = {9, 3, 14, 0, 7, 11, 2, 5, 13, 1, 4, 6};
+    cp_batch b = {n, tok.data(), pos.data(), seq.data(), table.data(), 1, (int)table.size(), rows.data(), n};
+    std::vector<float> full((size_t)n * V, NAN);
+    ASSERT_EQ(cp_model_forward(e.model, e.kv, &b, full.data()), CP_OK) << cp_last_error();
+    std::vector<uint8_t> need(n);
+    for (int i = 0; i < n; i++) need[i] = (uint8_t)(i % 4); // none, full, lse, both
+    for (int k : {1, 7, V + 3}) {
+        TopOut o(k, n, V, need);
+        cp_logit_top t = o.view();
+        ASSERT_EQ(cp_model_forward_top(e.model, e.kv, &b, &t), CP_OK) << cp_last_error();
+        SCOPED_TRACE("k = " + std::to_string(k));
+        expect_top_matches_full(o, full, 0);
+    }
+    // one decode row after the prompt
+    int32_t t1 = toks[5], p1 = n, s1 = 0, r1 = 0;
+    cp_batch d = {1, &t1, &p1, &s1, table.data(), 1, (int)table.size(), &r1, 1};
+    std::vector<float> row(V, NAN);
+    ASSERT_EQ(cp_model_forward(e.model, e.kv, &d, row.data()), CP_OK) << cp_last_error();
+    TopOut o(4, 1, V, {CP_TOP_LSE});
+    cp_logit_top t = o.view();
+    ASSERT_EQ(cp_model_forward_top(e.model, e.kv, &d, &t), CP_OK) << cp_last_error();
+    expect_top_matches_full(o, row, 0);
+    // bad requests: k out of range, a full row wanted without a buffer
+    t.k = 0;
+    EXPECT_EQ(cp_model_forward_top(e.model, e.kv, &d, &t), CP_ERR_INVALID_ARG);
+    t.k = CP_MODEL_MAX_TOP + 1;
+    EXPECT_EQ(cp_model_forward_top(e.model, e.kv, &d, &t), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error()).find("outside 1.."), std::string::npos) << cp_last_error();
+    TopOut f(4, 1, V, {CP_TOP_FULL});
+    cp_logit_top tf = f.view();
+    tf.logits = nullptr;
+    EXPECT_EQ(cp_model_forward_top(e.model, e.kv, &d, &tf), CP_ERR_INVALID_ARG);
+}
+
 INSTANTIATE_TEST_SUITE_P(Tiny, ModelVsReference,
                          ::testing::Values(Case{"llama_gqa_f32", TinySpec{}, CP_DTYPE_F32, 1e-5},
                                            Case{"llama_gqa_f16kv", TinySpec{}, CP_DTYPE_F16, 3e-3},
