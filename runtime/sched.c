@@ -105,9 +105,8 @@ struct cp_sched {
     int32_t *matched; /* [max_blocks] scratch for prefix matches */
     cp_backend_t be;
     bool host_backend; /* the backend computes on host memory */
-    /* top-k candidates of one row: their indices, then logits in id order */
+    /* top-k candidates of one row in id order: their indices and logits */
     int32_t cand_ix[CP_MODEL_MAX_TOP];
-    int32_t cand_id[CP_MODEL_MAX_TOP];
     float cand_l[CP_MODEL_MAX_TOP];
 
     /* prefix cache, per physical block */
@@ -506,19 +505,14 @@ static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob 
     }
 }
 
-static int cmp_id(const void *a, const void *b) {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* One token for logit row li with the request's parameters and uniform u:
- * cp_sample_host's choice over the full row. Top-k samples from the k best
- * by scaled logit (lower id first on ties) among the candidates, passed in
- * vocabulary order as the sampler would see them. That is exact unless the
- * k-th and (k+1)-th candidates tie after scaling, when a token outside the
- * candidates could tie too; the choice is then among equally likely
- * tokens. Without top-k the full row goes to the sampler (a backend on
- * host memory runs its own, with the same choices). */
+ * cp_sample_host's choice over the full row. With top-k the sampler gets
+ * the k + 1 best candidates in vocabulary order, as it would see them in
+ * the row, and keeps the k best by scaled logit itself. That is exact
+ * unless the k-th and (k+1)-th tie after scaling, when a token outside the
+ * candidates could tie as well; the choice is then among equally likely
+ * tokens. Without top-k the full row goes to the sampler (a backend on host
+ * memory runs its own, with the same choices). */
 static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, float u, int32_t *tok) {
     const int K = s->top.k;
     const float *val = s->top_val + (size_t)li * K;
@@ -528,37 +522,21 @@ static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, 
         return CP_OK;
     }
     if (!(s->need[li] & CP_TOP_FULL)) {
-        const int k = sp->top_k;
         int have = 0;
-        while (have < K && have <= k && id[have] >= 0)
+        while (have < K && have <= sp->top_k && id[have] >= 0)
             have++;
-        /* order by (scaled logit desc, id asc); candidates arrive in logit
-         * order, which scaling keeps up to new ties */
-        int32_t *ix = s->cand_ix;
+        int32_t *ix = s->cand_ix; /* candidate indices in id order */
         for (int j = 0; j < have; j++) {
-            const float z = val[j] / sp->temperature;
             int p = j;
-            while (p > 0) {
-                const float zp = val[ix[p - 1]] / sp->temperature;
-                if (zp > z || (zp == z && id[ix[p - 1]] < id[j])) break;
+            for (; p > 0 && id[ix[p - 1]] > id[j]; p--)
                 ix[p] = ix[p - 1];
-                p--;
-            }
             ix[p] = j;
         }
-        const int kk = have < k ? have : k;
-        for (int j = 0; j < kk; j++)
-            s->cand_id[j] = id[ix[j]];
-        qsort(s->cand_id, (size_t)kk, sizeof(int32_t), cmp_id);
-        for (int j = 0; j < kk; j++) {
-            int c = 0;
-            while (id[c] != s->cand_id[j])
-                c++;
-            s->cand_l[j] = val[c];
-        }
+        for (int j = 0; j < have; j++)
+            s->cand_l[j] = val[ix[j]];
         int32_t pick;
-        CP_CHECK(cp_sample_host(s->cand_l, 1, kk, sp, &u, &pick));
-        *tok = s->cand_id[pick];
+        CP_CHECK(cp_sample_host(s->cand_l, 1, have, sp, &u, &pick));
+        *tok = id[ix[pick]];
         return CP_OK;
     }
     const float *l = s->logits + (size_t)li * s->n_vocab;

@@ -327,12 +327,32 @@ class Api(unittest.TestCase):
         self.assertEqual(a, b)
 
     def test_concurrent_equal_alone(self):
-        prompts = [f"Story number {i}: once there was a" for i in range(12)]
-        alone = [self.s.complete(p, max_tokens=16) for p in prompts]
+        # 32 at once (more than --max-running: some wait for a slot); every
+        # fourth samples with top-k and a seed, every third asks for
+        # logprobs: each answer equals the same request sent alone
+        prompts = [f"Story number {i}: once there was a" for i in range(32)]
+
+        def params(i):
+            kw = {"max_tokens": 16}
+            if i % 4 == 1:
+                kw.update(temperature=0.8, top_k=20, seed=100 + i)
+            if i % 3 == 2:
+                kw.update(logprobs=2)
+            return kw
+
+        def ask(i):
+            status, r, _ = self.s.post("/v1/completions", {"model": MODEL_NAME, "prompt": prompts[i],
+                                                           "temperature": 0, **params(i)})
+            assert status == 200, (status, r)
+            ch = r["choices"][0]
+            return ch["text"], ch.get("logprobs")
+
+        alone = [ask(i) for i in range(len(prompts))]
+        self.assertTrue(all(lp is not None for i, (_, lp) in enumerate(alone) if i % 3 == 2))
         got = [None] * len(prompts)
 
         def run(i):
-            got[i] = self.s.complete(prompts[i], max_tokens=16)
+            got[i] = ask(i)
 
         ts = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
         for t in ts:
