@@ -19,7 +19,7 @@
 typedef struct bench_opts {
     const char *model, *name, *ops_out;
     int tp, pp, cp, n_prompt, n_gen, threads, cp_exchange, mixed, fresh;
-    bool header_only;
+    bool header_only, top;
 } bench_opts;
 
 static void usage(FILE *f) {
@@ -33,6 +33,9 @@ static void usage(FILE *f) {
                "  --mixed S      instead: one serving step of S sequences decoding after --prompt\n"
                "                 tokens of history each, batched with a fresh prompt of --fresh\n"
                "                 tokens (default 256); prints the step's bytes and time\n"
+               "  --logits full|top  --mixed: the step returns every row's full logits\n"
+               "                 (cp_model_forward, default) or its best candidate as the\n"
+               "                 server asks for a greedy row (cp_model_forward_top)\n"
                "  --name LABEL   model label in the table (default: the file name)\n"
                "  --ops-out FILE append the per-operation rows to FILE\n"
                "  --header-only  print the table headers (main table to stdout, the\n"
@@ -76,7 +79,10 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
             ok = parse_int(v, 1, 4096, &o->mixed);
         else if (!strcmp(a, "--fresh") && v)
             ok = parse_int(v, 1, 1 << 20, &o->fresh);
-        else if (!strcmp(a, "--cp-exchange") && v)
+        else if (!strcmp(a, "--logits") && v) {
+            ok = !strcmp(v, "full") || !strcmp(v, "top");
+            o->top = !strcmp(v, "top");
+        } else if (!strcmp(a, "--cp-exchange") && v)
             ok = cp_cp_exchange_parse(v, &o->cp_exchange);
         else if (!strcmp(a, "--header-only")) {
             o->header_only = true;
@@ -323,10 +329,11 @@ static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp
     const size_t n_hist = (size_t)S * (size_t)hist;
     int32_t *tables = malloc((size_t)n_seq * (size_t)per_seq * sizeof(int32_t));
     int32_t *tok = malloc((n_hist + (size_t)S + (size_t)fresh) * 3 * sizeof(int32_t));
-    int32_t *rows = malloc(((size_t)S + 1) * sizeof(int32_t));
+    int32_t *rows = malloc(2 * ((size_t)S + 1) * sizeof(int32_t)); /* then --logits top's ids */
     float *logits = malloc(((size_t)S + 1) * (size_t)cfg->n_vocab * sizeof(float));
+    double *lse = malloc(((size_t)S + 1) * sizeof(double)); /* --logits top */
     cp_status st = CP_OK;
-    if (!tables || !tok || !rows || !logits) {
+    if (!tables || !tok || !rows || !logits || !lse) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto done;
     }
@@ -362,7 +369,14 @@ static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp
     cp_comm_reset_stats(pp);
     cp_comm_reset_stats(cpc);
     const double t0 = cp_time_now();
-    if ((st = cp_model_forward(m, kv, &b, logits)) != CP_OK) goto done;
+    if (o->top) {
+        /* greedy rows: one candidate each, no log-sum-exp, no full row */
+        const cp_logit_top top = {.k = 1, .need = NULL, .logits = NULL, .val = logits, .id = rows + S + 1, .lse = lse};
+        st = cp_model_forward_top(m, kv, &b, &top);
+    } else {
+        st = cp_model_forward(m, kv, &b, logits);
+    }
+    if (st != CP_OK) goto done;
     *secs = cp_time_now() - t0;
     *bytes = (double)(total_bytes(tp) + total_bytes(pp) + total_bytes(cpc));
 done:
@@ -371,6 +385,7 @@ done:
     free(tok);
     free(rows);
     free(logits);
+    free(lse);
     return st;
 }
 

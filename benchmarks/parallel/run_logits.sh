@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# run_logits.sh - what the logit rows of a serving step cost across ranks:
+# every row's full logits gathered (cp_model_forward) against each row's
+# best candidate, as the server asks for a greedy row (cp_model_forward_top).
+# One step of S streams decoding after H tokens of history plus a fresh
+# prompt chunk of P tokens (bench_parallel --mixed), on the default model at
+# tp 3, pp 2 and tp 3 x pp 2; bytes passed by rank 0 and the step's time.
+# Writes benchmarks/parallel/results/logits_<date>.md.
+#
+#   BUILD=build benchmarks/parallel/run_logits.sh   (env: S=16, H=64, P=16, OUT)
+set -euo pipefail
+
+. "$(dirname "$0")/common.sh"
+S=${S:-16}
+H=${H:-64}
+P=${P:-16}
+OUT=${OUT:-$REPO/benchmarks/parallel/results/logits_$DATE.md}
+MODEL=$DEFAULT_MODEL
+[ -x "$BUILD/bench_parallel" ] || { echo "run_logits.sh: $BUILD/bench_parallel not found: build first" >&2; exit 1; }
+[ -f "$MODEL" ] || { echo "run_logits.sh: $MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+ROWS=()
+for layout in "3 1" "1 2" "3 2"; do
+    read -r tp pp <<< "$layout"
+    for mode in full top; do
+        echo "== tp $tp pp $pp, logits $mode" >&2
+        row=$("${MPIRUN[@]}" -np $((tp * pp)) "$BUILD/bench_parallel" --model "$MODEL" --tp "$tp" --pp "$pp" \
+                  --mixed "$S" --prompt "$H" --fresh "$P" --logits "$mode" --name "$mode" | tail -1)
+        ROWS+=("$row")
+    done
+done
+
+{
+    echo "# Logit rows of a serving step across ranks, $DATE"
+    echo
+    echo "Produced by \`benchmarks/parallel/run_logits.sh\`: \`bench_parallel --mixed $S --prompt $H"
+    echo "--fresh $P\` on the default model: $S streams with $H tokens of history decode one token"
+    echo "each in the same step as a $P-token prompt chunk; $((S + 1)) rows want logits."
+    echo "\`full\`: every row's logits reach every rank (the vocabulary slices all-gathered over"
+    echo "TP, the rows broadcast from the last pipeline stage). \`top\`: each row's best candidate"
+    echo "only, as the server asks for a greedy row (each TP rank passes its best (logit, id)"
+    echo "and the stages pass the merged one). Bytes: the payload rank 0 passed over its groups"
+    echo "during the step, activations included; time: the slowest rank, one run."
+    echo
+    machine_section
+    echo
+    echo "| logits | tp | pp | cp | exchange | streams x history | fresh tokens | bytes (rank 0) | step ms |"
+    echo "|---|--:|--:|--:|---|--:|--:|--:|--:|"
+    for r in "${ROWS[@]}"; do echo "$r"; done
+    echo
+    echo "## Command"
+    echo
+    echo '```sh'
+    echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
+    echo "mpirun --oversubscribe --bind-to none -np TP*PP build/bench_parallel --model models/$(basename "$MODEL") --tp TP --pp PP --mixed $S --prompt $H --fresh $P --logits full|top"
+    echo '```'
+} > "$OUT"
+echo "run_logits.sh: wrote $OUT" >&2
