@@ -96,6 +96,11 @@ typedef struct cp_model_stats {
     size_t weight_bytes;         /* bytes of the weights this rank holds, as stored */
     int64_t count_by_dtype[CP_DTYPE_COUNT];   /* tensors per dtype */
     size_t bytes_by_dtype[CP_DTYPE_COUNT];
+    /* weights made at load rather than read from the file (AWQ / GPTQ
+     * linears repacked, only the rows of this rank's slices): the bytes
+     * this rank keeps, and the most it held at once while loading (a
+     * row-parallel linear is made whole, sliced, then let go) */
+    size_t made_bytes, made_peak_bytes;
 } cp_model_stats;
 void cp_model_get_stats(cp_model_t m, cp_model_stats *s);
 

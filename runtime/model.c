@@ -172,7 +172,6 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     const size_t src_row = cp_dtype_row_size(t0, cols);
     const size_t part_off = (size_t)(sl.c0 / bs) * cp_dtype_type_size(t0);
     const size_t part_bytes = cp_dtype_row_size(t0, nc);
-    const char *base = (const char *)w->data + (size_t)sl.r0 * src_row;
     cp_weight_info part = *w;
     part.ne[0] = nc;
     part.ne[1] = nr;
@@ -181,10 +180,23 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     *out = cp_tensor_2d(t, nr, nc, NULL);
     out->device = cp_backend_device(m->be);
     if (o && o->inspect_only) return CP_OK;
+    /* a source that makes tensors on demand makes only this slice's rows */
+    const bool made = !w->data && m->find_rows;
+    const char *base = (const char *)w->data + (size_t)sl.r0 * src_row;
+    if (made) {
+        const void *p;
+        CP_CHECK(m->find_rows(m->find_ctx, name, sl.r0, sl.r1, &p));
+        base = p;
+        const size_t held = m->stats.made_bytes + (size_t)(sl.r1 - sl.r0) * src_row;
+        if (held > m->stats.made_peak_bytes) m->stats.made_peak_bytes = held;
+    } else if (!w->data) {
+        return CP_ERROR(CP_ERR_INTERNAL, "tensor '%s' has no data", name);
+    }
     const bool row_slice = sl.c0 == 0 && sl.c1 == cols;
     if (!convert && row_slice && cp_backend_device(m->be) == CP_DEVICE_CPU &&
         (uintptr_t)base % dtype_align(t0) == 0) {
-        out->data = (void *)base; /* zero-copy: only touched pages become resident */
+        out->data = (void *)base; /* zero-copy: only touched pages (made rows) are held */
+        if (made) m->stats.made_bytes += part.nbytes;
         progress(m, o, part.nbytes);
         return CP_OK;
     }
@@ -195,7 +207,10 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     cp_status st = CP_OK;
     const size_t dst_row = cp_dtype_row_size(t, nc);
     dst = malloc(dst_row * (size_t)nr + 1);
-    if (!dst) return CP_ERROR(CP_ERR_OOM, "out of memory reading '%s'", name);
+    if (!dst) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory reading '%s'", name);
+        goto done;
+    }
     if (convert) {
         if (nc % cp_dtype_block_size(t) != 0) {
             st = CP_ERROR(CP_ERR_INVALID_ARG, "cannot convert '%s' to %s: %lld columns are not whole blocks", name,
@@ -237,9 +252,10 @@ static cp_status get_matrix(cp_model_t m, const cp_model_load_opts *o, const cha
     CP_CHECK_GOTO(place(m, dst, dst_row * (size_t)nr, &out->data), st, done);
     /* the rows read for a column slice hold other ranks' columns too: let
      * their pages go so a rank's resident set stays its own share */
-    if (m->gguf) cp_gguf_release(m->gguf, base, (size_t)nr * src_row);
+    if (m->gguf && !made) cp_gguf_release(m->gguf, base, (size_t)nr * src_row);
     progress(m, o, part.nbytes);
 done:
+    if (made) m->find_release(m->find_ctx, name); /* copied (or failed): the made rows go */
     free(row);
     free(qrow);
     free(dst);

@@ -7,6 +7,7 @@
 #include "cp_safetensors.h"
 #include "model_impl.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,32 +36,59 @@ static cp_status hf_config(cp_model_t m, const char *dir) {
 
 /* ---- AWQ / GPTQ linears --------------------------------------------------- */
 
-/* One linear repacked into cparallel rows, presented under its GGUF name. */
+/* The tensors and geometry of one quantized linear. */
+typedef struct qlin {
+    const cp_hf_quant_config *qc;
+    const char *prefix; /* e.g. model.layers.0.self_attn.q_proj */
+    const cp_weight_info *qweight, *qzeros, *scales, *g_idx;
+    int64_t in, out, groups, gs; /* gs: inputs per group (-1 resolved) */
+} qlin;
+
+/* One linear presented under its GGUF name as cparallel rows of info.dtype.
+ * The rows are repacked on demand, only those a rank asks for (hfq_rows):
+ * info.data stays NULL and the model loader takes them through
+ * cp_model's rows/release hooks. */
 typedef struct hfq_linear {
-    char name[64];
+    char name[64], prefix[128];
+    qlin L;
     cp_weight_info info;
-    void *rows; /* [out][row bytes of in] */
+    void *rows;     /* rows [r0, r1) of the linear, whole width, or NULL */
+    int64_t r0, r1;
 } hfq_linear;
 
 /* The weight source of a quantized checkpoint: the repacked linears, then
  * everything else from the safetensors reader. */
 typedef struct hfq_source {
     cp_safetensors_t st;
+    cp_hf_quant_config qc;
     hfq_linear *lin;
     int n_lin;
+    size_t held, held_max; /* bytes of repacked rows alive now, and at most */
 } hfq_source;
+
+static hfq_linear *hfq_lookup(const hfq_source *q, const char *name) {
+    for (int i = 0; i < q->n_lin; i++)
+        if (strcmp(q->lin[i].name, name) == 0) return &q->lin[i];
+    return NULL;
+}
 
 static const cp_weight_info *hfq_find(void *ctx, const char *name) {
     const hfq_source *q = ctx;
-    for (int i = 0; i < q->n_lin; i++)
-        if (strcmp(q->lin[i].name, name) == 0) return &q->lin[i].info;
-    return cp_safetensors_find(q->st, name);
+    const hfq_linear *h = hfq_lookup(q, name);
+    return h ? &h->info : cp_safetensors_find(q->st, name);
+}
+
+static void hfq_drop(hfq_source *q, hfq_linear *h) {
+    if (!h->rows) return;
+    q->held -= cp_dtype_row_size(h->info.dtype, h->L.in) * (size_t)(h->r1 - h->r0);
+    free(h->rows);
+    h->rows = NULL;
 }
 
 static void hfq_free(hfq_source *q, bool close_st) {
     if (!q) return;
     for (int i = 0; i < q->n_lin; i++)
-        free(q->lin[i].rows);
+        hfq_drop(q, &q->lin[i]);
     free(q->lin);
     if (close_st) cp_safetensors_close(q->st);
     free(q);
@@ -68,6 +96,12 @@ static void hfq_free(hfq_source *q, bool close_st) {
 
 static void hfq_close(void *ctx) {
     hfq_free(ctx, true);
+}
+
+static void hfq_release(void *ctx, const char *name) {
+    hfq_source *q = ctx;
+    hfq_linear *h = hfq_lookup(q, name);
+    if (h) hfq_drop(q, h);
 }
 
 /* Nibble of a packed int32 that holds AWQ output 8j + r (AutoAWQ packs the
@@ -85,14 +119,6 @@ static inline uint16_t rd16(const void *base, size_t i) {
     memcpy(&v, (const char *)base + 2 * i, 2);
     return v;
 }
-
-/* The tensors and geometry of one quantized linear. */
-typedef struct qlin {
-    const cp_hf_quant_config *qc;
-    const char *prefix; /* e.g. model.layers.0.self_attn.q_proj */
-    const cp_weight_info *qweight, *qzeros, *scales, *g_idx;
-    int64_t in, out, groups, gs; /* gs: inputs per group (-1 resolved) */
-} qlin;
 
 /* "[a, b]" of a tensor, outermost first as the file lists it. */
 static void shape_str(const cp_weight_info *w, char *buf, size_t cap) {
@@ -225,21 +251,23 @@ static void row_params(const qlin *L, int64_t o, uint8_t *z, cp_fp16_t *d) {
     }
 }
 
-/* Fills rows with the linear as type t: I4_G32 / I4_G128 (contiguous groups
- * that are whole blocks), F16 or F32 (dequantized, any g_idx). Returns false
- * when t is F16 and a value overflows it. words: 8 x (in+7)/8 scratch. */
-static bool fill_rows(const qlin *L, cp_dtype t, uint32_t *words, uint8_t *z, cp_fp16_t *d,
-                      void *rows) {
+/* Fills rows with outputs [r0, r1) of the linear as type t: I4_G32 /
+ * I4_G128 (contiguous groups that are whole blocks), F16 or F32
+ * (dequantized, any g_idx; F16 only where no value can overflow it, see
+ * linear_type). words: 8 x (in+7)/8 scratch. */
+static void fill_rows(const qlin *L, cp_dtype t, int64_t r0, int64_t r1, uint32_t *words, uint8_t *z,
+                      cp_fp16_t *d, void *rows) {
     const int64_t in = L->in, nw = (in + 7) / 8;
     const size_t row_bytes = cp_dtype_row_size(t, in);
     const int G = t == CP_DTYPE_I4_G128 ? 128 : 32;
     const size_t block_bytes = 4 + (size_t)G / 2;
-    for (int64_t o0 = 0; o0 < L->out; o0 += 8) {
+    for (int64_t o0 = r0 / 8 * 8; o0 < r1; o0 += 8) {
         gather_codes(L, o0, words);
         for (int r = 0; r < 8; r++) {
             const int64_t o = o0 + r;
+            if (o < r0 || o >= r1) continue;
             const uint32_t *c = words + r * nw;
-            unsigned char *row = (unsigned char *)rows + (size_t)o * row_bytes;
+            unsigned char *row = (unsigned char *)rows + (size_t)(o - r0) * row_bytes;
             row_params(L, o, z, d);
             if (t == CP_DTYPE_I4_G32 || t == CP_DTYPE_I4_G128) {
                 for (int64_t b = 0; b < in / G; b++) {
@@ -266,53 +294,69 @@ static bool fill_rows(const qlin *L, cp_dtype t, uint32_t *words, uint8_t *z, cp
                     memcpy(row + 4 * i, &v, 4);
                 } else {
                     const cp_fp16_t h = cp_fp32_to_fp16(v);
-                    if ((h & 0x7c00) == 0x7c00) return false;
                     memcpy(row + 2 * i, &h, 2);
                 }
             }
         }
     }
-    return true;
 }
 
-/* Repacks linear L into dst (named gguf_name). */
-static cp_status repack(const qlin *L, const char *gguf_name, hfq_linear *dst) {
+/* The type a linear is repacked to: I4_G128 / I4_G32 when its groups are
+ * contiguous whole blocks (exact), else dequantized to F16, or to F32 when
+ * a scale is large enough that a value could overflow fp16 (|q - z| <= 16). */
+static cp_status linear_type(const qlin *L, cp_dtype *t) {
     bool contiguous;
     CP_CHECK(groups_contiguous(L, &contiguous));
-    cp_dtype t = CP_DTYPE_F16;
-    if (contiguous && L->gs % 128 == 0 && L->in % 128 == 0)
-        t = CP_DTYPE_I4_G128;
-    else if (contiguous && L->gs % 32 == 0 && L->in % 32 == 0)
-        t = CP_DTYPE_I4_G32;
-    cp_status st = CP_OK;
+    if (contiguous && L->gs % 128 == 0 && L->in % 128 == 0) {
+        *t = CP_DTYPE_I4_G128;
+    } else if (contiguous && L->gs % 32 == 0 && L->in % 32 == 0) {
+        *t = CP_DTYPE_I4_G32;
+    } else {
+        float big = 0;
+        for (size_t i = 0; i < (size_t)(L->groups * L->out); i++) {
+            const float v = fabsf(cp_fp16_to_fp32(rd16(L->scales->data, i)));
+            if (v > big) big = v;
+        }
+        *t = 16.0f * big <= 65504.0f ? CP_DTYPE_F16 : CP_DTYPE_F32;
+    }
+    return CP_OK;
+}
+
+/* Rows [r0, r1) of the linear called name, whole width, repacked into
+ * memory the source keeps until hfq_release or its close (one range per
+ * linear: a second request replaces the first). */
+static cp_status hfq_rows(void *ctx, const char *name, int64_t r0, int64_t r1, const void **out) {
+    hfq_source *q = ctx;
+    hfq_linear *h = hfq_lookup(q, name);
+    if (!h) return CP_ERROR(CP_ERR_INTERNAL, "no repacked linear '%s'", name);
+    if (r0 < 0 || r1 > h->L.out || r0 >= r1)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "rows %lld..%lld of '%s' (%lld rows)", (long long)r0, (long long)r1,
+                        name, (long long)h->L.out);
+    if (h->rows && h->r0 == r0 && h->r1 == r1) {
+        *out = h->rows;
+        return CP_OK;
+    }
+    hfq_drop(q, h);
+    const qlin *L = &h->L;
+    const cp_dtype t = h->info.dtype;
+    const size_t bytes = cp_dtype_row_size(t, L->in) * (size_t)(r1 - r0);
     uint32_t *words = malloc((size_t)((L->in + 7) / 8) * 8 * sizeof(uint32_t));
     uint8_t *z = malloc((size_t)L->groups);
     cp_fp16_t *d = malloc((size_t)L->groups * sizeof(cp_fp16_t));
-    void *rows = NULL;
-    for (;;) {
-        const size_t bytes = cp_dtype_row_size(t, L->in) * (size_t)L->out;
-        rows = malloc(bytes);
-        if (!words || !z || !d || !rows) {
-            st = CP_ERROR(CP_ERR_OOM, "out of memory repacking %s (%zu bytes)", L->prefix, bytes);
-            break;
-        }
-        if (fill_rows(L, t, words, z, d, rows)) {
-            snprintf(dst->name, sizeof(dst->name), "%s", gguf_name);
-            dst->rows = rows;
-            dst->info = (cp_weight_info){.name = dst->name,
-                                         .dtype = t,
-                                         .ndim = 2,
-                                         .ne = {L->in, L->out, 1, 1},
-                                         .data = rows,
-                                         .nbytes = bytes};
-            rows = NULL;
-            break;
-        }
-        free(rows); /* a value beyond fp16's range: fp32 then */
-        rows = NULL;
-        t = CP_DTYPE_F32;
+    void *rows = malloc(bytes);
+    cp_status st = CP_OK;
+    if (!words || !z || !d || !rows) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory repacking %s (%zu bytes)", L->prefix, bytes);
+        free(rows);
+    } else {
+        fill_rows(L, t, r0, r1, words, z, d, rows);
+        h->rows = rows;
+        h->r0 = r0;
+        h->r1 = r1;
+        q->held += bytes;
+        if (q->held > q->held_max) q->held_max = q->held;
+        *out = rows;
     }
-    free(rows);
     free(words);
     free(z);
     free(d);
@@ -353,6 +397,7 @@ static cp_status attach_quant(cp_model_t m, cp_safetensors_t st, const cp_hf_qua
         goto fail;
     }
     q->st = st;
+    q->qc = *qc;
     size_t consumed = 0, made = 0; /* bytes of the packed tensors, of the repacked rows */
     char prefix[128], name[160];
     for (int l = 0; l <= c->n_layer; l++) {
@@ -380,9 +425,21 @@ static cp_status attach_quant(cp_model_t m, cp_safetensors_t st, const cp_hf_qua
             }
             /* modules_to_not_convert and an unquantized lm_head load as usual */
             if (plain || (head && !quant)) continue;
-            CP_CHECK_GOTO(qlin_open(st, &L), s, fail); /* names the missing tensor */
             hfq_linear *dst = &q->lin[q->n_lin];
-            CP_CHECK_GOTO(repack(&L, gguf, dst), s, fail);
+            snprintf(dst->prefix, sizeof(dst->prefix), "%s", prefix);
+            snprintf(dst->name, sizeof(dst->name), "%s", gguf);
+            L.qc = &q->qc;
+            L.prefix = dst->prefix;
+            CP_CHECK_GOTO(qlin_open(st, &L), s, fail); /* names the missing tensor */
+            cp_dtype t;
+            CP_CHECK_GOTO(linear_type(&L, &t), s, fail);
+            dst->L = L;
+            dst->info = (cp_weight_info){.name = dst->name,
+                                         .dtype = t,
+                                         .ndim = 2,
+                                         .ne = {L.in, L.out, 1, 1},
+                                         .data = NULL,
+                                         .nbytes = cp_dtype_row_size(t, L.in) * (size_t)L.out};
             q->n_lin++;
             consumed += L.qweight->nbytes + L.qzeros->nbytes + L.scales->nbytes +
                         (L.g_idx ? L.g_idx->nbytes : 0);
@@ -394,6 +451,8 @@ static cp_status attach_quant(cp_model_t m, cp_safetensors_t st, const cp_hf_qua
         total += cp_safetensors_tensor(st, i)->nbytes;
     m->find = hfq_find;
     m->find_ctx = q;
+    m->find_rows = hfq_rows;
+    m->find_release = hfq_release;
     m->hf_close = hfq_close;
     m->total_bytes = total - consumed + made;
     return CP_OK;

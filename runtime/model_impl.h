@@ -107,6 +107,11 @@ struct cp_model {
     /* non-GGUF sources: lookup by GGUF-convention name */
     const cp_weight_info *(*find)(void *ctx, const char *name);
     void *find_ctx;
+    /* a source that makes tensors on demand (find gives info->data NULL):
+     * rows [r0, r1) of a tensor, whole width, owned by the source until
+     * find_release (or hf_close) */
+    cp_status (*find_rows)(void *ctx, const char *name, int64_t r0, int64_t r1, const void **out);
+    void (*find_release)(void *ctx, const char *name);
     void (*hf_close)(void *ctx);
     cp_act_observer observe; /* calibration hook, or NULL */
     void *observe_user;
