@@ -1,5 +1,6 @@
 // tiny_model.h - small random-weight Llama-family models written as GGUF
-// files for tests (F32 weights, any head/FFN/vocabulary shape).
+// files for tests (any head/FFN/vocabulary shape; F32 weights, or Q8_0/Q4_0
+// matrices when the spec asks).
 #pragma once
 
 #include <cstdio>
@@ -18,6 +19,10 @@ struct TinySpec {
     int dim = 64, n_head = 4, n_head_kv = 2, ffn = 96, n_layer = 2, vocab = 50, ctx = 256;
     bool tied = false, bias = false;
     float theta = 10000.0f;
+    // GGUF types of the block matrices and of the embedding and output
+    // (kGgufF32, kGgufQ8_0 or kGgufQ4_0; rows of the block types must be
+    // multiples of 32). Norms and biases stay F32.
+    uint32_t wtype = kGgufF32, head_type = kGgufF32;
 };
 
 using Mat = std::vector<float>;  // row-major [rows][cols]
@@ -85,8 +90,8 @@ inline std::string write_gguf(const TinyModel &m, const std::string &name, int s
     b.kv_f32(a("rope.freq_base"), s.theta);
     b.kv_f32(a("attention.layer_norm_rms_epsilon"), 1e-5f);
     uint64_t D = s.dim, Q = (uint64_t)s.n_head * m.hd, KV = (uint64_t)s.n_head_kv * m.hd, F = s.ffn;
-    b.tensor_f32("token_embd.weight", {D, (uint64_t)s.vocab}, m.embd);
-    if (!s.tied) b.tensor_f32("output.weight", {D, (uint64_t)s.vocab}, m.out);
+    b.tensor_as("token_embd.weight", s.head_type, {D, (uint64_t)s.vocab}, m.embd);
+    if (!s.tied) b.tensor_as("output.weight", s.head_type, {D, (uint64_t)s.vocab}, m.out);
     b.tensor_f32("output_norm.weight", {D}, m.out_norm);
     for (int l = 0; l < s.n_layer; l++) {
         const auto &y = m.L[l];
@@ -95,19 +100,19 @@ inline std::string write_gguf(const TinyModel &m, const std::string &name, int s
         if (bad_shape && l == 1)
             b.tensor_f32(n("attn_q.weight"), {D, Q / 2}, Mat(y.wq.begin(), y.wq.begin() + D * Q / 2));
         else
-            b.tensor_f32(n("attn_q.weight"), {D, Q}, y.wq);
-        b.tensor_f32(n("attn_k.weight"), {D, KV}, y.wk);
-        if (skip_layer_tensor != l) b.tensor_f32(n("attn_v.weight"), {D, KV}, y.wv);
-        b.tensor_f32(n("attn_output.weight"), {Q, D}, y.wo);
+            b.tensor_as(n("attn_q.weight"), s.wtype, {D, Q}, y.wq);
+        b.tensor_as(n("attn_k.weight"), s.wtype, {D, KV}, y.wk);
+        if (skip_layer_tensor != l) b.tensor_as(n("attn_v.weight"), s.wtype, {D, KV}, y.wv);
+        b.tensor_as(n("attn_output.weight"), s.wtype, {Q, D}, y.wo);
         if (s.bias) {
             b.tensor_f32(n("attn_q.bias"), {Q}, y.bq);
             b.tensor_f32(n("attn_k.bias"), {KV}, y.bk);
             b.tensor_f32(n("attn_v.bias"), {KV}, y.bv);
         }
         b.tensor_f32(n("ffn_norm.weight"), {D}, y.fn);
-        b.tensor_f32(n("ffn_gate.weight"), {D, F}, y.wg);
-        b.tensor_f32(n("ffn_up.weight"), {D, F}, y.wu);
-        b.tensor_f32(n("ffn_down.weight"), {F, D}, y.wd);
+        b.tensor_as(n("ffn_gate.weight"), s.wtype, {D, F}, y.wg);
+        b.tensor_as(n("ffn_up.weight"), s.wtype, {D, F}, y.wu);
+        b.tensor_as(n("ffn_down.weight"), s.wtype, {F, D}, y.wd);
     }
     auto img = b.build();
     std::string path = ::testing::TempDir() + name + ".gguf";

@@ -2,8 +2,9 @@
 // single-rank run of the same model, under mpirun. Every rank computes the
 // single-rank reference itself, then the same prompt through the engine
 // sharded tp x pp over the world; logits and 32 greedy tokens must agree.
-// Models: a random-weight one whose shapes stress the splits (8 query / 2 KV
-// heads, FFN 200, vocabulary 101 not divisible by tp) and the default model.
+// Models: random-weight ones whose shapes stress the splits (8 query / 2 KV
+// heads, FFN 200 or the odd 203, vocabulary 101 not divisible by tp; F32,
+// or Q4_0/Q8_0 with FFN 224 = 7 blocks) and the default model.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "common/hf_quant_writer.h"
+#include "common/logit_top.h"
 #include "common/tiny_model.h"
 
 extern "C" {
@@ -299,6 +302,89 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
     remove(path.c_str());
 }
 
+// An odd FFN width (203): tensor parallelism gives the ranks FFN column
+// ranges of different widths (102 + 101 at tp 2, 51 x 3 + 50 at tp 4),
+// which the gate/up rows, the down columns and the all-reduce must follow.
+TEST(ModelParallel, OddFfnWidthMatchesSingleRank) {
+    cptest::TinySpec s = stress_spec();
+    s.ffn = 203;
+    const cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 1};
+    for (int tp : {2, 4}) {
+        const cp_plan_opts o = {tp, 1, 0, 1};
+        int next = 0, narrow = s.ffn, wide = 0;
+        for (int r = 0; r < tp; r++) {
+            cp_plan p;
+            ASSERT_EQ(cp_plan_init(&shape, &o, r, &p), CP_OK) << "tp=" << tp << ": " << cp_last_error();
+            EXPECT_EQ(p.ffn_begin, next) << "tp=" << tp << " rank " << r;
+            next = p.ffn_end;
+            narrow = std::min(narrow, p.ffn_end - p.ffn_begin);
+            wide = std::max(wide, p.ffn_end - p.ffn_begin);
+        }
+        EXPECT_EQ(next, s.ffn) << "tp=" << tp;
+        EXPECT_EQ(wide - narrow, 1) << "tp=" << tp << ": the ranges are meant to differ by a column";
+    }
+    const int world = cp_comm_size(g_world);
+    std::vector<Layout> split;
+    for (const Layout &l : layouts(shape, world))
+        if (l.tp > 1) split.push_back(l);
+    if (split.empty()) GTEST_SKIP() << "no tensor-parallel layout of 8 query / 2 KV heads in " << world << " ranks";
+    cptest::TinyModel tm = cptest::make_model(s, 2025);
+    std::string path = cptest::write_gguf(tm, "mp_oddffn_" + std::to_string(cp_comm_rank(g_world)));
+    auto prompt = prompt_ids(21, s.vocab);
+    const RunOut ref = run(path, prompt, 1, 1, false);
+    for (const Layout &l : split) {
+        const std::string what = "ffn 203 " + l.name();
+        compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp), s.vocab, kF32Tol, what);
+        compare(ref, run(path, prompt, l.tp, l.pp, false, true, l.cp), s.vocab, kF32Tol, what + " sp");
+    }
+    remove(path.c_str());
+}
+
+// Quantized random models (Q4_0 and Q8_0 block matrices, Q8_0 embedding and
+// head) at tp 2: FFN 224 is 7 blocks of 32, so the ranks hold 4 and 3
+// blocks of each down row. The stored weights round the activations as the
+// default model's do (see compare_rounded), so the bounds are the same; on
+// this model a rank that lost its TP peer's FFN partial sums in one layer
+// must land far outside them, else the bounds would say nothing here.
+TEST(ModelParallel, QuantizedRandomModelsMatchSingleRankWithinRounding) {
+    const int world = cp_comm_size(g_world);
+    if (world % 2) GTEST_SKIP() << "tp 2 needs an even world";
+    const Layout l = {2, world / 2, 1};
+    for (uint32_t wtype : {cptest::kGgufQ4_0, cptest::kGgufQ8_0}) {
+        cptest::TinySpec s = stress_spec();
+        s.ffn = 224;
+        s.wtype = wtype;
+        s.head_type = cptest::kGgufQ8_0;
+        const std::string type = wtype == cptest::kGgufQ4_0 ? "Q4_0" : "Q8_0";
+        const cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 32};
+        cp_plan p1;
+        const cp_plan_opts o = {l.tp, l.pp, 0, 1};
+        ASSERT_EQ(cp_plan_init(&shape, &o, 1, &p1), CP_OK) << cp_last_error();
+        ASSERT_EQ(p1.ffn_begin, 128) << "4 blocks on tp rank 0, 3 on rank 1";
+        cptest::TinyModel tm = cptest::make_model(s, 4242);
+        const std::string tag = type + "_" + std::to_string(cp_comm_rank(g_world));
+        const std::string path = cptest::write_gguf(tm, "mp_quant_" + tag);
+        auto prompt = prompt_ids(21, s.vocab);
+        const RunOut ref = run(path, prompt, 1, 1, false);
+        const RunOut par = run(path, prompt, l.tp, l.pp, false);
+        compare_rounded(ref, par, s.vocab, "random " + type + " " + l.name());
+        // negative control: layer 1 without tp rank 1's FFN columns
+        cptest::TinyModel cut = tm;
+        for (int r = 0; r < s.dim; r++)
+            for (int c = p1.ffn_begin; c < p1.ffn_end; c++) cut.L[1].wd[(size_t)r * s.ffn + c] = 0;
+        const std::string cut_path = cptest::write_gguf(cut, "mp_quant_cut_" + tag);
+        const RunOut lost = run(cut_path, prompt, 1, 1, false);
+        double row = 0;
+        const double kl = mean_kl(ref.logits, lost.logits, s.vocab, &row);
+        EXPECT_GT(kl, 5 * kRoundedKlMean) << type << ": a lost partial sum must exceed the bound clearly";
+        if (cp_comm_rank(g_world) == 0)
+            printf("random %s: a lost FFN partial sum in one layer gives mean KL %.3g (largest row %.3g)\n",
+                   type.c_str(), kl, row);
+        remove(path.c_str());
+        remove(cut_path.c_str());
+    }
+}
+
 // Which way the cp ranks meet in attention: a fresh prompt moves its K/V
 // rows (all-gathered; no reduce-scatter of partial outputs), a decode step
 // moves its query (a history of 200 positions weighs more, even counting
@@ -541,6 +627,123 @@ TEST(ModelParallel, DefaultModelMatchesSingleRank) {
                        par.resident / 1e6);
             compare(ref_f, run(model, prompt, tp, pp, true, true), vocab, kF32Tol, what + " sp (F32)");
         }
+    }
+}
+
+// cp_model_forward_top across ranks (what the server asks for): each row's
+// k best candidates equal those of the rows cp_model_forward gathers in the
+// same layout, bit for bit, ids included; the log-sum-exp adds the TP
+// ranks' slices in another order (1e-12 relative; exact without TP); full
+// rows only where asked, on every rank. The stress shape's vocabulary (101)
+// splits unevenly, and k = 40 exceeds a slice at tp 4 (the ranks pad).
+TEST(ModelParallel, ForwardTopEqualsGatheredRows) {
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 4048);
+    std::string path = cptest::write_gguf(tm, "mp_top_" + std::to_string(cp_comm_rank(g_world)));
+    cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 1};
+    const int world = cp_comm_size(g_world), bs = 8 * world, n = 21;
+    for (const Layout &l : layouts(shape, world)) {
+        SCOPED_TRACE(l.name());
+        Sharded sh(path, l.tp, l.pp, false, false, l.cp);
+        if (!sh.e) continue;
+        cp_model_t m = cp_engine_model(sh.e);
+        cp_kv_cache_opts ko = {4, bs, CP_DTYPE_F32};
+        cp_kv_cache_t kv = nullptr;
+        ASSERT_EQ(cp_kv_cache_init(m, &ko, &kv), CP_OK) << cp_last_error();
+        std::vector<int32_t> table(4);
+        EXPECT_EQ(cp_kv_cache_alloc_blocks(kv, 4, table.data()), CP_OK) << cp_last_error();
+        // a prompt, every row's logits (two LM-head chunks), then a decode row
+        std::vector<int32_t> tok(n), pos(n), seq(n, 0), rows(n);
+        for (int i = 0; i < n; i++) {
+            tok[i] = (i * 37 + 11) % s.vocab;
+            pos[i] = rows[i] = i;
+        }
+        int32_t dt = 7, dp = n, ds = 0, dr = 0;
+        const cp_batch steps[2] = {{n, tok.data(), pos.data(), seq.data(), table.data(), 1, 4, rows.data(), n},
+                                   {1, &dt, &dp, &ds, table.data(), 1, 4, &dr, 1}};
+        for (const cp_batch &b : steps) {
+            std::vector<float> full((size_t)b.n_logits * s.vocab, NAN);
+            ASSERT_EQ(cp_model_forward(m, kv, &b, full.data()), CP_OK) << cp_last_error();
+            for (int k : {1, 9, 40})
+                for (bool with_full : {false, true}) {
+                    // without full rows the TP ranks merge candidates and
+                    // log-sum-exps; a chunk with one searches gathered rows
+                    std::vector<uint8_t> need(b.n_logits);
+                    for (int i = 0; i < b.n_logits; i++)
+                        need[i] = (uint8_t)(with_full ? (i + k) % 4 : (i + k) % 2 * CP_TOP_LSE);
+                    // the same step again: it rewrites the same K/V
+                    cptest::TopOut o(k, b.n_logits, s.vocab, need);
+                    cp_logit_top t = o.view();
+                    ASSERT_EQ(cp_model_forward_top(m, kv, &b, &t), CP_OK) << cp_last_error();
+                    SCOPED_TRACE("k = " + std::to_string(k) + ", rows " + std::to_string(b.n_logits) +
+                                 (with_full ? ", with full rows" : ""));
+                    cptest::expect_top_matches_full(o, full, l.tp > 1 && !with_full ? 1e-12 : 0);
+                }
+        }
+        cp_kv_cache_free(kv);
+    }
+    remove(path.c_str());
+}
+
+// Hugging Face AWQ and GPTQ (act-order: dequantized to F16) checkpoints over
+// every tp x pp layout: the logits equal one rank's within the f32
+// reduction tolerance, and each rank repacks only the rows of its own
+// slices at load: at tp = world a rank keeps at most 1/world of what one
+// rank makes (row-parallel linears are made whole, sliced into copies and
+// let go, so they are not kept), and never holds the whole model at once.
+TEST(ModelParallel, HfQuantizedCheckpointsShardAtLoad) {
+    namespace hfq = cptest::hfq;
+    const int rank = cp_comm_rank(g_world), world = cp_comm_size(g_world);
+    for (bool awq : {true, false}) {
+        hfq::QSpec s;
+        s.method = awq ? hfq::Method::Awq : hfq::Method::Gptq;
+        s.act_order = !awq;
+        s.group = awq ? 128 : 32;
+        s.dim = 256;
+        s.n_head = 8;
+        s.n_head_kv = 4;
+        s.ffn = 512;
+        s.n_layer = 4;
+        s.vocab = 96;
+        const std::string what = awq ? "AWQ" : "GPTQ act-order";
+        SCOPED_TRACE(what);
+        const hfq::QModel qm = hfq::make_qmodel(s, 99);
+        const std::string dir = "/tmp/cp_mp_hfq_" + std::to_string(rank) + (awq ? "_awq" : "_gptq");
+        hfq::write_dir(qm, dir, true, hfq::quant_json(s));
+        if (HasFatalFailure()) return;
+        auto prompt = prompt_ids(13, s.vocab);
+        RunOut ref = run(dir, prompt, 1, 1, false);
+        // row-parallel split points fall on I4_G128 blocks (AWQ); F16 has none
+        const int blk = awq ? 128 : 1;
+        cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, blk, blk};
+        // F16 weights multiply fp16-rounded activations (2^-11 relative), so
+        // TP's other summation order moves a few roundings: 2.4e-4 measured;
+        // a wrong slice gives 1e-1
+        const double tol = awq ? kF32Tol : 2e-3;
+        for (const Layout &l : layouts(shape, world))
+            if (l.cp == 1) compare(ref, run(dir, prompt, l.tp, l.pp, false), s.vocab, tol, what + " " + l.name());
+        auto made = [&](int tp) {
+            cp_model_stats st = {};
+            Sharded sh(dir, tp, 1, false, false, 1);
+            if (sh.e) cp_model_get_stats(cp_engine_model(sh.e), &st);
+            return st;
+        };
+        cp_plan_opts po = {world, 1, 0, 1};
+        cp_plan plan;
+        if (s.n_head_kv % world == 0 && cp_plan_init(&shape, &po, 0, &plan) == CP_OK) {
+            const cp_model_stats one = made(1), part = made(world);
+            ASSERT_GT(one.made_bytes, 0u);
+            EXPECT_GT(part.made_bytes, 0u);
+            EXPECT_LE(part.made_bytes * (size_t)world, one.made_bytes)
+                << what << ": tp " << world << " rank " << rank << " keeps " << part.made_bytes << " of "
+                << one.made_bytes;
+            EXPECT_LT(part.made_peak_bytes, one.made_bytes) << what << ": held at once while loading";
+            if (rank == 0)
+                printf("%s: repacked at load and kept: one rank %.2f MB, each of %d TP ranks %.2f MB (%.2f MB "
+                       "at most at once)\n",
+                       what.c_str(), one.made_bytes / 1e6, world, part.made_bytes / 1e6, part.made_peak_bytes / 1e6);
+        }
+        std::filesystem::remove_all(dir);
     }
 }
 
