@@ -194,6 +194,41 @@ bool cli_parse_convert(const char *s, cp_dtype *out) {
     return false;
 }
 
+void cli_par_defaults(cli_par *p) {
+    memset(p, 0, sizeof(*p));
+    p->tp = p->pp = p->cp = 1;
+    p->exchange = CP_CP_AUTO;
+}
+
+int cli_par_check(const char *cmd, cli_par *p) {
+    if (p->sp && p->tp < 2) {
+        fprintf(stderr, "cparallel %s: error: --sp needs --tp 2 or more\n", cmd);
+        return 2;
+    }
+    /* the plan moves edge layers only when there are middle stages to take them */
+    if (p->edge > 0 && p->pp < 3) {
+        fprintf(stderr,
+                "cparallel %s: error: --pp-edge-layers needs --pp 3 or more (the first and last stage give "
+                "layers to the middle ones)\n",
+                cmd);
+        return 2;
+    }
+    p->exchange = CP_CP_AUTO;
+    if (p->exchange_name && !cp_cp_exchange_parse(p->exchange_name, &p->exchange)) {
+        fprintf(stderr, "cparallel %s: error: invalid value '%s' for --cp-exchange (expected auto, queries or kv)\n",
+                cmd, p->exchange_name);
+        return 2;
+    }
+    return 0;
+}
+
+void cli_par_apply(const cli_par *p, cp_engine_opts *eo) {
+    eo->sp = p->sp;
+    eo->pp_micro = p->micro;
+    eo->cp_exchange = p->exchange;
+    eo->edge_layer_discount = p->edge;
+}
+
 void cli_json_str(const char *s) {
     putchar('"');
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {

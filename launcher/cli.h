@@ -63,6 +63,53 @@ bool cli_parse_convert(const char *s, cp_dtype *out);
 bool cli_parse_kv_type(const char *cmd, const char *s, cp_dtype *out);
 void cli_set_kv_type(cp_engine_opts *eo, cp_dtype t);
 
+/* ---- the parallel layout -------------------------------------------------
+ * The options of every command that runs a model across ranks, defined
+ * once so that each takes them alike: the layout (CLI_LAYOUT_OPTS: also
+ * inspect's) and how the ranks work together (CLI_RUN_PAR_OPTS). */
+typedef struct cli_par {
+    int tp, pp, cp;            /* the job needs tp x cp x pp ranks */
+    int edge;                  /* --pp-edge-layers (cp_engine_opts.edge_layer_discount) */
+    int micro;                 /* --micro-batches (0: the runtime's 4 x pp) */
+    bool sp;
+    const char *exchange_name; /* --cp-exchange as given (NULL: auto) */
+    int exchange;              /* CP_CP_*, set by cli_par_check */
+} cli_par;
+
+/* tp = pp = cp = 1, everything else off. */
+void cli_par_defaults(cli_par *p);
+
+#define CLI_LAYOUT_OPTS(p)                                                                                     \
+    {"tp", 0, CLI_INT, &(p)->tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},   \
+    {"pp", 0, CLI_INT, &(p)->pp, 1, 1024, "N", "pipeline stages (default 1); a job runs tp x cp x pp ranks", \
+     NULL},                                                                                                    \
+    {"cp", 0, CLI_INT, &(p)->cp, 1, 1024, "N",                                                                 \
+     "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1)",     \
+     NULL},                                                                                                    \
+    {"pp-edge-layers", 0, CLI_INT, &(p)->edge, 0, 1 << 20, "N",                                                \
+     "with --pp 3 or more: N layers fewer on the first and on the last stage, which also hold the "          \
+     "embedding and the LM head, given to the middle stages (default 0: an even split)", NULL}
+
+#define CLI_RUN_PAR_OPTS(p)                                                                                    \
+    {"sp", 0, CLI_FLAG, &(p)->sp, 0, -1, NULL,                                                                 \
+     "sequence parallelism for prompts inside the TP group (needs --tp > 1)", NULL},                          \
+    {"micro-batches", 0, CLI_INT, &(p)->micro, 1, 4096, "N",                                                   \
+     "cut each batch into N micro-batches so pipeline stages overlap (default 4 x --pp)", NULL},             \
+    {"cp-exchange", 0, CLI_STR, &(p)->exchange_name, 0, -1, "HOW",                                             \
+     "what the cp ranks pass in attention: auto (default: the smaller per sequence, K/V for a fresh "        \
+     "prompt, queries for decode), queries or kv", NULL}
+
+#define CLI_PAR_OPTS(p) CLI_LAYOUT_OPTS(p), CLI_RUN_PAR_OPTS(p)
+
+/* Checks what the table cannot (--sp needs --tp 2 or more, --pp-edge-layers
+ * --pp 3 or more, --cp-exchange a known name) and sets p->exchange. 0, or 2
+ * after printing cmd's usage error. */
+int cli_par_check(const char *cmd, cli_par *p);
+
+/* The options into the engine's (sp, micro-batches, exchange, edge layers;
+ * tp, pp and cp come with ranks_engine_opts). */
+void cli_par_apply(const cli_par *p, cp_engine_opts *eo);
+
 /* Prints s to stdout as a JSON string literal (quotes, backslashes and
  * control characters escaped: paths may hold them). */
 void cli_json_str(const char *s);

@@ -31,19 +31,32 @@ const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap) {
 
 void cli_job_defaults(cli_job *j) {
     memset(j, 0, sizeof(*j));
-    j->tp = j->pp = j->cp = 1;
+    cli_par_defaults(&j->par);
     j->timeout_s = 60;
+    j->device = "cpu";
+    j->dev = CP_DEVICE_CPU;
+    j->device_id = -1;
+}
+
+int cli_job_check(const char *cmd, cli_job *j) {
+    int rc = cli_par_check(cmd, &j->par);
+    if (rc) return rc;
+    if (!cli_parse_device(j->device, &j->dev, &j->device_id)) {
+        fprintf(stderr, "cparallel %s: error: invalid value '%s' for --device (expected cpu, cuda or cuda:N)\n", cmd,
+                j->device);
+        return 2;
+    }
+    return 0;
 }
 
 int cli_job_start(cli_job *j) {
-    int rc = ranks_init(&j->rk, j->tp, j->pp, j->cp, j->timeout_s * 1000);
+    int rc = ranks_init(&j->rk, j->par.tp, j->par.pp, j->par.cp, j->timeout_s * 1000);
     if (rc) {
         ranks_free(&j->rk);
         return rc;
     }
     j->lead = j->rk.rank == 0;
-    int device_id = -1;
-    ranks_node_defaults(&j->rk, CP_DEVICE_CPU, &j->threads, &device_id);
+    ranks_node_defaults(&j->rk, j->dev, &j->threads, &j->device_id);
     return 0;
 }
 
@@ -122,10 +135,15 @@ void cli_write_progress(void *user, size_t done, size_t total) {
     fprintf(stderr, "cparallel: %s %3d%%\n", p->cmd, pct);
 }
 
-/* An engine of the model sharded over the job's ranks, on the CPU with an
- * exact cache; NULL after reporting `what` failed. */
-static cp_engine_t job_engine(cli_job *j, const char *model, int ctx, const char *what) {
-    cp_engine_opts eo = ranks_engine_opts(&j->rk, model, CP_DEVICE_CPU, 0, j->threads, ctx, j->tp, j->pp);
+/* An engine of the model sharded over the job's ranks with an exact cache,
+ * for the measurement on the job's device, else for calibration (on the
+ * CPU, without sequence parallelism: the statistics need whole rows on the
+ * host); NULL after reporting `what` failed. */
+static cp_engine_t job_engine(cli_job *j, const char *model, int ctx, bool measure, const char *what) {
+    cp_engine_opts eo = ranks_engine_opts(&j->rk, model, measure ? j->dev : CP_DEVICE_CPU,
+                                          measure ? j->device_id : 0, j->threads, ctx, j->par.tp, j->par.pp);
+    cli_par_apply(&j->par, &eo);
+    if (!measure) eo.sp = false;
     eo.kv_f32 = true;
     cp_engine_t e = NULL;
     if (cp_engine_init(&eo, &e) != CP_OK) {
@@ -141,7 +159,7 @@ int cli_calibrate(const char *cmd, cli_job *j, const char *model, const char *ca
     size_t len = 0;
     char *body = NULL;
     if (!cli_read_file(cmd, "calibration text", calib, 256, &body, &len)) return 1;
-    cp_engine_t e = job_engine(j, model, 512, "cannot load the model");
+    cp_engine_t e = job_engine(j, model, 512, false, "cannot load the model");
     int32_t *ids = NULL;
     size_t n = 0;
     int rc = 1;
@@ -170,11 +188,11 @@ int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant
     size_t len = 0;
     char *body = NULL;
     if (!cli_read_file(cmd, "evaluation text", text, 256, &body, &len)) return 1;
-    cp_engine_t r = job_engine(j, orig, ctx, "cannot load the original model"), m = NULL;
+    cp_engine_t r = job_engine(j, orig, ctx, true, "cannot load the original model"), m = NULL;
     int32_t *ids = NULL;
     size_t n = 0;
     int rc = 1;
-    if (!r || !(m = job_engine(j, quant, ctx, "cannot load the new model"))) goto out;
+    if (!r || !(m = job_engine(j, quant, ctx, true, "cannot load the new model"))) goto out;
     if (cp_tokenizer_encode(cp_engine_tokenizer(r), body, len, true, false, &ids, &n) != CP_OK) {
         cli_report_error("cannot tokenize the evaluation text");
         goto out;

@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "cli.h"
 #include "cp_quantize.h"
 #include "ranks.h"
 
@@ -15,23 +16,28 @@ const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap);
 
 /* The ranks a model-rewriting command runs over (mpirun -np tp x cp x pp):
  * the calibration and the measurement shard the model over them like
- * `cparallel eval`; rank 0 alone reads the source and writes the result
+ * `cparallel eval` (the parallel options of cli.h; sequence parallelism
+ * and --device for the measurement only: activation statistics need whole
+ * rows on the CPU); rank 0 alone reads the source and writes the result
  * (streaming, one tensor at a time) while the others wait for it, and only
  * rank 0 prints. The output must be on a file system every rank sees. */
 typedef struct cli_job {
     ranks rk;
-    int tp, pp, cp, timeout_s, threads;
+    cli_par par;
+    int timeout_s, threads;
+    const char *device; /* --device as given */
+    cp_device dev;      /* the measurement's device, set by cli_job_check */
+    int device_id;      /* -1: by node-local rank */
     bool lead;          /* rank 0 */
     double last_beat;   /* rank 0: when the waiting ranks last heard from it */
 } cli_job;
 
 /* The layout options of a cli_job j (a pointer), for an option table. */
 #define CLI_JOB_OPTS(j)                                                                                      \
-    {"tp", 0, CLI_INT, &(j)->tp, 1, 1024, "N", "tensor-parallel ranks for calibration and measurement (default 1)", \
-     NULL},                                                                                                  \
-    {"pp", 0, CLI_INT, &(j)->pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},                          \
-    {"cp", 0, CLI_INT, &(j)->cp, 1, 1024, "N",                                                               \
-     "context-parallel ranks (default 1); the job needs tp x cp x pp ranks", NULL},                          \
+    CLI_PAR_OPTS(&(j)->par),                                                                                 \
+    {"device", 0, CLI_STR, &(j)->device, 0, -1, "DEV",                                                       \
+     "where the accuracy measurement runs: cpu (default), cuda or cuda:N (calibration, the AWQ search and "  \
+     "the writing run on the CPU)", NULL},                                                                   \
     {"collective-timeout", 0, CLI_INT, &(j)->timeout_s, 0, 86400, "S",                                      \
      "deadline of every collective in seconds (default 60), also of the wait for rank 0's next tensor "      \
      "while it writes", NULL},                                                                                \
@@ -40,6 +46,9 @@ typedef struct cli_job {
 
 /* Defaults for the options above (before parsing). */
 void cli_job_defaults(cli_job *j);
+/* After parsing: checks the options above (see cli_par_check, and the
+ * device); 0, or 2 after printing cmd's usage error. */
+int cli_job_check(const char *cmd, cli_job *j);
 /* Starts the ranks; 0, or the exit code after printing why. */
 int cli_job_start(cli_job *j);
 /* Ends the job with exit code rc. A failure not every rank saw (shared is

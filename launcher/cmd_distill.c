@@ -40,12 +40,13 @@ static void on_progress(void *user, const cp_distill_progress *p) {
 
 int cp_cli_distill(int argc, char **argv) {
     const char *teacher = NULL, *prompts = NULL, *out = NULL, *device = "cpu", *convert = NULL;
-    int top_k = 20, max_tokens = 128, threads = 0, ctx = 0, tp = 1, pp = 1, cp = 1, timeout_s = 60;
-    int micro = 0;
+    int top_k = 20, max_tokens = 128, threads = 0, ctx = 0, timeout_s = 60;
+    cli_par par;
+    cli_par_defaults(&par);
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 0;
     bool chat = false, no_chat = false, completion_only = false, force = false, json = false;
-    bool no_progress = false, sp = false, kv_f16 = false;
+    bool no_progress = false, kv_f16 = false;
     const cli_opt opts[] = {
         {"teacher", 0, CLI_STR, &teacher, 0, -1, "PATH", "the teacher model (required)", NULL},
         {"prompts", 0, CLI_STR, &prompts, 0, -1, "FILE",
@@ -76,14 +77,7 @@ int cp_cli_distill(int argc, char **argv) {
          NULL},
         {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads per rank", NULL},
         {"device", 0, CLI_STR, &device, 0, -1, "DEV", "cpu (default), cuda or cuda:N", NULL},
-        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks (default 1)", NULL},
-        {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},
-        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
-         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
-        {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL,
-         "sequence parallelism for prompts inside the TP group (needs --tp > 1)", NULL},
-        {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",
-         "pipeline micro-batches per batch (default 4 x --pp)", NULL},
+        CLI_PAR_OPTS(&par),
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
          "deadline of every collective in seconds (default 60)", NULL},
         {"json", 0, CLI_FLAG, &json, 0, -1, NULL, "print the summary as one JSON object", NULL},
@@ -102,10 +96,7 @@ int cp_cli_distill(int argc, char **argv) {
         fprintf(stderr, "cparallel distill: error: give --chat or --no-chat, not both\n");
         return 2;
     }
-    if (sp && tp < 2) {
-        fprintf(stderr, "cparallel distill: error: --sp needs --tp 2 or more\n");
-        return 2;
-    }
+    if ((rc = cli_par_check("distill", &par))) return rc;
     cp_device dev;
     int device_id = -1;
     if (!cli_parse_device(device, &dev, &device_id)) {
@@ -124,7 +115,7 @@ int cp_cli_distill(int argc, char **argv) {
         return 2;
     }
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
+    rc = ranks_init(&rk, par.tp, par.pp, par.cp, timeout_s * 1000);
     if (rc) {
         ranks_free(&rk);
         return rc;
@@ -162,12 +153,11 @@ int cp_cli_distill(int argc, char **argv) {
     }
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     cli_progress lp = {isatty(2), -1};
-    cp_engine_opts eo = ranks_engine_opts(&rk, teacher, dev, device_id, threads, ctx, tp, pp);
+    cp_engine_opts eo = ranks_engine_opts(&rk, teacher, dev, device_id, threads, ctx, par.tp, par.pp);
+    cli_par_apply(&par, &eo);
     eo.kv_f32 = !kv_f16; /* the rows are scored on the KV cache: exact unless asked */
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
-    eo.sp = sp;
-    eo.pp_micro = micro;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;
     eo.progress_user = &lp;
     if (cp_engine_init(&eo, &e) != CP_OK) {

@@ -30,8 +30,10 @@ static void on_progress(void *user, size_t done, size_t total) {
 
 int cp_cli_eval(int argc, char **argv) {
     const char *model = NULL, *text = NULL, *reference = NULL, *device = "cpu", *convert = NULL, *kv_type = NULL;
-    int ctx = 512, stride = 0, max_tokens = 0, threads = 0, tp = 1, pp = 1, cp = 1, timeout_s = 60;
+    int ctx = 512, stride = 0, max_tokens = 0, threads = 0, timeout_s = 60;
     bool json = false, no_progress = false;
+    cli_par par;
+    cli_par_defaults(&par);
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &model, 0, -1, "PATH", "the model to measure (required)", NULL},
         {"text", 0, CLI_STR, &text, 0, -1, "FILE", "UTF-8 text to score (required)", NULL},
@@ -48,11 +50,8 @@ int cp_cli_eval(int argc, char **argv) {
          "score only the first N tokens of the text", NULL},
         {"threads", 0, CLI_INT, &threads, 1, 4096, "N", "CPU threads per rank", NULL},
         {"device", 0, CLI_STR, &device, 0, -1, "DEV", "cpu (default), cuda or cuda:N", NULL},
-        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks (default 1)", NULL},
-        {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1)", NULL},
         {"kv-type", 0, CLI_STR, &kv_type, 0, -1, "TYPE", CLI_KV_TYPE_HELP, NULL},
-        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
-         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
+        CLI_PAR_OPTS(&par),
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
          "deadline of every collective in seconds (default 60)", NULL},
         {"json", 0, CLI_FLAG, &json, 0, -1, NULL, "print the result as one JSON object", NULL},
@@ -67,6 +66,7 @@ int cp_cli_eval(int argc, char **argv) {
                         "eval --help')\n");
         return 2;
     }
+    if ((rc = cli_par_check("eval", &par))) return rc;
     if (stride >= ctx) {
         fprintf(stderr, "cparallel eval: error: --stride %d must be below --ctx %d (windows "
                         "overlap by a token at least, else tokens go unscored)\n", stride, ctx);
@@ -91,7 +91,7 @@ int cp_cli_eval(int argc, char **argv) {
     char *body = NULL;
     if (!cli_read_file("eval", "text", text, 256, &body, &text_len)) return 1;
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
+    rc = ranks_init(&rk, par.tp, par.pp, par.cp, timeout_s * 1000);
     if (rc) {
         ranks_free(&rk);
         free(body);
@@ -100,7 +100,8 @@ int cp_cli_eval(int argc, char **argv) {
     const bool lead = rk.rank == 0;
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     cli_progress lp = {isatty(2), -1};
-    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
+    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, par.tp, par.pp);
+    cli_par_apply(&par, &eo); /* the reference's engine copies these */
     eo.kv_f32 = true; /* exact unless asked: --kv-type measures a cheaper cache */
     if (kv_type) cli_set_kv_type(&eo, kv_dtype);
     eo.convert_weights = convert != NULL;

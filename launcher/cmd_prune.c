@@ -169,6 +169,7 @@ int cp_cli_prune(int argc, char **argv) {
         fprintf(stderr, "cparallel prune: error: --model and --out are required (see 'cparallel prune --help')\n");
         return 2;
     }
+    if ((rc = cli_job_check("prune", &job))) return rc;
     cp_prune_opts po = {.drop_layers = drop, .n_head = heads, .ffn_dim = ffn};
     if (!strcasecmp(method, "wanda")) {
         po.method = CP_PRUNE_WANDA;

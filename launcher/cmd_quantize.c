@@ -89,6 +89,7 @@ int cp_cli_quantize(int argc, char **argv) {
                         "'cparallel quantize --help')\n");
         return 2;
     }
+    if ((rc = cli_job_check("quantize", &job))) return rc;
     cp_dtype t;
     const bool awq = !strcasecmp(type, "awq");
     if (awq) {

@@ -74,12 +74,13 @@ int cp_cli_serve(int argc, char **argv) {
     const char *model = NULL, *host = "127.0.0.1", *api_key = NULL, *model_name = NULL;
     const char *device = "cpu", *convert = NULL, *kv_type = NULL;
     int port = 8080, max_running = 16, max_waiting = 256, ctx = 0, max_tokens_limit = 4096;
-    int max_body = 1 << 20, threads = 0, drain_timeout = 30, tp = 1, pp = 1, cp = 1, prefill_chunk = 0;
-    int timeout_s = 60, micro = 0, max_step_tokens = 0, hook_timeout = 10;
+    int max_body = 1 << 20, threads = 0, drain_timeout = 30, prefill_chunk = 0;
+    int timeout_s = 60, max_step_tokens = 0, hook_timeout = 10;
+    cli_par par;
+    cli_par_defaults(&par);
     const char *region = NULL;
     cli_list hook_specs = {0};
     bool log_prompts = false, kv_f32 = false, no_prefix_cache = false, no_progress = false;
-    bool sp = false;
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &model, 0, -1, "PATH",
          "GGUF file or Hugging Face model directory (required)", NULL},
@@ -121,16 +122,7 @@ int cp_cli_serve(int argc, char **argv) {
         {"log-prompts", 0, CLI_FLAG, &log_prompts, 0, -1, NULL,
          "also log prompts and outputs (off: ids, token counts and timings only)", NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
-        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)",
-         NULL},
-        {"pp", 0, CLI_INT, &pp, 1, 1024, "N",
-         "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
-        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
-         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
-        {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL,
-         "sequence parallelism for prompts inside the TP group (needs --tp > 1)", NULL},
-        {"micro-batches", 0, CLI_INT, &micro, 1, 4096, "N",
-         "pipeline micro-batches per step (default 4 x pp)", NULL},
+        CLI_PAR_OPTS(&par),
         {"collective-timeout", 0, CLI_INT, &timeout_s, 1, 86400, "S",
          "deadline of every collective between ranks, in seconds (default 60)", NULL},
         {"region", 0, CLI_STR, &region, 0, -1, "NAME",
@@ -151,10 +143,7 @@ int cp_cli_serve(int argc, char **argv) {
                 "cparallel serve: error: --model is required (see 'cparallel serve --help')\n");
         return 2;
     }
-    if (sp && tp < 2) {
-        fprintf(stderr, "cparallel serve: error: --sp needs --tp 2 or more\n");
-        return 2;
-    }
+    if ((rc = cli_par_check("serve", &par))) return rc;
     cp_device dev;
     int device_id;
     if (!cli_parse_device(device, &dev, &device_id)) {
@@ -197,7 +186,7 @@ int cp_cli_serve(int argc, char **argv) {
         return 2;
     }
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
+    rc = ranks_init(&rk, par.tp, par.pp, par.cp, timeout_s * 1000);
     if (!rc && rk.size > 1) rc = ranks_learn_peers(&rk);
     if (rc) {
         ranks_free(&rk);
@@ -218,7 +207,8 @@ int cp_cli_serve(int argc, char **argv) {
     }
 
     cli_progress lp = {isatty(2), -1};
-    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
+    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, par.tp, par.pp);
+    cli_par_apply(&par, &eo);
     eo.n_seq = max_running;
     eo.kv_f32 = kv_f32;
     if (kv_type) cli_set_kv_type(&eo, kv_dtype);
@@ -226,8 +216,6 @@ int cp_cli_serve(int argc, char **argv) {
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;
     eo.progress_user = &lp;
-    eo.sp = sp;
-    eo.pp_micro = micro;
     cp_engine_t e = NULL;
     cp_server_t srv = NULL;
     cp_step_link_t link = NULL;
@@ -306,10 +294,10 @@ int cp_cli_serve(int argc, char **argv) {
     sigaction(SIGUSR1, &sa, NULL);
     const char *h = cp_server_host(srv);
     bool v6 = strchr(h, ':') != NULL;
-    if (rk.size > 1 && cp > 1)
-        fprintf(stderr, "cparallel: %d ranks (tp %d x cp %d x pp %d) ready\n", rk.size, tp, cp, pp);
+    if (rk.size > 1 && par.cp > 1)
+        fprintf(stderr, "cparallel: %d ranks (tp %d x cp %d x pp %d) ready\n", rk.size, par.tp, par.cp, par.pp);
     else if (rk.size > 1)
-        fprintf(stderr, "cparallel: %d ranks (tp %d x pp %d) ready\n", rk.size, tp, pp);
+        fprintf(stderr, "cparallel: %d ranks (tp %d x pp %d) ready\n", rk.size, par.tp, par.pp);
     fprintf(stderr, "cparallel: serving %s on http://%s%s%s:%d\n", model_name, v6 ? "[" : "", h,
             v6 ? "]" : "", cp_server_port(srv));
     fflush(stderr);

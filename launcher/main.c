@@ -36,12 +36,13 @@ static bool print_token(void *user, int32_t token, const char *piece, size_t len
 }
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL, *kv_type = NULL,
-               *cp_exchange = NULL;
+    const char *model = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *convert = NULL, *kv_type = NULL;
     bool chat = false, ignore_eos = false, kv_f32 = false, no_progress = false, seed_seen = false;
-    bool template_system = false, sp = false;
+    bool template_system = false;
     const char *device = "cpu";
-    int n = 256, threads = 0, ctx = 0, top_k = 40, tp = 1, pp = 1, cp = 1, timeout_s = 60, micro = 0;
+    int n = 256, threads = 0, ctx = 0, top_k = 40, timeout_s = 60;
+    cli_par par;
+    cli_par_defaults(&par);
     float temperature = 0.8f, top_p = 0.95f, min_p = 0.05f;
     uint64_t seed = 0;
     const cli_opt opts[] = {
@@ -67,16 +68,7 @@ static int cmd_generate(int argc, char **argv) {
         {"kv-type", 0, CLI_STR, &kv_type, 0, -1, "TYPE", CLI_KV_TYPE_HELP, NULL},
         {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", CLI_CONVERT_HELP, NULL},
         {"no-progress", 0, CLI_FLAG, &no_progress, 0, -1, NULL, "do not print load progress", NULL},
-        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "tensor-parallel ranks per pipeline stage (default 1)", NULL},
-        {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "pipeline stages (default 1); the job needs tp x pp ranks", NULL},
-        {"cp", 0, CLI_INT, &cp, 1, 1024, "N",
-         "context-parallel ranks: each computes every N-th position and keeps its KV cache (CPU; default 1); the job needs tp x cp x pp ranks", NULL},
-        {"cp-exchange", 0, CLI_STR, &cp_exchange, 0, -1, "HOW",
-         "what the cp ranks pass in attention: auto (default: the smaller per sequence, K/V for a fresh prompt, "
-         "queries for decode), queries or kv", NULL},
-        {"sp", 0, CLI_FLAG, &sp, 0, -1, NULL, "sequence parallelism for the prompt inside the TP group (needs --tp > 1)", NULL},
-        {"micro-batches", 0, CLI_INT, &micro, 1, 1024, "N",
-         "cut each batch into N micro-batches so pipeline stages overlap (default 4 x --pp)", NULL},
+        CLI_PAR_OPTS(&par),
         {"collective-timeout", 0, CLI_INT, &timeout_s, 0, 86400, "S",
          "seconds before a collective that a rank misses fails (default 60, 0 = never)", NULL},
         {0},
@@ -92,10 +84,7 @@ static int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "cparallel generate: error: give exactly one of --prompt and --prompt-file\n");
         return 2;
     }
-    if (sp && tp < 2) {
-        fprintf(stderr, "cparallel generate: error: --sp needs --tp 2 or more\n");
-        return 2;
-    }
+    if ((rc = cli_par_check("generate", &par))) return rc;
     if ((system || template_system) && !chat) {
         fprintf(stderr, "cparallel generate: error: --%s needs --chat\n", system ? "system" : "template-system");
         return 2;
@@ -113,19 +102,13 @@ static int cmd_generate(int argc, char **argv) {
     }
     cp_dtype kv_dtype = CP_DTYPE_F32;
     if (kv_type && !cli_parse_kv_type("generate", kv_type, &kv_dtype)) return 2;
-    int exchange = CP_CP_AUTO;
-    if (cp_exchange && !cp_cp_exchange_parse(cp_exchange, &exchange)) {
-        fprintf(stderr, "cparallel generate: error: invalid value '%s' for --cp-exchange (expected auto, queries or kv)\n",
-                cp_exchange);
-        return 2;
-    }
     char *file_text = NULL;
     if (prompt_file) {
         if (!cli_read_file("generate", "prompt file", prompt_file, 64, &file_text, NULL)) return 1;
         prompt = file_text;
     }
     ranks rk;
-    rc = ranks_init(&rk, tp, pp, cp, timeout_s * 1000);
+    rc = ranks_init(&rk, par.tp, par.pp, par.cp, timeout_s * 1000);
     if (rc) {
         ranks_free(&rk);
         free(file_text);
@@ -147,16 +130,14 @@ static int cmd_generate(int argc, char **argv) {
 
     ranks_node_defaults(&rk, dev, &threads, &device_id);
     cli_progress ps = {isatty(2), -1};
-    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, tp, pp);
+    cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, par.tp, par.pp);
+    cli_par_apply(&par, &eo);
     eo.kv_f32 = kv_f32;
     if (kv_type) cli_set_kv_type(&eo, kv_dtype);
     eo.convert_weights = convert != NULL;
     eo.weight_dtype = convert_dtype;
     eo.progress = no_progress || !lead ? NULL : cli_on_progress;
     eo.progress_user = &ps;
-    eo.sp = sp;
-    eo.pp_micro = micro;
-    eo.cp_exchange = exchange;
     cp_engine_t e = NULL;
     int32_t *ids = NULL;
     size_t n_ids = 0;
@@ -224,20 +205,24 @@ out:
 static int cmd_inspect(int argc, char **argv) {
     const char *model = NULL;
     bool tensors = false;
-    int tp = 1, pp = 1;
+    cli_par par; /* the layout whose shares are printed */
+    cli_par_defaults(&par);
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &model, 0, -1, "PATH", "GGUF file or Hugging Face model directory (required)", NULL},
         {"tensors", 0, CLI_FLAG, &tensors, 0, -1, NULL, "also list every tensor", NULL},
-        {"tp", 0, CLI_INT, &tp, 1, 1024, "N", "also print what each of N tensor-parallel ranks holds", NULL},
-        {"pp", 0, CLI_INT, &pp, 1, 1024, "N", "... and each of N pipeline stages", NULL},
+        CLI_LAYOUT_OPTS(&par),
         {0},
     };
-    int rc = cli_parse("inspect", "--model PATH [--tensors] [--tp N] [--pp N]", opts, argc, argv, 2);
+    int rc = cli_parse("inspect",
+                       "--model PATH [--tensors] [--tp N] [--cp N] [--pp N [--pp-edge-layers N]]\n"
+                       "       (with a layout of more than one rank, also what each rank holds)",
+                       opts, argc, argv, 2);
     if (rc) return rc == 1 ? 0 : rc;
     if (!model) {
         fprintf(stderr, "cparallel inspect: error: --model is required (see 'cparallel inspect --help')\n");
         return 2;
     }
+    if ((rc = cli_par_check("inspect", &par))) return rc;
     cp_backend_t be = NULL;
     cp_model_t m = NULL;
     cp_tokenizer_t tok = NULL;
@@ -297,12 +282,23 @@ static int cmd_inspect(int argc, char **argv) {
                        w->nbytes);
             }
     }
-    if (tp * pp > 1) {
-        printf("sharding:        tp=%d x pp=%d (rank = stage * tp + tp rank)\n", tp, pp);
-        printf("  %4s %5s %3s %9s %9s %11s %13s %14s %8s\n", "rank", "stage", "tp", "layers", "heads", "kv heads",
-               "ffn cols", "vocab rows", "MB");
-        for (int r = 0; r < tp * pp; r++) {
-            cp_model_load_opts so = {.backend = be, .tp = tp, .pp = pp, .rank = r, .inspect_only = true};
+    const int tp = par.tp, pp = par.pp, cp = par.cp;
+    if (tp * cp * pp > 1) {
+        if (cp > 1)
+            printf("sharding:        tp=%d x cp=%d x pp=%d (rank = (stage * cp + cp rank) * tp + tp rank; the cp "
+                   "ranks of a stage and TP rank hold the same weights)\n",
+                   tp, cp, pp);
+        else
+            printf("sharding:        tp=%d x pp=%d (rank = stage * tp + tp rank)\n", tp, pp);
+        if (par.edge)
+            printf("edge stages:     %d layer%s fewer each on the first and the last stage, given to the middle "
+                   "ones\n",
+                   par.edge, par.edge > 1 ? "s" : "");
+        printf("  %4s %5s%s %3s %9s %9s %11s %13s %14s %8s\n", "rank", "stage", cp > 1 ? "  cp" : "", "tp", "layers",
+               "heads", "kv heads", "ffn cols", "vocab rows", "MB");
+        for (int r = 0; r < tp * cp * pp; r++) {
+            cp_model_load_opts so = {.backend = be, .tp = tp, .pp = pp, .cp = cp, .rank = r,
+                                     .edge_layer_discount = par.edge, .inspect_only = true};
             cp_model_t sm = NULL;
             if (cp_model_load(model, &so, &sm) != CP_OK) {
                 cli_report_error("cannot shard the model");
@@ -318,8 +314,10 @@ static int cmd_inspect(int argc, char **argv) {
             snprintf(kv, sizeof(kv), "%d-%d%s", p->kv_head_begin, p->kv_head_end - 1, p->kv_replicas > 1 ? "*" : "");
             snprintf(ff, sizeof(ff), "%d-%d", p->ffn_begin, p->ffn_end - 1);
             snprintf(vo, sizeof(vo), "%d-%d", p->vocab_begin, p->vocab_end - 1);
-            printf("  %4d %5d %3d %9s %9s %11s %13s %14s %8.1f\n", r, p->pp_rank, p->tp_rank, lay, hd, kv, ff, vo,
-                   ss.weight_bytes / 1e6);
+            char cpr[8] = "";
+            if (cp > 1) snprintf(cpr, sizeof(cpr), " %3d", p->cp_rank);
+            printf("  %4d %5d%s %3d %9s %9s %11s %13s %14s %8.1f\n", r, p->pp_rank, cpr, p->tp_rank, lay, hd, kv, ff,
+                   vo, ss.weight_bytes / 1e6);
             cp_model_free(sm);
         }
     }

@@ -17,6 +17,8 @@ extern "C" {
 #include <fstream>
 #include <regex>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -62,6 +64,10 @@ int count_lines(const std::string &s) {
     for (char c : s) n += c == '\n';
     return n;
 }
+
+// The evaluation text (below), and a number in a JSON line.
+std::string eval_text();
+double json_number(const std::string &json, const std::string &key);
 
 TEST(Cli, HelpAndVersion) {
     Result r = run("--help");
@@ -154,6 +160,21 @@ TEST(Cli, DeviceCudaWorksOrSaysWhyNot) {
         EXPECT_NE(r.err.find("CUDA"), std::string::npos) << r.err;
         EXPECT_EQ(count_lines(r.err), 1) << r.err;
     }
+    // quantize measures the written model on the device (it quantizes on the CPU)
+    const std::string text = eval_text();
+    if (text.empty()) return;
+    const std::string out = ::testing::TempDir() + "quant_cuda_" + std::to_string(getpid()) + ".gguf";
+    r = run("quantize --no-progress --model " + model() + " --out " + out + " --type q8_0 --device cuda" +
+            " --eval-ctx 64 --eval-tokens 128 --eval-text " + text);
+    if (gpu) {
+        EXPECT_EQ(r.code, 0) << r.err;
+    } else {
+        EXPECT_EQ(r.code, 1) << r.err;
+        EXPECT_NE(r.err.find("cannot load the original model"), std::string::npos) << r.err;
+        EXPECT_NE(r.err.find("CUDA"), std::string::npos) << r.err;
+        EXPECT_FALSE(std::ifstream(out).good()) << "nothing may be left at --out";
+    }
+    unlink(out.c_str());
 }
 
 TEST(Cli, PromptLongerThanContextIsAnError) {
@@ -226,6 +247,108 @@ TEST(Cli, InspectShowsEachRanksShare) {
     EXPECT_NE(r.err.find("valid tp: 1, 3, 9"), std::string::npos) << r.err;
 }
 
+// Every command that runs a model takes the same parallel options (one
+// table in launcher/cli.h): each is listed in its help, a valid set of
+// them gets through parsing and checking to the rank count (the only thing
+// wrong here: one process, not the 9 they ask for), and each bad value is
+// one line naming the option.
+TEST(Cli, ParallelFlagsOnEveryModelCommand) {
+    const std::string cmds[] = {
+        "generate --model m.gguf --prompt hi",
+        "eval --model m.gguf --text /dev/null",
+        "distill --teacher m.gguf --prompts p.jsonl --out o",
+        "serve --model m.gguf --port 0",
+        "quantize --model m.gguf --out q.gguf --type q8_0 --no-eval",
+        "prune --model m.gguf --out p.gguf --sparsity 0.5 --no-eval --calib /dev/null",
+    };
+    const char *flags[] = {"--tp", "--pp", "--cp", "--sp", "--micro-batches", "--cp-exchange", "--pp-edge-layers"};
+    for (const std::string &c : cmds) {
+        const std::string name = c.substr(0, c.find(' '));
+        Result h = run(name + " --help");
+        EXPECT_EQ(h.code, 0) << name;
+        for (const char *f : flags)
+            EXPECT_NE(h.out.find(std::string("  ") + f + " "), std::string::npos) << name << " " << f;
+        if (name == "quantize" || name == "prune") EXPECT_NE(h.out.find("--device DEV"), std::string::npos) << name;
+        Result ok = run(c + " --tp 3 --pp 3 --sp --micro-batches 2 --cp-exchange kv --pp-edge-layers 1");
+        EXPECT_EQ(ok.code, 2) << c << "\n" << ok.err;
+        EXPECT_NE(ok.err.find("--tp 3 x --pp 3 = 9 ranks, but the job has 1"), std::string::npos)
+            << c << "\n" << ok.err;
+        struct {
+            std::string args, expect;
+        } bad[] = {
+            {" --micro-batches 0", "invalid value '0' for --micro-batches (expected an integer from 1 to 4096)"},
+            {" --cp-exchange sideways", "invalid value 'sideways' for --cp-exchange (expected auto, queries or kv)"},
+            {" --pp-edge-layers -1", "invalid value '-1' for --pp-edge-layers"},
+            {" --pp 2 --pp-edge-layers 1", "--pp-edge-layers needs --pp 3 or more"},
+            {" --sp", "--sp needs --tp 2 or more"},
+            {" --cp 0", "invalid value '0' for --cp"},
+            {" --device tpu", "invalid value 'tpu' for --device (expected cpu, cuda or cuda:N)"},
+        };
+        for (auto &b : bad) {
+            Result r = run(c + b.args);
+            EXPECT_EQ(r.code, 2) << c << b.args << "\n" << r.err;
+            EXPECT_NE(r.err.find("cparallel " + name + ": error: " + b.expect), std::string::npos)
+                << c << b.args << "\nstderr: " << r.err;
+            EXPECT_EQ(count_lines(r.err), 1) << c << b.args << "\nstderr: " << r.err;
+        }
+    }
+    // inspect takes the layout: tp, cp, pp and the edge layers
+    Result h = run("inspect --help");
+    for (const char *f : {"--tp", "--pp", "--cp", "--pp-edge-layers"})
+        EXPECT_NE(h.out.find(std::string("  ") + f + " "), std::string::npos) << f;
+    Result r = run("inspect --model m.gguf --cp 0");
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("invalid value '0' for --cp"), std::string::npos) << r.err;
+    r = run("inspect --model m.gguf --pp 2 --pp-edge-layers 1");
+    EXPECT_EQ(r.code, 2);
+    EXPECT_NE(r.err.find("--pp-edge-layers needs --pp 3 or more"), std::string::npos) << r.err;
+}
+
+// What each of the three stages holds with and without --pp-edge-layers:
+// an even split of the 30 layers is 10 each; 2 edge layers move 2 off the
+// first stage (which also holds the embedding) and 2 off the last (the tied
+// LM head) to the middle one. cp ranks hold their stage's weights.
+TEST(Cli, InspectShowsTheEdgeLayersAndContextParallelRanks) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    auto rows = [](const std::string &out) {
+        std::vector<std::pair<std::string, double>> v; // layers, MB per rank
+        std::regex row("\\n +\\d+ +\\d+ +\\d+ +(\\d+-\\d+) .* ([0-9.]+)(?=\\n)");
+        for (std::sregex_iterator it(out.begin(), out.end(), row), end; it != end; ++it)
+            v.push_back({(*it)[1], std::stod((*it)[2])});
+        return v;
+    };
+    Result even = run("inspect --model " + model() + " --pp 3");
+    ASSERT_EQ(even.code, 0) << even.err;
+    Result edge = run("inspect --model " + model() + " --pp 3 --pp-edge-layers 2");
+    ASSERT_EQ(edge.code, 0) << edge.err;
+    auto e = rows(even.out), d = rows(edge.out);
+    ASSERT_EQ(e.size(), 3u) << even.out;
+    ASSERT_EQ(d.size(), 3u) << edge.out;
+    EXPECT_EQ(e[0].first, "0-9");
+    EXPECT_EQ(e[1].first, "10-19");
+    EXPECT_EQ(e[2].first, "20-29");
+    EXPECT_EQ(d[0].first, "0-7");
+    EXPECT_EQ(d[1].first, "8-21");
+    EXPECT_EQ(d[2].first, "22-29");
+    EXPECT_LT(d[0].second, e[0].second);
+    EXPECT_GT(d[1].second, e[1].second);
+    EXPECT_LT(d[2].second, e[2].second);
+    EXPECT_NE(edge.out.find("2 layers fewer each on the first and the last stage"), std::string::npos) << edge.out;
+    Result none = run("inspect --model " + model() + " --pp 3 --pp-edge-layers 10");
+    EXPECT_EQ(none.code, 1);
+    EXPECT_NE(none.err.find("edge layer discount 10 leaves a stage without layers"), std::string::npos) << none.err;
+    Result cp = run("inspect --model " + model() + " --tp 3 --cp 2 --pp 2");
+    ASSERT_EQ(cp.code, 0) << cp.err;
+    EXPECT_NE(cp.out.find("tp=3 x cp=2 x pp=2"), std::string::npos) << cp.out;
+    // rank 4 = (stage 0 * 2 + cp rank 1) * 3 + tp rank 1: rank 1's share
+    EXPECT_NE(cp.out.find("     4     0   1   1      0-14       3-5         1-1      512-1023    16384-32767"),
+              std::string::npos)
+        << cp.out;
+    EXPECT_NE(cp.out.find("    11     1   1   2     15-29       6-8         2-2     1024-1535    32768-49151"),
+              std::string::npos)
+        << cp.out;
+}
+
 // mpirun from PATH, allowed to run as root and to oversubscribe the cores.
 std::string mpirun(int np) {
     if (system("command -v mpirun >/dev/null 2>&1") != 0) return "";
@@ -271,6 +394,60 @@ TEST(Cli, MultiRankGenerateEqualsSingleRank) {
     EXPECT_EQ(cp.out, one_f32.out);
 }
 
+// --pp-edge-layers under mpirun: stages of 8, 14 and 8 layers generate what
+// one rank does (pipeline stages run one rank's operations in its order)
+// and eval scores the same perplexity; a discount that would leave a stage
+// without layers is refused by the plan of every command that loads the
+// model, so the value reaches each of them.
+TEST(Cli, EdgeLayersReachEveryModelCommand) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    if (mpirun(3).empty()) GTEST_SKIP() << "mpirun not installed";
+    const std::string gen = "generate --no-progress --model " + model() +
+                            " --prompt 'The capital of France is' --temperature 0 -n 16 --kv-f32";
+    Result one = run(gen);
+    ASSERT_EQ(one.code, 0) << one.err;
+    Result three = run_mpi(3, gen + " --pp 3 --pp-edge-layers 2 --micro-batches 2");
+    ASSERT_EQ(three.code, 0) << three.err;
+    EXPECT_EQ(three.out, one.out);
+    const std::string text = eval_text();
+    if (!text.empty()) {
+        const std::string ev = "eval --no-progress --json --model " + model() + " --text " + text +
+                               " --ctx 64 --max-tokens 128";
+        Result a = run(ev), b = run_mpi(3, ev + " --pp 3 --pp-edge-layers 2");
+        ASSERT_EQ(a.code, 0) << a.err;
+        ASSERT_EQ(b.code, 0) << b.err;
+        const double ppl = json_number(a.out, "ppl");
+        EXPECT_NEAR(json_number(b.out, "ppl"), ppl, 1e-6 * ppl) << b.out;
+    }
+    const std::string dir = ::testing::TempDir() + "edge_" + std::to_string(getpid()) + "/";
+    ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+    {
+        std::ofstream(dir + "p.jsonl") << "{\"prompt\": \"hi\"}\n";
+    }
+    std::vector<std::string> cmds = {
+        gen,
+        "eval --no-progress --model " + model() + " --text /dev/null",
+        "distill --no-progress --teacher " + model() + " --prompts " + dir + "p.jsonl --out " + dir + "d",
+        "serve --no-progress --model " + model() + " --port 0",
+    };
+    // the optimizers calibrate first: the plan refuses before anything is written
+    if (!text.empty()) {
+        cmds.push_back("quantize --no-progress --model " + model() + " --out " + dir +
+                       "q.gguf --type awq --no-eval --calib-tokens 32 --calib " + text);
+        cmds.push_back("prune --no-progress --model " + model() + " --out " + dir +
+                       "p.gguf --sparsity 0.5 --no-eval --calib-tokens 32 --calib " + text);
+    }
+    for (const std::string &c : cmds) {
+        Result r = run_mpi(3, c + " --pp 3 --pp-edge-layers 10");
+        EXPECT_NE(r.code, 0) << c;
+        EXPECT_NE(r.err.find("edge layer discount 10 leaves a stage without layers"), std::string::npos)
+            << c << "\n" << r.err;
+    }
+    EXPECT_FALSE(std::ifstream(dir + "q.gguf").good());
+    EXPECT_FALSE(std::ifstream(dir + "p.gguf").good());
+    EXPECT_EQ(system(("rm -rf '" + dir + "'").c_str()), 0);
+}
+
 // English prose nobody on the project wrote: the Python tutorial's first
 // chapter, from Debian's python3-doc (scripts/install_deps.sh installs it).
 std::string eval_text() {
@@ -304,16 +481,16 @@ TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
     EXPECT_DOUBLE_EQ(json_number(one.out, "top1"), 1.0) << one.out;
     EXPECT_LT(json_number(one.out, "kl_max"), 1e-9) << one.out;
     if (!mpirun(2).empty()) {
-        Result two = run_mpi(2, args + " --pp 2");
+        Result two = run_mpi(2, args + " --pp 2 --micro-batches 3");
         ASSERT_EQ(two.code, 0) << two.err;
-        // pipeline stages compute what one rank does
+        // pipeline stages compute what one rank does, in any micro-batches
         EXPECT_NEAR(json_number(two.out, "ppl"), ppl, 1e-6 * ppl) << two.out;
         // context parallelism merges attention in another order: on f32
         // weights (see MultiRankGenerateEqualsSingleRank) fp32 rounding
         // only, far below the 1e-2 a lost position would cost
         Result one_f32 = run(args + " --convert f32");
         ASSERT_EQ(one_f32.code, 0) << one_f32.err;
-        Result cp = run_mpi(2, args + " --convert f32 --cp 2");
+        Result cp = run_mpi(2, args + " --convert f32 --cp 2 --cp-exchange queries");
         ASSERT_EQ(cp.code, 0) << cp.err;
         const double ppl_f32 = json_number(one_f32.out, "ppl");
         EXPECT_NEAR(json_number(cp.out, "ppl"), ppl_f32, 1e-5 * ppl_f32) << cp.out;
@@ -424,18 +601,26 @@ TEST(Cli, OptimizeAcrossRanks) {
                               " --sparsity 0.5 --drop-layers 1 --no-eval --calib-tokens 128 --out " + dir;
     Result one = run(prune + "one.gguf");
     ASSERT_EQ(one.code, 0) << one.err;
-    Result two = run_mpi(2, prune + "two.gguf --pp 2");
+    Result two = run_mpi(2, prune + "two.gguf --pp 2 --micro-batches 3");
     ASSERT_EQ(two.code, 0) << two.err;
     EXPECT_EQ(slurp(dir + "one.gguf"), slurp(dir + "two.gguf")) << "pp 2 must write what one rank writes";
     EXPECT_EQ(count_lines(two.out), count_lines(one.out)) << "only rank 0 prints:\n" << two.out;
     // the gate across tp 3 ranks: Q4_K of the Q4_1 weights rises > 5%
+    // (the measurement with sequence parallelism: the same verdict)
     Result q = run_mpi(3, "quantize --no-progress --model " + model() + " --out " + dir +
-                              "q.gguf --type q4_k --eval-ctx 128 --eval-tokens 300 --tp 3");
+                              "q.gguf --type q4_k --eval-ctx 128 --eval-tokens 300 --tp 3 --sp");
     EXPECT_NE(q.code, 0) << q.out << q.err;
     size_t at = q.err.find("not written: perplexity rose by");
     EXPECT_NE(at, std::string::npos) << q.err;
     EXPECT_EQ(q.err.find("not written", at + 1), std::string::npos) << "reported once:\n" << q.err;
     EXPECT_NE(q.out.find("KL(orig || new)"), std::string::npos) << q.out;
+    // --sp: the calibration runs without it (statistics need whole rows)
+    // and gets to the plan, which then refuses 4 heads of 3 KV heads
+    Result sp = run_mpi(3, "prune --no-progress --model " + model() + " --out " + dir +
+                               "h.gguf --heads 4 --no-eval --calib-tokens 32 --tp 3 --sp");
+    EXPECT_NE(sp.code, 0);
+    EXPECT_NE(sp.err.find("--heads 4"), std::string::npos) << sp.err;
+    EXPECT_EQ(sp.err.find("sequence parallelism"), std::string::npos) << sp.err;
     // a layout the model cannot take is one clear error
     Result bad = run_mpi(2, "quantize --no-progress --no-eval --model " + model() + " --out " + dir +
                                 "b.gguf --type awq --tp 2");
