@@ -506,12 +506,40 @@ static void convert_free(convert_ctx *c) {
     free(c->scratch);
 }
 
-/* The metadata to write: the source's, with the edit's integers set. */
+/* llama.cpp's general.file_type of a file quantized to t (its
+ * llama_ftype: "mostly" t), or -1 when t has none. A K-quant target names
+ * the small variant (Q4_K_S): rows that are not whole super-blocks fall
+ * back to a 32-element type, as llama.cpp's own do. */
+static int64_t llama_file_type(cp_dtype t) {
+    switch (t) {
+    case CP_DTYPE_F32: return 0;
+    case CP_DTYPE_F16: return 1;
+    case CP_DTYPE_Q4_0: return 2;
+    case CP_DTYPE_Q4_1: return 3;
+    case CP_DTYPE_Q8_0: return 7;
+    case CP_DTYPE_Q5_0: return 8;
+    case CP_DTYPE_Q5_1: return 9;
+    case CP_DTYPE_Q4_K: return 14;
+    case CP_DTYPE_Q5_K: return 16;
+    case CP_DTYPE_Q6_K: return 18;
+    case CP_DTYPE_BF16: return 32;
+    default: return -1;
+    }
+}
+
+/* The metadata to write: the source's, with the edit's integers set, and
+ * general.file_type naming the target type when every matrix gets it. */
 static cp_status metadata(cp_gguf_t g, const cp_quantize_opts *o, void **owned, const void **kv, size_t *len,
                           int64_t *n_kv) {
     *owned = NULL;
-    if (o->edit && o->edit->n_kv_set) {
-        CP_CHECK(cp_gguf_kv_bytes_with(g, o->edit->kv_set, o->edit->n_kv_set, owned, len, n_kv));
+    cp_gguf_kv_u32 set[9];
+    int n = 0;
+    for (int i = 0; o->edit && i < o->edit->n_kv_set && i < 8; i++)
+        set[n++] = o->edit->kv_set[i];
+    const int64_t ft = o->keep_types ? -1 : llama_file_type(o->type);
+    if (ft >= 0) set[n++] = (cp_gguf_kv_u32){"general.file_type", (uint32_t)ft};
+    if (n) {
+        CP_CHECK(cp_gguf_kv_bytes_with(g, set, n, owned, len, n_kv));
         *kv = *owned;
         return CP_OK;
     }

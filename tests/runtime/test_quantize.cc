@@ -76,10 +76,22 @@ TEST(Quantize, Q8KeepsTheFileAndTheModel) {
     {
         Gguf a(model_path()), b(out);
         ASSERT_TRUE(a.g && b.g);
+        // the metadata is copied as is, but for general.file_type, which
+        // names the new type as llama.cpp's own files do (MOSTLY_Q8_0 = 7)
+        const cp_gguf_kv_u32 ft = {"general.file_type", 7};
+        void *want = nullptr;
         size_t la = 0, lb = 0;
-        const void *ka = cp_gguf_kv_bytes(a.g, &la), *kb = cp_gguf_kv_bytes(b.g, &lb);
+        int64_t n_kv = 0;
+        ASSERT_EQ(cp_gguf_kv_bytes_with(a.g, &ft, 1, &want, &la, &n_kv), CP_OK) << cp_last_error();
+        const void *kb = cp_gguf_kv_bytes(b.g, &lb);
         ASSERT_EQ(la, lb);
-        EXPECT_EQ(memcmp(ka, kb, la), 0) << "the metadata is copied as is";
+        EXPECT_EQ(memcmp(want, kb, la), 0) << "the source's metadata, with the new file type";
+        free(want);
+        uint64_t a_ft = 0, b_ft = 0;
+        ASSERT_EQ(cp_gguf_get_u64(a.g, "general.file_type", &a_ft), CP_OK) << cp_last_error();
+        ASSERT_EQ(cp_gguf_get_u64(b.g, "general.file_type", &b_ft), CP_OK) << cp_last_error();
+        EXPECT_EQ(a_ft, 3u); // MOSTLY_Q4_1
+        EXPECT_EQ(b_ft, 7u);
         ASSERT_EQ(cp_gguf_n_tensors(a.g), cp_gguf_n_tensors(b.g));
         int matrices = 0;
         for (int64_t i = 0; i < cp_gguf_n_tensors(a.g); i++) {
