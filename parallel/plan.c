@@ -81,6 +81,12 @@ cp_status cp_plan_init(const cp_plan_shape *s, const cp_plan_opts *o, int rank, 
                             "tp=%d does not fit %d query heads and %d key/value heads (tp must divide the "
                             "query heads and divide or be a multiple of the key/value heads); valid tp: %s",
                             o->tp, s->n_head, s->n_head_kv, valid);
+        const int blocks = s->row_block > 0 ? (s->ffn_dim + s->row_block - 1) / s->row_block : s->ffn_dim;
+        if (blocks < o->tp)
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "tp=%d ranks but the FFN (%d) has only %d quantization blocks of %d elements to "
+                            "share out; valid tp: %s",
+                            o->tp, s->ffn_dim, blocks, s->row_block, valid);
         return CP_ERROR(CP_ERR_INVALID_ARG,
                         "tp=%d would cut a quantization block of %d elements in the FFN (%d) or attention "
                         "output rows; valid tp: %s",
@@ -109,10 +115,13 @@ cp_status cp_plan_init(const cp_plan_shape *s, const cp_plan_opts *o, int rank, 
         counts[i] = e - b;
     }
     int d = o->edge_layer_discount;
-    if (d < 0) return CP_ERROR(CP_ERR_INVALID_ARG, "edge layer discount must be >= 0");
+    if (d < 0) return CP_ERROR(CP_ERR_INVALID_ARG, "edge layer discount (--pp-edge-layers) must be >= 0");
     if (d > 0 && o->pp > 2) {
         if (counts[0] - d < 1 || counts[o->pp - 1] - d < 1)
-            return CP_ERROR(CP_ERR_INVALID_ARG, "edge layer discount %d leaves a stage without layers", d);
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "--pp-edge-layers %d leaves the first or last stage without layers (they have %d "
+                            "and %d of %d)",
+                            d, counts[0], counts[o->pp - 1], s->n_layer);
         counts[0] -= d;
         counts[o->pp - 1] -= d;
         for (int k = 0; k < 2 * d; k++) counts[1 + k % (o->pp - 2)]++;

@@ -336,7 +336,7 @@ TEST(Cli, InspectShowsTheEdgeLayersAndContextParallelRanks) {
     EXPECT_NE(edge.out.find("2 layers fewer each on the first and the last stage"), std::string::npos) << edge.out;
     Result none = run("inspect --model " + model() + " --pp 3 --pp-edge-layers 10");
     EXPECT_EQ(none.code, 1);
-    EXPECT_NE(none.err.find("edge layer discount 10 leaves a stage without layers"), std::string::npos) << none.err;
+    EXPECT_NE(none.err.find("--pp-edge-layers 10 leaves the first or last stage without layers"), std::string::npos) << none.err;
     Result cp = run("inspect --model " + model() + " --tp 3 --cp 2 --pp 2");
     ASSERT_EQ(cp.code, 0) << cp.err;
     EXPECT_NE(cp.out.find("tp=3 x cp=2 x pp=2"), std::string::npos) << cp.out;
@@ -440,7 +440,7 @@ TEST(Cli, EdgeLayersReachEveryModelCommand) {
     for (const std::string &c : cmds) {
         Result r = run_mpi(3, c + " --pp 3 --pp-edge-layers 10");
         EXPECT_NE(r.code, 0) << c;
-        EXPECT_NE(r.err.find("edge layer discount 10 leaves a stage without layers"), std::string::npos)
+        EXPECT_NE(r.err.find("--pp-edge-layers 10 leaves the first or last stage without layers"), std::string::npos)
             << c << "\n" << r.err;
     }
     EXPECT_FALSE(std::ifstream(dir + "q.gguf").good());

@@ -184,6 +184,13 @@ TEST(Plan, RefusesLayoutsThatDoNotFitAndNamesValidOnes) {
     EXPECT_EQ(cp_plan_init(&k, &tp4, 0, &p), CP_ERR_INVALID_ARG);
     EXPECT_NE(std::string(cp_last_error_detail()).find("quantization block"), std::string::npos);
 
+    // FFN 224 is 7 blocks of 32: 8 ranks cannot each get one
+    cp_plan_shape few = {4, 8, 8, 16, 224, 101, 32};
+    cp_plan_opts tp8 = {8, 1, 0};
+    EXPECT_EQ(cp_plan_init(&few, &tp8, 0, &p), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error_detail()).find("only 7 quantization blocks of 32"), std::string::npos)
+        << cp_last_error_detail();
+
     // a mixed model: 256-element blocks in FFN down, 32 in the attention
     // output (SmolLM2 quantized to Q4_K, whose 576-wide rows fall back to Q4_0)
     cp_plan_shape mixed = {30, 9, 3, 64, 1536, 49152, 256, 32};
