@@ -549,19 +549,29 @@ class OwnServer(unittest.TestCase):
             s.kill()
 
     def test_sigterm_drains(self):
-        s = Server("--drain-timeout", "30")
+        # SIGTERM under load: two requests run (--max-running 2) and three
+        # wait for a slot, two of the five streamed; every accepted request
+        # still completes in full, new ones get 503, and the exit code is 0
+        s = Server("--drain-timeout", "60", "--max-running", "2")
         try:
-            result = {}
+            n, tokens = 5, 60
+            results = [None] * n
 
-            def long_request():
-                result["r"] = s.post("/v1/completions", {"prompt": "Write an essay.", "max_tokens": 200,
-                                                         "ignore_eos": True, "temperature": 0})
+            def one(i):
+                body = {"prompt": f"Essay {i}: write about rivers.", "max_tokens": tokens, "ignore_eos": True,
+                        "temperature": 0, "stream": i % 3 == 1}
+                status, headers, data = s.request("POST", "/v1/completions", body)
+                results[i] = (status, data)
 
-            t = threading.Thread(target=long_request)
-            t.start()
-            deadline = time.time() + 20
-            while time.time() < deadline and s.metrics()["cparallel_running_sequences"] < 1:
-                time.sleep(0.05)
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in ts:
+                t.start()
+            deadline, loaded = time.time() + 30, False
+            while time.time() < deadline and not loaded:
+                m = s.metrics()
+                loaded = m["cparallel_running_sequences"] >= 2 and m["cparallel_waiting_requests"] >= 1
+                time.sleep(0.02)
+            self.assertTrue(loaded, "two requests running and one waiting before the SIGTERM")
             s.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             try:
@@ -571,11 +581,19 @@ class OwnServer(unittest.TestCase):
                 self.assertEqual(s.get("/health/ready")[0], 503)
             except (ConnectionError, OSError):
                 pass  # refused: the daemon is already gone
-            t.join(60)
-            st, r, _ = result["r"]
-            self.assertEqual(st, 200, r)
-            self.assertEqual(r["usage"]["completion_tokens"], 200)
-            self.assertEqual(r["choices"][0]["finish_reason"], "length")
+            for t in ts:
+                t.join(120)
+            for i, (st, data) in enumerate(results):
+                self.assertEqual(st, 200, (i, data[:200]))
+                if i % 3 == 1:
+                    events, done = sse_events(data)
+                    self.assertTrue(done, i)
+                    self.assertEqual(events[-1]["choices"][0]["finish_reason"], "length", i)
+                    self.assertTrue("".join(e["choices"][0]["text"] for e in events), i)
+                else:
+                    r = json.loads(data)
+                    self.assertEqual(r["usage"]["completion_tokens"], tokens, i)
+                    self.assertEqual(r["choices"][0]["finish_reason"], "length", i)
             self.assertEqual(s.proc.wait(30), 0, s.log())
             self.assertIn("draining", s.log())
         finally:

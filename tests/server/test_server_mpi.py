@@ -198,8 +198,9 @@ class Layouts(unittest.TestCase):
     reference = {}
 
     def run_layout(self, model, np_, tp, pp, extra=()):
-        # the single-rank reference runs without the context-parallel flag
-        ref_extra = tuple(extra)
+        # the single-rank reference runs without the context- and
+        # sequence-parallel flags
+        ref_extra = tuple(a for a in extra if a != "--sp")
         if "--cp" in ref_extra:
             i = ref_extra.index("--cp")
             ref_extra = ref_extra[:i] + ref_extra[i + 2:]
@@ -262,6 +263,58 @@ class Layouts(unittest.TestCase):
 
     def test_tp2_cp2(self):
         self.run_layout(RAND_MODEL, 4, 2, 1, extra=("--cp", "2"))
+
+    def test_tp2_sp(self):
+        # sequence parallelism for the prompt chunks of every step
+        self.run_layout(RAND_MODEL, 2, 2, 1, extra=("--sp",))
+
+    def test_sigterm_under_load(self):
+        # SIGTERM to every rank while two requests run and three wait for a
+        # slot (--max-running 2), one of them streamed: every accepted
+        # request completes in full, a new one gets 503, all ranks exit 0
+        srv = MpiServer(RAND_MODEL, 2, 2, 1, extra=("--max-running", "2", "--drain-timeout", "120"))
+        n, tokens, results = 5, 48, {}
+        try:
+            def one(i):
+                body = {"model": "m", "prompt": PROMPTS[i], "temperature": 0, "max_tokens": tokens,
+                        "ignore_eos": True, "stream": i == 3}
+                results[i] = srv.post("/v1/completions", body)
+
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in ts:
+                t.start()
+            deadline, loaded = time.time() + 60, False
+            while time.time() < deadline and not loaded:
+                st, data = srv.get("/metrics")
+                m = dict(line.rsplit(" ", 1) for line in data.decode().splitlines()
+                         if line and not line.startswith("#"))
+                loaded = float(m["cparallel_running_sequences"]) >= 2 and \
+                    float(m["cparallel_waiting_requests"]) >= 1
+                time.sleep(0.02)
+            self.assertTrue(loaded, "two requests running and one waiting before the SIGTERM")
+            for pid in srv.ranks().values():
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)
+            try:
+                st, _ = srv.post("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2})
+                self.assertEqual(st, 503)
+            except (ConnectionError, OSError):
+                pass  # refused: rank 0 already stopped listening
+            for t in ts:
+                t.join(300)
+            rc = srv.proc.wait(120)
+        finally:
+            srv.kill()  # joins the log reader (and kills the job if it still runs)
+        log = srv.log()
+        self.assertEqual(rc, 0, log)
+        for i in range(n):
+            st, data = results[i]
+            self.assertEqual(st, 200, (i, data[:200], log))
+            if i == 3:
+                self.assertTrue(sse_text(data), i)
+            else:
+                r = json.loads(data)
+                self.assertEqual(r["usage"]["completion_tokens"], tokens, i)
 
 
 class Faults(unittest.TestCase):
