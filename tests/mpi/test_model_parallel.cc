@@ -618,7 +618,20 @@ TEST(ModelParallel, DefaultModelMatchesSingleRank) {
             RunOut par = run(model, prompt, tp, pp, true);
             compare(ref_f, par, vocab, kF32Tol, what + " (F32)");
             if (!have_q) ref_q = run(model, prompt, 1, 1, false), have_q = true;
-            compare_rounded(ref_q, run(model, prompt, tp, pp, false), vocab, what + " (Q4_1)");
+            const RunOut par_q = run(model, prompt, tp, pp, false);
+            compare_rounded(ref_q, par_q, vocab, what + " (Q4_1)");
+            // on the stored weights each rank maps its row slices and copies
+            // its column slices (the pages read for those are let go): what
+            // stays resident of the file is its share and the header; with
+            // one stage the share is 1/tp of the weights (KV heads are
+            // replicated past 3 ranks, norms on every rank; across stages
+            // the tied embedding sits on the first and the last)
+            EXPECT_LE(par_q.resident, par_q.share + kHeaderAndPageSlack) << what << ": share " << par_q.share;
+            const double whole = (double)ref_q.share, kv_dup = tp > 3 ? (double)tp / 3 : 1.0;
+            if (pp == 1) EXPECT_LE((double)par_q.share, whole / tp * kv_dup * 1.05) << what;
+            if (cp_comm_rank(g_world) == 0)
+                printf("%s (Q4_1): rank 0 holds %.1f MB of %.1f MB of weights, %.1f MB of the file resident\n",
+                       what.c_str(), par_q.share / 1e6, whole / 1e6, par_q.resident / 1e6);
             // Converted copies let their file pages go, but how many pages
             // the kernel has mapped around the reads at any moment depends on
             // the page cache (11.8 to 33 MB seen): reported, not bounded.
