@@ -629,9 +629,10 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->lru_prev = malloc(NB * sizeof(int32_t));
     s->lru_next = malloc(NB * sizeof(int32_t));
     s->slots = malloc(cap * sizeof(int32_t));
-    if (!s->run || !s->rows || !s->logits || !s->matched || !s->top_val || !s->top_id || !s->top_lse || !s->need || !s->b.tokens || !s->b.pos ||
-        !s->b.seq || !s->b.block_tables || !s->b.logit_rows || !s->bhash || !s->bparent ||
-        !s->btoks || !s->users || !s->cached || !s->lru_prev || !s->lru_next || !s->slots) {
+    if (!s->run || !s->rows || !s->logits || !s->matched || !s->top_val || !s->top_id || !s->top_lse ||
+        !s->need || !s->b.tokens || !s->b.pos || !s->b.seq || !s->b.block_tables || !s->b.logit_rows ||
+        !s->bhash || !s->bparent || !s->btoks || !s->users || !s->cached || !s->lru_prev || !s->lru_next ||
+        !s->slots) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory for the scheduler (%d running, %d KV blocks)",
                       s->max_running, s->n_blocks);
         goto fail;
