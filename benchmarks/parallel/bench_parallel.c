@@ -19,7 +19,7 @@
 typedef struct bench_opts {
     const char *model, *name, *ops_out;
     int tp, pp, cp, n_prompt, n_gen, threads, cp_exchange, mixed, fresh;
-    bool header_only, top;
+    bool header_only, top, sp;
 } bench_opts;
 
 static void usage(FILE *f) {
@@ -30,6 +30,7 @@ static void usage(FILE *f) {
                "  --gen N        decode steps measured (default 32)\n"
                "  --threads N    CPU threads per rank (default: cores / ranks on the node, >= 1)\n"
                "  --cp-exchange auto|queries|kv  what cp ranks pass in attention (default auto)\n"
+               "  --sp           sequence parallelism for the prompt inside the TP group\n"
                "  --mixed S      instead: one serving step of S sequences decoding after --prompt\n"
                "                 tokens of history each, batched with a fresh prompt of --fresh\n"
                "                 tokens (default 256); prints the step's bytes and time\n"
@@ -84,7 +85,10 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
             o->top = !strcmp(v, "top");
         } else if (!strcmp(a, "--cp-exchange") && v)
             ok = cp_cp_exchange_parse(v, &o->cp_exchange);
-        else if (!strcmp(a, "--header-only")) {
+        else if (!strcmp(a, "--sp")) {
+            o->sp = true;
+            takes = false;
+        } else if (!strcmp(a, "--header-only")) {
             o->header_only = true;
             takes = false;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -456,6 +460,7 @@ int main(int argc, char **argv) {
         .pp_comm = pp,
         .cp_comm = cpc,
         .cp_exchange = o.cp_exchange,
+        .sp = o.sp,
     };
     if (cp_engine_init(&eo, &e) != CP_OK) {
         fail_msg(rank, "cannot load the model");
@@ -537,9 +542,9 @@ int main(int argc, char **argv) {
         }
         report(&o, size, ints, dbls, ops_out);
         fprintf(stderr,
-                "bench_parallel: %s tp=%d pp=%d cp=%d: %d threads/rank, prefill %d tokens %.1f ms "
+                "bench_parallel: %s tp=%d pp=%d cp=%d%s: %d threads/rank, prefill %d tokens %.1f ms "
                 "(%.0f bytes per token passed by rank 0), decode %d tokens %.1f ms (rank 0)\n",
-                o.name, o.tp, o.pp, o.cp, threads, o.n_prompt, gs.prefill_s * 1e3,
+                o.name, o.tp, o.pp, o.cp, o.sp ? " sp" : "", threads, o.n_prompt, gs.prefill_s * 1e3,
                 (double)m.prefill_bytes / o.n_prompt, o.n_gen, mine_d[R_DECODE] * 1e3);
     }
     rc = 0;
