@@ -108,8 +108,9 @@ int cp_cli_serve(int argc, char **argv) {
         {"drain-timeout", 0, CLI_INT, &drain_timeout, 0, 86400, "S",
          "on SIGTERM/SIGINT, seconds in-flight requests may still run (default 30)", NULL},
         {"max-step-tokens", 0, CLI_INT, &max_step_tokens, 1, 1 << 20, "N",
-         "tokens per forward step, decodes + prompt chunks (default: the model's max batch); "
-         "lower bounds the pause of running streams while prompts are prefilled",
+         "tokens per forward step, decodes + prompt chunks (default: 128 or --max-running on the CPU, "
+         "the model's max batch on a GPU); lower bounds the pause of running streams while prompts are "
+         "prefilled",
          NULL},
         {"prefill-chunk", 0, CLI_INT, &prefill_chunk, 1, 1 << 20, "N",
          "prompt tokens of one sequence per step (default 256)", NULL},

@@ -20,11 +20,14 @@ extern "C" {
 
 typedef struct cp_sched *cp_sched_t;
 
+#define CP_SCHED_CPU_STEP_TOKENS 128
+
 typedef struct cp_sched_opts {
     int max_running;      /* sequences in the running batch (<= 0: 64) */
     int max_waiting;      /* queued requests before submit answers CP_ERR_BUSY (<= 0: 256) */
     int max_step_tokens;  /* tokens per forward step, decodes + prefill chunks
-                             (<= 0: the model's max batch) */
+                             (<= 0: the model's max batch; on the CPU backend
+                             at most CP_SCHED_CPU_STEP_TOKENS or max_running) */
     int prefill_chunk;    /* prompt tokens of one sequence per step (<= 0: 256) */
     bool no_prefix_cache; /* do not share prompt blocks between requests */
     /* Multi-rank serving (see cp_step_link.h): forward runs each step

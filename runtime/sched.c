@@ -572,7 +572,16 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->max_blocks = (s->n_ctx + s->bs - 1) / s->bs;
     s->max_running = o->max_running > 0 ? o->max_running : 64;
     s->max_waiting = o->max_waiting > 0 ? o->max_waiting : 256;
-    s->max_step_tokens = o->max_step_tokens > 0 ? o->max_step_tokens : cp_model_max_batch(s->model);
+    /* by default a step is one model chunk; on the CPU at most 128 tokens
+     * (or one per running sequence): a prompt chunk then holds the running
+     * streams up for a fraction of a second instead of seconds, at the same
+     * throughput (benchmarks/serve/results/cpu_2026-11-24) */
+    s->max_step_tokens = cp_model_max_batch(s->model);
+    if (s->host_backend) {
+        const int cpu = s->max_running > CP_SCHED_CPU_STEP_TOKENS ? s->max_running : CP_SCHED_CPU_STEP_TOKENS;
+        if (cpu < s->max_step_tokens) s->max_step_tokens = cpu;
+    }
+    if (o->max_step_tokens > 0) s->max_step_tokens = o->max_step_tokens;
     s->prefill_chunk = o->prefill_chunk > 0 ? o->prefill_chunk : 256;
     s->prefix = !o->no_prefix_cache;
     /* lets tests exercise the error path of a failing forward step */

@@ -29,6 +29,7 @@ PLEN=
 OLEN=
 SEED=1
 MAX_RUNNING=
+MAX_STEP=
 PEER_PY=${PEER_PYTHON:-}
 PEER_CTX=4096
 STARTUP_S=900
@@ -46,6 +47,7 @@ usage: $HERE/run.sh [options]
   --seed S             loadgen seed (default 1)
   --threads N          CPU threads of both servers (default: nproc)
   --max-running N      cparallel serve --max-running (default: the server's, 16)
+  --max-step-tokens N  cparallel serve --max-step-tokens (default: the server's)
   --bin PATH           cparallel binary (default build/cparallel)
   --peer | --no-peer   run llama-cpp-python's server too (default: when the model
                        is a .gguf file and llama_cpp.server imports; --peer
@@ -69,6 +71,7 @@ while [ $# -gt 0 ]; do
     --seed) SEED=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --max-running) MAX_RUNNING=$2; shift 2 ;;
+    --max-step-tokens) MAX_STEP=$2; shift 2 ;;
     --bin) BIN=$2; shift 2 ;;
     --peer) PEER=on; shift ;;
     --no-peer) PEER=off; shift ;;
@@ -148,6 +151,7 @@ if [ -d "$MODEL" ] && [ ! -f "$MODEL/tokenizer.json" ]; then
 fi
 SERVE=("$BIN" serve --model "$MODEL" --port 0 --threads "$THREADS" --device "$DEVICE" --no-progress)
 if [ -n "$MAX_RUNNING" ]; then SERVE+=(--max-running "$MAX_RUNNING"); fi
+if [ -n "$MAX_STEP" ]; then SERVE+=(--max-step-tokens "$MAX_STEP"); fi
 record "${SERVE[@]}"
 note "starting cparallel serve"
 "${SERVE[@]}" 2> "$OUT/cparallel.log" &
