@@ -87,13 +87,22 @@ void cp_step_link_get_stats(cp_step_link_t l, cp_step_link_stats *st) {
     if (l && st) *st = l->stats;
 }
 
-static cp_status reserve_body(cp_step_link_t l, size_t n) {
-    if (n <= l->body_cap) return CP_OK;
-    int32_t *p = realloc(l->body, n * sizeof(*p));
-    if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for a step descriptor of %zu ids", n);
-    l->body = p;
-    l->body_cap = n;
+/* Grows the buffer whose pointer variable is at slot (any object pointer
+ * type, read and written through memcpy) to n elements of size sz; cap
+ * counts elements; what names them in the error. */
+static cp_status grow(void *slot, size_t *cap, size_t n, size_t sz, const char *what) {
+    if (n <= *cap) return CP_OK;
+    void *p;
+    memcpy(&p, slot, sizeof p);
+    p = realloc(p, n * sz);
+    if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu %s", n, what);
+    memcpy(slot, &p, sizeof p);
+    *cap = n;
     return CP_OK;
+}
+
+static cp_status reserve_body(cp_step_link_t l, size_t n) {
+    return grow(&l->body, &l->body_cap, n, sizeof(*l->body), "ids of a step descriptor");
 }
 
 /* Remembers the first communication failure: the ranks can no longer agree
@@ -128,24 +137,14 @@ static size_t body_len(int64_t n_tok, int64_t n_seq, int64_t max_blocks, int64_t
     return (size_t)(3 * n_tok + n_seq * max_blocks + 2 * n_logits);
 }
 
-/* Grows *p to hold n elements of size sz (cap counts elements). */
-static cp_status grow(void **p, size_t *cap, size_t n, size_t sz) {
-    if (n <= *cap) return CP_OK;
-    void *q = realloc(*p, n * sz);
-    if (!q) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu logit outputs", n);
-    *p = q;
-    *cap = n;
-    return CP_OK;
-}
-
 /* A follower's output buffers for n_logits rows of k candidates. */
 static cp_status reserve_top(cp_step_link_t l, size_t n_logits, int k, bool full, size_t vocab) {
     const size_t nk = n_logits * (size_t)k;
-    CP_CHECK(grow((void **)&l->val, &l->val_cap, nk, sizeof(float)));
-    CP_CHECK(grow((void **)&l->id, &l->id_cap, nk, sizeof(int32_t)));
-    CP_CHECK(grow((void **)&l->lse, &l->lse_cap, n_logits, sizeof(double)));
-    CP_CHECK(grow((void **)&l->need, &l->need_cap, n_logits, 1));
-    if (full) CP_CHECK(grow((void **)&l->logits, &l->logits_cap, n_logits * vocab, sizeof(float)));
+    CP_CHECK(grow(&l->val, &l->val_cap, nk, sizeof(float), "logit outputs"));
+    CP_CHECK(grow(&l->id, &l->id_cap, nk, sizeof(int32_t), "logit outputs"));
+    CP_CHECK(grow(&l->lse, &l->lse_cap, n_logits, sizeof(double), "logit outputs"));
+    CP_CHECK(grow(&l->need, &l->need_cap, n_logits, 1, "logit outputs"));
+    if (full) CP_CHECK(grow(&l->logits, &l->logits_cap, n_logits * vocab, sizeof(float), "logit outputs"));
     return CP_OK;
 }
 
