@@ -80,7 +80,7 @@ int cp_cli_serve(int argc, char **argv) {
     cli_par_defaults(&par);
     const char *region = NULL;
     cli_list hook_specs = {0};
-    bool log_prompts = false, kv_f32 = false, no_prefix_cache = false, no_progress = false;
+    bool log_prompts = false, kv_f32 = false, no_prefix_cache = false, no_progress = false, pp_serial = false;
     const cli_opt opts[] = {
         {"model", 'm', CLI_STR, &model, 0, -1, "PATH",
          "GGUF file or Hugging Face model directory (required)", NULL},
@@ -113,9 +113,15 @@ int cp_cli_serve(int argc, char **argv) {
          "prefilled",
          NULL},
         {"prefill-chunk", 0, CLI_INT, &prefill_chunk, 1, 1 << 20, "N",
-         "prompt tokens of one sequence per step (default 256)", NULL},
+         "prompt tokens of one sequence per step (default 256; with steps in flight across --pp stages, "
+         "the step tokens / (4 x pp), at least 16)",
+         NULL},
         {"no-prefix-cache", 0, CLI_FLAG, &no_prefix_cache, 0, -1, NULL,
          "do not share prompt blocks between requests", NULL},
+        {"pp-serial", 0, CLI_FLAG, &pp_serial, 0, -1, NULL,
+         "with --pp > 1, run one step through every stage at a time (default: one step in flight per "
+         "stage, each stage working on a different one)",
+         NULL},
         {"convert", 0, CLI_STR, &convert, 0, -1, "TYPE", CLI_CONVERT_HELP, NULL},
         {"kv-f32", 0, CLI_FLAG, &kv_f32, 0, -1, NULL, "keep the KV cache in fp32 instead of fp16",
          NULL},
@@ -245,7 +251,7 @@ int cp_cli_serve(int argc, char **argv) {
         }
     }
     if (st != CP_OK) goto out;
-    if (cp_step_link_init(rk.world, cp_engine_model(e), cp_engine_kv(e), &link) != CP_OK) {
+    if (cp_step_link_init(rk.world, cp_engine_model(e), cp_engine_kv(e), !pp_serial, &link) != CP_OK) {
         cli_report_error("cannot link the ranks");
         goto out;
     }
@@ -278,6 +284,8 @@ int cp_cli_serve(int argc, char **argv) {
     };
     if (rk.size > 1) {
         so.sched.forward = cp_step_link_forward;
+        so.sched.finish = cp_step_link_finish;
+        so.sched.depth = cp_step_link_depth(link);
         so.sched.idle = cp_step_link_idle;
         so.sched.hook_user = link;
     }
@@ -297,6 +305,9 @@ int cp_cli_serve(int argc, char **argv) {
     bool v6 = strchr(h, ':') != NULL;
     if (rk.size > 1 && par.cp > 1)
         fprintf(stderr, "cparallel: %d ranks (tp %d x cp %d x pp %d) ready\n", rk.size, par.tp, par.cp, par.pp);
+    else if (rk.size > 1 && cp_step_link_depth(link) > 1)
+        fprintf(stderr, "cparallel: %d ranks (tp %d x pp %d) ready, up to %d steps in flight\n", rk.size,
+                par.tp, par.pp, cp_step_link_depth(link));
     else if (rk.size > 1)
         fprintf(stderr, "cparallel: %d ranks (tp %d x pp %d) ready\n", rk.size, par.tp, par.pp);
     fprintf(stderr, "cparallel: serving %s on http://%s%s%s:%d\n", model_name, v6 ? "[" : "", h,

@@ -191,6 +191,20 @@ typedef struct cp_logit_top {
 /* Like cp_model_forward, with the requested rows as cp_logit_top. */
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out);
 
+/* Pipelined steps (several batches in flight, one per stage): runs only
+ * this rank's stage of b, in one chunk, without the collectives that bring
+ * every stage the result. The first stage embeds; a later stage receives
+ * the previous stage's hidden states as cp_model_forward does. A stage
+ * before the last keeps its output until cp_model_stage_send passes it on
+ * (so the caller chooses when to block on the next stage); the last stage
+ * writes out as cp_model_forward_top does, on its ranks only. Needs
+ * b->n_tok <= cp_model_max_batch and no context parallelism
+ * (CP_ERR_INVALID_ARG, CP_ERR_UNSUPPORTED otherwise). */
+cp_status cp_model_forward_stage(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out);
+/* Sends the output kept by the last cp_model_forward_stage to the next
+ * stage (nothing on the last stage, or when nothing is kept). */
+cp_status cp_model_stage_send(cp_model_t m);
+
 /* ---- calibration ---------------------------------------------------------
  * The inputs of every linear layer, for activation-aware optimizations
  * (AWQ scales, Wanda pruning). */

@@ -28,7 +28,8 @@ typedef struct cp_sched_opts {
     int max_step_tokens;  /* tokens per forward step, decodes + prefill chunks
                              (<= 0: the model's max batch; on the CPU backend
                              at most CP_SCHED_CPU_STEP_TOKENS or max_running) */
-    int prefill_chunk;    /* prompt tokens of one sequence per step (<= 0: 256) */
+    int prefill_chunk;    /* prompt tokens of one sequence per step (<= 0: 256;
+                             pipelined: max_step_tokens / (4 x depth), at least 16) */
     bool no_prefix_cache; /* do not share prompt blocks between requests */
     /* Multi-rank serving (see cp_step_link.h): forward runs each step
      * instead of cp_model_forward_top (same contract), and idle is called by
@@ -38,7 +39,17 @@ typedef struct cp_sched_opts {
     cp_status (*forward)(void *user, const cp_batch *b, const cp_logit_top *out);
     cp_status (*idle)(void *user);
     void *hook_user;
+    /* Pipelined serving: with depth > 1 and both hooks, forward only starts
+     * a step (its out is written later) and finish(user, out) waits for
+     * the oldest started step, whose output is out; up to depth steps (at
+     * most CP_SCHED_MAX_DEPTH) are in flight, each over different
+     * sequences, so every pipeline stage can work on one. A failed forward
+     * or finish ends that step's requests with the error. */
+    int depth;
+    cp_status (*finish)(void *user, const cp_logit_top *out);
 } cp_sched_opts;
+
+#define CP_SCHED_MAX_DEPTH 16
 
 #define CP_SCHED_MAX_STOP 8       /* stop strings per request */
 #define CP_SCHED_MAX_LOGPROBS 20  /* top logprobs per token */

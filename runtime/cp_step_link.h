@@ -16,6 +16,8 @@
 #ifndef CP_STEP_LINK_H
 #define CP_STEP_LINK_H
 
+#include <stdbool.h>
+
 #include "cp_model.h"
 
 #ifdef __cplusplus
@@ -28,17 +30,34 @@ struct cp_comm;
 
 typedef struct cp_step_link *cp_step_link_t;
 
+#define CP_STEP_LINK_MAX_DEPTH 16
+
 /* Binds the world communicator (all tp x pp ranks, rank 0 leads) to this
  * rank's model and KV cache (all borrowed). Every rank's cache must have
- * the same number of blocks. Errors: CP_ERR_INVALID_ARG, CP_ERR_OOM. */
-cp_status cp_step_link_init(struct cp_comm *world, cp_model_t m, cp_kv_cache_t kv,
+ * the same number of blocks. pipelined (every rank alike): with pp > 1
+ * stages (at most CP_STEP_LINK_MAX_DEPTH, no context parallelism) rank 0
+ * may keep one step in flight per stage, each stage working on a
+ * different one (cp_step_link_depth, cp_step_link_finish); otherwise a
+ * step runs through every stage before the next starts. Collective over
+ * world. Errors: CP_ERR_INVALID_ARG, CP_ERR_OOM, the communicator's. */
+cp_status cp_step_link_init(struct cp_comm *world, cp_model_t m, cp_kv_cache_t kv, bool pipelined,
                             cp_step_link_t *out);
 void cp_step_link_free(cp_step_link_t l);
 
+/* Steps rank 0 may have in flight: the pipeline stages when pipelined,
+ * else 1. */
+int cp_step_link_depth(cp_step_link_t l);
+
 /* Rank 0: sends b and what its logit rows need to every rank, then runs
- * cp_model_forward_top(b) with them. The signature of
- * cp_sched_opts.forward. */
+ * cp_model_forward_top(b) with them. Pipelined, it runs the first stage
+ * and passes the step on, and out is written by cp_step_link_finish (b
+ * and out must stay untouched until then; at most depth steps in
+ * flight). The signature of cp_sched_opts.forward. */
 cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top *out);
+
+/* Rank 0: waits for the oldest step in flight, whose output is out (a
+ * no-op when not pipelined). The signature of cp_sched_opts.finish. */
+cp_status cp_step_link_finish(void *link, const cp_logit_top *out);
 
 /* Rank 0, when idle: sends a heartbeat if none went out for
  * CP_STEP_LINK_HEARTBEAT_MS. The signature of cp_sched_opts.idle. Fails

@@ -718,6 +718,10 @@ static cp_status forward_chunk(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
     CP_CHECK(stage_input(m, b->tokens + t0, T, Tp, Ts, sp));
     CP_CHECK(run_layers(m, kv, &ap, &rp, T, Tp, Ts, sp));
     if (!p->last_stage) {
+        if (m->stage_only) {
+            m->held = xn; /* cp_model_stage_send passes it on */
+            return CP_OK;
+        }
         CP_CHECK(act_send(m, s->x, xn, p->pp_rank + 1));
         return CP_OK;
     }
@@ -1234,7 +1238,7 @@ static cp_status run_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, 
      * on chunk i-1 (later chunks attend to the earlier ones' keys, which
      * each stage has stored by then). Every rank cuts the same chunks. */
     int chunk = m->max_batch;
-    if (m->plan.pp > 1 && m->pp_micro > 1) {
+    if (m->plan.pp > 1 && m->pp_micro > 1 && !m->stage_only) {
         int want = (b->n_tok + m->pp_micro - 1) / m->pp_micro;
         if (want < 16) want = 16;
         if (want < chunk) chunk = want;
@@ -1260,16 +1264,23 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
     return CP_OK;
 }
 
+/* The outputs of cp_model_forward_top for b; *any_full: a row wants its
+ * full logits. */
+static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, bool *any_full) {
+    if (out->k < 1 || out->k > CP_MODEL_MAX_TOP)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "%s: k = %d is outside 1..%d", fn, out->k, CP_MODEL_MAX_TOP);
+    *any_full = false;
+    for (int i = 0; out->need && i < b->n_logits; i++)
+        *any_full |= (out->need[i] & CP_TOP_FULL) != 0;
+    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (*any_full && !out->logits)))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "%s: NULL output buffer", fn);
+    return CP_OK;
+}
+
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out) {
     if (!out || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL argument");
-    if (out->k < 1 || out->k > CP_MODEL_MAX_TOP)
-        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: k = %d is outside 1..%d", out->k,
-                        CP_MODEL_MAX_TOP);
     bool any_full = false;
-    for (int i = 0; out->need && i < b->n_logits; i++)
-        any_full |= (out->need[i] & CP_TOP_FULL) != 0;
-    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (any_full && !out->logits)))
-        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL output buffer");
+    CP_CHECK(check_top(b, out, "cp_model_forward_top", &any_full));
     row_sampler rs = {.top = out};
     CP_CHECK(run_forward(m, kv, b, NULL, &rs));
     /* the last stage has the candidates; every stage gets them */
@@ -1285,6 +1296,33 @@ cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
                                        (size_t)m->cfg.n_vocab, CP_DTYPE_F32, root, NULL));
     }
     return CP_OK;
+}
+
+cp_status cp_model_forward_stage(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out) {
+    if (!m || !b || !out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: NULL argument");
+    if (m->cp_comm)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "pipelined steps do not combine with context parallelism");
+    if (b->n_tok > m->max_batch)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "a pipelined step of %d tokens exceeds the model's chunk of %d",
+                        b->n_tok, m->max_batch);
+    if (m->held)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: the previous step's output was not sent");
+    bool any_full = false;
+    if (m->plan.last_stage) CP_CHECK(check_top(b, out, "cp_model_forward_stage", &any_full));
+    row_sampler rs = {.top = out};
+    m->stage_only = true;
+    cp_status st = run_forward(m, kv, b, NULL, &rs);
+    m->stage_only = false;
+    if (st != CP_OK) m->held = 0;
+    return st;
+}
+
+cp_status cp_model_stage_send(cp_model_t m) {
+    if (!m) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_stage_send: NULL model");
+    const size_t n = m->held;
+    m->held = 0;
+    if (n == 0 || m->plan.last_stage) return CP_OK;
+    return act_send(m, m->s.x, n, m->plan.pp_rank + 1);
 }
 
 cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_sample_params *sp,

@@ -88,6 +88,8 @@ struct cp_model {
     int cp_exchange;             /* CP_CP_AUTO, CP_CP_QUERIES or CP_CP_KV */
     bool sp;                     /* sequence parallelism for multi-token chunks */
     int pp_micro;                /* micro-batches per batch across pipeline stages */
+    bool stage_only;             /* cp_model_forward_stage: one chunk, output kept */
+    size_t held;                 /* floats of s.x kept for cp_model_stage_send */
     int n_layer_l;               /* layers of this stage */
     int n_head_l, n_kv_l;        /* query / KV heads of this TP rank */
     int ffn_l, vocab_l;          /* FFN columns, vocabulary rows */

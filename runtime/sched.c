@@ -49,8 +49,11 @@ struct req {
     char *text;
     size_t text_len, text_cap;
     /* this step */
-    int row;  /* row of this step's batch, -1 when not scheduled */
-    int take; /* tokens fed this step */
+    /* steps in flight (not yet back) holding the sequence, and the tokens
+     * they feed: a prompt's next chunk may follow its previous one before
+     * that is back; a token to sample waits for it */
+    int flights, ahead;
+    int row;  /* row in the batch being built, -1 when not in it */
     cp_finish_reason finish;
     char *error;
     int ev_tokens;
@@ -69,6 +72,22 @@ typedef struct step_batch {
     int32_t *logit_rows;         /* [max_running] */
 } step_batch;
 
+/* A step started and not yet finished: its batch and its outputs. */
+typedef struct flight {
+    step_batch b;
+    req **rows;      /* [max_running] the request of each batch row */
+    int *take;       /* [max_running] the tokens it feeds */
+    uint8_t *sample; /* [max_running] whether they reach its last known token */
+    float *logits;   /* [max_running][n_vocab] full rows (CP_TOP_FULL), made when first wanted */
+    /* each sampled row's candidates and log-sum-exp (cp_model_forward_top) */
+    float *top_val;  /* [max_running][CP_MODEL_MAX_TOP] */
+    int32_t *top_id; /* [max_running][CP_MODEL_MAX_TOP] */
+    double *top_lse; /* [max_running] */
+    uint8_t *need;   /* [max_running] CP_TOP_* of each logit row */
+    cp_logit_top top; /* the step's request to the forward pass */
+    double t0;
+} flight;
+
 struct cp_sched {
     cp_engine_t e;
     cp_model_t model;
@@ -79,8 +98,11 @@ struct cp_sched {
     bool prefix;
     int64_t fail_step; /* fault injection for tests: this forward step fails */
     cp_status (*forward)(void *user, const cp_batch *b, const cp_logit_top *out);
+    cp_status (*finish)(void *user, const cp_logit_top *out);
     cp_status (*idle)(void *user);
     void *hook_user;
+    int depth; /* steps in flight at most */
+    int64_t started;
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -92,16 +114,10 @@ struct cp_sched {
     int n_run;
     cp_sched_stats stats;
 
-    /* step-thread state */
-    step_batch b;
-    req **rows;       /* [max_running] the request of each batch row */
-    float *logits;    /* [max_running][n_vocab] full rows (CP_TOP_FULL) */
-    /* each sampled row's candidates and log-sum-exp (cp_model_forward_top) */
-    float *top_val;   /* [max_running][CP_MODEL_MAX_TOP] */
-    int32_t *top_id;  /* [max_running][CP_MODEL_MAX_TOP] */
-    double *top_lse;  /* [max_running] */
-    uint8_t *need;    /* [max_running] CP_TOP_* of each logit row */
-    cp_logit_top top; /* this step's request to the forward pass */
+    /* step-thread state: the steps in flight, oldest first from fl_head */
+    flight fl[CP_SCHED_MAX_DEPTH];
+    int fl_head, n_flight;
+    const flight *cur; /* the step whose rows are being sampled */
     int32_t *matched; /* [max_blocks] scratch for prefix matches */
     cp_backend_t be;
     bool host_backend; /* the backend computes on host memory */
@@ -489,14 +505,15 @@ static uint8_t row_need(const req *r, int V, int *k) {
  * and the n best alternatives (descending, lower id first on ties). */
 static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob *lp,
                      cp_sched_logprob *top) {
-    const int K = s->top.k;
-    const float *val = s->top_val + (size_t)li * K;
-    const int32_t *id = s->top_id + (size_t)li * K;
-    const double lse = s->top_lse[li];
+    const flight *f = s->cur;
+    const int K = f->top.k;
+    const float *val = f->top_val + (size_t)li * K;
+    const int32_t *id = f->top_id + (size_t)li * K;
+    const double lse = f->top_lse[li];
     float l = NAN;
     for (int j = 0; j < K && isnan(l); j++)
         if (id[j] == tok) l = val[j];
-    if (isnan(l) && (s->need[li] & CP_TOP_FULL)) l = s->logits[(size_t)li * s->n_vocab + tok];
+    if (isnan(l) && (f->need[li] & CP_TOP_FULL)) l = f->logits[(size_t)li * s->n_vocab + tok];
     lp->token = tok;
     lp->logprob = (float)(l - lse);
     for (int j = 0; j < n && j < K && id[j] >= 0; j++) {
@@ -514,14 +531,15 @@ static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob 
  * tokens. Without top-k the full row goes to the sampler (a backend on host
  * memory runs its own, with the same choices). */
 static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, float u, int32_t *tok) {
-    const int K = s->top.k;
-    const float *val = s->top_val + (size_t)li * K;
-    const int32_t *id = s->top_id + (size_t)li * K;
+    const flight *f = s->cur;
+    const int K = f->top.k;
+    const float *val = f->top_val + (size_t)li * K;
+    const int32_t *id = f->top_id + (size_t)li * K;
     if (!(sp->temperature > 0)) {
         *tok = id[0]; /* the first largest logit, as greedy takes it */
         return CP_OK;
     }
-    if (!(s->need[li] & CP_TOP_FULL)) {
+    if (!(f->need[li] & CP_TOP_FULL)) {
         int have = 0;
         while (have < K && have <= sp->top_k && id[have] >= 0)
             have++;
@@ -539,7 +557,7 @@ static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, 
         *tok = id[ix[pick]];
         return CP_OK;
     }
-    const float *l = s->logits + (size_t)li * s->n_vocab;
+    const float *l = f->logits + (size_t)li * s->n_vocab;
     if (s->host_backend) return cp_backend_sample(s->be, l, 1, s->n_vocab, sp, &u, tok);
     return cp_sample_host(l, 1, s->n_vocab, sp, &u, tok);
 }
@@ -576,19 +594,33 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
      * (or one per running sequence): a prompt chunk then holds the running
      * streams up for a fraction of a second instead of seconds, at the same
      * throughput (benchmarks/serve/results/cpu_2026-11-24) */
+    s->depth = o->depth > 1 && o->forward && o->finish ? o->depth : 1;
+    if (s->depth > CP_SCHED_MAX_DEPTH) s->depth = CP_SCHED_MAX_DEPTH;
     s->max_step_tokens = cp_model_max_batch(s->model);
     if (s->host_backend) {
         const int cpu = s->max_running > CP_SCHED_CPU_STEP_TOKENS ? s->max_running : CP_SCHED_CPU_STEP_TOKENS;
         if (cpu < s->max_step_tokens) s->max_step_tokens = cpu;
     }
     if (o->max_step_tokens > 0) s->max_step_tokens = o->max_step_tokens;
+    /* a pipelined step is one chunk of the model */
+    if (s->depth > 1 && s->max_step_tokens > cp_model_max_batch(s->model))
+        s->max_step_tokens = cp_model_max_batch(s->model);
     s->prefill_chunk = o->prefill_chunk > 0 ? o->prefill_chunk : 256;
+    /* pipelined, a prompt goes through in chunks as a step taken by every
+     * stage in turn would go in micro-batches (4 per stage, at least 16
+     * tokens): its chunks follow each other through the stages */
+    if (s->depth > 1 && o->prefill_chunk <= 0) {
+        int c = s->max_step_tokens / (4 * s->depth);
+        s->prefill_chunk = c > 16 ? c : 16;
+    }
     s->prefix = !o->no_prefix_cache;
     /* lets tests exercise the error path of a failing forward step */
     const char *fail = getenv("CP_SCHED_FAIL_STEP");
     s->fail_step = fail ? atoll(fail) : 0;
     s->forward = o->forward;
+    s->finish = o->finish;
     s->idle = o->idle;
+
     s->hook_user = o->hook_user;
     s->lru_head = s->lru_tail = -1;
     s->next_id = 1;
@@ -618,18 +650,26 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
         cap <<= 1;
     s->slot_mask = cap - 1;
     s->run = calloc(R, sizeof(req *));
-    s->rows = calloc(R, sizeof(req *));
-    s->logits = malloc(R * (size_t)s->n_vocab * sizeof(float));
     s->matched = malloc((size_t)s->max_blocks * sizeof(int32_t));
-    s->top_val = malloc(R * CP_MODEL_MAX_TOP * sizeof(float));
-    s->top_id = malloc(R * CP_MODEL_MAX_TOP * sizeof(int32_t));
-    s->top_lse = malloc(R * sizeof(double));
-    s->need = malloc(R);
-    s->b.tokens = malloc(T * sizeof(int32_t));
-    s->b.pos = malloc(T * sizeof(int32_t));
-    s->b.seq = malloc(T * sizeof(int32_t));
-    s->b.block_tables = calloc(R * (size_t)s->max_blocks, sizeof(int32_t));
-    s->b.logit_rows = malloc(R * sizeof(int32_t));
+    bool fl_ok = true;
+    for (int i = 0; i < s->depth; i++) {
+        flight *f = &s->fl[i];
+        f->rows = calloc(R, sizeof(req *));
+        f->take = calloc(R, sizeof(int));
+        f->sample = calloc(R, 1);
+        f->top_val = malloc(R * CP_MODEL_MAX_TOP * sizeof(float));
+        f->top_id = malloc(R * CP_MODEL_MAX_TOP * sizeof(int32_t));
+        f->top_lse = malloc(R * sizeof(double));
+        f->need = malloc(R);
+        f->b.tokens = malloc(T * sizeof(int32_t));
+        f->b.pos = malloc(T * sizeof(int32_t));
+        f->b.seq = malloc(T * sizeof(int32_t));
+        f->b.block_tables = calloc(R * (size_t)s->max_blocks, sizeof(int32_t));
+        f->b.logit_rows = malloc(R * sizeof(int32_t));
+        f->b.max_blocks = s->max_blocks;
+        fl_ok = fl_ok && f->rows && f->take && f->sample && f->top_val && f->top_id && f->top_lse && f->need && f->b.tokens &&
+                f->b.pos && f->b.seq && f->b.block_tables && f->b.logit_rows;
+    }
     s->bhash = calloc(NB, sizeof(uint64_t));
     s->bparent = calloc(NB, sizeof(uint64_t));
     s->btoks = malloc(NB * (size_t)s->bs * sizeof(int32_t));
@@ -638,9 +678,7 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->lru_prev = malloc(NB * sizeof(int32_t));
     s->lru_next = malloc(NB * sizeof(int32_t));
     s->slots = malloc(cap * sizeof(int32_t));
-    if (!s->run || !s->rows || !s->logits || !s->matched || !s->top_val || !s->top_id || !s->top_lse ||
-        !s->need || !s->b.tokens || !s->b.pos || !s->b.seq || !s->b.block_tables || !s->b.logit_rows ||
-        !s->bhash || !s->bparent || !s->btoks || !s->users || !s->cached || !s->lru_prev || !s->lru_next ||
+    if (!s->run || !s->matched || !fl_ok || !s->bhash || !s->bparent || !s->btoks || !s->users || !s->cached || !s->lru_prev || !s->lru_next ||
         !s->slots) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory for the scheduler (%d running, %d KV blocks)",
                       s->max_running, s->n_blocks);
@@ -650,7 +688,6 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
         s->lru_prev[i] = s->lru_next[i] = -1;
     for (size_t i = 0; i < cap; i++)
         s->slots[i] = -1;
-    s->b.max_blocks = s->max_blocks;
     update_kv_stats(s);
     *out = s;
     return CP_OK;
@@ -663,6 +700,12 @@ static void deliver(req *r);
 
 void cp_sched_free(cp_sched_t s) {
     if (!s) return;
+    /* steps still in flight come back first (their rows are dropped) */
+    for (; s->n_flight > 0; s->n_flight--) {
+        const flight *f = &s->fl[s->fl_head];
+        if (s->finish) (void)s->finish(s->hook_user, &f->top);
+        s->fl_head = (s->fl_head + 1) % s->depth;
+    }
     /* every request ends; the caller's thread gets the final events */
     while (s->n_run > 0) {
         req *r = s->run[s->n_run - 1];
@@ -689,18 +732,23 @@ void cp_sched_free(cp_sched_t s) {
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s->run);
-    free(s->rows);
-    free(s->logits);
     free(s->matched);
-    free(s->top_val);
-    free(s->top_id);
-    free(s->top_lse);
-    free(s->need);
-    free(s->b.tokens);
-    free(s->b.pos);
-    free(s->b.seq);
-    free(s->b.block_tables);
-    free(s->b.logit_rows);
+    for (int i = 0; i < CP_SCHED_MAX_DEPTH; i++) {
+        flight *f = &s->fl[i];
+        free(f->rows);
+        free(f->take);
+        free(f->sample);
+        free(f->logits);
+        free(f->top_val);
+        free(f->top_id);
+        free(f->top_lse);
+        free(f->need);
+        free(f->b.tokens);
+        free(f->b.pos);
+        free(f->b.seq);
+        free(f->b.block_tables);
+        free(f->b.logit_rows);
+    }
     free(s->bhash);
     free(s->bparent);
     free(s->btoks);
@@ -871,7 +919,7 @@ static void deliver_step(req *r) {
     r->ev_tokens = 0;
 }
 
-/* Puts the newest running sequence back at the front of the queue. */
+/* Puts a running sequence back at the front of the queue. */
 static void preempt(cp_sched_t s, req *r) {
     release_seq(s, r);
     run_remove(s, r);
@@ -881,22 +929,26 @@ static void preempt(cp_sched_t s, req *r) {
 
 /* Adds r's next `take` tokens to the batch; a sample is wanted when they
  * reach its last known token. */
-static void add_rows(cp_sched_t s, req *r, int take) {
-    step_batch *b = &s->b;
+static void add_rows(cp_sched_t s, flight *f, req *r, int take) {
+    step_batch *b = &f->b;
     int row = b->n_seq++;
-    s->rows[row] = r;
+    f->rows[row] = r;
+    f->take[row] = take;
     r->row = row;
-    r->take = take;
     int32_t *tab = b->block_tables + (size_t)row * s->max_blocks;
     memcpy(tab, r->blocks, (size_t)r->n_blocks * sizeof(int32_t));
     memset(tab + r->n_blocks, 0, (size_t)(s->max_blocks - r->n_blocks) * sizeof(int32_t));
+    const int from = r->n_computed + r->ahead;
     for (int i = 0; i < take; i++) {
-        b->tokens[b->n_tok] = r->tokens[r->n_computed + i];
-        b->pos[b->n_tok] = r->n_computed + i;
+        b->tokens[b->n_tok] = r->tokens[from + i];
+        b->pos[b->n_tok] = from + i;
         b->seq[b->n_tok] = row;
         b->n_tok++;
     }
-    if (r->n_computed + take == r->n_tokens) b->logit_rows[b->n_logits++] = b->n_tok - 1;
+    r->ahead += take;
+    r->flights++;
+    f->sample[row] = r->n_computed + r->ahead == r->n_tokens;
+    if (f->sample[row]) b->logit_rows[b->n_logits++] = b->n_tok - 1;
 }
 
 /* Admits the head of the queue when its blocks (after the prefix cache's
@@ -948,7 +1000,7 @@ static req *take_cancelled(cp_sched_t s) {
     req *done = NULL, **tail = &done;
     for (int i = 0; i < s->n_run;) {
         req *r = s->run[i];
-        if (!r->cancel) {
+        if (!r->cancel || r->flights) { /* ended once its steps in flight are back */
             i++;
             continue;
         }
@@ -970,53 +1022,71 @@ static req *take_cancelled(cp_sched_t s) {
     return done;
 }
 
-/* Picks this step's batch: decode tokens of running sequences first
- * (oldest first; a sequence that needs a block preempts the newest ones),
- * then prefill chunks of running sequences, then newly admitted ones. */
-static void schedule(cp_sched_t s) {
-    step_batch *b = &s->b;
+/* The newest running sequence not in a step in flight, or NULL. */
+static req *newest_idle(cp_sched_t s) {
+    for (int i = s->n_run - 1; i >= 0; i--)
+        if (!s->run[i]->flights) return s->run[i];
+    return NULL;
+}
+
+/* Picks step f's batch: decode tokens of running sequences first (oldest
+ * first; a sequence that needs a block preempts the newest ones), then
+ * prefill chunks of running sequences, then newly admitted ones. Sequences
+ * in a step in flight wait for it; with several steps in flight each takes
+ * about its share of the sequences, so that the steps stay alike. */
+static void schedule(cp_sched_t s, flight *f) {
+    step_batch *b = &f->b;
     b->n_tok = b->n_seq = b->n_logits = 0;
-    int budget = s->max_step_tokens;
-    for (int i = 0; i < s->n_run && budget > 0; i++) {
+    int budget = s->max_step_tokens, seqs = s->max_running;
+    if (s->depth > 1) {
+        int active = s->n_run + s->n_waiting;
+        if (active > s->max_running) active = s->max_running;
+        seqs = (active + s->depth - 1) / s->depth;
+        if (seqs < 1) seqs = 1;
+    }
+    for (int i = 0; i < s->n_run && budget > 0 && b->n_seq < seqs; i++) {
         req *r = s->run[i];
-        if (r->n_tokens - r->n_computed != 1) continue;
+        if (r->flights || r->n_tokens - r->n_computed != 1) continue;
         bool ok = true;
         while (r->n_computed / s->bs >= r->n_blocks) {
             if (grow_table(s, r)) continue;
-            req *victim = s->run[s->n_run - 1];
+            req *victim = newest_idle(s);
             preempt(s, victim);
             if (victim == r) {
                 ok = false;
                 break;
             }
         }
-        if (!ok) break; /* r was the newest: nothing after it is running */
-        add_rows(s, r, 1);
+        if (!ok) break; /* r was the newest idle one: nothing after it can run */
+        add_rows(s, f, r, 1);
         budget--;
     }
-    for (int i = 0; i < s->n_run && budget > 0; i++) {
+    for (int i = 0; i < s->n_run && budget > 0 && b->n_seq < seqs; i++) {
         req *r = s->run[i];
-        int rem = r->n_tokens - r->n_computed;
-        if (r->row >= 0 || rem <= 1) continue;
+        /* the rest of a prompt (its last token alone is a decode above,
+         * unless an earlier chunk is still in flight) */
+        int rem = r->n_tokens - r->n_computed - r->ahead;
+        if (r->row >= 0 || rem <= 0 || (rem == 1 && !r->flights)) continue;
         int take = rem < s->prefill_chunk ? rem : s->prefill_chunk;
         if (take > budget) take = budget;
-        add_rows(s, r, take);
+        add_rows(s, f, r, take);
         budget -= take;
     }
-    while (budget > 0 && s->n_run < s->max_running && s->wait_head && try_admit(s, s->wait_head)) {
+    while (budget > 0 && b->n_seq < seqs && s->n_run < s->max_running && s->wait_head &&
+           try_admit(s, s->wait_head)) {
         req *r = s->run[s->n_run - 1];
         int rem = r->n_tokens - r->n_computed;
         int take = rem < s->prefill_chunk ? rem : s->prefill_chunk;
         if (take > budget) take = budget;
-        add_rows(s, r, take);
+        add_rows(s, f, r, take);
         budget -= take;
     }
 }
 
 /* After a successful forward: sample the rows that reached their last
  * token, update text and finish conditions. No lock held. */
-static void process_row(cp_sched_t s, req *r, int li) {
-    r->n_computed += r->take;
+static void process_row(cp_sched_t s, req *r, int take, int li) {
+    r->n_computed += take;
     register_blocks(s, r);
     if (r->n_computed < r->n_tokens) return; /* more prompt to prefill */
     float u = cp_rng_uniform(&r->rng);
@@ -1045,12 +1115,98 @@ static void process_row(cp_sched_t s, req *r, int li) {
     }
 }
 
+/* Starts step f: what each sampled row needs, then the forward pass (which
+ * with depth 1 also finishes it). */
+static cp_status start_step(cp_sched_t s, flight *f) {
+    const step_batch *b = &f->b;
+    int k = 1, nl = 0;
+    bool full = false;
+    for (int i = 0; i < b->n_seq; i++) {
+        const req *r = f->rows[i];
+        if (f->sample[i]) {
+            f->need[nl] = row_need(r, s->n_vocab, &k);
+            full |= (f->need[nl++] & CP_TOP_FULL) != 0;
+        }
+    }
+    if (full && !f->logits) {
+        f->logits = malloc((size_t)s->max_running * (size_t)s->n_vocab * sizeof(float));
+        if (!f->logits)
+            return CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of logits", s->max_running);
+    }
+    f->top = (cp_logit_top){
+        .k = k, .need = f->need, .logits = f->logits, .val = f->top_val, .id = f->top_id, .lse = f->top_lse};
+    const cp_batch batch = {
+        .n_tok = b->n_tok,
+        .tokens = b->tokens,
+        .pos = b->pos,
+        .seq = b->seq,
+        .block_tables = b->block_tables,
+        .n_seq = b->n_seq,
+        .max_blocks = b->max_blocks,
+        .logit_rows = b->logit_rows,
+        .n_logits = b->n_logits,
+    };
+    f->t0 = cp_time_now();
+    s->started++;
+    if (s->fail_step > 0 && s->started == s->fail_step)
+        return CP_ERROR(CP_ERR_INTERNAL, "injected failure of step %lld (CP_SCHED_FAIL_STEP)",
+                        (long long)s->fail_step);
+    return s->forward ? s->forward(s->hook_user, &batch, &f->top)
+                      : cp_model_forward_top(s->model, s->kv, &batch, &f->top);
+}
+
+/* Step f came back with status st: sample its rows (or end them with the
+ * error), free the finished requests, deliver the events. */
+static void end_step(cp_sched_t s, flight *f, cp_status st) {
+    const step_batch *b = &f->b;
+    const double t1 = cp_time_now();
+    s->cur = f;
+    int n_sampled = 0, li = 0;
+    for (int i = 0; i < b->n_seq; i++) {
+        req *r = f->rows[i];
+        r->ahead -= f->take[i];
+        r->flights--;
+        const int row_li = f->sample[i] ? li++ : -1;
+        if (r->finish != CP_FINISH_NONE) continue; /* an earlier step failed */
+        if (st != CP_OK) {
+            set_error(r, cp_last_error());
+            continue;
+        }
+        int before = r->n_gen;
+        process_row(s, r, f->take[i], row_li);
+        n_sampled += r->n_gen - before;
+    }
+
+    /* a request that failed here while a later chunk of it is still in
+     * flight ends when that one is back */
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < b->n_seq; i++) {
+        req *r = f->rows[i];
+        if (r->finish == CP_FINISH_NONE || r->flights) continue;
+        release_seq(s, r);
+        run_remove(s, r);
+    }
+    s->stats.steps++;
+    if (st != CP_OK) s->stats.failed_steps++;
+    s->stats.generated_tokens += n_sampled;
+    s->stats.last_step_s = t1 - f->t0;
+    update_kv_stats(s);
+    pthread_mutex_unlock(&s->mu);
+
+    for (int i = 0; i < b->n_seq; i++) {
+        req *r = f->rows[i];
+        if (r->finish != CP_FINISH_NONE && r->flights) continue;
+        deliver_step(r);
+        if (r->finish != CP_FINISH_NONE) req_free(r);
+    }
+}
+
 cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
     if (worked) *worked = false;
     if (!s) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_sched_step: NULL scheduler");
 
     pthread_mutex_lock(&s->mu);
-    if (s->n_run == 0 && !s->wait_head && wait_ms != 0 && !s->woken) {
+    if (s->n_run == 0 && !s->wait_head && s->n_flight == 0 && wait_ms != 0 && !s->woken) {
         /* wait_ms < 0: until a request or a wake */
         struct timespec until;
         clock_gettime(CLOCK_MONOTONIC, &until);
@@ -1072,9 +1228,13 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
     }
     s->woken = false;
     req *cancelled = take_cancelled(s);
-    for (int i = 0; i < s->n_run; i++)
-        s->run[i]->row = -1;
-    schedule(s);
+    flight *f = NULL;
+    if (s->n_flight < s->depth) {
+        f = &s->fl[(s->fl_head + s->n_flight) % s->depth];
+        for (int i = 0; i < s->n_run; i++)
+            s->run[i]->row = -1;
+        schedule(s, f);
+    }
     update_kv_stats(s);
     pthread_mutex_unlock(&s->mu);
 
@@ -1086,67 +1246,28 @@ cp_status cp_sched_step(cp_sched_t s, int wait_ms, bool *worked) {
         req_free(r);
     }
 
-    step_batch *b = &s->b;
-    if (b->n_seq == 0) return s->idle ? s->idle(s->hook_user) : CP_OK;
-    cp_batch batch = {
-        .n_tok = b->n_tok,
-        .tokens = b->tokens,
-        .pos = b->pos,
-        .seq = b->seq,
-        .block_tables = b->block_tables,
-        .n_seq = b->n_seq,
-        .max_blocks = b->max_blocks,
-        .logit_rows = b->logit_rows,
-        .n_logits = b->n_logits,
-    };
-    /* what each sampled row needs from the forward pass */
-    int k = 1, nl = 0;
-    for (int i = 0; i < b->n_seq; i++) {
-        const req *r = s->rows[i];
-        if (r->n_computed + r->take == r->n_tokens) s->need[nl++] = row_need(r, s->n_vocab, &k);
-    }
-    s->top = (cp_logit_top){
-        .k = k, .need = s->need, .logits = s->logits, .val = s->top_val, .id = s->top_id, .lse = s->top_lse};
-    double t0 = cp_time_now();
-    cp_status st =
-        s->fail_step > 0 && s->stats.steps + 1 == s->fail_step
-            ? CP_ERROR(CP_ERR_INTERNAL, "injected failure of step %lld (CP_SCHED_FAIL_STEP)",
-                       (long long)s->fail_step)
-        : s->forward ? s->forward(s->hook_user, &batch, &s->top)
-                     : cp_model_forward_top(s->model, s->kv, &batch, &s->top);
-    double t1 = cp_time_now();
-    int n_sampled = 0, li = 0;
-    for (int i = 0; i < b->n_seq; i++) {
-        req *r = s->rows[i];
-        if (st != CP_OK) {
-            set_error(r, cp_last_error());
-            continue;
+    bool started = false;
+    if (f && f->b.n_seq > 0) {
+        cp_status st = start_step(s, f);
+        if (st == CP_OK) {
+            started = true;
+            s->n_flight++;
+        } else {
+            end_step(s, f, st); /* its requests end with the error */
         }
-        bool wants = r->n_computed + r->take == r->n_tokens;
-        int before = r->n_gen;
-        process_row(s, r, wants ? li++ : -1);
-        n_sampled += r->n_gen - before;
+        if (worked) *worked = true;
     }
-
-    pthread_mutex_lock(&s->mu);
-    for (int i = 0; i < b->n_seq; i++) {
-        req *r = s->rows[i];
-        if (r->finish == CP_FINISH_NONE) continue;
-        release_seq(s, r);
-        run_remove(s, r);
+    /* the oldest step comes back when every slot is taken, or when nothing
+     * else can start before it does */
+    if (s->n_flight > 0 && (s->n_flight == s->depth || !started)) {
+        flight *old = &s->fl[s->fl_head];
+        cp_status st = s->finish ? s->finish(s->hook_user, &old->top) : CP_OK;
+        s->fl_head = (s->fl_head + 1) % s->depth;
+        s->n_flight--;
+        end_step(s, old, st);
+        if (worked) *worked = true;
+        return CP_OK;
     }
-    s->stats.steps++;
-    if (st != CP_OK) s->stats.failed_steps++;
-    s->stats.generated_tokens += n_sampled;
-    s->stats.last_step_s = t1 - t0;
-    update_kv_stats(s);
-    pthread_mutex_unlock(&s->mu);
-
-    for (int i = 0; i < b->n_seq; i++) {
-        req *r = s->rows[i];
-        deliver_step(r);
-        if (r->finish != CP_FINISH_NONE) req_free(r);
-    }
-    if (worked) *worked = true;
+    if (!started && !(f && f->b.n_seq > 0)) return s->idle ? s->idle(s->hook_user) : CP_OK;
     return CP_OK;
 }

@@ -6,7 +6,21 @@
  * (flag: a step's candidates per row, cp_logit_top.k; a stop's failure)
  * then, for a step, one int32 body
  *   tokens[n_tok] pos[n_tok] seq[n_tok] block_tables[n_seq * max_blocks]
- *   logit_rows[n_logits] need[n_logits] (cp_logit_top.need). */
+ *   logit_rows[n_logits] need[n_logits] (cp_logit_top.need).
+ *
+ * Pipelined (pp > 1): the descriptor travels with the hidden states
+ * instead. Rank 0 broadcasts it over its stage's TP group; every rank of a
+ * stage before the last sends it, then its stage's output, to the same TP
+ * rank of the next stage once the stage is computed; the last stage's TP
+ * rank 0 sends the step's candidates to rank 0:
+ *   val[n_logits * k] (f32) id[n_logits * k] (i32) lse[n_logits] (f64)
+ *   then each CP_TOP_FULL row's logits (f32).
+ * So rank 0 can start the next step while later stages still work on the
+ * earlier ones. Everything flows from stage to stage in step order except
+ * the candidates, and rank 0 takes the oldest step's candidates before it
+ * sends a new step on when `depth` steps would otherwise be in flight:
+ * the next stage can take the new step only after the last stage passed
+ * on the oldest, so no rank ever waits on one that waits for it. */
 #include "cp_step_link.h"
 
 #include <stdio.h>
@@ -14,13 +28,28 @@
 #include <string.h>
 
 #include "cp_comm.h"
+#include "cp_plan.h"
 
 enum { CMD_STEP = 1, CMD_HEARTBEAT = 2, CMD_STOP = 3 };
 enum { HDR_N = 8 };
 #define LINK_MAGIC 0x6370737465706c6bLL /* "cpsteplk" */
 
+/* A step rank 0 started whose candidates have not been taken. */
+typedef struct inflight {
+    const cp_logit_top *out;
+    int n_logits;
+    bool got; /* received already (to make room for a newer step) */
+} inflight;
+
 struct cp_step_link {
     cp_comm_t world;
+    /* pipelined: the stage's TP group (NULL when tp = 1) and the group of
+     * the same TP rank across stages (ordered by stage) */
+    cp_comm_t stage, pipe;
+    bool piped;
+    int pp, pp_rank, tp_rank;
+    inflight q[CP_STEP_LINK_MAX_DEPTH]; /* rank 0: oldest first from q_head */
+    int q_head, q_n;
     cp_model_t model;
     cp_kv_cache_t kv;
     int rank, size;
@@ -41,7 +70,8 @@ struct cp_step_link {
     cp_step_link_stats stats;
 };
 
-cp_status cp_step_link_init(cp_comm_t world, cp_model_t m, cp_kv_cache_t kv, cp_step_link_t *out) {
+cp_status cp_step_link_init(cp_comm_t world, cp_model_t m, cp_kv_cache_t kv, bool pipelined,
+                            cp_step_link_t *out) {
     if (!out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_init: out is NULL");
     *out = NULL;
     if (!world || !m || !kv)
@@ -67,13 +97,35 @@ cp_status cp_step_link_init(cp_comm_t world, cp_model_t m, cp_kv_cache_t kv, cp_
                         "the same --ctx-size, --max-running and --kv-f32",
                         (long long)-blocks[1], (long long)blocks[0]);
     }
+    const cp_plan *p = cp_model_get_plan(m);
+    l->pp = p->pp;
+    l->pp_rank = p->pp_rank;
+    l->tp_rank = p->tp_rank;
+    l->piped = pipelined && p->pp > 1 && p->cp <= 1 && p->pp <= CP_STEP_LINK_MAX_DEPTH &&
+               l->size == p->pp * p->tp;
+    if (l->piped) {
+        st = cp_comm_split(world, p->pp_rank, l->rank, &l->stage);
+        if (st == CP_OK) st = cp_comm_split(world, p->tp_rank, l->rank, &l->pipe);
+        if (st != CP_OK) {
+            cp_step_link_free(l);
+            return st;
+        }
+        if (p->tp == 1) {
+            cp_comm_free(l->stage);
+            l->stage = NULL;
+        }
+    }
     l->last_send = cp_time_now();
     *out = l;
     return CP_OK;
 }
 
+int cp_step_link_depth(cp_step_link_t l) { return l && l->piped ? l->pp : 1; }
+
 void cp_step_link_free(cp_step_link_t l) {
     if (!l) return;
+    cp_comm_free(l->stage);
+    cp_comm_free(l->pipe);
     free(l->body);
     free(l->logits);
     free(l->val);
@@ -120,15 +172,37 @@ static cp_status check_broken(cp_step_link_t l) {
     return CP_ERROR(l->broken, "the ranks lost step with each other: %s", l->broken_msg);
 }
 
-static cp_status send_header(cp_step_link_t l, int64_t cmd, const cp_batch *b, int64_t flag) {
-    int64_t h[HDR_N] = {LINK_MAGIC, cmd, ++l->seqno, 0, 0, 0, 0, flag};
+static void make_header(cp_step_link_t l, int64_t *h, int64_t cmd, const cp_batch *b, int64_t flag) {
+    const int64_t v[HDR_N] = {LINK_MAGIC, cmd, ++l->seqno, 0, 0, 0, 0, flag};
+    memcpy(h, v, sizeof v);
     if (b) {
         h[3] = b->n_tok;
         h[4] = b->n_seq;
         h[5] = b->max_blocks;
         h[6] = b->n_logits;
     }
-    cp_status st = cp_comm_bcast(l->world, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+}
+
+/* Pipelined: the header (and a step's body of n ids) to the same TP rank
+ * of the next stage. */
+static cp_status pass_on(cp_step_link_t l, const int64_t *h, const int32_t *body, size_t n) {
+    if (l->pp_rank + 1 >= l->pp) return CP_OK;
+    cp_status st = cp_comm_send(l->pipe, h, HDR_N, CP_DTYPE_I64, l->pp_rank + 1, NULL);
+    if (st == CP_OK && body) st = cp_comm_send(l->pipe, body, n, CP_DTYPE_I32, l->pp_rank + 1, NULL);
+    return st;
+}
+
+/* Rank 0: a command without a body to every rank. */
+static cp_status send_command(cp_step_link_t l, int64_t cmd, int64_t flag) {
+    int64_t h[HDR_N];
+    make_header(l, h, cmd, NULL, flag);
+    cp_status st;
+    if (!l->piped) {
+        st = cp_comm_bcast(l->world, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+    } else {
+        st = l->stage ? cp_comm_bcast(l->stage, h, HDR_N, CP_DTYPE_I64, 0, NULL) : CP_OK;
+        if (st == CP_OK) st = pass_on(l, h, NULL, 0);
+    }
     l->last_send = cp_time_now();
     return st;
 }
@@ -145,6 +219,67 @@ static cp_status reserve_top(cp_step_link_t l, size_t n_logits, int k, bool full
     CP_CHECK(grow(&l->lse, &l->lse_cap, n_logits, sizeof(double), "logit outputs"));
     CP_CHECK(grow(&l->need, &l->need_cap, n_logits, 1, "logit outputs"));
     if (full) CP_CHECK(grow(&l->logits, &l->logits_cap, n_logits * vocab, sizeof(float), "logit outputs"));
+    return CP_OK;
+}
+
+static cp_status move(cp_comm_t c, bool send, void *buf, size_t n, cp_dtype dt, int peer) {
+    return send ? cp_comm_send(c, buf, n, dt, peer, NULL) : cp_comm_recv(c, buf, n, dt, peer, NULL);
+}
+
+/* Pipelined, the last stage's TP rank 0: a step's candidates to rank 0;
+ * rank 0: receives them (the order of the messages is the wire format's). */
+static cp_status move_results(cp_step_link_t l, const cp_logit_top *out, int n_logits, bool send) {
+    const size_t nk = (size_t)n_logits * (size_t)out->k, V = (size_t)cp_model_get_config(l->model)->n_vocab;
+    const int peer = send ? 0 : l->pp - 1;
+    if (n_logits == 0) return CP_OK;
+    CP_CHECK(move(l->pipe, send, out->val, nk, CP_DTYPE_F32, peer));
+    CP_CHECK(move(l->pipe, send, out->id, nk, CP_DTYPE_I32, peer));
+    CP_CHECK(move(l->pipe, send, out->lse, (size_t)n_logits, CP_DTYPE_F64, peer));
+    for (int i = 0; out->need && i < n_logits; i++)
+        if (out->need[i] & CP_TOP_FULL) CP_CHECK(move(l->pipe, send, out->logits + (size_t)i * V, V, CP_DTYPE_F32, peer));
+    return CP_OK;
+}
+
+/* Rank 0, pipelined: the candidates of the oldest step in flight. */
+static cp_status take_oldest(cp_step_link_t l) {
+    inflight *f = &l->q[l->q_head];
+    if (f->got) return CP_OK;
+    cp_status st = move_results(l, f->out, f->n_logits, false);
+    if (st != CP_OK)
+        return brk(l, CP_ERROR(st, "no result of a pipelined step from the last stage (rank %d) in time: %s",
+                               (int)(l->size - l->size / l->pp), cp_last_error()));
+    f->got = true;
+    return CP_OK;
+}
+
+/* Rank 0, pipelined: the body of n ids is packed. */
+static cp_status forward_piped(cp_step_link_t l, const cp_batch *b, const cp_logit_top *out, size_t n, double t0) {
+    if (l->q_n >= l->pp)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward: %d steps in flight already", l->q_n);
+    int64_t h[HDR_N];
+    make_header(l, h, CMD_STEP, b, out->k);
+    cp_status st = CP_OK;
+    if (l->stage) {
+        st = cp_comm_bcast(l->stage, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+        if (st == CP_OK) st = cp_comm_bcast(l->stage, l->body, n, CP_DTYPE_I32, 0, NULL);
+    }
+    l->last_send = cp_time_now();
+    if (st != CP_OK) return brk(l, st);
+    l->stats.bcast_s += cp_time_now() - t0;
+    l->stats.steps++;
+    st = cp_model_forward_stage(l->model, l->kv, b, out);
+    if (st != CP_OK) return st == CP_ERR_INVALID_ARG ? st : brk(l, st); /* as on every rank of the stage */
+    /* with `pp` steps in flight the next stage takes this one only after
+     * the last stage passed on the oldest */
+    if (l->q_n == l->pp - 1) CP_CHECK(take_oldest(l));
+    t0 = cp_time_now();
+    st = pass_on(l, h, l->body, n);
+    l->stats.bcast_s += cp_time_now() - t0;
+    if (st == CP_OK) st = cp_model_stage_send(l->model);
+    if (st != CP_OK) return brk(l, st);
+    const int tail = (l->q_head + l->q_n) % CP_STEP_LINK_MAX_DEPTH;
+    l->q[tail] = (inflight){.out = out, .n_logits = b->n_logits, .got = false};
+    l->q_n++;
     return CP_OK;
 }
 
@@ -171,7 +306,11 @@ cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top
         p += b->n_logits;
         for (int i = 0; i < b->n_logits; i++)
             p[i] = out->need ? out->need[i] : 0;
-        cp_status st = send_header(l, CMD_STEP, b, out->k);
+        if (l->piped) return forward_piped(l, b, out, n, t0);
+        int64_t h[HDR_N];
+        make_header(l, h, CMD_STEP, b, out->k);
+        cp_status st = cp_comm_bcast(l->world, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+        l->last_send = cp_time_now();
         if (st == CP_OK) st = cp_comm_bcast(l->world, l->body, n, CP_DTYPE_I32, 0, NULL);
         if (st != CP_OK) return brk(l, st);
         l->stats.bcast_s += cp_time_now() - t0;
@@ -184,13 +323,26 @@ cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top
     return st;
 }
 
+cp_status cp_step_link_finish(void *link, const cp_logit_top *out) {
+    cp_step_link_t l = link;
+    if (!l || !out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_finish: NULL argument");
+    if (!l->piped) return check_broken(l); /* steps end inside cp_step_link_forward */
+    if (l->q_n == 0 || l->q[l->q_head].out != out)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_finish: not the oldest step in flight");
+    cp_status st = check_broken(l);
+    if (st == CP_OK) st = take_oldest(l);
+    l->q_head = (l->q_head + 1) % CP_STEP_LINK_MAX_DEPTH;
+    l->q_n--;
+    return st;
+}
+
 cp_status cp_step_link_idle(void *link) {
     cp_step_link_t l = link;
     if (!l) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_idle: NULL link");
     CP_CHECK(check_broken(l));
     if (l->size == 1 || cp_time_now() - l->last_send < CP_STEP_LINK_HEARTBEAT_MS * 1e-3)
         return CP_OK;
-    cp_status st = send_header(l, CMD_HEARTBEAT, NULL, 0);
+    cp_status st = send_command(l, CMD_HEARTBEAT, 0);
     if (st != CP_OK) return brk(l, st);
     l->stats.heartbeats++;
     return CP_OK;
@@ -198,9 +350,23 @@ cp_status cp_step_link_idle(void *link) {
 
 cp_status cp_step_link_stop(cp_step_link_t l, bool ok) {
     if (!l || l->size == 1 || l->rank != 0 || l->broken != CP_OK) return CP_OK;
-    cp_status st = send_header(l, CMD_STOP, NULL, ok ? 0 : 1);
+    /* the last stage waits to hand over what is still in flight */
+    while (l->q_n > 0) {
+        CP_CHECK(take_oldest(l));
+        l->q_head = (l->q_head + 1) % CP_STEP_LINK_MAX_DEPTH;
+        l->q_n--;
+    }
+    cp_status st = send_command(l, CMD_STOP, ok ? 0 : 1);
     if (st != CP_OK) brk(l, st);
     return st;
+}
+
+/* Followers: the next part of a message from rank 0, directly or (pipelined
+ * beyond the first stage) through the previous stage. */
+static cp_status take(cp_step_link_t l, void *buf, size_t n, cp_dtype dt) {
+    if (!l->piped) return cp_comm_bcast(l->world, buf, n, dt, 0, NULL);
+    if (l->pp_rank > 0) return cp_comm_recv(l->pipe, buf, n, dt, l->pp_rank - 1, NULL);
+    return cp_comm_bcast(l->stage, buf, n, dt, 0, NULL);
 }
 
 cp_status cp_step_link_follow(cp_step_link_t l) {
@@ -210,17 +376,22 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
     const int max_batch = 1 << 20;
     for (;;) {
         int64_t h[HDR_N];
-        cp_status st = cp_comm_bcast(l->world, h, HDR_N, CP_DTYPE_I64, 0, NULL);
+        cp_status st = take(l, h, HDR_N, CP_DTYPE_I64);
         if (st != CP_OK)
-            return CP_ERROR(st, "rank %d: no step or heartbeat from rank 0 in time (%s)", l->rank,
+            return CP_ERROR(st, "rank %d: no step or heartbeat from %s in time (%s)", l->rank,
+                            l->piped && l->pp_rank > 0 ? "the previous pipeline stage" : "rank 0",
                             cp_last_error());
-        if (h[0] != LINK_MAGIC || h[2] != l->seqno + 1)
+        /* pipelined, a step the first stage rejected goes no further, so
+         * later stages may see a number skipped */
+        const bool skips = l->piped && l->pp_rank > 0;
+        if (h[0] != LINK_MAGIC || (skips ? h[2] <= l->seqno : h[2] != l->seqno + 1))
             return CP_ERROR(CP_ERR_INTERNAL,
                             "rank %d: unexpected message from rank 0 (magic %llx, seqno %lld after "
                             "%lld): the ranks run different programs or versions",
                             l->rank, (unsigned long long)h[0], (long long)h[2],
                             (long long)l->seqno);
         l->seqno = h[2];
+        if (l->piped && (h[1] == CMD_HEARTBEAT || h[1] == CMD_STOP)) CP_CHECK(pass_on(l, h, NULL, 0));
         if (h[1] == CMD_HEARTBEAT) {
             l->stats.heartbeats++;
             continue;
@@ -240,7 +411,7 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
                             (long long)n_logits, (long long)k);
         size_t n = body_len(n_tok, n_seq, max_blocks, n_logits);
         CP_CHECK(reserve_body(l, n));
-        st = cp_comm_bcast(l->world, l->body, n, CP_DTYPE_I32, 0, NULL);
+        st = take(l, l->body, n, CP_DTYPE_I32);
         if (st != CP_OK) return st;
         const int32_t *p = l->body;
         const int32_t *need = p + 3 * n_tok + n_seq * max_blocks + n_logits;
@@ -264,7 +435,21 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
         l->stats.steps++;
         const cp_logit_top top = {
             .k = (int)k, .need = l->need, .logits = l->logits, .val = l->val, .id = l->id, .lse = l->lse};
-        st = cp_model_forward_top(l->model, l->kv, &b, &top);
-        if (st != CP_OK && st != CP_ERR_INVALID_ARG) return st;
+        if (!l->piped) {
+            st = cp_model_forward_top(l->model, l->kv, &b, &top);
+            if (st != CP_OK && st != CP_ERR_INVALID_ARG) return st;
+            continue;
+        }
+        /* pipelined: the stage, then the step on to the next stage, or
+         * from the last stage its candidates to rank 0 */
+        st = cp_model_forward_stage(l->model, l->kv, &b, &top);
+        if (st == CP_ERR_INVALID_ARG) continue; /* the first stage rejects it too and passes it no further */
+        if (st != CP_OK) return st;
+        if (l->pp_rank + 1 < l->pp) {
+            CP_CHECK(pass_on(l, h, l->body, n));
+            CP_CHECK(cp_model_stage_send(l->model));
+        } else if (l->tp_rank == 0) {
+            CP_CHECK(move_results(l, &top, (int)n_logits, true));
+        }
     }
 }

@@ -698,6 +698,101 @@ TEST(ModelParallel, ForwardTopEqualsGatheredRows) {
     remove(path.c_str());
 }
 
+// Pipelined steps (cp_model_forward_stage, what the server runs with
+// --pp > 1): every stage takes a series of steps in order, each passed on
+// only when cp_model_stage_send is called; the last stage's candidates equal
+// cp_model_forward_top's for the same steps in the same layout, bit for
+// bit. The steps interleave three sequences, one prompt in two chunks whose
+// second follows the first directly (it attends to the keys the first
+// stored on every stage), and decode rows, and one step samples with full
+// rows. A stage that still keeps an output refuses the next step.
+TEST(ModelParallel, PipelinedStagesMatchForwardTop) {
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 515);
+    std::string path = cptest::write_gguf(tm, "mp_stage_" + std::to_string(cp_comm_rank(g_world)));
+    cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 1};
+    const int world = cp_comm_size(g_world), bs = 8;
+    int tried = 0;
+    for (const Layout &l : layouts(shape, world)) {
+        if (l.pp == 1 || l.cp > 1) continue;
+        SCOPED_TRACE(l.name());
+        tried++;
+        Sharded sh(path, l.tp, l.pp, false, false, 1);
+        if (!sh.e) continue;
+        cp_model_t m = cp_engine_model(sh.e);
+        const cp_plan *plan = cp_model_get_plan(m);
+        cp_kv_cache_opts ko = {18, bs, CP_DTYPE_F32};
+        cp_kv_cache_t kv_ref = nullptr, kv = nullptr;
+        ASSERT_EQ(cp_kv_cache_init(m, &ko, &kv_ref), CP_OK) << cp_last_error();
+        ASSERT_EQ(cp_kv_cache_init(m, &ko, &kv), CP_OK) << cp_last_error();
+        std::vector<int32_t> tables(3 * 6);
+        EXPECT_EQ(cp_kv_cache_alloc_blocks(kv_ref, 18, tables.data()), CP_OK) << cp_last_error();
+        std::vector<int32_t> same(18);
+        EXPECT_EQ(cp_kv_cache_alloc_blocks(kv, 18, same.data()), CP_OK) << cp_last_error();
+        // steps: {seq, first position, tokens, sample the last one}
+        struct Step {
+            int seq, pos0, n;
+        };
+        const Step plan_steps[] = {{0, 0, 13}, {1, 0, 9}, {0, 13, 11}, {2, 0, 5}, {1, 9, 1}, {0, 24, 1}, {2, 5, 1}};
+        std::vector<std::vector<int32_t>> toks(3);
+        for (int q = 0; q < 3; q++)
+            for (int i = 0; i < 40; i++)
+                toks[q].push_back((q * 53 + i * 29 + 5) % s.vocab);
+        const int n_steps = (int)(sizeof plan_steps / sizeof plan_steps[0]);
+        struct Made {
+            std::vector<int32_t> tok, pos, seq, rows;
+            cp_batch b;
+        };
+        std::vector<Made> made(n_steps);
+        for (int i = 0; i < n_steps; i++) {
+            const Step &st = plan_steps[i];
+            Made &mb = made[i];
+            for (int t = 0; t < st.n; t++) {
+                mb.tok.push_back(toks[st.seq][st.pos0 + t]);
+                mb.pos.push_back(st.pos0 + t);
+                mb.seq.push_back(0);
+            }
+            mb.rows.push_back(st.n - 1);
+            mb.b = {st.n, mb.tok.data(), mb.pos.data(), mb.seq.data(), tables.data() + 6 * st.seq, 1, 6,
+                    mb.rows.data(), 1};
+        }
+        const int k = 7;
+        std::vector<cptest::TopOut> ref, got;
+        for (int i = 0; i < n_steps; i++) {
+            const std::vector<uint8_t> need = {(uint8_t)(i == 3 ? CP_TOP_FULL | CP_TOP_LSE : CP_TOP_LSE)};
+            ref.emplace_back(k, 1, s.vocab, need);
+            got.emplace_back(k, 1, s.vocab, need);
+        }
+        for (int i = 0; i < n_steps; i++) {
+            cp_logit_top t = ref[i].view();
+            ASSERT_EQ(cp_model_forward_top(m, kv_ref, &made[i].b, &t), CP_OK) << cp_last_error();
+        }
+        for (int i = 0; i < n_steps; i++) {
+            cp_logit_top t = got[i].view();
+            ASSERT_EQ(cp_model_forward_stage(m, kv, &made[i].b, &t), CP_OK) << "step " << i << ": " << cp_last_error();
+            if (i == 0 && !plan->last_stage) {
+                // its output is still kept: the next step waits for the send
+                cp_logit_top t1 = got[1].view();
+                EXPECT_EQ(cp_model_forward_stage(m, kv, &made[1].b, &t1), CP_ERR_INVALID_ARG);
+            }
+            ASSERT_EQ(cp_model_stage_send(m), CP_OK) << cp_last_error();
+        }
+        if (plan->last_stage) {
+            for (int i = 0; i < n_steps; i++) {
+                SCOPED_TRACE("step " + std::to_string(i));
+                EXPECT_EQ(got[i].val, ref[i].val);
+                EXPECT_EQ(got[i].id, ref[i].id);
+                EXPECT_EQ(got[i].lse, ref[i].lse);
+                EXPECT_EQ(got[i].logits, ref[i].logits);
+            }
+        }
+        cp_kv_cache_free(kv);
+        cp_kv_cache_free(kv_ref);
+    }
+    EXPECT_GT(tried, world > 1 ? 0 : -1);
+    remove(path.c_str());
+}
+
 // Hugging Face AWQ and GPTQ (act-order: dequantized to F16) checkpoints over
 // every tp x pp layout: the logits equal one rank's within the f32
 // reduction tolerance, and each rank repacks only the rows of its own

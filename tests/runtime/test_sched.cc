@@ -861,4 +861,211 @@ TEST(Sched, SubmitFromAnotherThreadAndWake) {
     EXPECT_GE(std::chrono::steady_clock::now() - w0, std::chrono::milliseconds(25));
 }
 
+// ---- pipelined steps ----------------------------------------------------------
+// A pipeline stand-in: forward only records a step, finish computes the
+// oldest one, so up to `depth` steps are in flight as across pipeline
+// stages, and the hooks check what the scheduler promises them.
+struct FakePipe {
+    cp_model_t m = nullptr;
+    cp_kv_cache_t kv = nullptr;
+    struct Step {
+        std::vector<int32_t> tokens, pos, seq, tables, logit_rows;
+        int n_seq = 0, max_blocks = 0;
+        const cp_logit_top *out = nullptr;
+        // each sequence (named by its first block), the blocks it reaches,
+        // and whether a token of it is sampled
+        std::vector<std::pair<int32_t, int32_t>> reach;
+        std::vector<int32_t> sampled;
+    };
+    std::deque<Step> flying;
+    size_t most = 0;     // most steps in flight at once
+    int most_seqs = 0;   // most sequences in one step
+    int finishes = 0, fail_finish = 0;
+    std::string problem; // the first broken promise
+    int chunk_overlap = 0; // steps started while the same prompt's previous chunk was in flight
+};
+
+cp_status fake_forward(void *user, const cp_batch *b, const cp_logit_top *out) {
+    FakePipe *p = static_cast<FakePipe *>(user);
+    FakePipe::Step st;
+    st.tokens.assign(b->tokens, b->tokens + b->n_tok);
+    st.pos.assign(b->pos, b->pos + b->n_tok);
+    st.seq.assign(b->seq, b->seq + b->n_tok);
+    st.n_seq = b->n_seq;
+    st.max_blocks = b->max_blocks;
+    st.logit_rows.assign(b->logit_rows, b->logit_rows + b->n_logits);
+    // a sequence's blocks belong to it alone, and a sequence waiting for
+    // its sample is in no other step; a prompt's chunks may overlap
+    const int bs = cp_kv_cache_block_size(p->kv);
+    auto fail = [p](const std::string &m) {
+        if (p->problem.empty()) p->problem = m;
+    };
+    for (int i = 0; i < b->n_seq; i++) {
+        int last = -1;
+        for (int t = 0; t < b->n_tok; t++)
+            if (b->seq[t] == i) last = b->pos[t];
+        const int32_t *tab = b->block_tables + (size_t)i * b->max_blocks;
+        for (int j = 0; j <= last / bs; j++)
+            st.reach.emplace_back(tab[0], tab[j]);
+        for (int j = 0; j < b->n_logits; j++)
+            if (b->seq[b->logit_rows[j]] == i) st.sampled.push_back(tab[0]);
+        for (const FakePipe::Step &o : p->flying) {
+            for (int32_t k : o.sampled)
+                if (k == tab[0]) fail("a sequence scheduled while its sample is in flight");
+            for (auto [k, blk] : o.reach) {
+                if (k == tab[0]) p->chunk_overlap++;
+                for (int j = 0; j <= last / bs; j++)
+                    if (k != tab[0] && blk == tab[j]) fail("block " + std::to_string(blk) + " in two sequences");
+            }
+        }
+    }
+    st.tables.assign(b->block_tables, b->block_tables + (size_t)b->n_seq * b->max_blocks);
+    st.out = out;
+    p->flying.push_back(std::move(st));
+    p->most = std::max(p->most, p->flying.size());
+    p->most_seqs = std::max(p->most_seqs, b->n_seq);
+    return CP_OK;
+}
+
+cp_status fake_finish(void *user, const cp_logit_top *out) {
+    FakePipe *p = static_cast<FakePipe *>(user);
+    if (p->flying.empty() || p->flying.front().out != out) {
+        if (p->problem.empty()) p->problem = "finish of a step that is not the oldest in flight";
+        return CP_ERROR(CP_ERR_INTERNAL, "bad finish");
+    }
+    FakePipe::Step st = std::move(p->flying.front());
+    p->flying.pop_front();
+    if (++p->finishes == p->fail_finish) return CP_ERROR(CP_ERR_TIMEOUT, "injected pipeline failure");
+    cp_batch b = {};
+    b.n_tok = (int)st.tokens.size();
+    b.tokens = st.tokens.data();
+    b.pos = st.pos.data();
+    b.seq = st.seq.data();
+    b.block_tables = st.tables.data();
+    b.n_seq = st.n_seq;
+    b.max_blocks = st.max_blocks;
+    b.logit_rows = st.logit_rows.data();
+    b.n_logits = (int)st.logit_rows.size();
+    return cp_model_forward_top(p->m, p->kv, &b, out);
+}
+
+SchedPtr make_piped(cp_engine_t e, FakePipe *p, int depth, int max_running, int prefill_chunk = 0) {
+    p->m = cp_engine_model(e);
+    p->kv = cp_engine_kv(e);
+    cp_sched_opts o = {};
+    o.max_running = max_running;
+    o.no_prefix_cache = true; // each block then belongs to one sequence
+    o.prefill_chunk = prefill_chunk;
+    o.forward = fake_forward;
+    o.finish = fake_finish;
+    o.depth = depth;
+    o.hook_user = p;
+    cp_sched_t s = nullptr;
+    EXPECT_EQ(cp_sched_init(e, &o, &s), CP_OK) << cp_last_error();
+    return SchedPtr(s);
+}
+
+TEST(Sched, PipelinedStepsStayApartAndMatchAlone) {
+    cp_engine_t e = shared_engine();
+    NEED_ENGINE(e);
+    const int N = 12, depth = 3;
+    auto mt = [](int i) { return 5 + i % 6; };
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<Ref> refs;
+    for (int i = 0; i < N; i++) {
+        prompts.push_back(prompt_n(e, 60 + i));
+        refs.push_back(alone(e, prompts.back(), mt(i)));
+    }
+    cp_sample_params sp = {};
+    sp.temperature = 0.8f;
+    sp.top_k = 20;
+    const std::vector<int32_t> pk = prompt_n(e, 3);
+    Ref seeded = alone(e, pk, 9, sp, 77);
+    // a long prompt in chunks of 16: its chunks follow each other without
+    // waiting for the previous one to come back
+    std::vector<int32_t> longp;
+    for (int i = 0; i < 8; i++) {
+        std::vector<int32_t> q = prompt_n(e, 90 + i);
+        longp.insert(longp.end(), q.begin(), q.end());
+    }
+    Ref long_ref = alone(e, longp, 6);
+
+    FakePipe pipe;
+    SchedPtr s = make_piped(e, &pipe, depth, 8, 16);
+    std::deque<Client> lone(1);
+    submit(s.get(), greedy_req(longp, 6), &lone[0]);
+    run_all(s.get(), lone);
+    EXPECT_EQ(lone[0].toks, long_ref.toks) << show(lone[0].toks) << " vs " << show(long_ref.toks);
+    EXPECT_GE(pipe.chunk_overlap, (int)longp.size() / 16 - 2) << longp.size() << " prompt tokens";
+    std::deque<Client> cs(N + 1);
+    for (int i = 0; i < N; i++)
+        submit(s.get(), greedy_req(prompts[i], mt(i)), &cs[i]);
+    cp_sched_request q = greedy_req(pk, 9);
+    q.sample = sp;
+    q.seed = 77;
+    submit(s.get(), q, &cs[N]);
+    run_all(s.get(), cs);
+    EXPECT_EQ(pipe.problem, "");
+    EXPECT_EQ(pipe.most, (size_t)depth); // the pipeline filled
+    EXPECT_LE(pipe.most_seqs, (8 + depth - 1) / depth); // a share of the running sequences each
+    EXPECT_TRUE(pipe.flying.empty());
+    for (int i = 0; i < N; i++) {
+        EXPECT_EQ(cs[i].toks, refs[i].toks) << "request " << i << ": " << show(cs[i].toks) << " vs "
+                                            << show(refs[i].toks);
+        EXPECT_EQ(cs[i].text, refs[i].text) << "request " << i;
+        EXPECT_EQ(cs[i].finish, CP_FINISH_LENGTH);
+        EXPECT_FALSE(cs[i].bad);
+    }
+    EXPECT_EQ(cs[N].toks, seeded.toks) << show(cs[N].toks) << " vs " << show(seeded.toks);
+    cp_sched_stats st;
+    cp_sched_get_stats(s.get(), &st);
+    EXPECT_EQ(st.kv_blocks_used, 0);
+    EXPECT_EQ(st.running, 0);
+}
+
+TEST(Sched, PipelinedFailureAndCancelInFlight) {
+    cp_engine_t e = shared_engine();
+    NEED_ENGINE(e);
+    FakePipe pipe;
+    pipe.fail_finish = 4; // the fourth step to come back fails
+    SchedPtr s = make_piped(e, &pipe, 2, 4);
+    std::deque<Client> cs(4);
+    for (int i = 0; i < 4; i++)
+        submit(s.get(), greedy_req(prompt_n(e, 80 + i), 12), &cs[i]);
+    // two steps go out (two sequences each), the first comes back
+    for (int i = 0; i < 2; i++) {
+        bool worked = false;
+        ASSERT_EQ(cp_sched_step(s.get(), 0, &worked), CP_OK);
+        EXPECT_TRUE(worked);
+    }
+    EXPECT_EQ(pipe.flying.size(), 1u);
+    // cancel a request of the step still in flight: it ends when that
+    // step is back, and its blocks are freed
+    int victim = -1;
+    for (int i = 0; i < 4; i++)
+        if (cs[i].toks.empty()) victim = i; // not back yet: in flight
+    ASSERT_GE(victim, 0);
+    cp_sched_cancel(s.get(), cs[victim].id);
+    run_all(s.get(), cs);
+    EXPECT_EQ(pipe.problem, "");
+    EXPECT_EQ(cs[victim].finish, CP_FINISH_CANCELLED);
+    int failed = 0, full = 0;
+    for (int i = 0; i < 4; i++) {
+        if (i == victim) continue;
+        if (cs[i].finish == CP_FINISH_ERROR) {
+            failed++;
+            EXPECT_NE(cs[i].error.find("injected pipeline failure"), std::string::npos) << cs[i].error;
+        } else {
+            EXPECT_EQ(cs[i].finish, CP_FINISH_LENGTH);
+            full++;
+        }
+    }
+    EXPECT_GE(failed, 1); // the failed step's requests only
+    EXPECT_GE(full, 1);
+    cp_sched_stats st;
+    cp_sched_get_stats(s.get(), &st);
+    EXPECT_EQ(st.kv_blocks_used, 0);
+    EXPECT_EQ(st.failed_steps, 1);
+}
+
 } // namespace

@@ -228,12 +228,24 @@ class Layouts(unittest.TestCase):
         cp = int(extra[extra.index("--cp") + 1]) if "--cp" in extra else 1
         shape = f"tp {tp} x cp {cp} x pp {pp}" if cp > 1 else f"tp {tp} x pp {pp}"
         self.assertIn(f"{np_} ranks ({shape}) ready", log)
+        piped = pp > 1 and cp == 1 and "--pp-serial" not in extra
+        self.assertEqual(f"ready, up to {pp} steps in flight" in log, piped, log[-2000:])
         self.assertEqual(rc, 0, f"mpirun ended with {rc} after SIGTERM:\n{log}")
         for req, text in self.reference[key].items():
             self.assertEqual(got.get(req), text, f"request {req} on tp {tp} x pp {pp}")
 
     def test_pp2(self):
         self.run_layout(ARGS.model, 2, 1, 2)
+
+    def test_pp2_serial(self):
+        # one step through both stages at a time (micro-batched prompts)
+        self.run_layout(ARGS.model, 2, 1, 2, extra=("--pp-serial",))
+
+    def test_pp2_chunks_in_flight(self):
+        # prompts in chunks of 8 tokens and requests waiting for one of 3
+        # slots: a prompt's chunks follow each other through the pipeline
+        # before the earlier ones are back
+        self.run_layout(ARGS.model, 2, 1, 2, extra=("--prefill-chunk", "8", "--max-running", "3"))
 
     def test_tp3(self):
         # The fast CPU kernels quantize activations to 8 bits per block;
