@@ -224,14 +224,36 @@ def cpu_snapshot(server_pid):
         # guest time is already counted in user and nice
         busy = v[0] + v[1] + v[2] + v[5] + v[6] - v[8] - v[9]
 
-        def proc(pid):
+        def stat(pid):
             with open("/proc/%d/stat" % pid) as f:
                 st = f.read()
-            fields = st[st.rindex(")") + 2:].split()
+            return st[st.rindex(")") + 2:].split()
+
+        def proc(pid):
+            fields = stat(pid)
             return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
+        def tree(pid):
+            # the server and its descendants (the ranks under mpirun)
+            children = {}
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        children.setdefault(int(stat(int(d))[1]), []).append(int(d))
+                    except (OSError, ValueError, IndexError):
+                        pass
+            total, todo = 0, [pid]
+            while todo:
+                p = todo.pop()
+                try:
+                    total += proc(p)
+                except (OSError, ValueError, IndexError):
+                    pass
+                todo.extend(children.get(p, []))
+            return total
+
         return {"t": time.perf_counter(), "busy": busy / hz, "steal": v[7] / hz,
-                "server": proc(server_pid) / hz if server_pid else None,
+                "server": tree(server_pid) / hz if server_pid else None,
                 "self": proc(os.getpid()) / hz}
     except (OSError, ValueError, IndexError):
         return None
@@ -380,7 +402,8 @@ def parse_args(argv):
                     help="bearer token (default: env OPENAI_API_KEY)")
     ap.add_argument("--label", default="", help="server label stored in the JSON")
     ap.add_argument("--server-pid", type=int,
-                    help="the server's process id (same machine): each level then records the "
+                    help="the server's process id (same machine; its descendants, such as the ranks "
+                         "under mpirun, count with it): each level then records the "
                          "cores used by the server, by this client and by other processes")
     ap.add_argument("--json", help="write every raw number to this file")
     a = ap.parse_args(argv)

@@ -30,6 +30,8 @@ OLEN=
 SEED=1
 MAX_RUNNING=
 MAX_STEP=
+NP=
+SERVE_ARGS=()
 PEER_PY=${PEER_PYTHON:-}
 PEER_CTX=4096
 STARTUP_S=900
@@ -49,6 +51,10 @@ usage: $HERE/run.sh [options]
   --max-running N      cparallel serve --max-running (default: the server's, 16)
   --max-step-tokens N  cparallel serve --max-step-tokens (default: the server's)
   --bin PATH           cparallel binary (default build/cparallel)
+  --np N               run cparallel serve under mpirun -np N (--oversubscribe
+                       --bind-to none); give the layout with --serve-arg
+  --serve-arg ARG      one more argument for cparallel serve (repeat it:
+                       --serve-arg --pp --serve-arg 2)
   --peer | --no-peer   run llama-cpp-python's server too (default: when the model
                        is a .gguf file and llama_cpp.server imports; --peer
                        makes a missing peer an error)
@@ -73,6 +79,8 @@ while [ $# -gt 0 ]; do
     --max-running) MAX_RUNNING=$2; shift 2 ;;
     --max-step-tokens) MAX_STEP=$2; shift 2 ;;
     --bin) BIN=$2; shift 2 ;;
+    --np) NP=$2; shift 2 ;;
+    --serve-arg) SERVE_ARGS+=("$2"); shift 2 ;;
     --peer) PEER=on; shift ;;
     --no-peer) PEER=off; shift ;;
     --peer-python) PEER_PY=$2; shift 2 ;;
@@ -134,7 +142,13 @@ trap cleanup EXIT
 
 stop_server() { # NAME PID: SIGTERM, then returns the server's exit code
   local name=$1 pid=$2 rc=0
-  kill -TERM "$pid" 2> /dev/null || true
+  if [ "$name" = cparallel ] && [ -n "$NP" ]; then
+    # every rank, as Slurm signals them (mpirun itself ends the job with
+    # an error when it is signalled); rank 0 drains and stops the others
+    pkill -TERM -P "$pid" 2> /dev/null || true
+  else
+    kill -TERM "$pid" 2> /dev/null || true
+  fi
   wait "$pid" || rc=$?
   echo "- $name: stopped with SIGTERM, exit code $rc" >> "$OUT/exit_codes.md"
   note "$name exited with code $rc"
@@ -152,6 +166,11 @@ fi
 SERVE=("$BIN" serve --model "$MODEL" --port 0 --threads "$THREADS" --device "$DEVICE" --no-progress)
 if [ -n "$MAX_RUNNING" ]; then SERVE+=(--max-running "$MAX_RUNNING"); fi
 if [ -n "$MAX_STEP" ]; then SERVE+=(--max-step-tokens "$MAX_STEP"); fi
+SERVE+=("${SERVE_ARGS[@]}")
+if [ -n "$NP" ]; then
+  command -v mpirun > /dev/null || die "--np: no mpirun on PATH"
+  SERVE=(mpirun -np "$NP" --oversubscribe --bind-to none "${SERVE[@]}")
+fi
 record "${SERVE[@]}"
 note "starting cparallel serve"
 "${SERVE[@]}" 2> "$OUT/cparallel.log" &
