@@ -113,8 +113,8 @@ int cp_cli_serve(int argc, char **argv) {
          "prefilled",
          NULL},
         {"prefill-chunk", 0, CLI_INT, &prefill_chunk, 1, 1 << 20, "N",
-         "prompt tokens of one sequence per step (default 256; with steps in flight across --pp stages, "
-         "the step tokens / (4 x pp), at least 16)",
+         "prompt tokens of one sequence per step (default 256; with steps in flight across --pp stages "
+         "and fewer requests than stages, the step tokens / (4 x pp), at least 16)",
          NULL},
         {"no-prefix-cache", 0, CLI_FLAG, &no_prefix_cache, 0, -1, NULL,
          "do not share prompt blocks between requests", NULL},

@@ -188,6 +188,16 @@ typedef struct cp_logit_top {
                             from the row's max, in double); NaN for the others */
 } cp_logit_top;
 
+/* One token for row `row` of t with sp and the uniform u, as cp_sample_host
+ * would choose it from the whole row: greedy takes the first candidate;
+ * top-k needs top_k + 1 <= t->k candidates and hands the top_k + 1 best to
+ * cp_sample_host in vocabulary order, which keeps the top_k best itself.
+ * That is exact unless the top_k-th and the next tie after scaling by the
+ * temperature, when a token outside the candidates could tie as well (the
+ * choice is then among equally likely tokens). Sampling without a top-k
+ * needs the whole row: CP_ERR_INVALID_ARG. */
+cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_params *sp, float u, int32_t *tok);
+
 /* Like cp_model_forward, with the requested rows as cp_logit_top. */
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out);
 

@@ -29,7 +29,8 @@ typedef struct cp_sched_opts {
                              (<= 0: the model's max batch; on the CPU backend
                              at most CP_SCHED_CPU_STEP_TOKENS or max_running) */
     int prefill_chunk;    /* prompt tokens of one sequence per step (<= 0: 256;
-                             pipelined: max_step_tokens / (4 x depth), at least 16) */
+                             pipelined with fewer requests than depth:
+                             max_step_tokens / (4 x depth), at least 16) */
     bool no_prefix_cache; /* do not share prompt blocks between requests */
     /* Multi-rank serving (see cp_step_link.h): forward runs each step
      * instead of cp_model_forward_top (same contract), and idle is called by

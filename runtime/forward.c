@@ -859,17 +859,15 @@ static void local_top(const float *row, int n, int id0, int k, float *val, int32
 
 /* Samples one token per row of the normed hidden states in xb. A single
  * TP rank samples from its full logits. Across TP ranks, greedy and top-k
- * sampling need only candidates: each rank sends its k best (value, id)
- * pairs (k = 1 for greedy), every rank orders the union by id and runs the
- * same sampler over it with the same u, which picks exactly what sampling
- * the full vocabulary would (the global top k are among the candidates, and
- * ties resolve by the lower id either way). Without top-k the full rows are
- * gathered. */
+ * sampling need only candidates: the k + 1 best of each row (top_rows:
+ * each rank passes its best, every rank merges them alike), handed to the
+ * same sampler with the same u (cp_logit_top_sample). Without top-k the
+ * full rows are gathered. */
 static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row0) {
     cp_backend_t be = m->be;
     const cp_model_config *c = &m->cfg;
     const cp_sample_params *sp = rs->sp;
-    const int vocab = c->n_vocab, vl = m->vocab_l, tp = m->plan.tp;
+    const int vocab = c->n_vocab;
     const bool greedy = sp->temperature <= 0;
     if (!m->tp_comm && cp_backend_device(be) != CP_DEVICE_CPU) {
         /* one device rank: logits stay on the device and are sampled there */
@@ -880,7 +878,7 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
         }
         return CP_OK;
     }
-    if (!m->tp_comm || (!greedy && (sp->top_k <= 0 || sp->top_k > CP_MAX_CANDIDATES))) {
+    if (!m->tp_comm || (!greedy && (sp->top_k <= 0 || sp->top_k >= vocab || sp->top_k >= CP_MODEL_MAX_TOP))) {
         /* full logits on every TP rank, sampled identically everywhere */
         for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
             int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
@@ -892,42 +890,52 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
         }
         return CP_OK;
     }
-    const int kc = greedy ? 1 : sp->top_k;
-    float *cand_v = m->cand_v, *all_v = m->cand_v + CP_MAX_CANDIDATES;
-    int32_t *cand_i = m->cand_i, *all_i = m->cand_i + CP_MAX_CANDIDATES; /* [k] then [tp][k] */
-    for (int i = 0; i < n; i++) {
-        /* this rank's logits of one row (host memory on the CPU backend) */
-        CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, 1, m->logits, NULL));
-        const float *row = m->logits;
-        if (cp_backend_device(be) != CP_DEVICE_CPU) {
-            CP_CHECK(cp_backend_copy(be, m->gather, m->logits, (size_t)vl * sizeof(float), CP_COPY_DEVICE_TO_HOST));
-            row = m->gather;
-        }
-        local_top(row, vl, m->plan.vocab_begin, kc, cand_v, cand_i);
-        CP_CHECK(cp_comm_allgather(m->tp_comm, cand_v, all_v, (size_t)kc, CP_DTYPE_F32, NULL));
-        CP_CHECK(cp_comm_allgather(m->tp_comm, cand_i, all_i, (size_t)kc, CP_DTYPE_I32, NULL));
-        /* the union in vocabulary order: rank r's ids all precede rank
-         * r+1's, so sorting each rank's k by id keeps the whole row sorted */
-        int nc = 0;
-        for (int r = 0; r < tp; r++) {
-            int base = nc;
-            for (int j = 0; j < kc; j++) {
-                int32_t id = all_i[r * kc + j];
-                if (id < 0) continue;
-                int p = nc++;
-                while (p > base && m->cand_ids[p - 1] > id) {
-                    m->cand_ids[p] = m->cand_ids[p - 1];
-                    m->cand_row[p] = m->cand_row[p - 1];
-                    p--;
-                }
-                m->cand_ids[p] = id;
-                m->cand_row[p] = all_v[r * kc + j];
-            }
-        }
-        int32_t pick;
-        CP_CHECK(cp_sample_host(m->cand_row, 1, nc, sp, rs->u + row0 + i, &pick));
-        rs->out[row0 + i] = m->cand_ids[pick];
+    const int k = greedy ? 1 : sp->top_k + 1;
+    const size_t nk = (size_t)n * (size_t)k;
+    if (nk > m->cand_cap || (size_t)n > m->cand_rows) {
+        float *v = realloc(m->cand_v, nk * sizeof(float));
+        if (v) m->cand_v = v;
+        int32_t *id = realloc(m->cand_i, nk * sizeof(int32_t));
+        if (id) m->cand_i = id;
+        double *lse = realloc(m->cand_lse, (size_t)n * sizeof(double));
+        if (lse) m->cand_lse = lse;
+        if (!v || !id || !lse) return CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of %d candidates", n, k);
+        m->cand_cap = nk;
+        m->cand_rows = (size_t)n;
     }
+    const cp_logit_top t = {.k = k, .val = m->cand_v, .id = m->cand_i, .lse = m->cand_lse};
+    CP_CHECK(top_rows(m, n, &t, 0, false));
+    for (int i = 0; i < n; i++)
+        CP_CHECK(cp_logit_top_sample(&t, i, sp, rs->u[row0 + i], &rs->out[row0 + i]));
+    return CP_OK;
+}
+
+cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_params *sp, float u, int32_t *tok) {
+    const int K = t->k;
+    const float *val = t->val + (size_t)row * K;
+    const int32_t *id = t->id + (size_t)row * K;
+    if (!(sp->temperature > 0)) {
+        *tok = id[0]; /* the first largest logit, as greedy takes it */
+        return CP_OK;
+    }
+    if (sp->top_k <= 0 || sp->top_k >= K)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "sampling with top_k %d needs more than %d candidates", sp->top_k, K);
+    int have = 0;
+    while (have <= sp->top_k && id[have] >= 0)
+        have++;
+    int ix[CP_MODEL_MAX_TOP]; /* candidate indices in id order */
+    float l[CP_MODEL_MAX_TOP];
+    for (int j = 0; j < have; j++) {
+        int p = j;
+        for (; p > 0 && id[ix[p - 1]] > id[j]; p--)
+            ix[p] = ix[p - 1];
+        ix[p] = j;
+    }
+    for (int j = 0; j < have; j++)
+        l[j] = val[ix[j]];
+    int32_t pick;
+    CP_CHECK(cp_sample_host(l, 1, have, sp, &u, &pick));
+    *tok = id[ix[pick]];
     return CP_OK;
 }
 

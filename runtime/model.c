@@ -543,15 +543,9 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
     m->gather = malloc((size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float));
     m->full = malloc((size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float));
     m->ids_host = malloc((size_t)m->max_batch * sizeof(int32_t));
-    size_t nc = (size_t)CP_MAX_CANDIDATES * (size_t)(1 + m->plan.tp);
-    m->cand_v = malloc(nc * sizeof(float));
-    m->cand_i = malloc(nc * sizeof(int32_t));
-    m->cand_row = malloc(nc * sizeof(float));
-    m->cand_ids = malloc(nc * sizeof(int32_t));
     if (m->tp_comm)
         m->top_pack = malloc((size_t)(1 + m->plan.tp) * CP_LOGIT_CHUNK * (2 * CP_MODEL_MAX_TOP + 4) * sizeof(int32_t));
-    if (!m->gather || !m->full || !m->ids_host || !m->cand_v || !m->cand_i || !m->cand_row || !m->cand_ids ||
-        (m->tp_comm && !m->top_pack)) {
+    if (!m->gather || !m->full || !m->ids_host || (m->tp_comm && !m->top_pack)) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
     }
@@ -580,8 +574,7 @@ void cp_model_free(cp_model_t m) {
     free(m->ids_host);
     free(m->cand_v);
     free(m->cand_i);
-    free(m->cand_row);
-    free(m->cand_ids);
+    free(m->cand_lse);
     free(m->top_pack);
     free(m->cpx.count);
     free(m->cpx.lrow);

@@ -11,7 +11,6 @@
 
 #define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend or with TP */
 #define CP_MAX_TP 1024      /* tensor-parallel ranks per stage */
-#define CP_MAX_CANDIDATES 256 /* top-k up to this samples from per-rank candidates under TP */
 
 typedef struct cp_layer_weights {
     float *attn_norm;           /* [dim] */
@@ -96,11 +95,11 @@ struct cp_model {
     float *gather;               /* [CP_LOGIT_CHUNK][vocab] host: logit slices gathered over TP */
     int32_t *ids_host;           /* [max_batch] host: token ids of this rank's vocabulary slice */
     float *full;                 /* [CP_LOGIT_CHUNK][vocab] host: full logit rows to sample */
-    /* sampling from per-rank candidates (host): this rank's k, then all tp x k */
-    float *cand_v;               /* [CP_MAX_CANDIDATES * (1 + tp)] */
-    int32_t *cand_i;             /* [CP_MAX_CANDIDATES * (1 + tp)] */
-    float *cand_row;             /* [CP_MAX_CANDIDATES * tp] candidate logits in id order */
-    int32_t *cand_ids;           /* [CP_MAX_CANDIDATES * tp] */
+    /* sampling from the rows' candidates under TP (host, grown on demand) */
+    float *cand_v;               /* [cand_cap] */
+    int32_t *cand_i;             /* [cand_cap] */
+    double *cand_lse;            /* [cand_rows] */
+    size_t cand_cap, cand_rows;
     int32_t *top_pack;           /* TP: [1 + tp][CP_LOGIT_CHUNK][2 * CP_MODEL_MAX_TOP + 4]
                                     packed candidates, this rank's then all (forward.c) */
     cp_model_weights w;

@@ -101,7 +101,8 @@ struct cp_sched {
     cp_status (*finish)(void *user, const cp_logit_top *out);
     cp_status (*idle)(void *user);
     void *hook_user;
-    int depth; /* steps in flight at most */
+    int depth;      /* steps in flight at most */
+    int lone_chunk; /* > 0: the prefill chunk while fewer requests than depth are active */
     int64_t started;
 
     pthread_mutex_t mu;
@@ -121,9 +122,6 @@ struct cp_sched {
     int32_t *matched; /* [max_blocks] scratch for prefix matches */
     cp_backend_t be;
     bool host_backend; /* the backend computes on host memory */
-    /* top-k candidates of one row in id order: their indices and logits */
-    int32_t cand_ix[CP_MODEL_MAX_TOP];
-    float cand_l[CP_MODEL_MAX_TOP];
 
     /* prefix cache, per physical block */
     uint64_t *bhash, *bparent;    /* chain hash of the block and of its predecessor */
@@ -523,40 +521,13 @@ static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob 
 }
 
 /* One token for logit row li with the request's parameters and uniform u:
- * cp_sample_host's choice over the full row. With top-k the sampler gets
- * the k + 1 best candidates in vocabulary order, as it would see them in
- * the row, and keeps the k best by scaled logit itself. That is exact
- * unless the k-th and (k+1)-th tie after scaling, when a token outside the
- * candidates could tie as well; the choice is then among equally likely
- * tokens. Without top-k the full row goes to the sampler (a backend on host
- * memory runs its own, with the same choices). */
+ * cp_sample_host's choice over the full row. Greedy and top-k take it from
+ * the candidates (cp_logit_top_sample: exact unless the k-th and (k+1)-th
+ * tie after scaling); without top-k the full row goes to the sampler (a
+ * backend on host memory runs its own, with the same choices). */
 static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, float u, int32_t *tok) {
     const flight *f = s->cur;
-    const int K = f->top.k;
-    const float *val = f->top_val + (size_t)li * K;
-    const int32_t *id = f->top_id + (size_t)li * K;
-    if (!(sp->temperature > 0)) {
-        *tok = id[0]; /* the first largest logit, as greedy takes it */
-        return CP_OK;
-    }
-    if (!(f->need[li] & CP_TOP_FULL)) {
-        int have = 0;
-        while (have < K && have <= sp->top_k && id[have] >= 0)
-            have++;
-        int32_t *ix = s->cand_ix; /* candidate indices in id order */
-        for (int j = 0; j < have; j++) {
-            int p = j;
-            for (; p > 0 && id[ix[p - 1]] > id[j]; p--)
-                ix[p] = ix[p - 1];
-            ix[p] = j;
-        }
-        for (int j = 0; j < have; j++)
-            s->cand_l[j] = val[ix[j]];
-        int32_t pick;
-        CP_CHECK(cp_sample_host(s->cand_l, 1, have, sp, &u, &pick));
-        *tok = id[ix[pick]];
-        return CP_OK;
-    }
+    if (!(f->need[li] & CP_TOP_FULL)) return cp_logit_top_sample(&f->top, li, sp, u, tok);
     const float *l = f->logits + (size_t)li * s->n_vocab;
     if (s->host_backend) return cp_backend_sample(s->be, l, 1, s->n_vocab, sp, &u, tok);
     return cp_sample_host(l, 1, s->n_vocab, sp, &u, tok);
@@ -606,12 +577,13 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     if (s->depth > 1 && s->max_step_tokens > cp_model_max_batch(s->model))
         s->max_step_tokens = cp_model_max_batch(s->model);
     s->prefill_chunk = o->prefill_chunk > 0 ? o->prefill_chunk : 256;
-    /* pipelined, a prompt goes through in chunks as a step taken by every
-     * stage in turn would go in micro-batches (4 per stage, at least 16
-     * tokens): its chunks follow each other through the stages */
+    /* pipelined, with fewer requests than stages a prompt goes through in
+     * chunks as a step taken by every stage in turn would go in
+     * micro-batches (4 per stage, at least 16 tokens): its chunks follow
+     * each other through the stages and keep them busy */
     if (s->depth > 1 && o->prefill_chunk <= 0) {
         int c = s->max_step_tokens / (4 * s->depth);
-        s->prefill_chunk = c > 16 ? c : 16;
+        s->lone_chunk = c > 16 ? c : 16;
     }
     s->prefix = !o->no_prefix_cache;
     /* lets tests exercise the error path of a failing forward step */
@@ -1037,12 +1009,13 @@ static req *newest_idle(cp_sched_t s) {
 static void schedule(cp_sched_t s, flight *f) {
     step_batch *b = &f->b;
     b->n_tok = b->n_seq = b->n_logits = 0;
-    int budget = s->max_step_tokens, seqs = s->max_running;
+    int budget = s->max_step_tokens, seqs = s->max_running, chunk = s->prefill_chunk;
     if (s->depth > 1) {
         int active = s->n_run + s->n_waiting;
         if (active > s->max_running) active = s->max_running;
         seqs = (active + s->depth - 1) / s->depth;
         if (seqs < 1) seqs = 1;
+        if (active < s->depth && s->lone_chunk > 0) chunk = s->lone_chunk;
     }
     for (int i = 0; i < s->n_run && budget > 0 && b->n_seq < seqs; i++) {
         req *r = s->run[i];
@@ -1067,7 +1040,7 @@ static void schedule(cp_sched_t s, flight *f) {
          * unless an earlier chunk is still in flight) */
         int rem = r->n_tokens - r->n_computed - r->ahead;
         if (r->row >= 0 || rem <= 0 || (rem == 1 && !r->flights)) continue;
-        int take = rem < s->prefill_chunk ? rem : s->prefill_chunk;
+        int take = rem < chunk ? rem : chunk;
         if (take > budget) take = budget;
         add_rows(s, f, r, take);
         budget -= take;
@@ -1076,7 +1049,7 @@ static void schedule(cp_sched_t s, flight *f) {
            try_admit(s, s->wait_head)) {
         req *r = s->run[s->n_run - 1];
         int rem = r->n_tokens - r->n_computed;
-        int take = rem < s->prefill_chunk ? rem : s->prefill_chunk;
+        int take = rem < chunk ? rem : chunk;
         if (take > budget) take = budget;
         add_rows(s, f, r, take);
         budget -= take;
