@@ -101,6 +101,10 @@ typedef struct cp_model_stats {
      * this rank keeps, and the most it held at once while loading (a
      * row-parallel linear is made whole, sliced, then let go) */
     size_t made_bytes, made_peak_bytes;
+    /* rows sampled across TP ranks (cp_model_forward_sample, CP_TOP_SAMPLE):
+     * settled by the candidates, by the owning rank's walk over its slice,
+     * or from gathered full rows */
+    int64_t sampled_from_candidates, sampled_by_owner, sampled_from_full_rows;
 } cp_model_stats;
 void cp_model_get_stats(cp_model_t m, cp_model_stats *s);
 
@@ -157,10 +161,21 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
 
 /* Like cp_model_forward, but samples one token per requested row instead
  * of returning logits: tokens[n_logits] (host) with u[n_logits] uniform
- * numbers in [0, 1) (host). Multi-rank: with tensor parallelism, greedy and
- * top-k (k <= 256) sampling exchange only each rank's k best candidates, and
- * pipeline stages exchange only the token ids; every rank gets the tokens,
- * equal to sampling the full logits with cp_backend_sample. */
+ * numbers in [0, 1) (host). Multi-rank: pipeline stages exchange only the
+ * token ids, and tensor parallel ranks do not gather the vocabulary. Each
+ * rank passes its slice's k best candidates (k = top_k + 1 for top-k, else
+ * CP_MODEL_MAX_TOP) with its slice's max and sum of exp(logit / T):
+ *  - greedy, top-k, and top-p or min-p whose kept tokens lie within the
+ *    candidates choose from them what cp_backend_sample chooses from the
+ *    whole row (the top-p total is then summed from the ranks' sums, so a
+ *    u within float rounding of a boundary may fall the other way);
+ *  - plain temperature sampling (no top-k, top-p or min-p) picks the rank
+ *    whose slice holds u's share of the mass, and that rank walks its slice
+ *    in vocabulary order: the same distribution, but a different token for
+ *    the same u than one rank's walk in order of probability;
+ *  - a top-p or min-p cut beyond the candidates gathers the full rows of
+ *    its chunk and samples them as one rank does.
+ * Every rank gets the tokens. */
 cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
                                   const cp_sample_params *sp, const float *u, int32_t *tokens);
 
@@ -170,9 +185,11 @@ cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch
  * slice, not the slice; pipeline stages pass only these. Rows flagged
  * CP_TOP_FULL get their whole logits too (sampling that needs the whole
  * distribution); those rows are gathered as cp_model_forward gathers them.
- * Every rank of the model receives everything. */
+ * Rows flagged CP_TOP_SAMPLE are sampled by the model itself with their own
+ * parameters and uniform (see cp_model_forward_sample for how the ranks
+ * share that work). Every rank of the model receives everything. */
 #define CP_MODEL_MAX_TOP 256
-enum { CP_TOP_FULL = 1, CP_TOP_LSE = 2 };
+enum { CP_TOP_FULL = 1, CP_TOP_LSE = 2, CP_TOP_SAMPLE = 4 };
 typedef struct cp_logit_top {
     int k;               /* candidates per row, 1..CP_MODEL_MAX_TOP */
     const uint8_t *need; /* [n_logits] CP_TOP_* bits per row, or NULL (none) */
@@ -186,6 +203,11 @@ typedef struct cp_logit_top {
     double *lse;         /* [n_logits] log(sum(exp(logit))) over the whole row
                             for CP_TOP_LSE rows (on one rank summed in id order
                             from the row's max, in double); NaN for the others */
+    /* CP_TOP_SAMPLE rows (all four may be NULL when no row is flagged): */
+    const cp_sample_params *sp; /* [n_logits] each row's sampling */
+    const float *u;             /* [n_logits] each row's uniform in [0, 1) */
+    int32_t *tok;               /* [n_logits] out: the token sampled */
+    float *tok_logit;           /* [n_logits] out: its logit */
 } cp_logit_top;
 
 /* One token for row `row` of t with sp and the uniform u, as cp_sample_host

@@ -858,56 +858,68 @@ static void local_top(const float *row, int n, int id0, int k, float *val, int32
 }
 
 /* Samples one token per row of the normed hidden states in xb. A single
- * TP rank samples from its full logits. Across TP ranks, greedy and top-k
- * sampling need only candidates: the k + 1 best of each row (top_rows:
- * each rank passes its best, every rank merges them alike), handed to the
- * same sampler with the same u (cp_logit_top_sample). Without top-k the
- * full rows are gathered. */
+ * rank samples from its full logits. Across TP ranks each row is a
+ * CP_TOP_SAMPLE row of top_rows: the ranks exchange candidates and their
+ * slices' sums, not the vocabulary (see cp_model_forward_sample). */
 static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row0) {
     cp_backend_t be = m->be;
     const cp_model_config *c = &m->cfg;
     const cp_sample_params *sp = rs->sp;
     const int vocab = c->n_vocab;
-    const bool greedy = sp->temperature <= 0;
-    if (!m->tp_comm && cp_backend_device(be) != CP_DEVICE_CPU) {
-        /* one device rank: logits stay on the device and are sampled there */
+    if (!m->tp_comm) {
         for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
             int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
-            CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
-            CP_CHECK(cp_backend_sample(be, m->logits, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
-        }
-        return CP_OK;
-    }
-    if (!m->tp_comm || (!greedy && (sp->top_k <= 0 || sp->top_k >= vocab || sp->top_k >= CP_MODEL_MAX_TOP))) {
-        /* full logits on every TP rank, sampled identically everywhere */
-        for (int i = 0; i < n; i += CP_LOGIT_CHUNK) {
-            int k = n - i < CP_LOGIT_CHUNK ? n - i : CP_LOGIT_CHUNK;
-            CP_CHECK(lm_head_rows(m, i, k, m->full));
-            if (cp_backend_device(be) == CP_DEVICE_CPU)
+            if (cp_backend_device(be) != CP_DEVICE_CPU) {
+                /* logits stay on the device and are sampled there */
+                CP_CHECK(cp_backend_matmul(be, &m->w.output, m->s.xb + (size_t)i * c->dim, k, m->logits, NULL));
+                CP_CHECK(cp_backend_sample(be, m->logits, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+            } else {
+                CP_CHECK(lm_head_rows(m, i, k, m->full));
                 CP_CHECK(cp_backend_sample(be, m->full, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
-            else
-                CP_CHECK(cp_sample_host(m->full, k, vocab, sp, rs->u + row0 + i, rs->out + row0 + i));
+            }
         }
         return CP_OK;
     }
-    const int k = greedy ? 1 : sp->top_k + 1;
+    int k = CP_MODEL_MAX_TOP < vocab ? CP_MODEL_MAX_TOP : vocab;
+    if (!(sp->temperature > 0))
+        k = 1;
+    else if (sp->top_k > 0 && sp->top_k < vocab && sp->top_k < CP_MODEL_MAX_TOP)
+        k = sp->top_k + 1;
     const size_t nk = (size_t)n * (size_t)k;
     if (nk > m->cand_cap || (size_t)n > m->cand_rows) {
-        float *v = realloc(m->cand_v, nk * sizeof(float));
+        const size_t ck = nk > m->cand_cap ? nk : m->cand_cap;
+        const size_t cr = (size_t)n > m->cand_rows ? (size_t)n : m->cand_rows;
+        float *v = realloc(m->cand_v, ck * sizeof(float));
         if (v) m->cand_v = v;
-        int32_t *id = realloc(m->cand_i, nk * sizeof(int32_t));
+        int32_t *id = realloc(m->cand_i, ck * sizeof(int32_t));
         if (id) m->cand_i = id;
-        double *lse = realloc(m->cand_lse, (size_t)n * sizeof(double));
+        double *lse = realloc(m->cand_lse, cr * sizeof(double));
         if (lse) m->cand_lse = lse;
-        if (!v || !id || !lse) return CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of %d candidates", n, k);
-        m->cand_cap = nk;
-        m->cand_rows = (size_t)n;
+        float *lg = realloc(m->cand_logit, cr * sizeof(float));
+        if (lg) m->cand_logit = lg;
+        uint8_t *need = realloc(m->cand_need, cr);
+        if (need) m->cand_need = need;
+        cp_sample_params *p = realloc(m->cand_sp, cr * sizeof(*p));
+        if (p) m->cand_sp = p;
+        if (!v || !id || !lse || !lg || !need || !p)
+            return CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of %d candidates", n, k);
+        m->cand_cap = ck;
+        m->cand_rows = cr;
     }
-    const cp_logit_top t = {.k = k, .val = m->cand_v, .id = m->cand_i, .lse = m->cand_lse};
-    CP_CHECK(top_rows(m, n, &t, 0, false));
-    for (int i = 0; i < n; i++)
-        CP_CHECK(cp_logit_top_sample(&t, i, sp, rs->u[row0 + i], &rs->out[row0 + i]));
-    return CP_OK;
+    for (int i = 0; i < n; i++) {
+        m->cand_need[i] = CP_TOP_SAMPLE;
+        m->cand_sp[i] = *sp;
+    }
+    const cp_logit_top t = {.k = k,
+                            .need = m->cand_need,
+                            .val = m->cand_v,
+                            .id = m->cand_i,
+                            .lse = m->cand_lse,
+                            .sp = m->cand_sp,
+                            .u = rs->u + row0,
+                            .tok = rs->out + row0,
+                            .tok_logit = m->cand_logit};
+    return top_rows(m, n, &t, 0, false);
 }
 
 cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_params *sp, float u, int32_t *tok) {
@@ -942,12 +954,18 @@ cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_pa
 /* ---- candidates instead of logits (cp_model_forward_top) ------------------
  * Per row, every rank finds its slice's k best (local_top) and, for rows
  * that want the log-sum-exp, the slice's max and sum of exp(l - max); one
- * all-gather of CP_LOGIT_CHUNK rows of these (2k + 4 words a row) replaces
- * gathering the vocabulary, and every rank merges the tp sorted lists the
- * same way. A chunk with a CP_TOP_FULL row gathers its full rows instead
- * (lm_head_rows) and every rank searches them as one rank would. */
+ * all-gather of CP_LOGIT_CHUNK rows of these (CP_TOP_WORDS(k) words a row)
+ * replaces gathering the vocabulary, and every rank merges the tp sorted
+ * lists the same way. CP_TOP_SAMPLE rows add the slice's max and sum of
+ * exp at their temperature and are sampled from what every rank then
+ * holds alike (cand_pick), so every rank takes the same decisions: the
+ * candidates settle most rows; plain temperature sampling beyond them
+ * takes one more all-gather of a token per row (split_pick); a top-p or
+ * min-p cut beyond them gathers the chunk's full rows. A chunk with a
+ * CP_TOP_FULL row gathers its full rows at once (lm_head_rows) and every
+ * rank searches them as one rank would. */
 
-#define TOP_WORDS(k) (2 * (size_t)(k) + 4)
+#define TOP_WORDS(k) CP_TOP_WORDS(k)
 
 static uint8_t top_need(const cp_logit_top *top, int row) {
     return top->need ? top->need[row] : 0;
@@ -965,10 +983,49 @@ static void slice_exp_sum(const float *row, int n, float *mx, double *se) {
     *se = s;
 }
 
+/* max of z = l / t over row[0..n) and the sum of expf(z - max) in id order
+ * in double: the terms cp_sample_ref adds up */
+static void slice_exp_sum_t(const float *row, int n, float t, float *mx, double *se) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (row[i] / t > m) m = row[i] / t;
+    double s = 0.0;
+    if (m > -INFINITY)
+        for (int i = 0; i < n; i++)
+            s += expf(row[i] / t - m);
+    *mx = m;
+    *se = s;
+}
+
 /* Whether candidate (va, ia) ranks before (vb, ib): larger logit, then the
  * lower id. */
 static bool top_before(float va, int32_t ia, float vb, int32_t ib) {
     return va > vb || (va == vb && ia < ib);
+}
+
+/* The (max, sum) pair at word w of row j of rank r's pack. */
+static void pack_sum(const int32_t *all, int kr, int r, int j, int k, int w, float *mx, double *se) {
+    const int32_t *p = all + ((size_t)r * kr + j) * TOP_WORDS(k) + w;
+    memcpy(mx, p, sizeof *mx);
+    memcpy(se, p + 2, sizeof *se);
+}
+
+/* Each rank's share of row j's mass at word w, relative to the largest
+ * slice max M (mass[r]); returns the sum over the ranks in rank order. */
+static double rank_masses(const int32_t *all, int tp, int kr, int j, int k, int w, double *mass, float *M) {
+    float mx[CP_MAX_TP];
+    double se[CP_MAX_TP];
+    *M = -INFINITY;
+    for (int r = 0; r < tp; r++) {
+        pack_sum(all, kr, r, j, k, w, &mx[r], &se[r]);
+        if (mx[r] > *M) *M = mx[r];
+    }
+    double S = 0.0;
+    for (int r = 0; r < tp; r++) {
+        mass[r] = se[r] > 0 ? se[r] * exp((double)mx[r] - *M) : 0.0;
+        S += mass[r];
+    }
+    return S;
 }
 
 /* Merges row j of every rank's packed candidates (all: [tp][kr][w] words)
@@ -1002,27 +1059,165 @@ static void top_merge(const int32_t *all, int tp, int kr, int j, int k, float *v
         at[best]++;
     }
     if (!lse) return;
-    float M = -INFINITY;
-    for (int r = 0; r < tp; r++) {
-        float mx;
-        memcpy(&mx, all + ((size_t)r * kr + j) * w + 2 * k, sizeof mx);
-        if (mx > M) M = mx;
-    }
-    double S = 0.0;
-    for (int r = 0; r < tp; r++) {
-        const int32_t *p = all + ((size_t)r * kr + j) * w;
-        float mx;
-        double se;
-        memcpy(&mx, p + 2 * k, sizeof mx);
-        memcpy(&se, p + 2 * k + 2, sizeof se);
-        if (se > 0) S += se * exp((double)mx - M);
-    }
+    double mass[CP_MAX_TP];
+    float M;
+    const double S = rank_masses(all, tp, kr, j, k, 2 * k, mass, &M);
     *lse = M + log(S);
 }
 
-/* The candidates (and full rows, log-sum-exps) of the n normed rows in xb,
- * rows row0.. of top. ready: a single rank's device already holds these
- * rows' logits in m->logits (n <= CP_LOGIT_CHUNK). */
+enum { PICK_DONE, PICK_SPLIT, PICK_FULL };
+
+/* A CP_TOP_SAMPLE row's token from its K candidates (val/id, as
+ * cp_logit_top holds them) when they settle it: what cp_sample_ref picks
+ * from the whole row of `vocab` logits. total: the row's sum of
+ * expf(l / T - max) over the vocabulary (top-p needs it). PICK_SPLIT:
+ * plain temperature sampling reaches beyond the candidates; PICK_FULL: a
+ * top-p, min-p or top-k cut lies beyond them. */
+static int cand_pick(const float *val, const int32_t *id, int K, int vocab, double total,
+                     const cp_sample_params *sp, float u, int32_t *tok, float *logit) {
+    if (!(sp->temperature > 0)) {
+        *tok = id[0];
+        *logit = val[0];
+        return PICK_DONE;
+    }
+    if (sp->top_k > 0 && sp->top_k < vocab) {
+        if (sp->top_k >= K) return PICK_FULL;
+        const cp_logit_top t = {.k = K, .val = (float *)val, .id = (int32_t *)id};
+        if (cp_logit_top_sample(&t, 0, sp, u, tok) != CP_OK) return PICK_FULL;
+        for (int j = 0; j < K; j++)
+            if (id[j] == *tok) *logit = val[j];
+        return PICK_DONE;
+    }
+    int have = 0;
+    while (have < K && id[have] >= 0)
+        have++;
+    if (have == 0) return PICK_FULL;
+    /* the candidates in cp_sample_ref's order: scaled logit descending,
+     * lower id first (distinct logits may scale to one value) */
+    int ix[CP_MODEL_MAX_TOP];
+    float z[CP_MODEL_MAX_TOP], prob[CP_MODEL_MAX_TOP];
+    for (int j = 0; j < have; j++) {
+        z[j] = val[j] / sp->temperature;
+        int p = j;
+        for (; p > 0 && (z[ix[p - 1]] < z[j] || (z[ix[p - 1]] == z[j] && id[ix[p - 1]] > id[j])); p--)
+            ix[p] = ix[p - 1];
+        ix[p] = j;
+    }
+    const float z0 = z[ix[0]];
+    if (!(z0 > -INFINITY) || z0 == INFINITY) {
+        *tok = id[ix[0]];
+        *logit = val[ix[0]];
+        return PICK_DONE;
+    }
+    for (int j = 0; j < have; j++)
+        prob[j] = expf(z[ix[j]] - z0);
+    const bool all = have >= vocab; /* the candidates are the whole row */
+    int kept = have;
+    bool known = all;
+    if (sp->top_p < 1.0f) {
+        double tot = total;
+        if (all) {
+            tot = 0.0;
+            for (int j = 0; j < have; j++)
+                tot += prob[j];
+        }
+        double cum = 0.0;
+        for (int j = 0; j < have;) {
+            cum += prob[j++];
+            if (cum >= (double)sp->top_p * tot) {
+                kept = j;
+                known = true;
+                break;
+            }
+        }
+    }
+    if (sp->min_p > 0.0f) {
+        int j = 1;
+        while (j < kept && prob[j] >= sp->min_p * prob[0])
+            j++;
+        if (j < kept || known) {
+            kept = j;
+            known = true;
+        }
+    }
+    if (!known) return sp->top_p < 1.0f || sp->min_p > 0.0f ? PICK_FULL : PICK_SPLIT;
+    double zs = 0.0;
+    for (int j = 0; j < kept; j++)
+        zs += prob[j];
+    const double target = (double)u * zs;
+    double cum = 0.0;
+    int pick = kept - 1;
+    for (int j = 0; j < kept; j++) {
+        cum += prob[j];
+        if (cum > target) {
+            pick = j;
+            break;
+        }
+    }
+    *tok = id[ix[pick]];
+    *logit = val[ix[pick]];
+    return PICK_DONE;
+}
+
+/* Plain temperature sampling of row j across the TP ranks: the rank whose
+ * slice holds u's share of the row's mass (ranks in order, so in
+ * vocabulary order) walks its slice in vocabulary order. Returns the
+ * owning rank; on that rank *tok and *logit are set from row[0..vl). */
+static int split_pick(cp_model_t m, const int32_t *all, int kr, int j, int k, const float *row, float t,
+                      float u, int32_t *tok, float *logit) {
+    const int tp = m->plan.tp, me = m->plan.tp_rank;
+    double mass[CP_MAX_TP];
+    float M;
+    const double S = rank_masses(all, tp, kr, j, k, 2 * k + 4, mass, &M);
+    const double target = (double)u * S;
+    double before = 0.0;
+    int owner = -1;
+    for (int r = 0; r < tp; r++) {
+        if (!(mass[r] > 0)) continue;
+        owner = r;
+        if (before + mass[r] > target) break;
+        before += mass[r];
+    }
+    if (owner != me) return owner;
+    /* the share in the slice's own scale, walked over the same terms */
+    float mx;
+    double se;
+    pack_sum(all, kr, me, j, k, 2 * k + 4, &mx, &se);
+    const double goal = (target - before) / exp((double)mx - M);
+    double cum = 0.0;
+    int pick = -1;
+    for (int i = 0; i < m->vocab_l; i++) {
+        const double e = expf(row[i] / t - mx);
+        if (e > 0) pick = i;
+        cum += e;
+        if (e > 0 && cum > goal) break;
+    }
+    if (pick < 0) pick = 0;
+    *tok = m->plan.vocab_begin + pick;
+    *logit = row[pick];
+    return owner;
+}
+
+/* One token from a full row, as one rank samples it (a backend on host
+ * memory runs its own sampler, with the same choices). */
+static cp_status sample_full(cp_model_t m, const float *row, const cp_sample_params *sp, float u, int32_t *tok,
+                             float *logit) {
+    const int vocab = m->cfg.n_vocab;
+    if (cp_backend_device(m->be) == CP_DEVICE_CPU)
+        CP_CHECK(cp_backend_sample(m->be, row, 1, vocab, sp, &u, tok));
+    else
+        CP_CHECK(cp_sample_host(row, 1, vocab, sp, &u, tok));
+    *logit = row[*tok];
+    return CP_OK;
+}
+
+static void set_logit(const cp_logit_top *top, int r, float v) {
+    top->tok_logit[r] = v;
+}
+
+/* The candidates (and full rows, log-sum-exps, sampled tokens) of the n
+ * normed rows in xb, rows row0.. of top. ready: a single rank's device
+ * already holds these rows' logits in m->logits (n <= CP_LOGIT_CHUNK). */
 static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0, bool ready) {
     cp_backend_t be = m->be;
     const int vocab = m->cfg.n_vocab, vl = m->vocab_l, tp = m->plan.tp, k = top->k;
@@ -1053,6 +1248,11 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
                 }
                 if (top_need(top, r) & CP_TOP_FULL)
                     memcpy(top->logits + (size_t)r * vocab, row, (size_t)vocab * sizeof(float));
+                if (top_need(top, r) & CP_TOP_SAMPLE) {
+                    float lg;
+                    CP_CHECK(sample_full(m, row, &top->sp[r], top->u[r], &top->tok[r], &lg));
+                    set_logit(top, r, lg);
+                }
             }
             continue;
         }
@@ -1066,23 +1266,92 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
         }
         int32_t *pack = m->top_pack, *all = m->top_pack + (size_t)CP_LOGIT_CHUNK * TOP_WORDS(CP_MODEL_MAX_TOP);
         for (int j = 0; j < kr; j++) {
+            const int r = row0 + i + j;
             int32_t *p = pack + (size_t)j * w;
-            float v[CP_MODEL_MAX_TOP], mx = -INFINITY;
-            double se = 0.0;
+            float v[CP_MODEL_MAX_TOP], mx = -INFINITY, mt = -INFINITY;
+            double se = 0.0, st = 0.0;
             local_top(rows + (size_t)j * vl, vl, m->plan.vocab_begin, k, v, p + k);
             memcpy(p, v, (size_t)k * sizeof(float));
-            if (top_need(top, row0 + i + j) & CP_TOP_LSE) slice_exp_sum(rows + (size_t)j * vl, vl, &mx, &se);
+            if (top_need(top, r) & CP_TOP_LSE) slice_exp_sum(rows + (size_t)j * vl, vl, &mx, &se);
+            if ((top_need(top, r) & CP_TOP_SAMPLE) && top->sp[r].temperature > 0)
+                slice_exp_sum_t(rows + (size_t)j * vl, vl, top->sp[r].temperature, &mt, &st);
             memcpy(p + 2 * k, &mx, sizeof mx);
             p[2 * k + 1] = 0;
             memcpy(p + 2 * k + 2, &se, sizeof se);
+            memcpy(p + 2 * k + 4, &mt, sizeof mt);
+            p[2 * k + 5] = 0;
+            memcpy(p + 2 * k + 6, &st, sizeof st);
         }
         CP_CHECK(cp_comm_allgather(m->tp_comm, pack, all, (size_t)kr * w, CP_DTYPE_I32, NULL));
+        /* every rank merges and decides alike */
+        uint8_t how[CP_LOGIT_CHUNK] = {0};
+        bool split = false, refetch = false;
         for (int j = 0; j < kr; j++) {
             const int r = row0 + i + j;
-            const bool lse = top_need(top, r) & CP_TOP_LSE;
+            const uint8_t need = top_need(top, r);
             top->lse[r] = NAN;
             top_merge(all, tp, kr, j, k, top->val + (size_t)r * k, top->id + (size_t)r * k,
-                      lse ? &top->lse[r] : NULL);
+                      (need & CP_TOP_LSE) ? &top->lse[r] : NULL);
+            if (!(need & CP_TOP_SAMPLE)) continue;
+            double total = 0.0;
+            if (top->sp[r].temperature > 0) {
+                double mass[CP_MAX_TP];
+                float M;
+                total = rank_masses(all, tp, kr, j, k, 2 * k + 4, mass, &M);
+            }
+            float lg = NAN;
+            how[j] = (uint8_t)cand_pick(top->val + (size_t)r * k, top->id + (size_t)r * k, k, vocab, total,
+                                        &top->sp[r], top->u[r], &top->tok[r], &lg);
+            if (how[j] == PICK_DONE) set_logit(top, r, lg);
+            m->stats.sampled_from_candidates += how[j] == PICK_DONE;
+            m->stats.sampled_by_owner += how[j] == PICK_SPLIT;
+            m->stats.sampled_from_full_rows += how[j] == PICK_FULL;
+            split |= how[j] == PICK_SPLIT;
+            refetch |= how[j] == PICK_FULL;
+        }
+        if (split) {
+            /* the owning rank's token of each such row; -1 from the others */
+            for (int j = 0; j < kr; j++) {
+                const int r = row0 + i + j;
+                int32_t *p = pack + 2 * (size_t)j;
+                p[0] = -1;
+                p[1] = 0;
+                if (how[j] != PICK_SPLIT) continue;
+                int32_t tok;
+                float lg;
+                if (split_pick(m, all, kr, j, k, rows + (size_t)j * vl, top->sp[r].temperature, top->u[r], &tok,
+                               &lg) == m->plan.tp_rank) {
+                    p[0] = tok;
+                    memcpy(&p[1], &lg, sizeof lg);
+                }
+            }
+            CP_CHECK(cp_comm_allgather(m->tp_comm, pack, all, 2 * (size_t)kr, CP_DTYPE_I32, NULL));
+            for (int j = 0; j < kr; j++) {
+                if (how[j] != PICK_SPLIT) continue;
+                const int r = row0 + i + j;
+                top->tok[r] = -1;
+                for (int q = 0; q < tp && top->tok[r] < 0; q++) {
+                    const int32_t *p = all + ((size_t)q * kr + j) * 2;
+                    if (p[0] < 0) continue;
+                    float lg;
+                    memcpy(&lg, &p[1], sizeof lg);
+                    top->tok[r] = p[0];
+                    set_logit(top, r, lg);
+                }
+                if (top->tok[r] < 0)
+                    return CP_ERROR(CP_ERR_INTERNAL, "no tensor parallel rank sampled logit row %d", r);
+            }
+        }
+        if (refetch) {
+            /* a cut beyond the candidates: the chunk's full rows */
+            CP_CHECK(lm_head_rows(m, i, kr, m->full));
+            for (int j = 0; j < kr; j++) {
+                if (how[j] != PICK_FULL) continue;
+                const int r = row0 + i + j;
+                float lg;
+                CP_CHECK(sample_full(m, m->full + (size_t)j * vocab, &top->sp[r], top->u[r], &top->tok[r], &lg));
+                set_logit(top, r, lg);
+            }
         }
     }
     return CP_OK;
@@ -1273,22 +1542,26 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
 }
 
 /* The outputs of cp_model_forward_top for b; *any_full: a row wants its
- * full logits. */
-static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, bool *any_full) {
+ * full logits; *any_sample: the model samples a row. */
+static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, bool *any_full,
+                           bool *any_sample) {
     if (out->k < 1 || out->k > CP_MODEL_MAX_TOP)
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s: k = %d is outside 1..%d", fn, out->k, CP_MODEL_MAX_TOP);
-    *any_full = false;
-    for (int i = 0; out->need && i < b->n_logits; i++)
+    *any_full = *any_sample = false;
+    for (int i = 0; out->need && i < b->n_logits; i++) {
         *any_full |= (out->need[i] & CP_TOP_FULL) != 0;
-    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (*any_full && !out->logits)))
+        *any_sample |= (out->need[i] & CP_TOP_SAMPLE) != 0;
+    }
+    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (*any_full && !out->logits) ||
+                            (*any_sample && (!out->sp || !out->u || !out->tok || !out->tok_logit))))
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s: NULL output buffer", fn);
     return CP_OK;
 }
 
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out) {
     if (!out || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL argument");
-    bool any_full = false;
-    CP_CHECK(check_top(b, out, "cp_model_forward_top", &any_full));
+    bool any_full = false, any_sample = false;
+    CP_CHECK(check_top(b, out, "cp_model_forward_top", &any_full, &any_sample));
     row_sampler rs = {.top = out};
     CP_CHECK(run_forward(m, kv, b, NULL, &rs));
     /* the last stage has the candidates; every stage gets them */
@@ -1302,6 +1575,10 @@ cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
             if (out->need[i] & CP_TOP_FULL)
                 CP_CHECK(cp_comm_bcast(m->pp_comm, out->logits + (size_t)i * m->cfg.n_vocab,
                                        (size_t)m->cfg.n_vocab, CP_DTYPE_F32, root, NULL));
+        if (any_sample) {
+            CP_CHECK(cp_comm_bcast(m->pp_comm, out->tok, (size_t)b->n_logits, CP_DTYPE_I32, root, NULL));
+            CP_CHECK(cp_comm_bcast(m->pp_comm, out->tok_logit, (size_t)b->n_logits, CP_DTYPE_F32, root, NULL));
+        }
     }
     return CP_OK;
 }
@@ -1315,8 +1592,8 @@ cp_status cp_model_forward_stage(cp_model_t m, cp_kv_cache_t kv, const cp_batch 
                         b->n_tok, m->max_batch);
     if (m->held)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: the previous step's output was not sent");
-    bool any_full = false;
-    if (m->plan.last_stage) CP_CHECK(check_top(b, out, "cp_model_forward_stage", &any_full));
+    bool any_full = false, any_sample = false;
+    if (m->plan.last_stage) CP_CHECK(check_top(b, out, "cp_model_forward_stage", &any_full, &any_sample));
     row_sampler rs = {.top = out};
     m->stage_only = true;
     cp_status st = run_forward(m, kv, b, NULL, &rs);

@@ -544,7 +544,7 @@ cp_status cp_model_load(const char *path, const cp_model_load_opts *opts, cp_mod
     m->full = malloc((size_t)CP_LOGIT_CHUNK * m->cfg.n_vocab * sizeof(float));
     m->ids_host = malloc((size_t)m->max_batch * sizeof(int32_t));
     if (m->tp_comm)
-        m->top_pack = malloc((size_t)(1 + m->plan.tp) * CP_LOGIT_CHUNK * (2 * CP_MODEL_MAX_TOP + 4) * sizeof(int32_t));
+        m->top_pack = malloc((size_t)(1 + m->plan.tp) * CP_LOGIT_CHUNK * CP_TOP_WORDS(CP_MODEL_MAX_TOP) * sizeof(int32_t));
     if (!m->gather || !m->full || !m->ids_host || (m->tp_comm && !m->top_pack)) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto fail;
@@ -575,6 +575,9 @@ void cp_model_free(cp_model_t m) {
     free(m->cand_v);
     free(m->cand_i);
     free(m->cand_lse);
+    free(m->cand_logit);
+    free(m->cand_need);
+    free(m->cand_sp);
     free(m->top_pack);
     free(m->cpx.count);
     free(m->cpx.lrow);

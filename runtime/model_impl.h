@@ -10,6 +10,10 @@
 #include "cp_plan.h"
 
 #define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend or with TP */
+/* Words a row takes in a TP rank's packed candidates (forward.c, top_rows):
+ * k logits, k ids, the slice's max and sum of exp at temperature 1 (f32,
+ * pad, f64) and the same at the row's sampling temperature. */
+#define CP_TOP_WORDS(k) (2 * (size_t)(k) + 8)
 #define CP_MAX_TP 1024      /* tensor-parallel ranks per stage */
 
 typedef struct cp_layer_weights {
@@ -99,8 +103,11 @@ struct cp_model {
     float *cand_v;               /* [cand_cap] */
     int32_t *cand_i;             /* [cand_cap] */
     double *cand_lse;            /* [cand_rows] */
+    float *cand_logit;           /* [cand_rows] */
+    uint8_t *cand_need;          /* [cand_rows] */
+    cp_sample_params *cand_sp;   /* [cand_rows] */
     size_t cand_cap, cand_rows;
-    int32_t *top_pack;           /* TP: [1 + tp][CP_LOGIT_CHUNK][2 * CP_MODEL_MAX_TOP + 4]
+    int32_t *top_pack;           /* TP: [1 + tp][CP_LOGIT_CHUNK][CP_TOP_WORDS(CP_MODEL_MAX_TOP)]
                                     packed candidates, this rank's then all (forward.c) */
     cp_model_weights w;
     cp_model_stats stats;

@@ -78,12 +78,16 @@ typedef struct flight {
     req **rows;      /* [max_running] the request of each batch row */
     int *take;       /* [max_running] the tokens it feeds */
     uint8_t *sample; /* [max_running] whether they reach its last known token */
-    float *logits;   /* [max_running][n_vocab] full rows (CP_TOP_FULL), made when first wanted */
     /* each sampled row's candidates and log-sum-exp (cp_model_forward_top) */
     float *top_val;  /* [max_running][CP_MODEL_MAX_TOP] */
     int32_t *top_id; /* [max_running][CP_MODEL_MAX_TOP] */
     double *top_lse; /* [max_running] */
     uint8_t *need;   /* [max_running] CP_TOP_* of each logit row */
+    /* CP_TOP_SAMPLE rows: sampled by the forward pass */
+    cp_sample_params *sp; /* [max_running] */
+    float *u;             /* [max_running] */
+    int32_t *tok;         /* [max_running] */
+    float *tok_logit;     /* [max_running] */
     cp_logit_top top; /* the step's request to the forward pass */
     double t0;
 } flight;
@@ -120,7 +124,6 @@ struct cp_sched {
     int fl_head, n_flight;
     const flight *cur; /* the step whose rows are being sampled */
     int32_t *matched; /* [max_blocks] scratch for prefix matches */
-    cp_backend_t be;
     bool host_backend; /* the backend computes on host memory */
 
     /* prefix cache, per physical block */
@@ -474,22 +477,25 @@ static void add_text(cp_sched_t s, req *r, int32_t tok) {
 
 /* ---- sampling ------------------------------------------------------------
  * Each sampled row arrives as its best candidates (descending logit, lower
- * id first on ties), its log-sum-exp when logprobs are wanted, and its full
- * logits only when the request samples from the whole distribution
- * (temperature without a top-k that fits the candidates). So across tensor
- * parallel ranks greedy, top-k and logprobs move a few hundred bytes a row
- * instead of the vocabulary (cp_model_forward_top). */
+ * id first on ties) and its log-sum-exp when logprobs are wanted. Greedy
+ * and top-k are chosen here from the candidates; sampling that may reach
+ * beyond them (temperature without a top-k that fits) is done by the
+ * forward pass itself (CP_TOP_SAMPLE), with the uniform drawn here when the
+ * step starts. So across tensor parallel ranks a row moves a few hundred
+ * bytes instead of the vocabulary (cp_model_forward_top). */
 
-/* Whether row r's choice needs the full logits, and how many candidates. */
+/* What row r needs of the forward pass, and how many candidates. */
 static uint8_t row_need(const req *r, int V, int *k) {
     const cp_sample_params *sp = &r->sample;
     uint8_t need = 0;
     int want = 1;
     if (sp->temperature > 0) {
-        if (sp->top_k > 0 && sp->top_k < V && sp->top_k < CP_MODEL_MAX_TOP)
+        if (sp->top_k > 0 && sp->top_k < V && sp->top_k < CP_MODEL_MAX_TOP) {
             want = sp->top_k + 1; /* one more shows a tie at the boundary */
-        else
-            need |= CP_TOP_FULL;
+        } else {
+            need |= CP_TOP_SAMPLE;
+            want = V < CP_MODEL_MAX_TOP ? V : CP_MODEL_MAX_TOP;
+        }
     }
     if (r->top_logprobs >= 0) {
         need |= CP_TOP_LSE;
@@ -509,9 +515,9 @@ static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob 
     const int32_t *id = f->top_id + (size_t)li * K;
     const double lse = f->top_lse[li];
     float l = NAN;
+    if (f->need[li] & CP_TOP_SAMPLE) l = f->tok_logit[li];
     for (int j = 0; j < K && isnan(l); j++)
         if (id[j] == tok) l = val[j];
-    if (isnan(l) && (f->need[li] & CP_TOP_FULL)) l = f->logits[(size_t)li * s->n_vocab + tok];
     lp->token = tok;
     lp->logprob = (float)(l - lse);
     for (int j = 0; j < n && j < K && id[j] >= 0; j++) {
@@ -520,17 +526,17 @@ static void logprobs(cp_sched_t s, int li, int32_t tok, int n, cp_sched_logprob 
     }
 }
 
-/* One token for logit row li with the request's parameters and uniform u:
- * cp_sample_host's choice over the full row. Greedy and top-k take it from
- * the candidates (cp_logit_top_sample: exact unless the k-th and (k+1)-th
- * tie after scaling); without top-k the full row goes to the sampler (a
- * backend on host memory runs its own, with the same choices). */
-static cp_status sample_token(cp_sched_t s, int li, const cp_sample_params *sp, float u, int32_t *tok) {
+/* Row li's token: the forward pass's for a CP_TOP_SAMPLE row; else
+ * cp_sample_host's choice over the full row with the request's parameters
+ * and a fresh uniform, taken from the candidates (cp_logit_top_sample:
+ * exact unless the k-th and (k+1)-th tie after scaling). */
+static cp_status sample_token(cp_sched_t s, req *r, int li, int32_t *tok) {
     const flight *f = s->cur;
-    if (!(f->need[li] & CP_TOP_FULL)) return cp_logit_top_sample(&f->top, li, sp, u, tok);
-    const float *l = f->logits + (size_t)li * s->n_vocab;
-    if (s->host_backend) return cp_backend_sample(s->be, l, 1, s->n_vocab, sp, &u, tok);
-    return cp_sample_host(l, 1, s->n_vocab, sp, &u, tok);
+    if (f->need[li] & CP_TOP_SAMPLE) {
+        *tok = f->tok[li];
+        return CP_OK;
+    }
+    return cp_logit_top_sample(&f->top, li, &r->sample, cp_rng_uniform(&r->rng), tok);
 }
 
 /* ---- init / free -------------------------------------------------------- */
@@ -548,8 +554,8 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->model = cp_engine_model(e);
     s->kv = cp_engine_kv(e);
     s->tok = cp_engine_tokenizer(e);
-    s->be = cp_engine_backend(e);
-    s->host_backend = s->be && cp_backend_device(s->be) == CP_DEVICE_CPU;
+    cp_backend_t be = cp_engine_backend(e);
+    s->host_backend = be && cp_backend_device(be) == CP_DEVICE_CPU;
     if (!s->model || !s->kv) {
         free(s);
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_sched_init: the engine has no model or KV cache");
@@ -633,13 +639,17 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
         f->top_id = malloc(R * CP_MODEL_MAX_TOP * sizeof(int32_t));
         f->top_lse = malloc(R * sizeof(double));
         f->need = malloc(R);
+        f->sp = malloc(R * sizeof(cp_sample_params));
+        f->u = malloc(R * sizeof(float));
+        f->tok = malloc(R * sizeof(int32_t));
+        f->tok_logit = malloc(R * sizeof(float));
         f->b.tokens = malloc(T * sizeof(int32_t));
         f->b.pos = malloc(T * sizeof(int32_t));
         f->b.seq = malloc(T * sizeof(int32_t));
         f->b.block_tables = calloc(R * (size_t)s->max_blocks, sizeof(int32_t));
         f->b.logit_rows = malloc(R * sizeof(int32_t));
         f->b.max_blocks = s->max_blocks;
-        fl_ok = fl_ok && f->rows && f->take && f->sample && f->top_val && f->top_id && f->top_lse && f->need && f->b.tokens &&
+        fl_ok = fl_ok && f->rows && f->take && f->sample && f->top_val && f->top_id && f->top_lse && f->need && f->sp && f->u && f->tok && f->tok_logit && f->b.tokens &&
                 f->b.pos && f->b.seq && f->b.block_tables && f->b.logit_rows;
     }
     s->bhash = calloc(NB, sizeof(uint64_t));
@@ -710,11 +720,14 @@ void cp_sched_free(cp_sched_t s) {
         free(f->rows);
         free(f->take);
         free(f->sample);
-        free(f->logits);
         free(f->top_val);
         free(f->top_id);
         free(f->top_lse);
         free(f->need);
+        free(f->sp);
+        free(f->u);
+        free(f->tok);
+        free(f->tok_logit);
         free(f->b.tokens);
         free(f->b.pos);
         free(f->b.seq);
@@ -1062,9 +1075,8 @@ static void process_row(cp_sched_t s, req *r, int take, int li) {
     r->n_computed += take;
     register_blocks(s, r);
     if (r->n_computed < r->n_tokens) return; /* more prompt to prefill */
-    float u = cp_rng_uniform(&r->rng);
     int32_t tok;
-    if (sample_token(s, li, &r->sample, u, &tok) != CP_OK) {
+    if (sample_token(s, r, li, &tok) != CP_OK) {
         set_error(r, cp_last_error());
         return;
     }
@@ -1093,21 +1105,25 @@ static void process_row(cp_sched_t s, req *r, int take, int li) {
 static cp_status start_step(cp_sched_t s, flight *f) {
     const step_batch *b = &f->b;
     int k = 1, nl = 0;
-    bool full = false;
     for (int i = 0; i < b->n_seq; i++) {
-        const req *r = f->rows[i];
-        if (f->sample[i]) {
-            f->need[nl] = row_need(r, s->n_vocab, &k);
-            full |= (f->need[nl++] & CP_TOP_FULL) != 0;
+        req *r = f->rows[i];
+        if (!f->sample[i]) continue;
+        f->need[nl] = row_need(r, s->n_vocab, &k);
+        if (f->need[nl] & CP_TOP_SAMPLE) {
+            f->sp[nl] = r->sample;
+            f->u[nl] = cp_rng_uniform(&r->rng);
         }
+        nl++;
     }
-    if (full && !f->logits) {
-        f->logits = malloc((size_t)s->max_running * (size_t)s->n_vocab * sizeof(float));
-        if (!f->logits)
-            return CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of logits", s->max_running);
-    }
-    f->top = (cp_logit_top){
-        .k = k, .need = f->need, .logits = f->logits, .val = f->top_val, .id = f->top_id, .lse = f->top_lse};
+    f->top = (cp_logit_top){.k = k,
+                            .need = f->need,
+                            .val = f->top_val,
+                            .id = f->top_id,
+                            .lse = f->top_lse,
+                            .sp = f->sp,
+                            .u = f->u,
+                            .tok = f->tok,
+                            .tok_logit = f->tok_logit};
     const cp_batch batch = {
         .n_tok = b->n_tok,
         .tokens = b->tokens,

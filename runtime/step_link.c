@@ -6,7 +6,9 @@
  * (flag: a step's candidates per row, cp_logit_top.k; a stop's failure)
  * then, for a step, one int32 body
  *   tokens[n_tok] pos[n_tok] seq[n_tok] block_tables[n_seq * max_blocks]
- *   logit_rows[n_logits] need[n_logits] (cp_logit_top.need).
+ *   logit_rows[n_logits] need[n_logits] (cp_logit_top.need)
+ *   sample[n_logits][5] (each row's temperature, top_k, top_p, min_p and
+ *   uniform, the floats as their bits; zeros for rows not CP_TOP_SAMPLE).
  *
  * Pipelined (pp > 1): the descriptor travels with the hidden states
  * instead. Rank 0 broadcasts it over its stage's TP group; every rank of a
@@ -14,7 +16,8 @@
  * rank of the next stage once the stage is computed; the last stage's TP
  * rank 0 sends the step's candidates to rank 0:
  *   val[n_logits * k] (f32) id[n_logits * k] (i32) lse[n_logits] (f64)
- *   then each CP_TOP_FULL row's logits (f32).
+ *   then each CP_TOP_FULL row's logits (f32), then, when a row is
+ *   CP_TOP_SAMPLE, tok[n_logits] (i32) and tok_logit[n_logits] (f32).
  * So rank 0 can start the next step while later stages still work on the
  * earlier ones. Everything flows from stage to stage in step order except
  * the candidates, and rank 0 takes the oldest step's candidates before it
@@ -64,7 +67,10 @@ struct cp_step_link {
     int32_t *id;
     double *lse;
     uint8_t *need;
-    size_t val_cap, id_cap, lse_cap, need_cap; /* elements */
+    cp_sample_params *sp;
+    float *u, *tok_logit;
+    int32_t *tok;
+    size_t val_cap, id_cap, lse_cap, need_cap, sp_cap, u_cap, tok_cap, tok_logit_cap; /* elements */
     cp_status broken; /* CP_OK, or the error that broke the link */
     char broken_msg[256];
     cp_step_link_stats stats;
@@ -132,6 +138,10 @@ void cp_step_link_free(cp_step_link_t l) {
     free(l->id);
     free(l->lse);
     free(l->need);
+    free(l->sp);
+    free(l->u);
+    free(l->tok);
+    free(l->tok_logit);
     free(l);
 }
 
@@ -207,8 +217,10 @@ static cp_status send_command(cp_step_link_t l, int64_t cmd, int64_t flag) {
     return st;
 }
 
+enum { SAMPLE_WORDS = 5 };
+
 static size_t body_len(int64_t n_tok, int64_t n_seq, int64_t max_blocks, int64_t n_logits) {
-    return (size_t)(3 * n_tok + n_seq * max_blocks + 2 * n_logits);
+    return (size_t)(3 * n_tok + n_seq * max_blocks + (2 + SAMPLE_WORDS) * n_logits);
 }
 
 /* A follower's output buffers for n_logits rows of k candidates. */
@@ -218,6 +230,10 @@ static cp_status reserve_top(cp_step_link_t l, size_t n_logits, int k, bool full
     CP_CHECK(grow(&l->id, &l->id_cap, nk, sizeof(int32_t), "logit outputs"));
     CP_CHECK(grow(&l->lse, &l->lse_cap, n_logits, sizeof(double), "logit outputs"));
     CP_CHECK(grow(&l->need, &l->need_cap, n_logits, 1, "logit outputs"));
+    CP_CHECK(grow(&l->sp, &l->sp_cap, n_logits, sizeof(cp_sample_params), "logit outputs"));
+    CP_CHECK(grow(&l->u, &l->u_cap, n_logits, sizeof(float), "logit outputs"));
+    CP_CHECK(grow(&l->tok, &l->tok_cap, n_logits, sizeof(int32_t), "logit outputs"));
+    CP_CHECK(grow(&l->tok_logit, &l->tok_logit_cap, n_logits, sizeof(float), "logit outputs"));
     if (full) CP_CHECK(grow(&l->logits, &l->logits_cap, n_logits * vocab, sizeof(float), "logit outputs"));
     return CP_OK;
 }
@@ -235,8 +251,15 @@ static cp_status move_results(cp_step_link_t l, const cp_logit_top *out, int n_l
     CP_CHECK(move(l->pipe, send, out->val, nk, CP_DTYPE_F32, peer));
     CP_CHECK(move(l->pipe, send, out->id, nk, CP_DTYPE_I32, peer));
     CP_CHECK(move(l->pipe, send, out->lse, (size_t)n_logits, CP_DTYPE_F64, peer));
-    for (int i = 0; out->need && i < n_logits; i++)
+    bool sampled = false;
+    for (int i = 0; out->need && i < n_logits; i++) {
         if (out->need[i] & CP_TOP_FULL) CP_CHECK(move(l->pipe, send, out->logits + (size_t)i * V, V, CP_DTYPE_F32, peer));
+        sampled |= (out->need[i] & CP_TOP_SAMPLE) != 0;
+    }
+    if (sampled) {
+        CP_CHECK(move(l->pipe, send, out->tok, (size_t)n_logits, CP_DTYPE_I32, peer));
+        CP_CHECK(move(l->pipe, send, out->tok_logit, (size_t)n_logits, CP_DTYPE_F32, peer));
+    }
     return CP_OK;
 }
 
@@ -306,6 +329,17 @@ cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top
         p += b->n_logits;
         for (int i = 0; i < b->n_logits; i++)
             p[i] = out->need ? out->need[i] : 0;
+        p += b->n_logits;
+        for (int i = 0; i < b->n_logits; i++, p += SAMPLE_WORDS) {
+            memset(p, 0, SAMPLE_WORDS * sizeof(*p));
+            if (!out->need || !(out->need[i] & CP_TOP_SAMPLE)) continue;
+            const cp_sample_params *sp = &out->sp[i];
+            memcpy(&p[0], &sp->temperature, 4);
+            p[1] = sp->top_k;
+            memcpy(&p[2], &sp->top_p, 4);
+            memcpy(&p[3], &sp->min_p, 4);
+            memcpy(&p[4], &out->u[i], 4);
+        }
         if (l->piped) return forward_piped(l, b, out, n, t0);
         int64_t h[HDR_N];
         make_header(l, h, CMD_STEP, b, out->k);
@@ -419,8 +453,16 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
         for (int64_t i = 0; i < n_logits; i++)
             full |= (need[i] & CP_TOP_FULL) != 0;
         CP_CHECK(reserve_top(l, (size_t)n_logits, (int)k, full, (size_t)cfg->n_vocab));
-        for (int64_t i = 0; i < n_logits; i++)
+        const int32_t *smp = need + n_logits;
+        for (int64_t i = 0; i < n_logits; i++, smp += SAMPLE_WORDS) {
             l->need[i] = (uint8_t)need[i];
+            cp_sample_params *sp = &l->sp[i];
+            memcpy(&sp->temperature, &smp[0], 4);
+            sp->top_k = smp[1];
+            memcpy(&sp->top_p, &smp[2], 4);
+            memcpy(&sp->min_p, &smp[3], 4);
+            memcpy(&l->u[i], &smp[4], 4);
+        }
         cp_batch b = {
             .n_tok = (int)n_tok,
             .tokens = p,
@@ -433,8 +475,16 @@ cp_status cp_step_link_follow(cp_step_link_t l) {
             .n_logits = (int)n_logits,
         };
         l->stats.steps++;
-        const cp_logit_top top = {
-            .k = (int)k, .need = l->need, .logits = l->logits, .val = l->val, .id = l->id, .lse = l->lse};
+        const cp_logit_top top = {.k = (int)k,
+                                  .need = l->need,
+                                  .logits = l->logits,
+                                  .val = l->val,
+                                  .id = l->id,
+                                  .lse = l->lse,
+                                  .sp = l->sp,
+                                  .u = l->u,
+                                  .tok = l->tok,
+                                  .tok_logit = l->tok_logit};
         if (!l->piped) {
             st = cp_model_forward_top(l->model, l->kv, &b, &top);
             if (st != CP_OK && st != CP_ERR_INVALID_ARG) return st;

@@ -19,8 +19,12 @@
 typedef struct bench_opts {
     const char *model, *name, *ops_out;
     int tp, pp, cp, n_prompt, n_gen, threads, cp_exchange, mixed, fresh;
-    bool header_only, top, sp;
+    int logits; /* LOGITS_* */
+    bool header_only, sp;
 } bench_opts;
+
+enum { LOGITS_FULL, LOGITS_TOP, LOGITS_SAMPLE, LOGITS_NUCLEUS };
+static const char *const logits_names[] = {"full", "top", "sample", "nucleus"};
 
 static void usage(FILE *f) {
     fprintf(f, "usage: mpirun -np TP*CP*PP bench_parallel --model PATH [--tp N] [--pp N] [--cp N]\n"
@@ -34,9 +38,13 @@ static void usage(FILE *f) {
                "  --mixed S      instead: one serving step of S sequences decoding after --prompt\n"
                "                 tokens of history each, batched with a fresh prompt of --fresh\n"
                "                 tokens (default 256); prints the step's bytes and time\n"
-               "  --logits full|top  --mixed: the step returns every row's full logits\n"
-               "                 (cp_model_forward, default) or its best candidate as the\n"
-               "                 server asks for a greedy row (cp_model_forward_top)\n"
+               "  --logits full|top|sample|nucleus  --mixed: the step returns every row's\n"
+               "                 full logits (cp_model_forward, default), its best candidate\n"
+               "                 as the server asks for a greedy row (cp_model_forward_top),\n"
+               "                 or a token the forward pass samples for every row, at\n"
+               "                 temperature 1 without filters (sample) or at temperature\n"
+               "                 0.8 with top-p 0.95 (nucleus), as the server asks for such\n"
+               "                 requests; the way each row was sampled goes to stderr\n"
                "  --name LABEL   model label in the table (default: the file name)\n"
                "  --ops-out FILE append the per-operation rows to FILE\n"
                "  --header-only  print the table headers (main table to stdout, the\n"
@@ -81,8 +89,12 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
         else if (!strcmp(a, "--fresh") && v)
             ok = parse_int(v, 1, 1 << 20, &o->fresh);
         else if (!strcmp(a, "--logits") && v) {
-            ok = !strcmp(v, "full") || !strcmp(v, "top");
-            o->top = !strcmp(v, "top");
+            ok = false;
+            for (int j = 0; j < (int)(sizeof logits_names / sizeof logits_names[0]); j++)
+                if (!strcmp(v, logits_names[j])) {
+                    o->logits = j;
+                    ok = true;
+                }
         } else if (!strcmp(a, "--cp-exchange") && v)
             ok = cp_cp_exchange_parse(v, &o->cp_exchange);
         else if (!strcmp(a, "--sp")) {
@@ -336,8 +348,13 @@ static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp
     int32_t *rows = malloc(2 * ((size_t)S + 1) * sizeof(int32_t)); /* then --logits top's ids */
     float *logits = malloc(((size_t)S + 1) * (size_t)cfg->n_vocab * sizeof(float));
     double *lse = malloc(((size_t)S + 1) * sizeof(double)); /* --logits top */
+    /* --logits sample / nucleus: the candidates' ids, what each row wants */
+    int32_t *ids = malloc(((size_t)S + 1) * CP_MODEL_MAX_TOP * sizeof(int32_t));
+    uint8_t *need = malloc((size_t)S + 1);
+    cp_sample_params *sp = malloc(((size_t)S + 1) * sizeof(*sp));
+    float *u = malloc(((size_t)S + 1) * sizeof(float)), *tok_logit = malloc(((size_t)S + 1) * sizeof(float));
     cp_status st = CP_OK;
-    if (!tables || !tok || !rows || !logits || !lse) {
+    if (!tables || !tok || !rows || !logits || !lse || !ids || !need || !sp || !u || !tok_logit) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory");
         goto done;
     }
@@ -373,9 +390,32 @@ static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp
     cp_comm_reset_stats(pp);
     cp_comm_reset_stats(cpc);
     const double t0 = cp_time_now();
-    if (o->top) {
+    cp_model_stats before;
+    cp_model_get_stats(m, &before);
+    if (o->logits == LOGITS_TOP) {
         /* greedy rows: one candidate each, no log-sum-exp, no full row */
         const cp_logit_top top = {.k = 1, .need = NULL, .logits = NULL, .val = logits, .id = rows + S + 1, .lse = lse};
+        st = cp_model_forward_top(m, kv, &b, &top);
+    } else if (o->logits != LOGITS_FULL) {
+        /* every row sampled by the forward pass, as the server does for
+         * temperature sampling without a top-k */
+        const cp_sample_params want = o->logits == LOGITS_SAMPLE ? (cp_sample_params){1.0f, 0, 1.0f, 0.0f}
+                                                                 : (cp_sample_params){0.8f, 0, 0.95f, 0.0f};
+        for (int i = 0; i <= S; i++) {
+            need[i] = CP_TOP_SAMPLE;
+            sp[i] = want;
+            u[i] = (float)((i * 0.6180339887) - (int)(i * 0.6180339887));
+        }
+        const int k = CP_MODEL_MAX_TOP < cfg->n_vocab ? CP_MODEL_MAX_TOP : cfg->n_vocab;
+        const cp_logit_top top = {.k = k,
+                                  .need = need,
+                                  .val = logits,
+                                  .id = ids,
+                                  .lse = lse,
+                                  .sp = sp,
+                                  .u = u,
+                                  .tok = rows + S + 1,
+                                  .tok_logit = tok_logit};
         st = cp_model_forward_top(m, kv, &b, &top);
     } else {
         st = cp_model_forward(m, kv, &b, logits);
@@ -383,6 +423,14 @@ static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp
     if (st != CP_OK) goto done;
     *secs = cp_time_now() - t0;
     *bytes = (double)(total_bytes(tp) + total_bytes(pp) + total_bytes(cpc));
+    if (o->logits >= LOGITS_SAMPLE && cp_model_get_plan(m)->last_stage && cp_model_get_plan(m)->tp_rank == 0) {
+        cp_model_stats after;
+        cp_model_get_stats(m, &after);
+        fprintf(stderr, "bench_parallel: %d rows sampled from the candidates, %d by the owning rank, %d from full rows\n",
+                (int)(after.sampled_from_candidates - before.sampled_from_candidates),
+                (int)(after.sampled_by_owner - before.sampled_by_owner),
+                (int)(after.sampled_from_full_rows - before.sampled_from_full_rows));
+    }
 done:
     cp_kv_cache_free(kv);
     free(tables);
@@ -390,6 +438,11 @@ done:
     free(rows);
     free(logits);
     free(lse);
+    free(ids);
+    free(need);
+    free(sp);
+    free(u);
+    free(tok_logit);
     return st;
 }
 

@@ -56,7 +56,7 @@ struct RunOut {
     std::vector<float> logits;   // [n][vocab], teacher-forced over the prompt
     std::vector<int32_t> greedy; // 32 tokens
     std::vector<int32_t> topk;   // 32 tokens sampled with top-k 40, top-p 0.9, seed 7
-    std::vector<int32_t> plain;  // 32 tokens sampled at temperature 1 without filters
+    std::vector<int32_t> nucleus; // 32 tokens sampled at temperature 0.8 with top-p 0.9
     size_t share = 0;            // bytes of weights this rank holds
     size_t resident = 0;         // bytes of the model file resident in this process after the run
 };
@@ -130,14 +130,15 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
         gp.ignore_eos = true;
         EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.greedy, nullptr), CP_OK)
             << cp_last_error();
-        // across TP ranks top-k sampling uses per-rank candidates, sampling
-        // without top-k gathers the full rows: both must pick what one rank picks
+        // across TP ranks top-k and top-p sampling choose from per-rank
+        // candidates (top-p gathers the rows whose nucleus is wider): both
+        // must pick what one rank picks
         gp.sample = {0.9f, 40, 0.9f, 0.0f};
         gp.seed = 7;
         EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.topk, nullptr), CP_OK)
             << cp_last_error();
-        gp.sample = {1.0f, 0, 1.0f, 0.0f};
-        EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.plain, nullptr), CP_OK)
+        gp.sample = {0.8f, 0, 0.9f, 0.0f};
+        EXPECT_EQ(cp_engine_generate(e, prompt.data(), (int)prompt.size(), &gp, collect, &r.nucleus, nullptr), CP_OK)
             << cp_last_error();
         cp_model_stats st;
         cp_model_get_stats(cp_engine_model(e), &st);
@@ -191,7 +192,7 @@ void compare(const RunOut &ref, const RunOut &par, int vocab, double tol, const 
     EXPECT_LE(worst, tol) << what << ": max relative logit difference " << worst;
     EXPECT_EQ(par.greedy, ref.greedy) << what;
     EXPECT_EQ(par.topk, ref.topk) << what << " (top-k sampling)";
-    EXPECT_EQ(par.plain, ref.plain) << what << " (plain sampling)";
+    EXPECT_EQ(par.nucleus, ref.nucleus) << what << " (top-p sampling)";
     if (cp_comm_rank(g_world) == 0)
         printf("%s: max relative logit difference %.3g, %zu greedy tokens %s\n", what.c_str(), worst,
                par.greedy.size(), par.greedy == ref.greedy ? "equal" : "DIFFERENT");
@@ -696,6 +697,109 @@ TEST(ModelParallel, ForwardTopEqualsGatheredRows) {
         cp_kv_cache_free(kv);
     }
     remove(path.c_str());
+}
+
+// CP_TOP_SAMPLE rows of cp_model_forward_top (temperature sampling without
+// a top-k, what the server and generate run) against the full rows
+// cp_model_forward gathers in the same layout, on the default model (its
+// peaked distributions let the candidates settle most top-p and min-p
+// rows, while a wide nucleus needs the full rows):
+//  - top-p and min-p: the token cp_sample_host picks from the full row;
+//  - plain temperature: on one TP rank cp_sample_host's token; across TP
+//    ranks the owning rank's walk in vocabulary order, so u's share of the
+//    row's mass must fall within the token's interval of the cumulative sum
+//    in id order (within 1e-6 of the mass: float exp terms summed apart);
+//  - each token's logit is its full row's, on every rank.
+// The model's counters show every way across TP ranks was taken.
+TEST(ModelParallel, SampledRowsFollowTheFullRows) {
+    const char *model = getenv("CP_TEST_MODEL");
+    if (!model || !fopen(model, "rb")) GTEST_SKIP() << "default model not present";
+    const int vocab = 49152, n = 24;
+    cp_plan_shape shape = {30, 9, 3, 64, 1536, vocab, 32};
+    const int world = cp_comm_size(g_world);
+    struct Case {
+        cp_sample_params sp;
+        bool plain;
+    };
+    const Case cases[] = {{{0.8f, 0, 0.9f, 0.0f}, false},  {{0.7f, 0, 1.0f, 0.1f}, false},
+                          {{0.8f, 0, 0.9f, 0.05f}, false}, {{1.5f, 0, 0.999f, 0.0f}, false},
+                          {{1.0f, 0, 1.0f, 0.0f}, true},   {{0.6f, 0, 1.0f, 0.0f}, true}};
+    for (const Layout &l : layouts(shape, world)) {
+        SCOPED_TRACE(l.name());
+        Sharded sh(model, l.tp, l.pp, true, false, l.cp);
+        if (!sh.e) continue;
+        cp_model_t m = cp_engine_model(sh.e);
+        cp_kv_cache_opts ko = {2, 8 * world, CP_DTYPE_F32}; // a block splits over the context ranks
+        cp_kv_cache_t kv = nullptr;
+        ASSERT_EQ(cp_kv_cache_init(m, &ko, &kv), CP_OK) << cp_last_error();
+        std::vector<int32_t> table(2);
+        EXPECT_EQ(cp_kv_cache_alloc_blocks(kv, 2, table.data()), CP_OK) << cp_last_error();
+        std::vector<int32_t> tok = prompt_ids(n, vocab), pos(n), seq(n, 0), rows(n);
+        for (int i = 0; i < n; i++) pos[i] = rows[i] = i;
+        const cp_batch b = {n, tok.data(), pos.data(), seq.data(), table.data(), 1, 2, rows.data(), n};
+        std::vector<float> full((size_t)n * vocab);
+        ASSERT_EQ(cp_model_forward(m, kv, &b, full.data()), CP_OK) << cp_last_error();
+        cp_model_stats before;
+        cp_model_get_stats(m, &before);
+        for (const Case &c : cases) {
+            SCOPED_TRACE("temperature " + std::to_string(c.sp.temperature) + " top-p " +
+                         std::to_string(c.sp.top_p) + " min-p " + std::to_string(c.sp.min_p));
+            std::vector<uint8_t> need(n);
+            std::vector<cp_sample_params> sp(n, c.sp);
+            std::vector<float> u(n), lg(n, NAN);
+            std::vector<int32_t> got(n, -2);
+            for (int i = 0; i < n; i++) {
+                need[i] = (uint8_t)(CP_TOP_SAMPLE | (i % 3 == 0 ? CP_TOP_LSE : 0));
+                u[i] = (float)std::fmod(0.1 + 0.6180339887 * i, 1.0);
+            }
+            cptest::TopOut o(CP_MODEL_MAX_TOP, n, vocab, need);
+            cp_logit_top t = o.view();
+            t.sp = sp.data();
+            t.u = u.data();
+            t.tok = got.data();
+            t.tok_logit = lg.data();
+            ASSERT_EQ(cp_model_forward_top(m, kv, &b, &t), CP_OK) << cp_last_error();
+            for (int i = 0; i < n; i++) {
+                const float *row = full.data() + (size_t)i * vocab;
+                ASSERT_GE(got[i], 0) << "row " << i;
+                ASSERT_LT(got[i], vocab) << "row " << i;
+                EXPECT_EQ(lg[i], row[got[i]]) << "row " << i;
+                if (!c.plain || l.tp == 1) {
+                    int32_t want = -1;
+                    ASSERT_EQ(cp_sample_host(row, 1, vocab, &c.sp, &u[i], &want), CP_OK) << cp_last_error();
+                    EXPECT_EQ(got[i], want) << "row " << i;
+                    continue;
+                }
+                float mx = -INFINITY;
+                for (int j = 0; j < vocab; j++) mx = std::max(mx, row[j] / c.sp.temperature);
+                double total = 0, below = 0;
+                for (int j = 0; j < vocab; j++) {
+                    const double e = std::exp((double)(row[j] / c.sp.temperature) - mx);
+                    if (j < got[i]) below += e;
+                    total += e;
+                }
+                const double mass = std::exp((double)(row[got[i]] / c.sp.temperature) - mx);
+                const double at = u[i] * total;
+                EXPECT_GE(at, below - 1e-6 * total) << "row " << i << ": token " << got[i];
+                EXPECT_LE(at, below + mass + 1e-6 * total) << "row " << i << ": token " << got[i];
+            }
+        }
+        cp_model_stats after;
+        cp_model_get_stats(m, &after);
+        const int64_t cand = after.sampled_from_candidates - before.sampled_from_candidates,
+                      owner = after.sampled_by_owner - before.sampled_by_owner,
+                      gathered = after.sampled_from_full_rows - before.sampled_from_full_rows;
+        if (l.tp > 1 && cp_model_get_plan(m)->last_stage) {
+            EXPECT_GT(cand, 0);
+            EXPECT_GT(owner, 0);
+            EXPECT_GT(gathered, 0);
+            EXPECT_EQ(cand + owner + gathered, (int64_t)n * (int64_t)(sizeof cases / sizeof cases[0]));
+        }
+        if (cp_comm_rank(g_world) == world - 1)
+            printf("%s: last rank sampled %lld rows from the candidates, %lld by the owning rank, %lld from full rows\n",
+                   l.name().c_str(), (long long)cand, (long long)owner, (long long)gathered);
+        cp_kv_cache_free(kv);
+    }
 }
 
 // Pipelined steps (cp_model_forward_stage, what the server runs with

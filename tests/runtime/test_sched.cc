@@ -550,14 +550,22 @@ TEST(Sched, LogprobsMatchLogSoftmax) {
         sum += std::exp(l[i] - mx);
     double lse = mx + std::log(sum);
 
-    SchedPtr s = make_sched(e, 2);
-    std::deque<Client> cs(2);
+    SchedPtr s = make_sched(e, 3);
+    std::deque<Client> cs(3);
     cp_sched_request q = greedy_req(p, 4);
     q.top_logprobs = 5;
     submit(s.get(), q, &cs[0]);
     q.top_logprobs = 0;
     submit(s.get(), q, &cs[1]);
+    // sampled by the forward pass (temperature without top-k): the chosen
+    // token's logprob comes with it, wherever the token ranks
+    q.sample = {1.5f, 0, 1.0f, 0.0f};
+    q.seed = 5;
+    submit(s.get(), q, &cs[2]);
     run_all(s.get(), cs);
+    ASSERT_EQ(cs[2].lp.size(), 4u);
+    EXPECT_EQ(cs[2].lp[0].token, cs[2].toks[0]);
+    EXPECT_NEAR(cs[2].lp[0].logprob, l[cs[2].toks[0]] - lse, 1e-4);
     ASSERT_EQ(cs[0].lp.size(), 4u);
     ASSERT_EQ(cs[0].top.size(), 4u);
     int32_t t0 = cs[0].toks[0];
