@@ -217,6 +217,13 @@ cp_status cp_backend_quantize(cp_backend_t be, cp_dtype t, const float *x, int64
 cp_status cp_backend_sample(cp_backend_t be, const float *logits, int n, int vocab,
                             const cp_sample_params *sp, const float *u, int32_t *out);
 
+/* The reference sampler's last step, for callers that filter candidates
+ * themselves in its order: of the kept probabilities prob[0..kept) (each
+ * relative to the largest), the index at which their running sum, in
+ * double and in order, first exceeds u times their total (kept - 1 if
+ * none does). */
+int cp_sample_walk(const float *prob, int kept, float u);
+
 /* The reference sampler on host memory (logits, u and out all host), for
  * callers that hold a few candidate logits on the host whatever their
  * backend. Same contract and choices as cp_backend_sample. */

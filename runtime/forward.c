@@ -1141,19 +1141,7 @@ static int cand_pick(const float *val, const int32_t *id, int K, int vocab, doub
         }
     }
     if (!known) return sp->top_p < 1.0f || sp->min_p > 0.0f ? PICK_FULL : PICK_SPLIT;
-    double zs = 0.0;
-    for (int j = 0; j < kept; j++)
-        zs += prob[j];
-    const double target = (double)u * zs;
-    double cum = 0.0;
-    int pick = kept - 1;
-    for (int j = 0; j < kept; j++) {
-        cum += prob[j];
-        if (cum > target) {
-            pick = j;
-            break;
-        }
-    }
+    const int pick = cp_sample_walk(prob, kept, u);
     *tok = id[ix[pick]];
     *logit = val[ix[pick]];
     return PICK_DONE;

@@ -325,6 +325,19 @@ static int cmp_scored_desc(const void *pa, const void *pb) {
     return (a->id > b->id) - (a->id < b->id);
 }
 
+int cp_sample_walk(const float *prob, int kept, float u) {
+    double z = 0.0;
+    for (int j = 0; j < kept; j++)
+        z += prob[j];
+    const double target = (double)u * z;
+    double cum = 0.0;
+    for (int j = 0; j < kept; j++) {
+        cum += prob[j];
+        if (cum > target) return j;
+    }
+    return kept - 1;
+}
+
 cp_status cp_sample_ref(const float *logits, int n, int vocab, const cp_sample_params *sp,
                         const float *u, int32_t *out) {
     scored *c = NULL;
@@ -379,19 +392,7 @@ cp_status cp_sample_ref(const float *logits, int n, int vocab, const cp_sample_p
                 j++;
             kept = j;
         }
-        double z = 0.0;
-        for (int j = 0; j < kept; j++)
-            z += prob[j];
-        double target = (double)u[i] * z, cum = 0.0;
-        int pick = kept - 1;
-        for (int j = 0; j < kept; j++) {
-            cum += prob[j];
-            if (cum > target) {
-                pick = j;
-                break;
-            }
-        }
-        out[i] = c[pick].id;
+        out[i] = c[cp_sample_walk(prob, kept, u[i])].id;
     }
     free(c);
     free(prob);
