@@ -186,6 +186,27 @@ static cp_status norm_for_matmul(cp_model_t m, const float *w, int T, int Ts, bo
     return act_allgather(m, s->xl, s->xb, (size_t)Ts * c->dim);
 }
 
+/* Every TP rank's vocabulary slices of k <= CP_LOGIT_CHUNK rows (mine:
+ * this rank's [k][vocab_l], not m->gather) all-gathered through m->gather
+ * and laid side by side into rows[k][vocab] (host). */
+static cp_status gather_slices(cp_model_t m, const float *mine, int k, float *rows) {
+    const int vocab = m->cfg.n_vocab, tp = m->plan.tp;
+    int begin[CP_MAX_TP + 1] = {0};
+    size_t counts[CP_MAX_TP] = {0};
+    for (int r = 0; r < tp; r++) {
+        cp_plan_split(vocab, tp, r, 1, &begin[r], &begin[r + 1]);
+        counts[r] = (size_t)k * (size_t)(begin[r + 1] - begin[r]);
+    }
+    CP_CHECK(cp_comm_allgatherv(m->tp_comm, mine, (size_t)k * m->vocab_l, m->gather, counts, CP_DTYPE_F32, NULL));
+    const float *src = m->gather;
+    for (int r = 0; r < tp; r++) {
+        const size_t w = (size_t)(begin[r + 1] - begin[r]);
+        for (int j = 0; j < k; j++) memcpy(rows + (size_t)j * vocab + begin[r], src + (size_t)j * w, w * sizeof(float));
+        src += counts[r];
+    }
+    return CP_OK;
+}
+
 /* Full logits of k <= CP_LOGIT_CHUNK rows of normed hidden states (xb rows
  * i..i+k) into rows[k][vocab] (host): each TP rank multiplies its
  * vocabulary rows, then the slices are gathered and laid side by side. */
@@ -199,27 +220,13 @@ static cp_status lm_head_rows(cp_model_t m, int i, int k, float *rows) {
     CP_CHECK(cp_backend_matmul(be, &m->w.output, x, k, m->logits, NULL));
     if (!m->tp_comm)
         return cp_backend_copy(be, rows, m->logits, (size_t)k * vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST);
-    const int tp = m->plan.tp;
-    int begin[CP_MAX_TP + 1];
-    size_t counts[CP_MAX_TP];
-    for (int r = 0; r < tp; r++) {
-        cp_plan_split(vocab, tp, r, 1, &begin[r], &begin[r + 1]);
-        counts[r] = (size_t)k * (size_t)(begin[r + 1] - begin[r]);
-    }
     const float *mine = m->logits;
     if (staged(m, m->tp_comm)) {
         CP_CHECK(stage_reserve(m));
         CP_CHECK(to_host(m, m->stage_a, m->logits, (size_t)k * vl));
         mine = m->stage_a;
     }
-    CP_CHECK(cp_comm_allgatherv(m->tp_comm, mine, (size_t)k * vl, m->gather, counts, CP_DTYPE_F32, NULL));
-    const float *src = m->gather;
-    for (int r = 0; r < tp; r++) {
-        const size_t w = (size_t)(begin[r + 1] - begin[r]);
-        for (int j = 0; j < k; j++) memcpy(rows + (size_t)j * vocab + begin[r], src + (size_t)j * w, w * sizeof(float));
-        src += counts[r];
-    }
-    return CP_OK;
+    return gather_slices(m, mine, k, rows);
 }
 
 /* Full logits of n rows of xb into dst[n][vocab] (host); one matmul over all
@@ -1331,13 +1338,20 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
             }
         }
         if (refetch) {
-            /* a cut beyond the candidates: the chunk's full rows */
-            CP_CHECK(lm_head_rows(m, i, kr, m->full));
-            for (int j = 0; j < kr; j++) {
-                if (how[j] != PICK_FULL) continue;
-                const int r = row0 + i + j;
+            /* a cut beyond the candidates: those rows' full logits (their
+             * slices packed into m->full, gathered through m->gather, then
+             * laid out in m->full) */
+            int which[CP_LOGIT_CHUNK], nf = 0;
+            for (int j = 0; j < kr; j++)
+                if (how[j] == PICK_FULL) {
+                    memcpy(m->full + (size_t)nf * vl, rows + (size_t)j * vl, (size_t)vl * sizeof(float));
+                    which[nf++] = j;
+                }
+            CP_CHECK(gather_slices(m, m->full, nf, m->full));
+            for (int f = 0; f < nf; f++) {
+                const int r = row0 + i + which[f];
                 float lg;
-                CP_CHECK(sample_full(m, m->full + (size_t)j * vocab, &top->sp[r], top->u[r], &top->tok[r], &lg));
+                CP_CHECK(sample_full(m, m->full + (size_t)f * vocab, &top->sp[r], top->u[r], &top->tok[r], &lg));
                 set_logit(top, r, lg);
             }
         }
