@@ -1147,7 +1147,9 @@ static int cand_pick(const float *val, const int32_t *id, int K, int vocab, doub
             known = true;
         }
     }
-    if (!known) return sp->top_p < 1.0f || sp->min_p > 0.0f ? PICK_FULL : PICK_SPLIT;
+    if (!known && (sp->top_p < 1.0f || sp->min_p > 0.0f)) return PICK_FULL;
+    if (!known && total > 0 && total < INFINITY) return PICK_SPLIT;
+    if (!known) kept = 1; /* the ranks' sums hold no distribution: the best */
     const int pick = cp_sample_walk(prob, kept, u);
     *tok = id[ix[pick]];
     *logit = val[ix[pick]];
