@@ -176,7 +176,6 @@ int cp_cli_distill(int argc, char **argv) {
                           : CP_DISTILL_CHAT_AUTO,
         .completion_only = completion_only,
         .write = lead,
-        .n_threads = threads,
         .teacher = teacher,
         .prompts_path = prompts,
         .progress = on_progress,

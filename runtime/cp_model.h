@@ -187,9 +187,11 @@ cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch
  * distribution); those rows are gathered as cp_model_forward gathers them.
  * Rows flagged CP_TOP_SAMPLE are sampled by the model itself with their own
  * parameters and uniform (see cp_model_forward_sample for how the ranks
- * share that work). Every rank of the model receives everything. */
+ * share that work). Rows flagged CP_TOP_TARGET get the logit of a given
+ * token (a teacher-forced target: its log-probability with CP_TOP_LSE).
+ * Every rank of the model receives everything. */
 #define CP_MODEL_MAX_TOP 256
-enum { CP_TOP_FULL = 1, CP_TOP_LSE = 2, CP_TOP_SAMPLE = 4 };
+enum { CP_TOP_FULL = 1, CP_TOP_LSE = 2, CP_TOP_SAMPLE = 4, CP_TOP_TARGET = 8 };
 typedef struct cp_logit_top {
     int k;               /* candidates per row, 1..CP_MODEL_MAX_TOP */
     const uint8_t *need; /* [n_logits] CP_TOP_* bits per row, or NULL (none) */
@@ -208,6 +210,10 @@ typedef struct cp_logit_top {
     const float *u;             /* [n_logits] each row's uniform in [0, 1) */
     int32_t *tok;               /* [n_logits] out: the token sampled */
     float *tok_logit;           /* [n_logits] out: its logit */
+    /* CP_TOP_TARGET rows (both may be NULL when no row is flagged; not
+     * carried by the serving step link): */
+    const int32_t *target;      /* [n_logits] a token id per row */
+    float *target_logit;        /* [n_logits] out: its logit */
 } cp_logit_top;
 
 /* One token for row `row` of t with sp and the uniform u, as cp_sample_host

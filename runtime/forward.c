@@ -1245,6 +1245,7 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
                 }
                 if (top_need(top, r) & CP_TOP_FULL)
                     memcpy(top->logits + (size_t)r * vocab, row, (size_t)vocab * sizeof(float));
+                if (top_need(top, r) & CP_TOP_TARGET) top->target_logit[r] = row[top->target[r]];
                 if (top_need(top, r) & CP_TOP_SAMPLE) {
                     float lg;
                     CP_CHECK(sample_full(m, row, &top->sp[r], top->u[r], &top->tok[r], &lg));
@@ -1278,6 +1279,10 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
             memcpy(p + 2 * k + 4, &mt, sizeof mt);
             p[2 * k + 5] = 0;
             memcpy(p + 2 * k + 6, &st, sizeof st);
+            float tl = NAN;
+            const int32_t want = (top_need(top, r) & CP_TOP_TARGET) ? top->target[r] - m->plan.vocab_begin : -1;
+            if (want >= 0 && want < vl) tl = rows[(size_t)j * vl + want];
+            memcpy(p + 2 * k + 8, &tl, sizeof tl);
         }
         CP_CHECK(cp_comm_allgather(m->tp_comm, pack, all, (size_t)kr * w, CP_DTYPE_I32, NULL));
         /* every rank merges and decides alike */
@@ -1289,6 +1294,16 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
             top->lse[r] = NAN;
             top_merge(all, tp, kr, j, k, top->val + (size_t)r * k, top->id + (size_t)r * k,
                       (need & CP_TOP_LSE) ? &top->lse[r] : NULL);
+            if (need & CP_TOP_TARGET) {
+                /* from the rank whose slice holds the token */
+                int b0, b1, q = 0;
+                for (; q < tp; q++) {
+                    cp_plan_split(vocab, tp, q, 1, &b0, &b1);
+                    if (top->target[r] < b1) break;
+                }
+                memcpy(&top->target_logit[r], all + ((size_t)(q < tp ? q : tp - 1) * kr + j) * w + 2 * k + 8,
+                       sizeof(float));
+            }
             if (!(need & CP_TOP_SAMPLE)) continue;
             double total = 0.0;
             if (top->sp[r].temperature > 0) {
@@ -1546,26 +1561,33 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
 }
 
 /* The outputs of cp_model_forward_top for b; *any_full: a row wants its
- * full logits; *any_sample: the model samples a row. */
-static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, bool *any_full,
-                           bool *any_sample) {
+ * full logits; *any_sample: the model samples a row; *any_target: a row
+ * wants a given token's logit. */
+static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, int vocab, bool *any_full,
+                           bool *any_sample, bool *any_target) {
     if (out->k < 1 || out->k > CP_MODEL_MAX_TOP)
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s: k = %d is outside 1..%d", fn, out->k, CP_MODEL_MAX_TOP);
-    *any_full = *any_sample = false;
+    *any_full = *any_sample = *any_target = false;
     for (int i = 0; out->need && i < b->n_logits; i++) {
         *any_full |= (out->need[i] & CP_TOP_FULL) != 0;
         *any_sample |= (out->need[i] & CP_TOP_SAMPLE) != 0;
+        *any_target |= (out->need[i] & CP_TOP_TARGET) != 0;
     }
     if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (*any_full && !out->logits) ||
-                            (*any_sample && (!out->sp || !out->u || !out->tok || !out->tok_logit))))
+                            (*any_sample && (!out->sp || !out->u || !out->tok || !out->tok_logit)) ||
+                            (*any_target && (!out->target || !out->target_logit))))
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s: NULL output buffer", fn);
+    for (int i = 0; *any_target && i < b->n_logits; i++)
+        if ((out->need[i] & CP_TOP_TARGET) && (out->target[i] < 0 || out->target[i] >= vocab))
+            return CP_ERROR(CP_ERR_INVALID_ARG, "%s: target token %d of logit row %d is outside the vocabulary of %d",
+                            fn, out->target[i], i, vocab);
     return CP_OK;
 }
 
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out) {
     if (!out || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL argument");
-    bool any_full = false, any_sample = false;
-    CP_CHECK(check_top(b, out, "cp_model_forward_top", &any_full, &any_sample));
+    bool any_full = false, any_sample = false, any_target = false;
+    CP_CHECK(check_top(b, out, "cp_model_forward_top", m->cfg.n_vocab, &any_full, &any_sample, &any_target));
     row_sampler rs = {.top = out};
     CP_CHECK(run_forward(m, kv, b, NULL, &rs));
     /* the last stage has the candidates; every stage gets them */
@@ -1583,6 +1605,8 @@ cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
             CP_CHECK(cp_comm_bcast(m->pp_comm, out->tok, (size_t)b->n_logits, CP_DTYPE_I32, root, NULL));
             CP_CHECK(cp_comm_bcast(m->pp_comm, out->tok_logit, (size_t)b->n_logits, CP_DTYPE_F32, root, NULL));
         }
+        if (any_target)
+            CP_CHECK(cp_comm_bcast(m->pp_comm, out->target_logit, (size_t)b->n_logits, CP_DTYPE_F32, root, NULL));
     }
     return CP_OK;
 }
@@ -1596,8 +1620,12 @@ cp_status cp_model_forward_stage(cp_model_t m, cp_kv_cache_t kv, const cp_batch 
                         b->n_tok, m->max_batch);
     if (m->held)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: the previous step's output was not sent");
-    bool any_full = false, any_sample = false;
-    if (m->plan.last_stage) CP_CHECK(check_top(b, out, "cp_model_forward_stage", &any_full, &any_sample));
+    for (int i = 0; out->need && i < b->n_logits; i++)
+        if (out->need[i] & CP_TOP_TARGET)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: pipelined steps do not pass target logits on");
+    bool any_full = false, any_sample = false, any_target = false;
+    if (m->plan.last_stage)
+        CP_CHECK(check_top(b, out, "cp_model_forward_stage", m->cfg.n_vocab, &any_full, &any_sample, &any_target));
     row_sampler rs = {.top = out};
     m->stage_only = true;
     cp_status st = run_forward(m, kv, b, NULL, &rs);

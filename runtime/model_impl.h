@@ -12,8 +12,9 @@
 #define CP_LOGIT_CHUNK 16 /* rows of logits computed at once on a device backend or with TP */
 /* Words a row takes in a TP rank's packed candidates (forward.c, top_rows):
  * k logits, k ids, the slice's max and sum of exp at temperature 1 (f32,
- * pad, f64) and the same at the row's sampling temperature. */
-#define CP_TOP_WORDS(k) (2 * (size_t)(k) + 8)
+ * pad, f64), the same at the row's sampling temperature, and the target
+ * token's logit when the slice holds it. */
+#define CP_TOP_WORDS(k) (2 * (size_t)(k) + 9)
 #define CP_MAX_TP 1024      /* tensor-parallel ranks per stage */
 
 typedef struct cp_layer_weights {

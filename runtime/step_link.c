@@ -312,6 +312,9 @@ cp_status cp_step_link_forward(void *link, const cp_batch *b, const cp_logit_top
     CP_CHECK(check_broken(l));
     if (l->rank != 0)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward runs on rank 0 only");
+    for (int i = 0; out->need && i < b->n_logits; i++)
+        if (out->need[i] & CP_TOP_TARGET)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "cp_step_link_forward: the step link does not carry target tokens");
     if (l->size > 1) {
         double t0 = cp_time_now();
         size_t n = body_len(b->n_tok, b->n_seq, b->max_blocks, b->n_logits);

@@ -67,7 +67,6 @@ typedef struct cp_distill_opts {
     cp_distill_chat chat;
     bool completion_only; /* rows only for the positions that predict continuation tokens */
     bool write;           /* this rank writes the files (rank 0 of a job; the rest only compute) */
-    int n_threads;        /* host threads for the log-softmax and top-k (<= 0: online cores) */
     const char *teacher;  /* recorded in meta.json (NULL: the model's path) */
     const char *prompts_path; /* recorded in meta.json and named in messages (NULL ok) */
     /* Called after each prompt on every rank (NULL ok). */
@@ -90,9 +89,11 @@ typedef struct cp_distill_result {
  * least one token to spare), then for each: generates a continuation with
  * cp_engine_generate (end-of-generation tokens are kept as the last
  * completion token, with finish reason "stop"), runs prompt + continuation
- * through the teacher again in chunks (cp_model_forward on the engine's KV
- * cache, so host memory stays at one chunk of logits) and turns every
- * needed row into log-softmax at temperature 1, in double: the K largest
+ * through the teacher again in chunks (cp_model_forward_top on the
+ * engine's KV cache: each row's K best and log-sum-exp, so tensor parallel
+ * ranks pass candidates instead of the vocabulary and host memory stays at
+ * one chunk of them) and turns every needed row into log-softmax at
+ * temperature 1, in double: the K largest
  * (ids and log-probabilities, descending, ties by lower id) and the
  * log-probability of the token that follows. With opts->write, the results
  * go to out_dir (prepared with cp_distill_prepare_dir) under temporary

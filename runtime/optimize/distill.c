@@ -9,7 +9,6 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -351,117 +350,20 @@ static bool write_le32(FILE *f, void *data, size_t n) {
 
 /* ---- log-softmax and top-k --------------------------------------------- */
 
-typedef struct scorer {
-    const float *logits;   /* [n][V] */
-    const int32_t *target; /* [n]: the token that follows each row */
-    int n, V, K;
-    int32_t *ids;  /* [n][K] */
-    float *lps;    /* [n][K] */
-    float *tok_lp; /* [n] */
-    int bad_row;   /* a row whose logits are not finite, else -1 */
-} scorer;
-
-typedef struct slice {
-    scorer *s;
-    int begin, end;
-    int bad;
-} slice;
-
-/* a ranks before b: higher logit, then lower id */
-static inline bool better(float va, int32_t ia, float vb, int32_t ib) {
-    return va > vb || (va == vb && ia < ib);
-}
-
-/* Min-heap of the K best so far, its root the worst of them. */
-static void sift_down(float *v, int32_t *id, int n, int i) {
-    for (;;) {
-        int l = 2 * i + 1, r = l + 1, w = i;
-        if (l < n && better(v[w], id[w], v[l], id[l])) w = l;
-        if (r < n && better(v[w], id[w], v[r], id[r])) w = r;
-        if (w == i) return;
-        float tv = v[i];
-        v[i] = v[w];
-        v[w] = tv;
-        int32_t ti = id[i];
-        id[i] = id[w];
-        id[w] = ti;
-        i = w;
+/* The rows of one chunk as log-probabilities: top_lps[r][K] = val - lse and
+ * tok_lp[r] = the target's logit - lse, from cp_model_forward_top (the K
+ * best of each row and its log-sum-exp without gathering the vocabulary
+ * across TP ranks). Returns the first row whose log-sum-exp is not finite,
+ * or -1. */
+static int to_logprobs(const cp_logit_top *t, int n, int K, float *top_lps, float *tok_lp) {
+    for (int r = 0; r < n; r++) {
+        const double lse = t->lse[r];
+        if (!isfinite(lse)) return r;
+        for (int k = 0; k < K; k++)
+            top_lps[(size_t)r * K + k] = (float)((double)t->val[(size_t)r * K + k] - lse);
+        tok_lp[r] = (float)((double)t->target_logit[r] - lse);
     }
-}
-
-static void *score_slice(void *arg) {
-    slice *sl = arg;
-    const scorer *s = sl->s;
-    const int V = s->V, K = s->K;
-    float hv[CP_DISTILL_MAX_K];
-    int32_t hi[CP_DISTILL_MAX_K];
-    sl->bad = -1;
-    for (int r = sl->begin; r < sl->end; r++) {
-        const float *z = s->logits + (size_t)r * V;
-        for (int k = 0; k < K; k++) {
-            hv[k] = z[k];
-            hi[k] = k;
-        }
-        for (int k = K / 2 - 1; k >= 0; k--)
-            sift_down(hv, hi, K, k);
-        float mx = z[0];
-        for (int v = 0; v < V; v++) {
-            if (z[v] > mx) mx = z[v];
-            if (v >= K && better(z[v], v, hv[0], hi[0])) {
-                hv[0] = z[v];
-                hi[0] = v;
-                sift_down(hv, hi, K, 0);
-            }
-        }
-        double sum = 0;
-        for (int v = 0; v < V; v++)
-            sum += exp((double)z[v] - (double)mx);
-        const double lse = (double)mx + log(sum);
-        if (!isfinite(lse)) {
-            if (sl->bad < 0) sl->bad = r;
-            continue;
-        }
-        /* pop the heap from the worst: fills the row from its end */
-        int32_t *oi = s->ids + (size_t)r * K;
-        float *ol = s->lps + (size_t)r * K;
-        for (int n = K; n > 0; n--) {
-            oi[n - 1] = hi[0];
-            ol[n - 1] = (float)((double)hv[0] - lse);
-            hv[0] = hv[n - 1];
-            hi[0] = hi[n - 1];
-            sift_down(hv, hi, n - 1, 0);
-        }
-        s->tok_lp[r] = (float)((double)z[s->target[r]] - lse);
-    }
-    return NULL;
-}
-
-/* Scores rows [0, n) on up to n_threads threads (the calling one included). */
-static void score_rows(scorer *s, int n_threads) {
-    enum { MAX_THREADS = 64 };
-    s->bad_row = -1;
-    int nt = n_threads < 1 ? 1 : n_threads > MAX_THREADS ? MAX_THREADS : n_threads;
-    /* a thread is worth starting for a million logits or so */
-    int64_t work = (int64_t)s->n * s->V;
-    if (nt > 1 + work / (1 << 20)) nt = (int)(1 + work / (1 << 20));
-    if (nt > s->n) nt = s->n;
-    if (nt < 1) nt = 1;
-    slice sl[MAX_THREADS];
-    pthread_t th[MAX_THREADS];
-    bool started[MAX_THREADS] = {false};
-    for (int t = 0; t < nt; t++)
-        sl[t] = (slice){s, (int)((int64_t)s->n * t / nt), (int)((int64_t)s->n * (t + 1) / nt), -1};
-    for (int t = 1; t < nt; t++)
-        started[t] = pthread_create(&th[t], NULL, score_slice, &sl[t]) == 0;
-    score_slice(&sl[0]);
-    for (int t = 1; t < nt; t++) {
-        if (started[t])
-            pthread_join(th[t], NULL);
-        else
-            score_slice(&sl[t]); /* no thread to be had: this one does it */
-    }
-    for (int t = 0; t < nt; t++)
-        if (sl[t].bad >= 0 && (s->bad_row < 0 || sl[t].bad < s->bad_row)) s->bad_row = sl[t].bad;
+    return -1;
 }
 
 /* ---- the run ------------------------------------------------------------ */
@@ -639,11 +541,11 @@ cp_status cp_distill_run(cp_engine_t e, cp_distill_prompts_t ps, const char *out
     int32_t **pids = calloc(N, sizeof(int32_t *));
     int *np = calloc(N, sizeof(int));
     const int bs = cp_kv_cache_block_size(kv), max_blocks = (n_ctx + bs - 1) / bs;
-    /* one chunk of logits at a time: the model's batch, within 512 MB */
-    int chunk = cp_model_max_batch(m);
-    int64_t fit = ((int64_t)512 << 20) / ((int64_t)V * (int64_t)sizeof(float));
-    if (chunk > fit) chunk = fit > 1 ? (int)fit : 1;
-    float *logits = malloc((size_t)chunk * V * sizeof(float));
+    /* one chunk of rows at a time: the model's batch */
+    const int chunk = cp_model_max_batch(m);
+    float *top_val = malloc((size_t)chunk * K * sizeof(float)), *target_logit = malloc((size_t)chunk * sizeof(float));
+    double *lse = malloc((size_t)chunk * sizeof(double));
+    uint8_t *row_need = malloc((size_t)chunk);
     int32_t *table = malloc((size_t)max_blocks * sizeof(int32_t));
     int32_t *pos = malloc((size_t)chunk * sizeof(int32_t)),
             *seqi = calloc((size_t)chunk, sizeof(int32_t));
@@ -657,9 +559,9 @@ cp_status cp_distill_run(cp_engine_t e, cp_distill_prompts_t ps, const char *out
     out_files of;
     memset(&of, 0, sizeof(of));
     int have = 0;
-    if (!pids || !np || !logits || !table || !pos || !seqi || !lrows || !target || !top_ids ||
-        !top_lps || !tok_lp || !acc.seq) {
-        st = CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of %d logits", chunk, V);
+    if (!pids || !np || !top_val || !target_logit || !lse || !row_need || !table || !pos || !seqi || !lrows ||
+        !target || !top_ids || !top_lps || !tok_lp || !acc.seq) {
+        st = CP_ERROR(CP_ERR_OOM, "out of memory for %d rows of %d candidates", chunk, K);
         goto done;
     }
 
@@ -725,9 +627,9 @@ cp_status cp_distill_run(cp_engine_t e, cp_distill_prompts_t ps, const char *out
         /* tokens[0..T-1) are fed; row t predicts tokens[t + 1] */
         const int n_feed = T - 1, first = op->completion_only ? P - 1 : 0;
         const int n_rows = n_feed - first;
-        const int need = (n_feed + bs - 1) / bs;
-        CP_CHECK_GOTO(cp_kv_cache_alloc_blocks(kv, need, table), st, done);
-        have = need;
+        const int n_blocks = (n_feed + bs - 1) / bs;
+        CP_CHECK_GOTO(cp_kv_cache_alloc_blocks(kv, n_blocks, table), st, done);
+        have = n_blocks;
         for (int i0 = 0; i0 < n_feed; i0 += chunk) {
             const int k = n_feed - i0 < chunk ? n_feed - i0 : chunk;
             int nl = 0;
@@ -748,14 +650,22 @@ cp_status cp_distill_run(cp_engine_t e, cp_distill_prompts_t ps, const char *out
                           .max_blocks = max_blocks,
                           .logit_rows = lrows,
                           .n_logits = nl};
-            CP_CHECK_GOTO(cp_model_forward(m, kv, &b, nl ? logits : NULL), st, done);
+            for (int r = 0; r < nl; r++)
+                row_need[r] = CP_TOP_LSE | CP_TOP_TARGET;
+            const cp_logit_top top = {.k = K,
+                                      .need = row_need,
+                                      .val = top_val,
+                                      .id = top_ids,
+                                      .lse = lse,
+                                      .target = target,
+                                      .target_logit = target_logit};
+            CP_CHECK_GOTO(cp_model_forward_top(m, kv, &b, &top), st, done);
             if (!op->write || nl == 0) continue;
-            scorer sc = {logits, target, nl, V, K, top_ids, top_lps, tok_lp, -1};
-            score_rows(&sc, op->n_threads > 0 ? op->n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
-            if (sc.bad_row >= 0) {
+            const int bad = to_logprobs(&top, nl, K, top_lps, tok_lp);
+            if (bad >= 0) {
                 st = CP_ERROR(CP_ERR_INTERNAL,
                               "%s:%d: the teacher's logits at position %d are not finite", path,
-                              p->line, i0 + lrows[sc.bad_row]);
+                              p->line, i0 + lrows[bad]);
                 goto done;
             }
             if (!write_le32(of.f[F_IDS], top_ids, (size_t)nl * K) ||
@@ -829,7 +739,10 @@ done:
         free(pids[i]);
     free(pids);
     free(np);
-    free(logits);
+    free(top_val);
+    free(target_logit);
+    free(lse);
+    free(row_need);
     free(table);
     free(pos);
     free(seqi);

@@ -24,19 +24,28 @@ struct TopOut {
     std::vector<float> logits, val;
     std::vector<int32_t> id;
     std::vector<double> lse;
+    std::vector<int32_t> target; // CP_TOP_TARGET rows: a token spread over the vocabulary
+    std::vector<float> target_logit;
     TopOut(int k_, int n_, int vocab_, std::vector<uint8_t> need_)
         : k(k_), n(n_), vocab(vocab_), need(std::move(need_)), logits((size_t)n_ * vocab_, 12345.0f),
-          val((size_t)n_ * k_, 0.0f), id((size_t)n_ * k_, -7), lse((size_t)n_, 0.0) {}
+          val((size_t)n_ * k_, 0.0f), id((size_t)n_ * k_, -7), lse((size_t)n_, 0.0), target((size_t)n_),
+          target_logit((size_t)n_, NAN) {
+        for (int r = 0; r < n; r++) target[r] = (int32_t)(((int64_t)r * 7919 + 3) % vocab);
+    }
     cp_logit_top view() {
-        return cp_logit_top{k, need.data(), logits.data(), val.data(), id.data(), lse.data()};
+        cp_logit_top t = {k, need.data(), logits.data(), val.data(), id.data(), lse.data()};
+        t.target = target.data();
+        t.target_logit = target_logit.data();
+        return t;
     }
 };
 
 // Each row's k best of full (descending, lower id first on ties) equal the
 // candidates exactly; rows flagged CP_TOP_LSE have the log-sum-exp within
 // rel_lse of the full row's (0: exactly the one-rank sum: max, then exp of
-// the differences in id order, in double); rows flagged CP_TOP_FULL equal
-// full bit for bit, and the others are untouched.
+// the differences in id order, in double); rows flagged CP_TOP_TARGET have
+// their target's logit; rows flagged CP_TOP_FULL equal full bit for bit,
+// and the others are untouched.
 inline void expect_top_matches_full(const TopOut &o, const std::vector<float> &full, double rel_lse) {
     const int V = o.vocab;
     for (int r = 0; r < o.n; r++) {
@@ -63,6 +72,10 @@ inline void expect_top_matches_full(const TopOut &o, const std::vector<float> &f
         } else {
             EXPECT_TRUE(std::isnan(got)) << "row " << r << " did not ask for its log-sum-exp: " << got;
         }
+        if (o.need[r] & CP_TOP_TARGET)
+            EXPECT_EQ(o.target_logit[r], row[o.target[r]]) << "row " << r << ": target " << o.target[r];
+        else
+            EXPECT_TRUE(std::isnan(o.target_logit[r])) << "row " << r << " did not ask for a target's logit";
         const float *lg = o.logits.data() + (size_t)r * V;
         if (o.need[r] & CP_TOP_FULL) {
             EXPECT_TRUE(std::equal(lg, lg + V, row)) << "row " << r << ": full logits differ";

@@ -684,7 +684,8 @@ TEST(ModelParallel, ForwardTopEqualsGatheredRows) {
                     // log-sum-exps; a chunk with one searches gathered rows
                     std::vector<uint8_t> need(b.n_logits);
                     for (int i = 0; i < b.n_logits; i++)
-                        need[i] = (uint8_t)(with_full ? (i + k) % 4 : (i + k) % 2 * CP_TOP_LSE);
+                        need[i] = (uint8_t)((with_full ? (i + k) % 4 : (i + k) % 2 * CP_TOP_LSE) |
+                                            (i % 3 == 1 ? CP_TOP_TARGET : 0));
                     // the same step again: it rewrites the same K/V
                     cptest::TopOut o(k, b.n_logits, s.vocab, need);
                     cp_logit_top t = o.view();

@@ -284,7 +284,7 @@ TEST(ForwardTop, EqualsTheFullRowsSearched) {
     std::vector<float> full((size_t)n * V, NAN);
     ASSERT_EQ(cp_model_forward(e.model, e.kv, &b, full.data()), CP_OK) << cp_last_error();
     std::vector<uint8_t> need(n);
-    for (int i = 0; i < n; i++) need[i] = (uint8_t)(i % 4); // none, full, lse, both
+    for (int i = 0; i < n; i++) need[i] = (uint8_t)(i % 4 | (i % 5 == 2 ? CP_TOP_TARGET : 0)); // none, full, lse, both
     for (int k : {1, 7, V + 3}) {
         TopOut o(k, n, V, need);
         cp_logit_top t = o.view();
@@ -311,6 +311,12 @@ TEST(ForwardTop, EqualsTheFullRowsSearched) {
     cp_logit_top tf = f.view();
     tf.logits = nullptr;
     EXPECT_EQ(cp_model_forward_top(e.model, e.kv, &d, &tf), CP_ERR_INVALID_ARG);
+    // a target token outside the vocabulary is named
+    TopOut g(4, 1, V, {CP_TOP_TARGET});
+    g.target[0] = V;
+    cp_logit_top tg = g.view();
+    EXPECT_EQ(cp_model_forward_top(e.model, e.kv, &d, &tg), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error()).find("target token"), std::string::npos) << cp_last_error();
 }
 
 INSTANTIATE_TEST_SUITE_P(Tiny, ModelVsReference,
