@@ -106,6 +106,11 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
  * to logits[n][n_vocab] (host memory), for evaluation and tests. */
 cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *logits);
 
+/* Like cp_engine_logits, with every position's row as cp_logit_top (row i
+ * of t's arrays is position i): candidates, log-sum-exps and target logits
+ * without gathering the vocabulary across tensor-parallel ranks. */
+cp_status cp_engine_logit_top(cp_engine_t e, const int32_t *tokens, int n, const cp_logit_top *t);
+
 #ifdef __cplusplus
 }
 #endif

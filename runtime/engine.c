@@ -162,12 +162,31 @@ cp_backend_t cp_engine_backend(cp_engine_t e) { return e->be; }
 cp_kv_cache_t cp_engine_kv(cp_engine_t e) { return e->kv; }
 int cp_engine_n_ctx(cp_engine_t e) { return e->n_ctx; }
 
+/* Rows [i0, ...) of t as a view of their own. */
+static cp_logit_top top_from(const cp_logit_top *t, int i0, int vocab) {
+    cp_logit_top v = *t;
+    const size_t k = (size_t)t->k;
+    if (v.need) v.need += i0;
+    if (v.logits) v.logits += (size_t)i0 * (size_t)vocab;
+    v.val += (size_t)i0 * k;
+    v.id += (size_t)i0 * k;
+    v.lse += i0;
+    if (v.sp) v.sp += i0;
+    if (v.u) v.u += i0;
+    if (v.tok) v.tok += i0;
+    if (v.tok_logit) v.tok_logit += i0;
+    if (v.target) v.target += i0;
+    if (v.target_logit) v.target_logit += i0;
+    return v;
+}
+
 /* Feeds tokens[0..n) at positions start.. of the sequence whose block table
- * is e->table. Without sp every position's logits land in out[n][vocab];
- * with sp the last position is sampled (u its uniform number) into *tok and
- * the earlier chunks produce no logits at all. */
+ * is e->table. With top every position's row goes to it as candidates;
+ * else without sp every position's logits land in out[n][vocab]; with sp
+ * the last position is sampled (u its uniform number) into *tok and the
+ * earlier chunks produce no logits at all. */
 static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, float *out,
-                      const cp_sample_params *sp, float u, int32_t *tok) {
+                      const cp_logit_top *top, const cp_sample_params *sp, float u, int32_t *tok) {
     const int T = cp_model_max_batch(e->model);
     const int vocab = cp_model_get_config(e->model)->n_vocab;
     for (int i0 = 0; i0 < n; i0 += T) {
@@ -183,7 +202,12 @@ static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, fl
             .max_blocks = e->max_blocks,
             .logit_rows = e->rows,
         };
-        if (!sp) {
+        if (top) {
+            for (int i = 0; i < k; i++) e->rows[i] = i;
+            b.n_logits = k;
+            const cp_logit_top v = top_from(top, i0, vocab);
+            CP_CHECK(cp_model_forward_top(e->model, e->kv, &b, &v));
+        } else if (!sp) {
             for (int i = 0; i < k; i++) e->rows[i] = i;
             b.n_logits = k;
             CP_CHECK(cp_model_forward(e->model, e->kv, &b, out + (size_t)i0 * vocab));
@@ -214,7 +238,18 @@ cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *l
         return CP_ERROR(CP_ERR_INVALID_ARG, "%d tokens do not fit the context of %d", n, e->n_ctx);
     int have = 0;
     cp_status st = ensure_blocks(e, &have, n);
-    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, NULL, 0, NULL);
+    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, NULL, NULL, 0, NULL);
+    cp_kv_cache_release_blocks(e->kv, e->table, have);
+    return st;
+}
+
+cp_status cp_engine_logit_top(cp_engine_t e, const int32_t *tokens, int n, const cp_logit_top *t) {
+    if (!t) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_engine_logit_top: NULL output");
+    if (n <= 0 || n > e->n_ctx)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "%d tokens do not fit the context of %d", n, e->n_ctx);
+    int have = 0;
+    cp_status st = ensure_blocks(e, &have, n);
+    if (st == CP_OK) st = feed(e, tokens, n, 0, NULL, t, NULL, 0, NULL);
     cp_kv_cache_release_blocks(e->kv, e->table, have);
     return st;
 }
@@ -240,7 +275,7 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
     double t0 = cp_time_now();
     CP_CHECK_GOTO(ensure_blocks(e, &have, n_prompt), st, done);
     int32_t tok;
-    CP_CHECK_GOTO(feed(e, prompt, n_prompt, 0, NULL, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
+    CP_CHECK_GOTO(feed(e, prompt, n_prompt, 0, NULL, NULL, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
     double t1 = cp_time_now();
     stats->prefill_s = t1 - t0;
     int pos = n_prompt;
@@ -269,7 +304,7 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
             break;
         }
         CP_CHECK_GOTO(ensure_blocks(e, &have, pos + 1), st, done);
-        CP_CHECK_GOTO(feed(e, &tok, 1, pos, NULL, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
+        CP_CHECK_GOTO(feed(e, &tok, 1, pos, NULL, NULL, &p->sample, cp_rng_uniform(&rng), &tok), st, done);
         pos++;
     }
     stats->decode_s = cp_time_now() - t1;

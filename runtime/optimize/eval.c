@@ -1,6 +1,9 @@
 /* eval.c - sliding-window perplexity, and KL divergence and top-1
- * agreement against a reference, computed in double precision from the
- * full logits of each window (cp_engine_logits). */
+ * agreement against a reference, computed in double precision. Against a
+ * reference from the full logits of each window (cp_engine_logits); alone
+ * from each row's log-sum-exp and the next token's logit
+ * (cp_engine_logit_top), so tensor-parallel ranks do not gather the
+ * vocabulary; on one rank both give the same bits. */
 #include "cp_eval.h"
 
 #include <math.h>
@@ -70,10 +73,15 @@ cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, si
                             (int)tokens[i], V);
 
     cp_status st = CP_OK;
-    float *zm = malloc((size_t)ctx * V * sizeof(float));
+    float *zm = ref ? malloc((size_t)ctx * V * sizeof(float)) : NULL;
     float *zr = ref ? malloc((size_t)ctx * V * sizeof(float)) : NULL;
     double *kl = ref ? malloc(n * sizeof(double)) : NULL;
-    if (!zm || (ref && (!zr || !kl))) {
+    /* alone: per row its best logit and id, log-sum-exp, next token's logit */
+    float *bv = malloc((size_t)ctx * sizeof(float)), *tl = malloc((size_t)ctx * sizeof(float));
+    int32_t *bi = malloc((size_t)ctx * sizeof(int32_t));
+    double *lse = malloc((size_t)ctx * sizeof(double));
+    uint8_t *need = malloc((size_t)ctx);
+    if ((ref && (!zm || !zr || !kl)) || !bv || !tl || !bi || !lse || !need) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory for the logits of a %d-token window (%d tokens "
                       "of vocabulary)", ctx, V);
         goto done;
@@ -85,26 +93,42 @@ cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, si
         size_t end = begin + (size_t)ctx < n ? begin + (size_t)ctx : n;
         size_t first = prev_end > begin + 1 ? prev_end : begin + 1;
         int len = (int)(end - begin);
-        CP_CHECK_GOTO(cp_engine_logits(m, tokens + begin, len, zm), st, done);
-        if (ref) CP_CHECK_GOTO(cp_engine_logits(ref, tokens + begin, len, zr), st, done);
+        if (ref) {
+            CP_CHECK_GOTO(cp_engine_logits(m, tokens + begin, len, zm), st, done);
+            CP_CHECK_GOTO(cp_engine_logits(ref, tokens + begin, len, zr), st, done);
+        } else {
+            /* row i predicts tokens[begin + i + 1]; the last row nothing */
+            for (int i = 0; i < len; i++) need[i] = i + 1 < len ? CP_TOP_LSE | CP_TOP_TARGET : 0;
+            const cp_logit_top top = {.k = 1,
+                                      .need = need,
+                                      .val = bv,
+                                      .id = bi,
+                                      .lse = lse,
+                                      .target = tokens + begin + 1,
+                                      .target_logit = tl};
+            CP_CHECK_GOTO(cp_engine_logit_top(m, tokens + begin, len, &top), st, done);
+        }
         for (size_t t = first; t < end; t++) {
             const size_t row = t - 1 - begin;
+            if (!ref) {
+                nll -= (double)tl[row] - lse[row];
+                scored++;
+                continue;
+            }
             const float *a = zm + row * (size_t)V;
             int am, ar;
             double lm = lse_argmax(a, V, &am);
             nll -= (double)a[tokens[t]] - lm;
-            if (ref) {
-                const float *b = zr + row * (size_t)V;
-                double lr = lse_argmax(b, V, &ar);
-                ref_nll -= (double)b[tokens[t]] - lr;
-                double d = 0;
-                for (int v = 0; v < V; v++) {
-                    double lpr = (double)b[v] - lr, lpm = (double)a[v] - lm;
-                    d += exp(lpr) * (lpr - lpm);
-                }
-                kl[scored] = d > 0 ? d : 0; /* rounding can leave -1e-17 */
-                agree += am == ar;
+            const float *b = zr + row * (size_t)V;
+            double lr = lse_argmax(b, V, &ar);
+            ref_nll -= (double)b[tokens[t]] - lr;
+            double d = 0;
+            for (int v = 0; v < V; v++) {
+                double lpr = (double)b[v] - lr, lpm = (double)a[v] - lm;
+                d += exp(lpr) * (lpr - lpm);
             }
+            kl[scored] = d > 0 ? d : 0; /* rounding can leave -1e-17 */
+            agree += am == ar;
             scored++;
         }
         out->n_windows++;
@@ -135,5 +159,10 @@ done:
     free(zm);
     free(zr);
     free(kl);
+    free(bv);
+    free(tl);
+    free(bi);
+    free(lse);
+    free(need);
     return st;
 }

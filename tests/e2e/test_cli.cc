@@ -495,6 +495,13 @@ TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
         const double ppl_f32 = json_number(one_f32.out, "ppl");
         EXPECT_NEAR(json_number(cp.out, "ppl"), ppl_f32, 1e-5 * ppl_f32) << cp.out;
         EXPECT_EQ(json_number(cp.out, "tokens"), 300) << cp.out;
+        // tensor parallelism: each rank passes its slice's log-sum-exp terms
+        // and the next token's logit, not its slice of the vocabulary
+        if (!mpirun(3).empty()) {
+            Result tp = run_mpi(3, args + " --convert f32 --tp 3");
+            ASSERT_EQ(tp.code, 0) << tp.err;
+            EXPECT_NEAR(json_number(tp.out, "ppl"), ppl_f32, 1e-5 * ppl_f32) << tp.out;
+        }
     }
     // a path with a quote and a backslash stays valid JSON
     std::string odd = ::testing::TempDir() + "eval_" + std::to_string(getpid()) + "_a\"b\\c.txt";

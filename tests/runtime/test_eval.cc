@@ -144,6 +144,12 @@ TEST(Eval, MatchesADirectComputation) {
         EXPECT_GT(res.kl_mean, 0.0);
         EXPECT_LT(res.kl_mean, 0.5);
         EXPECT_GT(res.top1, 0.6);
+        // alone the model is scored from each row's log-sum-exp and the next
+        // token's logit (cp_engine_logit_top): on one rank the same bits
+        cp_eval_result alone;
+        ASSERT_EQ(cp_eval_text(m.get(), nullptr, t.data(), t.size(), &o, &alone), CP_OK) << cp_last_error();
+        EXPECT_EQ(alone.n_scored, res.n_scored);
+        EXPECT_EQ(alone.nll, res.nll);
     }
 }
 
