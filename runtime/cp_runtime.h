@@ -103,7 +103,9 @@ cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,
                              cp_gen_stats *stats);
 
 /* Runs prompt[n] through the model and writes the logits of every position
- * to logits[n][n_vocab] (host memory), for evaluation and tests. */
+ * to logits[n][n_vocab] (host memory), for evaluation and tests. logits
+ * NULL: no logits at all (no LM head), for a pass that only feeds an
+ * activation observer (cp_model_set_observer). */
 cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *logits);
 
 /* Like cp_engine_logits, with every position's row as cp_logit_top (row i

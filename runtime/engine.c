@@ -182,7 +182,8 @@ static cp_logit_top top_from(const cp_logit_top *t, int i0, int vocab) {
 
 /* Feeds tokens[0..n) at positions start.. of the sequence whose block table
  * is e->table. With top every position's row goes to it as candidates;
- * else without sp every position's logits land in out[n][vocab]; with sp
+ * else without sp every position's logits land in out[n][vocab] (none
+ * when out is NULL); with sp
  * the last position is sampled (u its uniform number) into *tok and the
  * earlier chunks produce no logits at all. */
 static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, float *out,
@@ -207,10 +208,12 @@ static cp_status feed(cp_engine_t e, const int32_t *tokens, int n, int start, fl
             b.n_logits = k;
             const cp_logit_top v = top_from(top, i0, vocab);
             CP_CHECK(cp_model_forward_top(e->model, e->kv, &b, &v));
-        } else if (!sp) {
+        } else if (!sp && out) {
             for (int i = 0; i < k; i++) e->rows[i] = i;
             b.n_logits = k;
             CP_CHECK(cp_model_forward(e->model, e->kv, &b, out + (size_t)i0 * vocab));
+        } else if (!sp) {
+            CP_CHECK(cp_model_forward(e->model, e->kv, &b, NULL));
         } else if (i0 + k == n) {
             e->rows[0] = k - 1;
             b.n_logits = 1;

@@ -126,7 +126,6 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
     collector col = {.s = s, .prev_layer = -1, .whole = plan->tp_rank == 0};
     col.col0[CP_ACT_ATTN_OUT] = plan->head_begin * c->head_dim;
     col.col0[CP_ACT_FFN_ACT] = plan->ffn_begin;
-    float *logits = NULL;
     cp_status st = CP_OK;
     if (!s) return CP_ERROR(CP_ERR_OOM, "out of memory");
     s->n_layer = c->n_layer;
@@ -146,26 +145,20 @@ cp_status cp_act_stats_collect(cp_engine_t e, const int32_t *tokens, size_t n, i
             goto fail;
         }
     }
-    logits = malloc((size_t)ctx * (size_t)c->n_vocab * sizeof(float));
-    if (!logits) {
-        st = CP_ERROR(CP_ERR_OOM, "out of memory for calibration logits");
-        goto fail;
-    }
     CP_CHECK_GOTO(cp_model_set_observer(m, observe, &col), st, fail);
+    /* the activations only: no LM head */
     for (size_t b = 0; b < n && st == CP_OK; b += (size_t)ctx) {
         const int len = (int)(n - b < (size_t)ctx ? n - b : (size_t)ctx);
-        st = cp_engine_logits(e, tokens + b, len, logits);
+        st = cp_engine_logits(e, tokens + b, len, NULL);
     }
     cp_model_set_observer(m, NULL, NULL);
     free(col.prev);
     if (st == CP_OK) st = merge_ranks(cp_model_get_groups(m), s, &col.oom);
     if (st == CP_OK && col.oom) st = CP_ERROR(CP_ERR_OOM, "out of memory for the residual stream of a block");
     if (st != CP_OK) goto fail;
-    free(logits);
     *out = s;
     return CP_OK;
 fail:
-    free(logits);
     cp_act_stats_free(s);
     return st;
 }
