@@ -173,8 +173,8 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
  *    whose slice holds u's share of the mass, and that rank walks its slice
  *    in vocabulary order: the same distribution, but a different token for
  *    the same u than one rank's walk in order of probability;
- *  - a top-p or min-p cut beyond the candidates gathers the full rows of
- *    its chunk and samples them as one rank does.
+ *  - a top-p, min-p or top-k cut beyond the candidates gathers those rows'
+ *    logits and samples them as one rank does.
  * Every rank gets the tokens. */
 cp_status cp_model_forward_sample(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b,
                                   const cp_sample_params *sp, const float *u, int32_t *tokens);

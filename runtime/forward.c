@@ -967,8 +967,8 @@ cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_pa
  * exp at their temperature and are sampled from what every rank then
  * holds alike (cand_pick), so every rank takes the same decisions: the
  * candidates settle most rows; plain temperature sampling beyond them
- * takes one more all-gather of a token per row (split_pick); a top-p or
- * min-p cut beyond them gathers the chunk's full rows. A chunk with a
+ * takes one more all-gather of a token per row (split_pick); a top-p,
+ * min-p or top-k cut beyond them gathers those rows' logits. A chunk with a
  * CP_TOP_FULL row gathers its full rows at once (lm_head_rows) and every
  * rank searches them as one rank would. */
 
