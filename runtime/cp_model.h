@@ -226,6 +226,13 @@ typedef struct cp_logit_top {
  * needs the whole row: CP_ERR_INVALID_ARG. */
 cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_params *sp, float u, int32_t *tok);
 
+/* The candidates a row sampled with sp needs: 1 for greedy, top_k + 1 for
+ * a top-k below the vocabulary and CP_MODEL_MAX_TOP (one more shows a tie
+ * at the boundary; cp_logit_top_sample takes it from them), else
+ * min(vocabulary, CP_MODEL_MAX_TOP) with *sample set: the choice may reach
+ * beyond the candidates, so the forward pass makes it (CP_TOP_SAMPLE). */
+int cp_logit_top_want(const cp_sample_params *sp, int vocab, bool *sample);
+
 /* Like cp_model_forward, with the requested rows as cp_logit_top. */
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out);
 

@@ -236,25 +236,25 @@ static cp_status ensure_blocks(cp_engine_t e, int *have, int n_pos) {
     return CP_OK;
 }
 
-cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *logits) {
+/* One window of n positions from position 0, its blocks released after:
+ * logits or top as feed takes them. */
+static cp_status window(cp_engine_t e, const int32_t *tokens, int n, float *logits, const cp_logit_top *top) {
     if (n <= 0 || n > e->n_ctx)
         return CP_ERROR(CP_ERR_INVALID_ARG, "%d tokens do not fit the context of %d", n, e->n_ctx);
     int have = 0;
     cp_status st = ensure_blocks(e, &have, n);
-    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, NULL, NULL, 0, NULL);
+    if (st == CP_OK) st = feed(e, tokens, n, 0, logits, top, NULL, 0, NULL);
     cp_kv_cache_release_blocks(e->kv, e->table, have);
     return st;
 }
 
+cp_status cp_engine_logits(cp_engine_t e, const int32_t *tokens, int n, float *logits) {
+    return window(e, tokens, n, logits, NULL);
+}
+
 cp_status cp_engine_logit_top(cp_engine_t e, const int32_t *tokens, int n, const cp_logit_top *t) {
     if (!t) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_engine_logit_top: NULL output");
-    if (n <= 0 || n > e->n_ctx)
-        return CP_ERROR(CP_ERR_INVALID_ARG, "%d tokens do not fit the context of %d", n, e->n_ctx);
-    int have = 0;
-    cp_status st = ensure_blocks(e, &have, n);
-    if (st == CP_OK) st = feed(e, tokens, n, 0, NULL, t, NULL, 0, NULL);
-    cp_kv_cache_release_blocks(e->kv, e->table, have);
-    return st;
+    return window(e, tokens, n, NULL, t);
 }
 
 cp_status cp_engine_generate(cp_engine_t e, const int32_t *prompt, int n_prompt,

@@ -887,11 +887,8 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
         }
         return CP_OK;
     }
-    int k = CP_MODEL_MAX_TOP < vocab ? CP_MODEL_MAX_TOP : vocab;
-    if (!(sp->temperature > 0))
-        k = 1;
-    else if (sp->top_k > 0 && sp->top_k < vocab && sp->top_k < CP_MODEL_MAX_TOP)
-        k = sp->top_k + 1;
+    bool beyond; /* unused: top_rows samples every row here, as CP_TOP_SAMPLE */
+    const int k = cp_logit_top_want(sp, vocab, &beyond);
     const size_t nk = (size_t)n * (size_t)k;
     if (nk > m->cand_cap || (size_t)n > m->cand_rows) {
         const size_t ck = nk > m->cand_cap ? nk : m->cand_cap;
@@ -927,6 +924,14 @@ static cp_status sample_rows(cp_model_t m, int n, const row_sampler *rs, int row
                             .tok = rs->out + row0,
                             .tok_logit = m->cand_logit};
     return top_rows(m, n, &t, 0, false);
+}
+
+int cp_logit_top_want(const cp_sample_params *sp, int vocab, bool *sample) {
+    *sample = false;
+    if (!(sp->temperature > 0)) return 1;
+    if (sp->top_k > 0 && sp->top_k < vocab && sp->top_k < CP_MODEL_MAX_TOP) return sp->top_k + 1;
+    *sample = true;
+    return vocab < CP_MODEL_MAX_TOP ? vocab : CP_MODEL_MAX_TOP;
 }
 
 cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_params *sp, float u, int32_t *tok) {
@@ -973,6 +978,10 @@ cp_status cp_logit_top_sample(const cp_logit_top *t, int row, const cp_sample_pa
  * rank searches them as one rank would. */
 
 #define TOP_WORDS(k) CP_TOP_WORDS(k)
+/* where a row's words after its k logits and k ids begin (CP_TOP_WORDS) */
+#define PACK_LSE(k) (2 * (k))        /* (max, sum) at temperature 1 */
+#define PACK_TEMP(k) (2 * (k) + 4)   /* (max, sum) at the row's temperature */
+#define PACK_TARGET(k) (2 * (k) + 8) /* the target's logit, NaN off this slice */
 
 static uint8_t top_need(const cp_logit_top *top, int row) {
     return top->need ? top->need[row] : 0;
@@ -1008,6 +1017,13 @@ static void slice_exp_sum_t(const float *row, int n, float t, float *mx, double 
  * lower id. */
 static bool top_before(float va, int32_t ia, float vb, int32_t ib) {
     return va > vb || (va == vb && ia < ib);
+}
+
+/* Writes a (max, sum) pair at p: f32, a zero pad word, f64. */
+static void pack_put_sum(int32_t *p, float mx, double se) {
+    memcpy(p, &mx, sizeof mx);
+    p[1] = 0;
+    memcpy(p + 2, &se, sizeof se);
 }
 
 /* The (max, sum) pair at word w of row j of rank r's pack. */
@@ -1068,7 +1084,7 @@ static void top_merge(const int32_t *all, int tp, int kr, int j, int k, float *v
     if (!lse) return;
     double mass[CP_MAX_TP];
     float M;
-    const double S = rank_masses(all, tp, kr, j, k, 2 * k, mass, &M);
+    const double S = rank_masses(all, tp, kr, j, k, PACK_LSE(k), mass, &M);
     *lse = M + log(S);
 }
 
@@ -1165,7 +1181,7 @@ static int split_pick(cp_model_t m, const int32_t *all, int kr, int j, int k, co
     const int tp = m->plan.tp, me = m->plan.tp_rank;
     double mass[CP_MAX_TP];
     float M;
-    const double S = rank_masses(all, tp, kr, j, k, 2 * k + 4, mass, &M);
+    const double S = rank_masses(all, tp, kr, j, k, PACK_TEMP(k), mass, &M);
     const double target = (double)u * S;
     double before = 0.0;
     int owner = -1;
@@ -1179,7 +1195,7 @@ static int split_pick(cp_model_t m, const int32_t *all, int kr, int j, int k, co
     /* the share in the slice's own scale, walked over the same terms */
     float mx;
     double se;
-    pack_sum(all, kr, me, j, k, 2 * k + 4, &mx, &se);
+    pack_sum(all, kr, me, j, k, PACK_TEMP(k), &mx, &se);
     const double goal = (target - before) / exp((double)mx - M);
     double cum = 0.0;
     int pick = -1;
@@ -1206,10 +1222,6 @@ static cp_status sample_full(cp_model_t m, const float *row, const cp_sample_par
         CP_CHECK(cp_sample_host(row, 1, vocab, sp, &u, tok));
     *logit = row[*tok];
     return CP_OK;
-}
-
-static void set_logit(const cp_logit_top *top, int r, float v) {
-    top->tok_logit[r] = v;
 }
 
 /* The candidates (and full rows, log-sum-exps, sampled tokens) of the n
@@ -1246,11 +1258,8 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
                 if (top_need(top, r) & CP_TOP_FULL)
                     memcpy(top->logits + (size_t)r * vocab, row, (size_t)vocab * sizeof(float));
                 if (top_need(top, r) & CP_TOP_TARGET) top->target_logit[r] = row[top->target[r]];
-                if (top_need(top, r) & CP_TOP_SAMPLE) {
-                    float lg;
-                    CP_CHECK(sample_full(m, row, &top->sp[r], top->u[r], &top->tok[r], &lg));
-                    set_logit(top, r, lg);
-                }
+                if (top_need(top, r) & CP_TOP_SAMPLE)
+                    CP_CHECK(sample_full(m, row, &top->sp[r], top->u[r], &top->tok[r], &top->tok_logit[r]));
             }
             continue;
         }
@@ -1273,16 +1282,12 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
             if (top_need(top, r) & CP_TOP_LSE) slice_exp_sum(rows + (size_t)j * vl, vl, &mx, &se);
             if ((top_need(top, r) & CP_TOP_SAMPLE) && top->sp[r].temperature > 0)
                 slice_exp_sum_t(rows + (size_t)j * vl, vl, top->sp[r].temperature, &mt, &st);
-            memcpy(p + 2 * k, &mx, sizeof mx);
-            p[2 * k + 1] = 0;
-            memcpy(p + 2 * k + 2, &se, sizeof se);
-            memcpy(p + 2 * k + 4, &mt, sizeof mt);
-            p[2 * k + 5] = 0;
-            memcpy(p + 2 * k + 6, &st, sizeof st);
+            pack_put_sum(p + PACK_LSE(k), mx, se);
+            pack_put_sum(p + PACK_TEMP(k), mt, st);
             float tl = NAN;
             const int32_t want = (top_need(top, r) & CP_TOP_TARGET) ? top->target[r] - m->plan.vocab_begin : -1;
             if (want >= 0 && want < vl) tl = rows[(size_t)j * vl + want];
-            memcpy(p + 2 * k + 8, &tl, sizeof tl);
+            memcpy(p + PACK_TARGET(k), &tl, sizeof tl);
         }
         CP_CHECK(cp_comm_allgather(m->tp_comm, pack, all, (size_t)kr * w, CP_DTYPE_I32, NULL));
         /* every rank merges and decides alike */
@@ -1301,7 +1306,7 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
                     cp_plan_split(vocab, tp, q, 1, &b0, &b1);
                     if (top->target[r] < b1) break;
                 }
-                memcpy(&top->target_logit[r], all + ((size_t)(q < tp ? q : tp - 1) * kr + j) * w + 2 * k + 8,
+                memcpy(&top->target_logit[r], all + ((size_t)(q < tp ? q : tp - 1) * kr + j) * w + PACK_TARGET(k),
                        sizeof(float));
             }
             if (!(need & CP_TOP_SAMPLE)) continue;
@@ -1309,12 +1314,12 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
             if (top->sp[r].temperature > 0) {
                 double mass[CP_MAX_TP];
                 float M;
-                total = rank_masses(all, tp, kr, j, k, 2 * k + 4, mass, &M);
+                total = rank_masses(all, tp, kr, j, k, PACK_TEMP(k), mass, &M);
             }
             float lg = NAN;
             how[j] = (uint8_t)cand_pick(top->val + (size_t)r * k, top->id + (size_t)r * k, k, vocab, total,
                                         &top->sp[r], top->u[r], &top->tok[r], &lg);
-            if (how[j] == PICK_DONE) set_logit(top, r, lg);
+            if (how[j] == PICK_DONE) top->tok_logit[r] = lg;
             m->stats.sampled_from_candidates += how[j] == PICK_DONE;
             m->stats.sampled_by_owner += how[j] == PICK_SPLIT;
             m->stats.sampled_from_full_rows += how[j] == PICK_FULL;
@@ -1348,7 +1353,7 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
                     float lg;
                     memcpy(&lg, &p[1], sizeof lg);
                     top->tok[r] = p[0];
-                    set_logit(top, r, lg);
+                    top->tok_logit[r] = lg;
                 }
                 if (top->tok[r] < 0)
                     return CP_ERROR(CP_ERR_INTERNAL, "no tensor parallel rank sampled logit row %d", r);
@@ -1367,9 +1372,8 @@ static cp_status top_rows(cp_model_t m, int n, const cp_logit_top *top, int row0
             CP_CHECK(gather_slices(m, m->full, nf, m->full));
             for (int f = 0; f < nf; f++) {
                 const int r = row0 + i + which[f];
-                float lg;
-                CP_CHECK(sample_full(m, m->full + (size_t)f * vocab, &top->sp[r], top->u[r], &top->tok[r], &lg));
-                set_logit(top, r, lg);
+                CP_CHECK(sample_full(m, m->full + (size_t)f * vocab, &top->sp[r], top->u[r], &top->tok[r],
+                                     &top->tok_logit[r]));
             }
         }
     }
@@ -1560,24 +1564,23 @@ cp_status cp_model_forward(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, fl
     return CP_OK;
 }
 
-/* The outputs of cp_model_forward_top for b; *any_full: a row wants its
- * full logits; *any_sample: the model samples a row; *any_target: a row
- * wants a given token's logit. */
-static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, int vocab, bool *any_full,
-                           bool *any_sample, bool *any_target) {
+/* The CP_TOP_* bits any of b's logit rows asks for. */
+static uint8_t needs_of(const cp_batch *b, const cp_logit_top *out) {
+    uint8_t any = 0;
+    for (int i = 0; out->need && i < b->n_logits; i++) any |= out->need[i];
+    return any;
+}
+
+/* The outputs of cp_model_forward_top for b, which asks for `any`
+ * (needs_of). */
+static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const char *fn, int vocab, uint8_t any) {
     if (out->k < 1 || out->k > CP_MODEL_MAX_TOP)
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s: k = %d is outside 1..%d", fn, out->k, CP_MODEL_MAX_TOP);
-    *any_full = *any_sample = *any_target = false;
-    for (int i = 0; out->need && i < b->n_logits; i++) {
-        *any_full |= (out->need[i] & CP_TOP_FULL) != 0;
-        *any_sample |= (out->need[i] & CP_TOP_SAMPLE) != 0;
-        *any_target |= (out->need[i] & CP_TOP_TARGET) != 0;
-    }
-    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || (*any_full && !out->logits) ||
-                            (*any_sample && (!out->sp || !out->u || !out->tok || !out->tok_logit)) ||
-                            (*any_target && (!out->target || !out->target_logit))))
+    if (b->n_logits > 0 && (!out->val || !out->id || !out->lse || ((any & CP_TOP_FULL) && !out->logits) ||
+                            ((any & CP_TOP_SAMPLE) && (!out->sp || !out->u || !out->tok || !out->tok_logit)) ||
+                            ((any & CP_TOP_TARGET) && (!out->target || !out->target_logit))))
         return CP_ERROR(CP_ERR_INVALID_ARG, "%s: NULL output buffer", fn);
-    for (int i = 0; *any_target && i < b->n_logits; i++)
+    for (int i = 0; (any & CP_TOP_TARGET) && i < b->n_logits; i++)
         if ((out->need[i] & CP_TOP_TARGET) && (out->target[i] < 0 || out->target[i] >= vocab))
             return CP_ERROR(CP_ERR_INVALID_ARG, "%s: target token %d of logit row %d is outside the vocabulary of %d",
                             fn, out->target[i], i, vocab);
@@ -1586,8 +1589,8 @@ static cp_status check_top(const cp_batch *b, const cp_logit_top *out, const cha
 
 cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, const cp_logit_top *out) {
     if (!out || !b) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_top: NULL argument");
-    bool any_full = false, any_sample = false, any_target = false;
-    CP_CHECK(check_top(b, out, "cp_model_forward_top", m->cfg.n_vocab, &any_full, &any_sample, &any_target));
+    const uint8_t any = needs_of(b, out);
+    CP_CHECK(check_top(b, out, "cp_model_forward_top", m->cfg.n_vocab, any));
     row_sampler rs = {.top = out};
     CP_CHECK(run_forward(m, kv, b, NULL, &rs));
     /* the last stage has the candidates; every stage gets them */
@@ -1597,15 +1600,15 @@ cp_status cp_model_forward_top(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b
         CP_CHECK(cp_comm_bcast(m->pp_comm, out->val, n, CP_DTYPE_F32, root, NULL));
         CP_CHECK(cp_comm_bcast(m->pp_comm, out->id, n, CP_DTYPE_I32, root, NULL));
         CP_CHECK(cp_comm_bcast(m->pp_comm, out->lse, (size_t)b->n_logits, CP_DTYPE_F64, root, NULL));
-        for (int i = 0; any_full && i < b->n_logits; i++)
+        for (int i = 0; (any & CP_TOP_FULL) && i < b->n_logits; i++)
             if (out->need[i] & CP_TOP_FULL)
                 CP_CHECK(cp_comm_bcast(m->pp_comm, out->logits + (size_t)i * m->cfg.n_vocab,
                                        (size_t)m->cfg.n_vocab, CP_DTYPE_F32, root, NULL));
-        if (any_sample) {
+        if (any & CP_TOP_SAMPLE) {
             CP_CHECK(cp_comm_bcast(m->pp_comm, out->tok, (size_t)b->n_logits, CP_DTYPE_I32, root, NULL));
             CP_CHECK(cp_comm_bcast(m->pp_comm, out->tok_logit, (size_t)b->n_logits, CP_DTYPE_F32, root, NULL));
         }
-        if (any_target)
+        if (any & CP_TOP_TARGET)
             CP_CHECK(cp_comm_bcast(m->pp_comm, out->target_logit, (size_t)b->n_logits, CP_DTYPE_F32, root, NULL));
     }
     return CP_OK;
@@ -1620,12 +1623,10 @@ cp_status cp_model_forward_stage(cp_model_t m, cp_kv_cache_t kv, const cp_batch 
                         b->n_tok, m->max_batch);
     if (m->held)
         return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: the previous step's output was not sent");
-    for (int i = 0; out->need && i < b->n_logits; i++)
-        if (out->need[i] & CP_TOP_TARGET)
-            return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: pipelined steps do not pass target logits on");
-    bool any_full = false, any_sample = false, any_target = false;
-    if (m->plan.last_stage)
-        CP_CHECK(check_top(b, out, "cp_model_forward_stage", m->cfg.n_vocab, &any_full, &any_sample, &any_target));
+    const uint8_t any = needs_of(b, out);
+    if (any & CP_TOP_TARGET)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_model_forward_stage: pipelined steps do not pass target logits on");
+    if (m->plan.last_stage) CP_CHECK(check_top(b, out, "cp_model_forward_stage", m->cfg.n_vocab, any));
     row_sampler rs = {.top = out};
     m->stage_only = true;
     cp_status st = run_forward(m, kv, b, NULL, &rs);

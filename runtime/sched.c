@@ -486,17 +486,9 @@ static void add_text(cp_sched_t s, req *r, int32_t tok) {
 
 /* What row r needs of the forward pass, and how many candidates. */
 static uint8_t row_need(const req *r, int V, int *k) {
-    const cp_sample_params *sp = &r->sample;
-    uint8_t need = 0;
-    int want = 1;
-    if (sp->temperature > 0) {
-        if (sp->top_k > 0 && sp->top_k < V && sp->top_k < CP_MODEL_MAX_TOP) {
-            want = sp->top_k + 1; /* one more shows a tie at the boundary */
-        } else {
-            need |= CP_TOP_SAMPLE;
-            want = V < CP_MODEL_MAX_TOP ? V : CP_MODEL_MAX_TOP;
-        }
-    }
+    bool beyond;
+    int want = cp_logit_top_want(&r->sample, V, &beyond);
+    uint8_t need = beyond ? CP_TOP_SAMPLE : 0;
     if (r->top_logprobs >= 0) {
         need |= CP_TOP_LSE;
         if (r->top_logprobs > want) want = r->top_logprobs;
@@ -598,7 +590,6 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
     s->forward = o->forward;
     s->finish = o->finish;
     s->idle = o->idle;
-
     s->hook_user = o->hook_user;
     s->lru_head = s->lru_tail = -1;
     s->next_id = 1;
@@ -649,8 +640,9 @@ cp_status cp_sched_init(cp_engine_t e, const cp_sched_opts *o, cp_sched_t *out) 
         f->b.block_tables = calloc(R * (size_t)s->max_blocks, sizeof(int32_t));
         f->b.logit_rows = malloc(R * sizeof(int32_t));
         f->b.max_blocks = s->max_blocks;
-        fl_ok = fl_ok && f->rows && f->take && f->sample && f->top_val && f->top_id && f->top_lse && f->need && f->sp && f->u && f->tok && f->tok_logit && f->b.tokens &&
-                f->b.pos && f->b.seq && f->b.block_tables && f->b.logit_rows;
+        fl_ok = fl_ok && f->rows && f->take && f->sample && f->top_val && f->top_id && f->top_lse && f->need &&
+                f->sp && f->u && f->tok && f->tok_logit && f->b.tokens && f->b.pos && f->b.seq &&
+                f->b.block_tables && f->b.logit_rows;
     }
     s->bhash = calloc(NB, sizeof(uint64_t));
     s->bparent = calloc(NB, sizeof(uint64_t));
