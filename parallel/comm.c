@@ -154,6 +154,10 @@ static cp_status check_usable(cp_comm_t c, const char *op) {
                         "report the failure and restart the job",
                         op, c->label, c->rank, c->size,
                         c->broken == CP_ERR_TIMEOUT ? "timeout" : "error or abort");
+    if (c->sr_pending)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "%s on %s (rank %d of %d): a sendrecv is in flight; call cp_comm_sendrecv_wait first", op,
+                        c->label, c->rank, c->size);
     return CP_OK;
 }
 
@@ -238,7 +242,7 @@ void cp_comm_reset_stats(cp_comm_t c) {
 const char *cp_comm_op_name(cp_comm_op op) {
     static const char *const names[CP_COMM_OP_COUNT] = {
         "all_reduce", "all_gather", "all_gatherv", "reduce_scatter",
-        "broadcast",  "send",       "recv",        "barrier",
+        "broadcast",  "send",       "recv",        "barrier",    "sendrecv",
     };
     return (int)op >= 0 && op < CP_COMM_OP_COUNT ? names[op] : "?";
 }
@@ -382,6 +386,36 @@ cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int pe
     return st;
 }
 
+cp_status cp_comm_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src,
+                                 size_t count, cp_dtype dt, void *stream) {
+    const char *op = "sendrecv";
+    CP_CHECK(check_usable(c, op));
+    CP_CHECK(check_dtype(c, op, dt, false));
+    CP_CHECK(check_count(c, op, count, 1, dt));
+    CP_CHECK(check_ptr(c, op, send, count, "send"));
+    CP_CHECK(check_ptr(c, op, recv, count, "recv"));
+    CP_CHECK(check_rank(c, op, dst, "destination"));
+    CP_CHECK(check_rank(c, op, src, "source"));
+    double t0 = cp_time_now();
+    cp_status st = c->iface->sendrecv_start(c, send, dst, recv, src, count * movable_size(dt), stream);
+    count_call(c, CP_COMM_OP_SENDRECV, count * movable_size(dt), t0);
+    c->sr_pending = st == CP_OK;
+    return st;
+}
+
+cp_status cp_comm_sendrecv_wait(cp_comm_t c, void *stream) {
+    if (!c) return CP_ERROR(CP_ERR_INVALID_ARG, "sendrecv wait: communicator is NULL");
+    if (!c->sr_pending)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "sendrecv wait on %s (rank %d of %d): no sendrecv is in flight",
+                        c->label, c->rank, c->size);
+    c->sr_pending = false;
+    CP_CHECK(check_usable(c, "sendrecv"));
+    double t0 = cp_time_now();
+    cp_status st = c->iface->sendrecv_wait(c, stream);
+    stats_of(c)->seconds[CP_COMM_OP_SENDRECV] += cp_time_now() - t0;
+    return st;
+}
+
 cp_status cp_comm_barrier(cp_comm_t c) {
     CP_CHECK(check_usable(c, "barrier"));
     c->seq++;
@@ -412,6 +446,9 @@ void cp_comm_abort(cp_comm_t c, int code) {
 
 void cp_comm_free(cp_comm_t c) {
     if (!c) return;
+    /* a transfer still in flight finishes (or times out) before the buffers
+     * it borrows can go; an error here was the caller's to see */
+    if (c->sr_pending) cp_comm_sendrecv_wait(c, NULL);
     bool holds_mpi = c->holds_mpi, broken = c->broken != CP_OK;
     c->iface->free(c);
     cp_comm_handle_delete(c);

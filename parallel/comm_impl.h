@@ -30,6 +30,10 @@ struct cp_comm_i {
                       void *stream);
     cp_status (*recv)(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int peer, void *stream);
     cp_status (*barrier)(cp_comm_t c);
+    /* bytes each way; dst/src checked, may be this rank */
+    cp_status (*sendrecv_start)(cp_comm_t c, const void *send, int dst, void *recv, int src, size_t bytes,
+                                void *stream);
+    cp_status (*sendrecv_wait)(cp_comm_t c, void *stream);
     void (*abort)(cp_comm_t c, int code);
     void (*free)(cp_comm_t c); /* releases impl only; comm.c frees the handle */
 };
@@ -44,6 +48,7 @@ struct cp_comm {
                          a transport error, cp_comm_abort) */
     bool is_world;
     bool holds_mpi; /* SELF world that must release the MPI environment */
+    bool sr_pending; /* a sendrecv was started and not yet waited for */
     uint64_t seq;   /* collective calls made so far (diagnostics) */
     char label[48]; /* "world", "split(color=3)": used in messages */
     void *impl;     /* backend state */

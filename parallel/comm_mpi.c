@@ -48,11 +48,13 @@ enum coll_op {
     OP_SPLIT,
     OP_SEND,
     OP_RECV,
+    OP_SENDRECV,
     OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {"all_reduce",     "all_gather", "all_gatherv",
                                                "reduce_scatter", "broadcast",  "barrier",
-                                               "split",          "send",       "recv"};
+                                               "split",          "send",       "recv",
+                                               "sendrecv"};
 
 /* One tag per message kind; between two ranks, messages with one tag match
  * in the order they were sent, and both sides run the same sequence of
@@ -66,7 +68,15 @@ enum {
     TAG_SPLIT,
     TAG_P2P,
     TAG_DIAG,
+    TAG_SHIFT,
 };
+
+typedef struct reqset {
+    MPI_Request req[MAX_REQS];
+    int peer[MAX_REQS];
+    bool is_recv[MAX_REQS];
+    int n;
+} reqset;
 
 typedef struct mpi_comm {
     MPI_Comm comm;
@@ -76,14 +86,8 @@ typedef struct mpi_comm {
     void *ws;                  /* workspace, grown on demand, reused across calls */
     size_t ws_bytes;
     int diag_out[DIAG_INTS]; /* outgoing timeout report (MPI may read it late) */
+    reqset sr;               /* the sendrecv in flight */
 } mpi_comm;
-
-typedef struct reqset {
-    MPI_Request req[MAX_REQS];
-    int peer[MAX_REQS];
-    bool is_recv[MAX_REQS];
-    int n;
-} reqset;
 
 typedef struct opctx {
     cp_comm_t c;
@@ -353,7 +357,8 @@ static cp_status timed_out(opctx *o, reqset *rs) {
 
     culprit cul[DIAG_MAX_WAIT];
     int nc;
-    if (o->op == OP_SEND || o->op == OP_RECV) {
+    const bool p2p = o->op == OP_SEND || o->op == OP_RECV || o->op == OP_SENDRECV;
+    if (p2p) {
         nc = 0;
         for (int i = 0; i < nw && nc < DIAG_MAX_WAIT; i++)
             cul[nc++] = (culprit){waiting[i], CUL_DIRECT, 0, 0};
@@ -374,9 +379,9 @@ static cp_status timed_out(opctx *o, reqset *rs) {
                  "in different orders, or it gave up after its own timeout",
                  cul[0].rank, op_names[cul[0].op], cul[0].seq, op_names[o->op],
                  (int)(c->seq & 0x7fffffff));
-    } else if (nc > 0 && (o->op == OP_SEND || o->op == OP_RECV)) {
+    } else if (nc > 0 && p2p) {
         snprintf(why, sizeof(why), "; it did not post the matching %s",
-                 o->op == OP_SEND ? "receive" : "send");
+                 o->op == OP_SEND ? "receive" : (o->op == OP_RECV ? "send" : "sendrecv"));
     } else if (nc > 0 && cul[0].kind == CUL_SILENT) {
         bool direct = false;
         for (int i = 0; i < nw; i++)
@@ -757,6 +762,29 @@ static cp_status mpi_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int
     return wait_all(&o, &rs);
 }
 
+/* Both directions are posted, and one test gives the progress engine a
+ * chance to match them before the caller goes off to compute. */
+static cp_status mpi_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src, size_t bytes,
+                                    void *stream) {
+    (void)stream;
+    opctx o = begin(c, OP_SENDRECV);
+    reqset *rs = &o.m->sr;
+    rs->n = 0;
+    CP_CHECK(post(&o, rs, true, recv, bytes, src, TAG_SHIFT));
+    CP_CHECK(post(&o, rs, false, send, bytes, dst, TAG_SHIFT));
+    int done = 0;
+    int rc = MPI_Testall(rs->n, rs->req, &done, MPI_STATUSES_IGNORE);
+    if (rc != MPI_SUCCESS) return op_error(&o, rc, "MPI_Testall");
+    if (done) rs->n = 0;
+    return CP_OK;
+}
+
+static cp_status mpi_sendrecv_wait(cp_comm_t c, void *stream) {
+    (void)stream;
+    opctx o = begin(c, OP_SENDRECV);
+    return wait_all(&o, &o.m->sr);
+}
+
 static void mpi_abort(cp_comm_t c, int code) {
     (void)c;
     MPI_Abort(MPI_COMM_WORLD, code);
@@ -805,6 +833,8 @@ static const struct cp_comm_i mpi_iface = {
     /* .send           = */ mpi_send,
     /* .recv           = */ mpi_recv,
     /* .barrier        = */ mpi_barrier,
+    /* .sendrecv_start = */ mpi_sendrecv_start,
+    /* .sendrecv_wait  = */ mpi_sendrecv_wait,
     /* .abort          = */ mpi_abort,
     /* .free           = */ mpi_free,
 };

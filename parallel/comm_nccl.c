@@ -200,6 +200,25 @@ static cp_status nc_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int 
     return finish(c, "recv", "ncclRecv", r, s, dl, false);
 }
 
+/* Both directions in one group on the stream; the wait is that of any
+ * enqueued operation (finish), its deadline counted from the wait. */
+static cp_status nc_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src, size_t bytes,
+                                   void *stream) {
+    nccl_comm *nc = c->impl;
+    cudaStream_t s = (cudaStream_t)stream;
+    ncclResult_t r = ncclGroupStart();
+    if (r == ncclSuccess) r = ncclSend(send, bytes, ncclInt8, dst, nc->comm, s);
+    if (r == ncclSuccess) r = ncclRecv(recv, bytes, ncclInt8, src, nc->comm, s);
+    ncclResult_t e = ncclGroupEnd();
+    if (r == ncclSuccess) r = e;
+    if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(c, "sendrecv", "ncclSend/ncclRecv", r);
+    return CP_OK;
+}
+
+static cp_status nc_sendrecv_wait(cp_comm_t c, void *stream) {
+    return finish(c, "sendrecv", "ncclGroupEnd", ncclSuccess, (cudaStream_t)stream, deadline_of(c), false);
+}
+
 /* A one-element all-reduce on a private stream, waited for on the host. */
 static cp_status nc_barrier(cp_comm_t c) {
     nccl_comm *nc = c->impl;
@@ -260,6 +279,8 @@ static const struct cp_comm_i nccl_iface = {
     /* .send           = */ nc_send,
     /* .recv           = */ nc_recv,
     /* .barrier        = */ nc_barrier,
+    /* .sendrecv_start = */ nc_sendrecv_start,
+    /* .sendrecv_wait  = */ nc_sendrecv_wait,
     /* .abort          = */ nc_abort,
     /* .free           = */ nc_free,
 };

@@ -89,6 +89,23 @@ static cp_status self_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, in
                     c->label, peer);
 }
 
+/* dst and src are 0 here (comm.c checked them): a copy. */
+static cp_status self_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src, size_t bytes,
+                                     void *stream) {
+    (void)c;
+    (void)dst;
+    (void)src;
+    (void)stream;
+    copy(recv, send, bytes);
+    return CP_OK;
+}
+
+static cp_status self_sendrecv_wait(cp_comm_t c, void *stream) {
+    (void)c;
+    (void)stream;
+    return CP_OK;
+}
+
 static cp_status self_barrier(cp_comm_t c) {
     (void)c;
     return CP_OK;
@@ -115,6 +132,8 @@ static const struct cp_comm_i self_iface = {
     /* .send           = */ self_send,
     /* .recv           = */ self_recv,
     /* .barrier        = */ self_barrier,
+    /* .sendrecv_start = */ self_sendrecv_start,
+    /* .sendrecv_wait  = */ self_sendrecv_wait,
     /* .abort          = */ self_abort,
     /* .free           = */ self_free,
 };

@@ -41,7 +41,8 @@ typedef enum cp_reduce_op {
  * same order, with matching arguments): cp_comm_init_world, cp_comm_split,
  * cp_comm_allreduce, cp_comm_allgather, cp_comm_allgatherv,
  * cp_comm_reduce_scatter, cp_comm_bcast, cp_comm_barrier, cp_comm_free.
- * cp_comm_send / cp_comm_recv involve two ranks; cp_comm_abort one.
+ * cp_comm_send / cp_comm_recv and the sendrecv pair involve two ranks each;
+ * cp_comm_abort one.
  *
  * Buffers are borrowed for the call only and must be memory of the
  * communicator's kind: host memory for SELF and MPI, device memory of the
@@ -137,6 +138,22 @@ cp_status cp_comm_send(cp_comm_t c, const void *buf, size_t count, cp_dtype dt, 
                        void *stream);
 cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int peer, void *stream);
 
+/* A shift between two ranks, started now and finished by
+ * cp_comm_sendrecv_wait: count elements of send go to rank dst while count
+ * elements from rank src arrive in recv (a ring step: dst = rank + 1, src =
+ * rank - 1). dst and src may be this rank (a local copy, done at once).
+ * Both ranks of each pair must post it; unlike cp_comm_send/recv no
+ * ordering is needed, as both directions are posted before either is
+ * waited for. Work done between the two calls overlaps the transfer: NCCL
+ * runs it on the stream; MPI moves what its progress engine moves between
+ * calls, the rest when waited for. One sendrecv per communicator may be in
+ * flight, and no other call on c may come between start and wait; the
+ * buffers are borrowed until the wait returns. The deadline is counted from
+ * the wait. */
+cp_status cp_comm_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src,
+                                 size_t count, cp_dtype dt, void *stream);
+cp_status cp_comm_sendrecv_wait(cp_comm_t c, void *stream);
+
 /* Returns once every rank of c has called it (or the deadline passed). */
 cp_status cp_comm_barrier(cp_comm_t c);
 
@@ -146,12 +163,13 @@ cp_status cp_comm_barrier(cp_comm_t c);
  * bytes this rank passed to them and the wall time spent inside them. Bytes
  * are element count x element size of the operation's full vector: count
  * for all-reduce, broadcast, send and recv (the root of a broadcast and its
- * receivers count the same); the whole gathered buffer for all-gather
- * (size x count_per_rank) and all-gatherv (sum of counts); the whole input
- * for reduce-scatter (size x count_per_rank); 0 for barrier. They describe
- * what the algorithm asks to move, not the traffic a backend's algorithm
- * puts on the wire (a ring all-reduce sends about 2 (size-1)/size times the
- * payload per rank). Seconds include waiting for late peers; with NCCL and
+ * receivers count the same); the count sent for a sendrecv, whose seconds
+ * are those spent in its two calls; the whole gathered buffer for
+ * all-gather (size x count_per_rank) and all-gatherv (sum of counts); the
+ * whole input for reduce-scatter (size x count_per_rank); 0 for barrier.
+ * They describe what the algorithm asks to move, not the traffic a
+ * backend's algorithm puts on the wire (a ring all-reduce sends about
+ * 2 (size-1)/size times the payload per rank). Seconds include waiting for late peers; with NCCL and
  * no deadline a call returns once enqueued, so its time is the enqueue time
  * only. Counting costs two clock reads per call. Counters start at zero and
  * are per communicator (a split child starts at zero too); they are plain
@@ -165,6 +183,7 @@ typedef enum cp_comm_op {
     CP_COMM_OP_SEND,
     CP_COMM_OP_RECV,
     CP_COMM_OP_BARRIER,
+    CP_COMM_OP_SENDRECV,
     CP_COMM_OP_COUNT
 } cp_comm_op;
 
@@ -179,7 +198,8 @@ void cp_comm_get_stats(cp_comm_t c, cp_comm_stats *out);
 /* Sets c's counters to zero. Local call; NULL is a no-op. */
 void cp_comm_reset_stats(cp_comm_t c);
 /* "all_reduce", "all_gather", "all_gatherv", "reduce_scatter", "broadcast",
- * "send", "recv", "barrier"; "?" for a value out of range. Static storage. */
+ * "send", "recv", "barrier", "sendrecv"; "?" for a value out of range.
+ * Static storage. */
 const char *cp_comm_op_name(cp_comm_op op);
 
 /* Deadline of every later operation on c, in ms (0 = none). Local call.

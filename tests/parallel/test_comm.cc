@@ -579,6 +579,62 @@ TEST_F(Comm, SendRecvAllPairs) {
     }
 }
 
+// A ring of shifts, as ring attention runs them: each step passes the
+// block in hand right and takes the left neighbour's, with work between
+// start and wait. After size - 1 steps every rank has seen every block,
+// for odd sizes and counts, large ones (rendezvous) included.
+TEST_F(Comm, SendRecvShiftsAroundTheRing) {
+    const int right = (g_rank + 1) % g_size, left = (g_rank + g_size - 1) % g_size;
+    for (size_t count : {(size_t)1, (size_t)1001, (size_t)300001}) {
+        std::vector<uint8_t> buf[2];
+        buf[0] = exact_input(CP_DTYPE_F32, 60, g_rank, count);
+        buf[1].assign(count * 4, 0xA5);
+        for (int step = 0; step < g_size; step++) {
+            const int holder = (g_rank + g_size - step) % g_size;
+            EXPECT_EQ(buf[step & 1], exact_input(CP_DTYPE_F32, 60, holder, count))
+                << "step " << step << ": the block of rank " << holder << ", " << count << " elements";
+            if (step + 1 == g_size) break;
+            ASSERT_EQ(cp_comm_sendrecv_start(g_world, buf[step & 1].data(), right, buf[(step + 1) & 1].data(),
+                                             left, count, CP_DTYPE_F32, nullptr),
+                      CP_OK)
+                << cp_last_error();
+            // work overlapping the transfer; no call on the communicator
+            volatile double acc = 0;
+            for (int i = 0; i < 20000; i++) acc = acc + i * 0.5;
+            ASSERT_EQ(cp_comm_sendrecv_wait(g_world, nullptr), CP_OK) << cp_last_error();
+        }
+    }
+    cp_comm_stats st;
+    cp_comm_get_stats(g_world, &st);
+    EXPECT_GE(st.calls[CP_COMM_OP_SENDRECV], 3u * (uint64_t)(g_size - 1));
+}
+
+// Between start and wait the communicator takes no other call; a wait
+// without a start, or a second start, is refused; this rank as its own
+// peer is a copy.
+TEST_F(Comm, SendRecvInFlightRules) {
+    int32_t out[3] = {7, 8, 9}, in[3] = {0, 0, 0};
+    EXPECT_EQ(cp_comm_sendrecv_wait(g_world, nullptr), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error_detail()).find("no sendrecv is in flight"), std::string::npos)
+        << cp_last_error_detail();
+    ASSERT_EQ(cp_comm_sendrecv_start(g_world, out, g_rank, in, g_rank, 3, CP_DTYPE_I32, nullptr), CP_OK)
+        << cp_last_error();
+    EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, g_rank, in, g_rank, 3, CP_DTYPE_I32, nullptr),
+              CP_ERR_INVALID_ARG);
+    int32_t x = 1, y = 0;
+    EXPECT_EQ(cp_comm_allreduce(g_world, &x, &y, 1, CP_DTYPE_I32, CP_REDUCE_SUM, nullptr), CP_ERR_INVALID_ARG);
+    EXPECT_NE(std::string(cp_last_error_detail()).find("a sendrecv is in flight"), std::string::npos)
+        << cp_last_error_detail();
+    ASSERT_EQ(cp_comm_sendrecv_wait(g_world, nullptr), CP_OK) << cp_last_error();
+    EXPECT_EQ(in[0], 7);
+    EXPECT_EQ(in[2], 9);
+    EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, g_size, in, 0, 3, CP_DTYPE_I32, nullptr), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, 0, nullptr, 0, 3, CP_DTYPE_I32, nullptr), CP_ERR_INVALID_ARG);
+    // the communicator works as before
+    ASSERT_EQ(cp_comm_allreduce(g_world, &x, &y, 1, CP_DTYPE_I32, CP_REDUCE_SUM, nullptr), CP_OK);
+    EXPECT_EQ(y, g_size);
+}
+
 // ---- barrier ------------------------------------------------------------------
 
 TEST_F(Comm, BarrierWaitsForTheLastRank) {
@@ -721,6 +777,30 @@ TEST_F(Comm, RecvTimesOutAndBreaksTheCommunicator) {
     EXPECT_LT(now_ms() - t0, 50.0) << "a broken communicator must fail at once";
 }
 
+// Rank 0 shifts with rank 1, which never posts its half: the wait times
+// out after the deadline, counted from the wait, and names rank 1.
+TEST_F(Comm, SendRecvTimesOutNamingTheSilentPeer) {
+    if (!world_is_mpi() || g_size < 2) GTEST_SKIP() << "needs two MPI ranks";
+    cp_comm_t c = nullptr;
+    ASSERT_EQ(cp_comm_split(g_world, 0, g_rank, &c), CP_OK) << cp_last_error();
+    CommPtr guard(c);
+    ASSERT_EQ(cp_comm_set_timeout(c, 300), CP_OK);
+    if (g_rank != 0) return;
+    int32_t out = 5, in = -1;
+    ASSERT_EQ(cp_comm_sendrecv_start(c, &out, 1, &in, 1, 1, CP_DTYPE_I32, nullptr), CP_OK) << cp_last_error();
+    std::this_thread::sleep_for(std::chrono::milliseconds(400)); // past the deadline, before the wait
+    double t0 = now_ms();
+    EXPECT_EQ(cp_comm_sendrecv_wait(c, nullptr), CP_ERR_TIMEOUT);
+    double ms = now_ms() - t0;
+    std::string msg = cp_last_error_detail();
+    std::string want = "sendrecv on split(color=0) (rank 0 of " + std::to_string(g_size) +
+                       ") timed out after 300 ms waiting for rank 1";
+    EXPECT_NE(msg.find(want), std::string::npos) << msg;
+    EXPECT_NE(msg.find("did not post the matching sendrecv"), std::string::npos) << msg;
+    EXPECT_GE(ms, 299.0) << "the deadline counts from the wait";
+    EXPECT_LT(ms, 300.0 + 1500.0);
+}
+
 // The last rank arrives late to an all-reduce: the others time out and,
 // through the diagnosis exchange, name it even when they wait on it only
 // indirectly. (The late rank may then fail, or even complete with data its
@@ -854,6 +934,11 @@ TEST_F(CommSelf, PeersAndSplit) {
     EXPECT_EQ(cp_comm_bcast(c, &x, 1, CP_DTYPE_F32, 1, nullptr), CP_ERR_INVALID_ARG);
     EXPECT_EQ(cp_comm_send(c, &x, 1, CP_DTYPE_F32, 0, nullptr), CP_ERR_INVALID_ARG);
     EXPECT_EQ(cp_comm_recv(c, &x, 1, CP_DTYPE_F32, 1, nullptr), CP_ERR_INVALID_ARG);
+    float y = 0;
+    ASSERT_EQ(cp_comm_sendrecv_start(c, &x, 0, &y, 0, 1, CP_DTYPE_F32, nullptr), CP_OK) << cp_last_error();
+    EXPECT_EQ(y, 1.0f) << "a shift over one rank is a copy";
+    EXPECT_EQ(cp_comm_sendrecv_wait(c, nullptr), CP_OK);
+    EXPECT_EQ(cp_comm_sendrecv_start(c, &x, 1, &y, 0, 1, CP_DTYPE_F32, nullptr), CP_ERR_INVALID_ARG);
     cp_comm_t child = nullptr;
     ASSERT_EQ(cp_comm_split(c, 3, 0, &child), CP_OK);
     CommPtr guard(child);
