@@ -215,7 +215,7 @@ int cli_par_check(const char *cmd, cli_par *p) {
     }
     p->exchange = CP_CP_AUTO;
     if (p->exchange_name && !cp_cp_exchange_parse(p->exchange_name, &p->exchange)) {
-        fprintf(stderr, "cparallel %s: error: invalid value '%s' for --cp-exchange (expected auto, queries or kv)\n",
+        fprintf(stderr, "cparallel %s: error: invalid value '%s' for --cp-exchange (expected auto, queries, kv or ring)\n",
                 cmd, p->exchange_name);
         return 2;
     }

@@ -97,7 +97,8 @@ void cli_par_defaults(cli_par *p);
      "cut each batch into N micro-batches so pipeline stages overlap (default 4 x --pp)", NULL},             \
     {"cp-exchange", 0, CLI_STR, &(p)->exchange_name, 0, -1, "HOW",                                             \
      "what the cp ranks pass in attention: auto (default: the smaller per sequence, K/V for a fresh "        \
-     "prompt, queries for decode), queries or kv", NULL}
+     "prompt, queries for decode; K/V of long histories around the ring), queries, kv (all-gathered) or "   \
+     "ring (K/V passed around the ring)", NULL}
 
 #define CLI_PAR_OPTS(p) CLI_LAYOUT_OPTS(p), CLI_RUN_PAR_OPTS(p)
 

@@ -18,8 +18,10 @@ typedef struct cp_kv_cache *cp_kv_cache_t;
 struct cp_plan;
 struct cp_comm;
 
-enum { CP_CP_AUTO = 0, CP_CP_QUERIES = 1, CP_CP_KV = 2 };
-/* The exchange named "auto", "queries" or "kv" into *out; false otherwise. */
+enum { CP_CP_AUTO = 0, CP_CP_QUERIES = 1, CP_CP_KV = 2, CP_CP_RING = 3 };
+#define CP_CP_RING_BYTES_DEFAULT (1024.0 * 1024.0)
+/* The exchange named "auto", "queries", "kv" or "ring" into *out; false
+ * otherwise. */
 bool cp_cp_exchange_parse(const char *name, int *out);
 /* Its name ("?" for a value out of range); static storage. */
 const char *cp_cp_exchange_name(int exchange);
@@ -43,10 +45,18 @@ typedef struct cp_model_load_opts {
      * CPU backend only; the KV block size must be a multiple of cp. */
     int cp;
     /* How the cp ranks meet in attention (see forward.c): CP_CP_AUTO moves
-     * whichever is smaller per chunk, the queries (and partial outputs) or
-     * the K/V history of the chunk's sequences; the others force one way
-     * (K/V only where every sequence of the chunk appears in one run). */
+     * whichever is smaller per sequence, the queries (and partial outputs)
+     * or the K/V history of the chunk's sequences; the others force one way
+     * for every sequence. K/V is all-gathered (CP_CP_KV) or passed around
+     * the ring (CP_CP_RING), which holds 2/cp of the history at a time
+     * instead of all of it twice and overlaps the transfers with attention,
+     * in cp - 1 steps per layer. */
     int cp_exchange;
+    /* Under CP_CP_AUTO, a chunk whose K/V-passing sequences hold at least
+     * this many bytes of K and V per layer (their whole history) passes
+     * them around the ring; less is all-gathered (0: the default,
+     * CP_CP_RING_BYTES_DEFAULT). */
+    double cp_ring_bytes;
     int edge_layer_discount;  /* layers moved off the first and last stage */
     /* Megatron sequence parallelism inside the TP group for multi-token
      * batches (prompts): the residual stream, norms and residual adds are
@@ -105,6 +115,10 @@ typedef struct cp_model_stats {
      * settled by the candidates, by the owning rank's walk over its slice,
      * or from gathered full rows */
     int64_t sampled_from_candidates, sampled_by_owner, sampled_from_full_rows;
+    /* context parallelism: the most bytes of K/V that passing K/V held at
+     * once for one layer (the rows all-gathered plus the sequences laid out
+     * whole, or the ring's two blocks) */
+    size_t cp_kv_peak_bytes;
 } cp_model_stats;
 void cp_model_get_stats(cp_model_t m, cp_model_stats *s);
 

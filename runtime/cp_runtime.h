@@ -35,7 +35,8 @@ typedef struct cp_engine_opts {
      * generate/logits functions in the same order. */
     int tp, pp, rank;
     int cp;                    /* context-parallel ranks (0 counts as 1; the world is tp x cp x pp) */
-    int cp_exchange;           /* CP_CP_AUTO, CP_CP_QUERIES or CP_CP_KV (see cp_model_load_opts) */
+    int cp_exchange;           /* CP_CP_AUTO, CP_CP_QUERIES, CP_CP_KV or CP_CP_RING (see cp_model_load_opts) */
+    double cp_ring_bytes;      /* see cp_model_load_opts (0: its default) */
     int edge_layer_discount;
     bool sp;                   /* sequence parallelism for prompts (needs tp > 1) */
     int pp_micro;              /* pipeline micro-batches per batch (0: 4 x pp; see cp_model_load_opts) */

@@ -93,6 +93,7 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
                              .pp = o->pp,
                              .cp = o->cp,
                              .cp_exchange = o->cp_exchange,
+                             .cp_ring_bytes = o->cp_ring_bytes,
                              .rank = o->rank,
                              .edge_layer_discount = o->edge_layer_discount,
                              .sp = o->sp,

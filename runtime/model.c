@@ -50,10 +50,10 @@ cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
     return CP_OK;
 }
 
-static const char *const exchange_names[] = {"auto", "queries", "kv"}; /* in CP_CP_* order */
+static const char *const exchange_names[] = {"auto", "queries", "kv", "ring"}; /* in CP_CP_* order */
 
 bool cp_cp_exchange_parse(const char *name, int *out) {
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (!strcmp(name, exchange_names[i])) {
             *out = i;
             return true;
@@ -62,7 +62,7 @@ bool cp_cp_exchange_parse(const char *name, int *out) {
 }
 
 const char *cp_cp_exchange_name(int exchange) {
-    return exchange >= 0 && exchange < 3 ? exchange_names[exchange] : "?";
+    return exchange >= 0 && exchange < 4 ? exchange_names[exchange] : "?";
 }
 
 cp_model_groups cp_model_get_groups(cp_model_t m) {
@@ -392,6 +392,7 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     m->sp = o->sp && po.tp > 1;
     m->pp_micro = o->pp_micro > 0 ? o->pp_micro : 4 * po.pp;
     m->cp_exchange = o->cp_exchange;
+    m->cp_ring_bytes = o->cp_ring_bytes > 0 ? o->cp_ring_bytes : CP_CP_RING_BYTES_DEFAULT;
     m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
     return CP_OK;
 }

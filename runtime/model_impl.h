@@ -74,6 +74,7 @@ struct cp_model {
          * included), which chunk rows belong to them, and this rank's rows of
          * each kind */
         int n_runs;
+        bool ring;                   /* they go around the ring, not all-gathered */
         int32_t *runs;               /* [max_batch][2] {seq, length} */
         int32_t *seqs;               /* [max_batch][3] {seq, length, rows} of every sequence of the chunk */
         int32_t *rseq;               /* [max_batch] a chunk row's index in seqs */
@@ -84,12 +85,14 @@ struct cp_model {
         size_t *share;               /* [2 * cp] bytes of K/V rows from each rank, and their offsets */
         unsigned char *kvall;        /* every rank's held rows of those sequences, K then V per position */
         size_t kvall_cap;
-        unsigned char *kvfull;       /* the sequences' whole K, then V, in blocks of block_size */
+        unsigned char *kvfull;       /* the sequences' whole K, then V, in blocks of block_size;
+                                        the ring: its two blocks */
         size_t kvfull_cap;
         int32_t *ftab;               /* its block tables [max seq id + 1][max_blocks] */
         size_t ftab_cap;
     } cpx;
-    int cp_exchange;             /* CP_CP_AUTO, CP_CP_QUERIES or CP_CP_KV */
+    int cp_exchange;             /* CP_CP_AUTO, CP_CP_QUERIES, CP_CP_KV or CP_CP_RING */
+    double cp_ring_bytes;        /* CP_CP_AUTO: K/V histories this large go around the ring */
     bool sp;                     /* sequence parallelism for multi-token chunks */
     int pp_micro;                /* micro-batches per batch across pipeline stages */
     bool stage_only;             /* cp_model_forward_stage: one chunk, output kept */

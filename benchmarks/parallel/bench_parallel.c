@@ -594,11 +594,17 @@ int main(int argc, char **argv) {
             goto out;
         }
         report(&o, size, ints, dbls, ops_out);
+        cp_model_stats ms;
+        cp_model_get_stats(cp_engine_model(e), &ms);
         fprintf(stderr,
                 "bench_parallel: %s tp=%d pp=%d cp=%d%s: %d threads/rank, prefill %d tokens %.1f ms "
-                "(%.0f bytes per token passed by rank 0), decode %d tokens %.1f ms (rank 0)\n",
+                "(%.0f bytes per token passed by rank 0), decode %d tokens %.1f ms (rank 0)",
                 o.name, o.tp, o.pp, o.cp, o.sp ? " sp" : "", threads, o.n_prompt, gs.prefill_s * 1e3,
                 (double)m.prefill_bytes / o.n_prompt, o.n_gen, mine_d[R_DECODE] * 1e3);
+        if (o.cp > 1)
+            fprintf(stderr, ", exchange %s holding at most %.2f MB of K/V per layer", cp_cp_exchange_name(o.cp_exchange),
+                    ms.cp_kv_peak_bytes / 1e6);
+        fputc('\n', stderr);
     }
     rc = 0;
 out:

@@ -70,10 +70,12 @@ run_one 1 "one rank, 2 threads" --threads 2
 run_one 1 "one rank, 1 thread" --threads 1
 run_one 2 "cp 2" --cp 2
 run_one 2 "cp 2, passing queries" --cp 2 --cp-exchange queries
+run_one 2 "cp 2, K/V around the ring" --cp 2 --cp-exchange ring
 run_one 2 "pp 2" --pp 2
 run_one 3 "tp 3" --tp 3
 run_one 4 "cp 4" --cp 4
 run_one 4 "cp 4, passing queries" --cp 4 --cp-exchange queries
+run_one 4 "cp 4, K/V around the ring" --cp 4 --cp-exchange ring
 run_one 4 "cp 2 x pp 2" --cp 2 --pp 2
 run_one 6 "tp 3 x cp 2" --tp 3 --cp 2
 
@@ -86,9 +88,10 @@ run_one 6 "tp 3 x cp 2" --tp 3 --cp 2
     echo "$REPS times, the run with the median prefill rate shown. Ranks on one node split"
     echo "its cores (one thread per rank here); layouts with more ranks than cores are"
     echo "oversubscribed and show the cost of the exchange, not a speed-up. By default the"
-    echo "cp ranks pass K/V rows for the fresh prompt and queries for decode steps;"
-    echo "\`--cp-exchange queries\` passes queries for the prompt too (the form before K/V"
-    echo "passing existed)."
+    echo "cp ranks all-gather K/V rows for the fresh prompt and pass queries for decode"
+    echo "steps; \`--cp-exchange queries\` passes queries for the prompt too, and"
+    echo "\`--cp-exchange ring\` passes the prompt's K/V around the ring (ring attention)"
+    echo "instead of all-gathering it."
     echo
     machine_section
     echo

@@ -277,7 +277,7 @@ TEST(Cli, ParallelFlagsOnEveryModelCommand) {
             std::string args, expect;
         } bad[] = {
             {" --micro-batches 0", "invalid value '0' for --micro-batches (expected an integer from 1 to 4096)"},
-            {" --cp-exchange sideways", "invalid value 'sideways' for --cp-exchange (expected auto, queries or kv)"},
+            {" --cp-exchange sideways", "invalid value 'sideways' for --cp-exchange (expected auto, queries, kv or ring)"},
             {" --pp-edge-layers -1", "invalid value '-1' for --pp-edge-layers"},
             {" --pp 2 --pp-edge-layers 1", "--pp-edge-layers needs --pp 3 or more"},
             {" --sp", "--sp needs --tp 2 or more"},
@@ -495,6 +495,10 @@ TEST(Cli, EvalMeasuresARealTextOnOneAndTwoRanks) {
         const double ppl_f32 = json_number(one_f32.out, "ppl");
         EXPECT_NEAR(json_number(cp.out, "ppl"), ppl_f32, 1e-5 * ppl_f32) << cp.out;
         EXPECT_EQ(json_number(cp.out, "tokens"), 300) << cp.out;
+        // the prompt's K/V around the ring instead
+        Result ring = run_mpi(2, args + " --convert f32 --cp 2 --cp-exchange ring");
+        ASSERT_EQ(ring.code, 0) << ring.err;
+        EXPECT_NEAR(json_number(ring.out, "ppl"), ppl_f32, 1e-5 * ppl_f32) << ring.out;
         // tensor parallelism: each rank passes its slice's log-sum-exp terms
         // and the next token's logit, not its slice of the vocabulary
         if (!mpirun(3).empty()) {
@@ -678,7 +682,7 @@ TEST(Cli, MultiRankLayoutMismatchIsAnError) {
     EXPECT_NE(r.err.find("--tp 3 x --cp 2 x --pp 1 = 6 ranks, but the job has 2"), std::string::npos) << r.err;
     r = run("generate --no-progress --model " + model() + " --prompt hi --cp-exchange sideways");
     EXPECT_EQ(r.code, 2);
-    EXPECT_NE(r.err.find("invalid value 'sideways' for --cp-exchange (expected auto, queries or kv)"),
+    EXPECT_NE(r.err.find("invalid value 'sideways' for --cp-exchange (expected auto, queries, kv or ring)"),
               std::string::npos) << r.err;
 }
 

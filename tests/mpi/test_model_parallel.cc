@@ -71,7 +71,8 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
 struct Sharded {
     cp_comm_t tpc = nullptr, ppc = nullptr, cpc = nullptr;
     cp_engine_t e = nullptr;
-    Sharded(const std::string &model, int tp, int pp, bool f32_weights, bool sp, int cp, int exchange = CP_CP_AUTO) {
+    Sharded(const std::string &model, int tp, int pp, bool f32_weights, bool sp, int cp, int exchange = CP_CP_AUTO,
+            double ring_bytes = 0) {
         int rank = cp_comm_rank(g_world);
         bool alone = tp * pp * cp == 1;
         if (!alone) {
@@ -96,6 +97,7 @@ struct Sharded {
         o.pp = pp;
         o.cp = cp;
         o.cp_exchange = exchange;
+        o.cp_ring_bytes = ring_bytes;
         o.sp = sp;
         o.rank = alone ? 0 : rank;
         o.tp_comm = tpc;
@@ -115,9 +117,9 @@ struct Sharded {
 
 // Runs the prompt on the model sharded tp x cp x pp.
 RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
-           bool sp = false, int cp = 1, int exchange = CP_CP_AUTO) {
+           bool sp = false, int cp = 1, int exchange = CP_CP_AUTO, double ring_bytes = 0) {
     RunOut r;
-    Sharded sh(model, tp, pp, f32_weights, sp, cp, exchange);
+    Sharded sh(model, tp, pp, f32_weights, sp, cp, exchange, ring_bytes);
     cp_engine_t e = sh.e;
     if (e) {
         int vocab = cp_model_get_config(cp_engine_model(e))->n_vocab;
@@ -298,6 +300,12 @@ TEST(ModelParallel, StressShapesMatchSingleRank) {
                     what + " passing queries");
             compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp, CP_CP_KV), s.vocab, kF32Tol,
                     what + " passing K/V");
+            compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp, CP_CP_RING), s.vocab, kF32Tol,
+                    what + " K/V around the ring");
+            // auto with every K/V history going around the ring: the
+            // prompt does, decode steps pass queries
+            compare(ref, run(path, prompt, l.tp, l.pp, false, false, l.cp, CP_CP_AUTO, 1.0), s.vocab, kF32Tol,
+                    what + " auto, ring");
         }
     }
     remove(path.c_str());
@@ -409,6 +417,23 @@ TEST(ModelParallel, ContextParallelExchangeFollowsTheCost) {
     EXPECT_EQ(scatters(CP_CP_AUTO, n_prompt), 0u) << "a fresh prompt passes K/V";
     EXPECT_EQ(scatters(CP_CP_QUERIES, n_prompt), (uint64_t)s.n_layer) << "one exchange of partial outputs per layer";
     EXPECT_EQ(scatters(CP_CP_KV, n_prompt), 0u);
+    // the K/V one layer's exchange holds: all-gathered, every rank's rows
+    // and the sequence laid out whole in blocks; around the ring, two blocks
+    // of one rank's rows (its share of the blocks)
+    auto peak = [&](int exchange) {
+        Sharded sh(path, 1, 1, false, false, world, exchange);
+        std::vector<float> logits((size_t)n_prompt * s.vocab);
+        EXPECT_EQ(cp_engine_logits(sh.e, prompt.data(), n_prompt, logits.data()), CP_OK) << cp_last_error();
+        cp_model_stats ms = {};
+        if (sh.e) cp_model_get_stats(cp_engine_model(sh.e), &ms);
+        return ms.cp_kv_peak_bytes;
+    };
+    const size_t row = (size_t)s.n_head_kv * (size_t)(s.dim / s.n_head) * sizeof(float); // f32 cache
+    const size_t bs = (size_t)(16 + world - 1) / (size_t)world * (size_t)world;            // the engine's block
+    const size_t blocks = ((size_t)n_prompt + bs - 1) / bs;
+    EXPECT_EQ(peak(CP_CP_KV), (size_t)n_prompt * 2 * row + 2 * blocks * bs * row);
+    EXPECT_EQ(peak(CP_CP_RING), 4 * blocks * (bs / (size_t)world) * row);
+    EXPECT_EQ(peak(CP_CP_QUERIES), 0u);
     // decode steps after the prompt: one query against 200+ positions
     Sharded sh(path, 1, 1, false, false, world);
     cp_gen_params gp = {};
@@ -439,11 +464,11 @@ TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
     const int per_seq = (hist + 1 + bs - 1) / bs;
     struct Out {
         std::vector<float> logits;
-        uint64_t gathers_v = 0, scatters = 0; // during the mixed chunk
+        uint64_t gathers_v = 0, scatters = 0, shifts = 0; // during the mixed chunk
     };
-    auto run_mixed = [&](const Layout &l, int exchange) {
+    auto run_mixed = [&](const Layout &l, int exchange, double ring_bytes = 0) {
         Out o;
-        Sharded sh(path, l.tp, l.pp, false, false, l.cp, exchange);
+        Sharded sh(path, l.tp, l.pp, false, false, l.cp, exchange, ring_bytes);
         if (!sh.e) return o;
         cp_model_t m = cp_engine_model(sh.e);
         cp_kv_cache_opts ko = {3 * per_seq, bs, CP_DTYPE_F32};
@@ -483,6 +508,7 @@ TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
         if (sh.cpc) cp_comm_get_stats(sh.cpc, &after);
         o.gathers_v = after.calls[CP_COMM_OP_ALLGATHERV] - before.calls[CP_COMM_OP_ALLGATHERV];
         o.scatters = after.calls[CP_COMM_OP_REDUCE_SCATTER] - before.calls[CP_COMM_OP_REDUCE_SCATTER];
+        o.shifts = after.calls[CP_COMM_OP_SENDRECV] - before.calls[CP_COMM_OP_SENDRECV];
         cp_kv_cache_free(kv);
         return o;
     };
@@ -499,6 +525,11 @@ TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
         close(ref, split, l.name() + " split");
         close(ref, q, l.name() + " passing queries");
         close(ref, k, l.name() + " passing K/V");
+        // K/V around the ring: forced for the whole chunk, or auto's choice
+        // for the prompt (a threshold of 1 byte) beside the decode queries
+        const Out r = run_mixed(l, CP_CP_RING), split_r = run_mixed(l, CP_CP_AUTO, 1.0);
+        close(ref, r, l.name() + " K/V around the ring");
+        close(ref, split_r, l.name() + " split, ring");
         // pipeline stages cut the batch into micro-batches, each its own chunk
         if (l.pp > 1) continue;
         const uint64_t layers = (uint64_t)s.n_layer;
@@ -506,12 +537,21 @@ TEST(ModelParallel, ContextParallelSplitsAMixedChunk) {
         EXPECT_EQ(q.scatters, layers) << l.name();
         EXPECT_EQ(k.gathers_v, layers) << l.name();
         EXPECT_EQ(k.scatters, 0u) << l.name();
+        EXPECT_EQ(k.shifts, 0u) << l.name();
+        const uint64_t steps = layers * (uint64_t)(l.cp - 1);
+        EXPECT_EQ(r.gathers_v, 0u) << l.name();
+        EXPECT_EQ(r.scatters, 0u) << l.name();
+        EXPECT_EQ(r.shifts, steps) << l.name() << ": cp - 1 steps around the ring per layer";
         // 8 query and 2 KV heads per rank: the prompt's 100 rows weigh 108800
         // bytes as queries against 25600 as K/V, each decode row 1088 bytes
         // against a history of 64256
         if (l.tp == 1) {
             EXPECT_EQ(split.gathers_v, layers) << l.name() << ": the prompt passes K/V";
             EXPECT_EQ(split.scatters, layers) << l.name() << ": the decode rows pass queries";
+            EXPECT_EQ(split.shifts, 0u) << l.name() << ": 25600 bytes of prompt K/V stay under the default";
+            EXPECT_EQ(split_r.gathers_v, 0u) << l.name();
+            EXPECT_EQ(split_r.shifts, steps) << l.name() << ": the prompt's K/V around the ring";
+            EXPECT_EQ(split_r.scatters, layers) << l.name() << ": the decode rows pass queries";
         }
     }
     remove(path.c_str());

@@ -397,16 +397,17 @@ TEST(ModelForward, RejectsBadBatches) {
 
 // The names of the context-parallel exchanges, both ways.
 TEST(ModelOptions, ExchangeNamesRoundTrip) {
-    for (int x : {CP_CP_AUTO, CP_CP_QUERIES, CP_CP_KV}) {
+    for (int x : {CP_CP_AUTO, CP_CP_QUERIES, CP_CP_KV, CP_CP_RING}) {
         int back = -1;
         EXPECT_TRUE(cp_cp_exchange_parse(cp_cp_exchange_name(x), &back)) << x;
         EXPECT_EQ(back, x);
     }
     EXPECT_STREQ(cp_cp_exchange_name(CP_CP_KV), "kv");
-    EXPECT_STREQ(cp_cp_exchange_name(3), "?");
+    EXPECT_STREQ(cp_cp_exchange_name(CP_CP_RING), "ring");
+    EXPECT_STREQ(cp_cp_exchange_name(4), "?");
     EXPECT_STREQ(cp_cp_exchange_name(-1), "?");
     int v = 7;
-    EXPECT_FALSE(cp_cp_exchange_parse("ring", &v));
+    EXPECT_FALSE(cp_cp_exchange_parse("sideways", &v));
     EXPECT_EQ(v, 7) << "a bad name leaves the value alone";
 }
 
