@@ -777,28 +777,35 @@ TEST_F(Comm, RecvTimesOutAndBreaksTheCommunicator) {
     EXPECT_LT(now_ms() - t0, 50.0) << "a broken communicator must fail at once";
 }
 
-// Rank 0 shifts with rank 1, which never posts its half: the wait times
-// out after the deadline, counted from the wait, and names rank 1.
+// Every rank shifts a block to itself and waits for one from its left
+// neighbour, which never sends it one: each wait times out after the
+// deadline, counted from the wait, and names that neighbour. (Every rank
+// must time out: a communicator that broke on some ranks only leaves the
+// job unable to finalize.)
 TEST_F(Comm, SendRecvTimesOutNamingTheSilentPeer) {
     if (!world_is_mpi() || g_size < 2) GTEST_SKIP() << "needs two MPI ranks";
     cp_comm_t c = nullptr;
     ASSERT_EQ(cp_comm_split(g_world, 0, g_rank, &c), CP_OK) << cp_last_error();
     CommPtr guard(c);
     ASSERT_EQ(cp_comm_set_timeout(c, 300), CP_OK);
-    if (g_rank != 0) return;
+    const int left = (g_rank + g_size - 1) % g_size;
     int32_t out = 5, in = -1;
-    ASSERT_EQ(cp_comm_sendrecv_start(c, &out, 1, &in, 1, 1, CP_DTYPE_I32, nullptr), CP_OK) << cp_last_error();
+    ASSERT_EQ(cp_comm_sendrecv_start(c, &out, g_rank, &in, left, 1, CP_DTYPE_I32, nullptr), CP_OK)
+        << cp_last_error();
     std::this_thread::sleep_for(std::chrono::milliseconds(400)); // past the deadline, before the wait
     double t0 = now_ms();
     EXPECT_EQ(cp_comm_sendrecv_wait(c, nullptr), CP_ERR_TIMEOUT);
     double ms = now_ms() - t0;
     std::string msg = cp_last_error_detail();
-    std::string want = "sendrecv on split(color=0) (rank 0 of " + std::to_string(g_size) +
-                       ") timed out after 300 ms waiting for rank 1";
+    std::string want = "sendrecv on split(color=0) (rank " + std::to_string(g_rank) + " of " +
+                       std::to_string(g_size) + ") timed out after 300 ms waiting for rank " + std::to_string(left);
     EXPECT_NE(msg.find(want), std::string::npos) << msg;
     EXPECT_NE(msg.find("did not post the matching sendrecv"), std::string::npos) << msg;
     EXPECT_GE(ms, 299.0) << "the deadline counts from the wait";
     EXPECT_LT(ms, 300.0 + 1500.0);
+    int32_t x = 1, y = 0;
+    EXPECT_EQ(cp_comm_allreduce(c, &x, &y, 1, CP_DTYPE_I32, CP_REDUCE_SUM, nullptr), CP_ERR_TIMEOUT)
+        << "the communicator is unusable after the timeout";
 }
 
 // The last rank arrives late to an all-reduce: the others time out and,
