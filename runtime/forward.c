@@ -449,6 +449,40 @@ static void scatter_rows(float *dst, const float *src, const int32_t *idx, int n
     for (int i = 0; i < n; i++) memcpy(dst + (size_t)idx[i] * w, src + (size_t)i * w, w * sizeof(float));
 }
 
+/* Lays the K/V sequences (cpx.runs) out as blocks numbered in run order,
+ * ceil(length / bs) each, into the block tables cpx.ftab ([max seq id +
+ * 1][mb]), and makes cpx.kvfull hold `bytes_per_block` x that many blocks
+ * (the caller's layout inside). Returns the number of blocks in *n_blocks,
+ * and records the bytes held beside `also` as the exchange's peak. */
+static cp_status lay_out_runs(cp_model_t m, int mb, int bs, size_t bytes_per_block, size_t also, int32_t *n_blocks) {
+    const int n = m->cpx.n_runs;
+    const int32_t *runs = m->cpx.runs;
+    int32_t max_seq = 0, nb = 0;
+    for (int i = 0; i < n; i++) {
+        if (runs[2 * i] > max_seq) max_seq = runs[2 * i];
+        nb += (runs[2 * i + 1] + bs - 1) / bs;
+    }
+    const size_t tab = ((size_t)max_seq + 1) * (size_t)mb, bytes = (size_t)nb * bytes_per_block;
+    if (tab > m->cpx.ftab_cap) {
+        int32_t *p = realloc(m->cpx.ftab, tab * sizeof(int32_t));
+        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for block tables");
+        m->cpx.ftab = p;
+        m->cpx.ftab_cap = tab;
+    }
+    if (bytes > m->cpx.kvfull_cap) {
+        unsigned char *p = realloc(m->cpx.kvfull, bytes);
+        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu bytes of K/V", bytes);
+        m->cpx.kvfull = p;
+        m->cpx.kvfull_cap = bytes;
+    }
+    int32_t next = 0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < (runs[2 * i + 1] + bs - 1) / bs; j++) m->cpx.ftab[(size_t)runs[2 * i] * mb + j] = next++;
+    if (bytes + also > m->stats.cp_kv_peak_bytes) m->stats.cp_kv_peak_bytes = bytes + also;
+    *n_blocks = nb;
+    return CP_OK;
+}
+
 /* The pass-K/V exchange (see above): this rank's held rows of the K/V
  * sequences go to every cp rank, and this rank's rows of those sequences
  * (cpx.nk of them; all of its T rows when none passes queries) attend to
@@ -490,29 +524,10 @@ static cp_status cp_attention_kv(cp_model_t m, cp_kv_cache_t kv, int l, const cp
         if (total > m->stats.cp_kv_peak_bytes) m->stats.cp_kv_peak_bytes = total;
         return CP_OK;
     }
-    /* the sequences whole: blocks of bs positions, numbered in run order */
-    int32_t max_seq = 0, n_blocks = 0;
-    for (int i = 0; i < n; i++) {
-        if (runs[2 * i] > max_seq) max_seq = runs[2 * i];
-        n_blocks += (runs[2 * i + 1] + bs - 1) / bs;
-    }
-    const size_t tab = ((size_t)max_seq + 1) * (size_t)mb, half = (size_t)n_blocks * (size_t)bs * sb;
-    if (tab > m->cpx.ftab_cap) {
-        int32_t *p = realloc(m->cpx.ftab, tab * sizeof(int32_t));
-        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for block tables");
-        m->cpx.ftab = p;
-        m->cpx.ftab_cap = tab;
-    }
-    if (2 * half > m->cpx.kvfull_cap) {
-        unsigned char *p = realloc(m->cpx.kvfull, 2 * half);
-        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for %zu bytes of K/V", 2 * half);
-        m->cpx.kvfull = p;
-        m->cpx.kvfull_cap = 2 * half;
-    }
-    int32_t next = 0;
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < (runs[2 * i + 1] + bs - 1) / bs; j++) m->cpx.ftab[(size_t)runs[2 * i] * mb + j] = next++;
-    if (total + 2 * half > m->stats.cp_kv_peak_bytes) m->stats.cp_kv_peak_bytes = total + 2 * half;
+    /* the sequences whole: blocks of bs positions, K then V */
+    int32_t n_blocks;
+    CP_CHECK(lay_out_runs(m, mb, bs, 2 * (size_t)bs * sb, total, &n_blocks));
+    const size_t half = (size_t)n_blocks * (size_t)bs * sb;
     unsigned char *fk = m->cpx.kvfull, *fv = m->cpx.kvfull + half;
     for (int r = 0; r < cp; r++) {
         const unsigned char *src = m->cpx.kvall + off[r];
@@ -575,28 +590,10 @@ static cp_status cp_attention_ring(cp_model_t m, cp_kv_cache_t kv, int l, const 
     const int n = m->cpx.n_runs, mb = ap->max_blocks, nk = m->cpx.nk, nh = m->n_head_l, hd = m->cfg.head_dim;
     const int32_t *runs = m->cpx.runs;
     const size_t sb = kv_pos_bytes(m, kv), qd = (size_t)nh * (size_t)hd;
-    int32_t max_seq = 0, n_blocks = 0;
-    for (int i = 0; i < n; i++) {
-        if (runs[2 * i] > max_seq) max_seq = runs[2 * i];
-        n_blocks += (runs[2 * i + 1] + bs - 1) / bs;
-    }
-    const size_t tab = ((size_t)max_seq + 1) * (size_t)mb, half = (size_t)n_blocks * (size_t)slots * sb;
-    if (tab > m->cpx.ftab_cap) {
-        int32_t *p = realloc(m->cpx.ftab, tab * sizeof(int32_t));
-        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for block tables");
-        m->cpx.ftab = p;
-        m->cpx.ftab_cap = tab;
-    }
-    if (4 * half > m->cpx.kvfull_cap) {
-        unsigned char *p = realloc(m->cpx.kvfull, 4 * half);
-        if (!p) return CP_ERROR(CP_ERR_OOM, "out of memory for 2 x %zu bytes of K/V in the ring", 2 * half);
-        m->cpx.kvfull = p;
-        m->cpx.kvfull_cap = 4 * half;
-    }
-    if (4 * half > m->stats.cp_kv_peak_bytes) m->stats.cp_kv_peak_bytes = 4 * half;
-    int32_t next = 0;
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < (runs[2 * i + 1] + bs - 1) / bs; j++) m->cpx.ftab[(size_t)runs[2 * i] * mb + j] = next++;
+    /* two blocks (the one in hand, the one arriving) of K and V halves */
+    int32_t n_blocks;
+    CP_CHECK(lay_out_runs(m, mb, bs, 4 * (size_t)slots * sb, 0, &n_blocks));
+    const size_t half = (size_t)n_blocks * (size_t)slots * sb;
     /* this rank's block: its held rows, from its cache's blocks to the packed ones */
     unsigned char *buf[2] = {m->cpx.kvfull, m->cpx.kvfull + 2 * half};
     const unsigned char *lk = cp_kv_layer_k(kv, l), *lv = cp_kv_layer_v(kv, l);
