@@ -396,10 +396,17 @@ cp_status cp_comm_sendrecv_start(cp_comm_t c, const void *send, int dst, void *r
     CP_CHECK(check_ptr(c, op, recv, count, "recv"));
     CP_CHECK(check_rank(c, op, dst, "destination"));
     CP_CHECK(check_rank(c, op, src, "source"));
+    if ((dst == c->rank) != (src == c->rank))
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "sendrecv on %s (rank %d of %d): a shift %s itself must also %s itself (destination %d, "
+                        "source %d); nothing else could match it",
+                        c->label, c->rank, c->size, dst == c->rank ? "to" : "from",
+                        dst == c->rank ? "receive from" : "send to", dst, src);
     double t0 = cp_time_now();
     cp_status st = c->iface->sendrecv_start(c, send, dst, recv, src, count * movable_size(dt), stream);
     count_call(c, CP_COMM_OP_SENDRECV, count * movable_size(dt), t0);
     c->sr_pending = st == CP_OK;
+    c->sr_stream = stream;
     return st;
 }
 
@@ -408,10 +415,15 @@ cp_status cp_comm_sendrecv_wait(cp_comm_t c, void *stream) {
     if (!c->sr_pending)
         return CP_ERROR(CP_ERR_INVALID_ARG, "sendrecv wait on %s (rank %d of %d): no sendrecv is in flight",
                         c->label, c->rank, c->size);
+    if (stream && stream != c->sr_stream)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "sendrecv wait on %s (rank %d of %d): the stream is not the one the sendrecv started on "
+                        "(pass that one, or NULL)",
+                        c->label, c->rank, c->size);
     c->sr_pending = false;
     CP_CHECK(check_usable(c, "sendrecv"));
     double t0 = cp_time_now();
-    cp_status st = c->iface->sendrecv_wait(c, stream);
+    cp_status st = c->iface->sendrecv_wait(c, c->sr_stream);
     stats_of(c)->seconds[CP_COMM_OP_SENDRECV] += cp_time_now() - t0;
     return st;
 }

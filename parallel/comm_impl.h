@@ -49,6 +49,7 @@ struct cp_comm {
     bool is_world;
     bool holds_mpi; /* SELF world that must release the MPI environment */
     bool sr_pending; /* a sendrecv was started and not yet waited for */
+    void *sr_stream; /* the stream it started on */
     uint64_t seq;   /* collective calls made so far (diagnostics) */
     char label[48]; /* "world", "split(color=3)": used in messages */
     void *impl;     /* backend state */

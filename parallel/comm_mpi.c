@@ -763,20 +763,31 @@ static cp_status mpi_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int
 }
 
 /* Both directions are posted, and one test gives the progress engine a
- * chance to match them before the caller goes off to compute. */
+ * chance to match them before the caller goes off to compute. A start that
+ * fails leaves nothing posted: a stray receive would take the next shift's
+ * message. */
 static cp_status mpi_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src, size_t bytes,
                                     void *stream) {
     (void)stream;
     opctx o = begin(c, OP_SENDRECV);
     reqset *rs = &o.m->sr;
     rs->n = 0;
-    CP_CHECK(post(&o, rs, true, recv, bytes, src, TAG_SHIFT));
-    CP_CHECK(post(&o, rs, false, send, bytes, dst, TAG_SHIFT));
+    const size_t pieces = bytes == 0 ? 1 : (bytes + PIECE_BYTES - 1) / PIECE_BYTES;
+    if (2 * pieces > MAX_REQS)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "sendrecv on %s: a shift of %zu bytes each way needs more than %d pieces",
+                        c->label, bytes, MAX_REQS);
+    cp_status st = post(&o, rs, true, recv, bytes, src, TAG_SHIFT);
+    if (st == CP_OK) st = post(&o, rs, false, send, bytes, dst, TAG_SHIFT);
     int done = 0;
-    int rc = MPI_Testall(rs->n, rs->req, &done, MPI_STATUSES_IGNORE);
-    if (rc != MPI_SUCCESS) return op_error(&o, rc, "MPI_Testall");
-    if (done) rs->n = 0;
-    return CP_OK;
+    if (st == CP_OK) {
+        int rc = MPI_Testall(rs->n, rs->req, &done, MPI_STATUSES_IGNORE);
+        if (rc != MPI_SUCCESS) st = op_error(&o, rc, "MPI_Testall");
+    }
+    if (st != CP_OK || done) {
+        if (!done) drop_requests(rs->req, rs->is_recv, rs->n);
+        rs->n = 0;
+    }
+    return st;
 }
 
 static cp_status mpi_sendrecv_wait(cp_comm_t c, void *stream) {

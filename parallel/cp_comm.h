@@ -141,15 +141,20 @@ cp_status cp_comm_recv(cp_comm_t c, void *buf, size_t count, cp_dtype dt, int pe
 /* A shift between two ranks, started now and finished by
  * cp_comm_sendrecv_wait: count elements of send go to rank dst while count
  * elements from rank src arrive in recv (a ring step: dst = rank + 1, src =
- * rank - 1). dst and src may be this rank (a local copy, done at once).
- * Both ranks of each pair must post it; unlike cp_comm_send/recv no
- * ordering is needed, as both directions are posted before either is
- * waited for. Work done between the two calls overlaps the transfer: NCCL
- * runs it on the stream; MPI moves what its progress engine moves between
- * calls, the rest when waited for. One sendrecv per communicator may be in
- * flight, and no other call on c may come between start and wait; the
- * buffers are borrowed until the wait returns. The deadline is counted from
- * the wait. */
+ * rank - 1). dst and src are both this rank or both another (a shift to
+ * itself is a local copy; one to itself from another rank could never be
+ * matched, and is refused). Both ranks of each pair must post it; unlike
+ * cp_comm_send/recv no ordering is needed, as both directions are posted
+ * before either is waited for. Work done between the two calls may overlap
+ * the transfer: NCCL enqueues it on the stream, so work on another stream
+ * runs beside it; MPI moves what its progress engine moves during the start
+ * (small messages go eagerly), the rest inside the wait. One sendrecv per
+ * communicator may be in flight, and no other call on c may come between
+ * start and wait. The buffers are borrowed until the wait returns (NCCL: in
+ * stream order, as for every call), and the communicator must be freed
+ * while they live if it still has one in flight. The wait uses the start's
+ * stream (pass that stream or NULL). The deadline is counted from the
+ * wait. */
 cp_status cp_comm_sendrecv_start(cp_comm_t c, const void *send, int dst, void *recv, int src,
                                  size_t count, cp_dtype dt, void *stream);
 cp_status cp_comm_sendrecv_wait(cp_comm_t c, void *stream);

@@ -630,6 +630,20 @@ TEST_F(Comm, SendRecvInFlightRules) {
     EXPECT_EQ(in[2], 9);
     EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, g_size, in, 0, 3, CP_DTYPE_I32, nullptr), CP_ERR_INVALID_ARG);
     EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, 0, nullptr, 0, 3, CP_DTYPE_I32, nullptr), CP_ERR_INVALID_ARG);
+    if (g_size > 1) {
+        // to itself from another rank (or the reverse) could never be matched
+        const int other = (g_rank + 1) % g_size;
+        EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, g_rank, in, other, 3, CP_DTYPE_I32, nullptr),
+                  CP_ERR_INVALID_ARG);
+        EXPECT_NE(std::string(cp_last_error_detail()).find("a shift to itself must also receive from itself"),
+                  std::string::npos)
+            << cp_last_error_detail();
+        EXPECT_EQ(cp_comm_sendrecv_start(g_world, out, other, in, g_rank, 3, CP_DTYPE_I32, nullptr),
+                  CP_ERR_INVALID_ARG);
+        EXPECT_NE(std::string(cp_last_error_detail()).find("a shift from itself must also send to itself"),
+                  std::string::npos)
+            << cp_last_error_detail();
+    }
     // the communicator works as before
     ASSERT_EQ(cp_comm_allreduce(g_world, &x, &y, 1, CP_DTYPE_I32, CP_REDUCE_SUM, nullptr), CP_OK);
     EXPECT_EQ(y, g_size);
@@ -777,20 +791,38 @@ TEST_F(Comm, RecvTimesOutAndBreaksTheCommunicator) {
     EXPECT_LT(now_ms() - t0, 50.0) << "a broken communicator must fail at once";
 }
 
-// Every rank shifts a block to itself and waits for one from its left
-// neighbour, which never sends it one: each wait times out after the
-// deadline, counted from the wait, and names that neighbour. (Every rank
-// must time out: a communicator that broke on some ranks only leaves the
-// job unable to finalize.)
+// A communicator freed with a shift in flight finishes it first: the
+// buffers (still alive here) hold the neighbour's data afterwards.
+TEST_F(Comm, FreeWaitsForTheSendRecvInFlight) {
+    cp_comm_t c = nullptr;
+    ASSERT_EQ(cp_comm_split(g_world, 0, g_rank, &c), CP_OK) << cp_last_error();
+    const int right = (g_rank + 1) % g_size, left = (g_rank + g_size - 1) % g_size;
+    std::vector<int32_t> out(100001), in(100001, -1);
+    for (size_t i = 0; i < out.size(); i++) out[i] = g_rank * 1000003 + (int32_t)i;
+    ASSERT_EQ(cp_comm_sendrecv_start(c, out.data(), right, in.data(), left, out.size(), CP_DTYPE_I32, nullptr),
+              CP_OK)
+        << cp_last_error();
+    cp_comm_free(c);
+    for (size_t i = 0; i < in.size(); i += 997) ASSERT_EQ(in[i], left * 1000003 + (int32_t)i) << "element " << i;
+    EXPECT_EQ(in.back(), left * 1000003 + (int32_t)(in.size() - 1));
+}
+
+// Every rank shifts a block to its right neighbour and waits for one from
+// that neighbour too, which sends its own to the rank beyond: no receive is
+// ever matched, so each wait times out after the deadline, counted from the
+// wait, and names the right neighbour (the only peer of both halves).
+// (Every rank must time out: a communicator that broke on some ranks only
+// leaves the job unable to finalize. At two ranks the right neighbour is
+// the left one too, and the shifts match.)
 TEST_F(Comm, SendRecvTimesOutNamingTheSilentPeer) {
-    if (!world_is_mpi() || g_size < 2) GTEST_SKIP() << "needs two MPI ranks";
+    if (!world_is_mpi() || g_size < 3) GTEST_SKIP() << "needs three MPI ranks";
     cp_comm_t c = nullptr;
     ASSERT_EQ(cp_comm_split(g_world, 0, g_rank, &c), CP_OK) << cp_last_error();
     CommPtr guard(c);
     ASSERT_EQ(cp_comm_set_timeout(c, 300), CP_OK);
-    const int left = (g_rank + g_size - 1) % g_size;
+    const int right = (g_rank + 1) % g_size;
     int32_t out = 5, in = -1;
-    ASSERT_EQ(cp_comm_sendrecv_start(c, &out, g_rank, &in, left, 1, CP_DTYPE_I32, nullptr), CP_OK)
+    ASSERT_EQ(cp_comm_sendrecv_start(c, &out, right, &in, right, 1, CP_DTYPE_I32, nullptr), CP_OK)
         << cp_last_error();
     std::this_thread::sleep_for(std::chrono::milliseconds(400)); // past the deadline, before the wait
     double t0 = now_ms();
@@ -798,7 +830,7 @@ TEST_F(Comm, SendRecvTimesOutNamingTheSilentPeer) {
     double ms = now_ms() - t0;
     std::string msg = cp_last_error_detail();
     std::string want = "sendrecv on split(color=0) (rank " + std::to_string(g_rank) + " of " +
-                       std::to_string(g_size) + ") timed out after 300 ms waiting for rank " + std::to_string(left);
+                       std::to_string(g_size) + ") timed out after 300 ms waiting for rank " + std::to_string(right);
     EXPECT_NE(msg.find(want), std::string::npos) << msg;
     EXPECT_NE(msg.find("did not post the matching sendrecv"), std::string::npos) << msg;
     EXPECT_GE(ms, 299.0) << "the deadline counts from the wait";

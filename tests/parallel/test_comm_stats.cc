@@ -93,6 +93,10 @@ TEST(CommStats, SelfCountsExactly) {
     want.add(CP_COMM_OP_BCAST, 9);
     ASSERT_EQ(cp_comm_barrier(c.get()), CP_OK);
     want.add(CP_COMM_OP_BARRIER, 0);
+    float s11[11] = {0}, r11[11];
+    ASSERT_EQ(cp_comm_sendrecv_start(c.get(), s11, 0, r11, 0, 11, CP_DTYPE_F32, nullptr), CP_OK);
+    ASSERT_EQ(cp_comm_sendrecv_wait(c.get(), nullptr), CP_OK);
+    want.add(CP_COMM_OP_SENDRECV, 11 * 4); // the count sent; the wait is no second call
     // zero elements is a call that moves nothing
     ASSERT_EQ(cp_comm_allreduce(c.get(), nullptr, nullptr, 0, CP_DTYPE_F32, CP_REDUCE_SUM, nullptr),
               CP_OK);
@@ -107,6 +111,8 @@ TEST(CommStats, SelfCountsExactly) {
     EXPECT_NE(cp_comm_recv(c.get(), f.data(), 10, CP_DTYPE_F32, 0, nullptr), CP_OK);
     EXPECT_NE(cp_comm_bcast(c.get(), b9, 9, CP_DTYPE_I8, 1, nullptr), CP_OK);
     EXPECT_NE(cp_comm_bcast(c.get(), b9, 9, CP_DTYPE_Q8_0, 0, nullptr), CP_OK);
+    EXPECT_NE(cp_comm_sendrecv_start(c.get(), s11, 1, r11, 0, 11, CP_DTYPE_F32, nullptr), CP_OK);
+    EXPECT_NE(cp_comm_sendrecv_wait(c.get(), nullptr), CP_OK);
     expect_stats(c.get(), want, "after rejected calls");
 
     cp_comm_reset_stats(c.get());
@@ -176,6 +182,14 @@ TEST(CommStats, WorldCountsExactly) {
             want.add(CP_COMM_OP_SEND, 2 * 8);
         }
     }
+    // a ring shift of 13 int16 to the right: what a rank sent
+    int16_t sh[13] = {0}, shin[13];
+    ASSERT_EQ(cp_comm_sendrecv_start(w.get(), sh, (rank + 1) % n, shin, (rank + n - 1) % n, 13, CP_DTYPE_I16,
+                                     nullptr),
+              CP_OK)
+        << cp_last_error();
+    ASSERT_EQ(cp_comm_sendrecv_wait(w.get(), nullptr), CP_OK) << cp_last_error();
+    want.add(CP_COMM_OP_SENDRECV, 13 * 2);
     ASSERT_EQ(cp_comm_barrier(w.get()), CP_OK) << cp_last_error();
     want.add(CP_COMM_OP_BARRIER, 0);
     expect_stats(w.get(), want, "world after the sequence");
