@@ -49,8 +49,10 @@ typedef struct cp_model_load_opts {
      * or the K/V history of the chunk's sequences; the others force one way
      * for every sequence. K/V is all-gathered (CP_CP_KV) or passed around
      * the ring (CP_CP_RING), which holds 2/cp of the history at a time
-     * instead of all of it twice and overlaps the transfers with attention,
-     * in cp - 1 steps per layer. */
+     * instead of all of it twice, in cp - 1 steps per layer (each transfer
+     * started before the attention to the block in hand). Every cp rank
+     * must be given the same cp_exchange and cp_ring_bytes: each decides
+     * a chunk's exchange alone, and the load refuses ranks that differ. */
     int cp_exchange;
     /* Under CP_CP_AUTO, a chunk whose K/V-passing sequences hold at least
      * this many bytes of K and V per layer (their whole history) passes

@@ -5,6 +5,7 @@
 #include "model_impl.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -320,9 +321,11 @@ static cp_attn_params attn_params(cp_model_t m, cp_kv_cache_t kv, const cp_batch
  * in cp steps attends its rows to the block in hand while passing it on to
  * the next rank (and receiving the previous rank's), merging the partial
  * outputs by their log-sum-exp (the online softmax). Memory is two blocks,
- * 2/cp of the history, instead of the history twice, and the transfers
- * overlap the attention; it costs cp - 1 transfers per layer instead of one
- * collective. */
+ * 2/cp of the history, instead of the history twice; it costs cp - 1
+ * transfers per layer instead of one collective. Each transfer starts
+ * before the attention to the block in hand, so a transport that moves
+ * data on its own (NCCL, RDMA) can hide it; over one node's shared memory
+ * MPI copies it inside the wait. */
 
 static cp_status cpx_reserve(cp_model_t m) {
     if (m->cpx.count) return CP_OK;
@@ -385,8 +388,9 @@ static int held(int len, int cp, int r) { return len > r ? (len - 1 - r) / cp + 
  * with decode rows of long histories splits. The K/V sequences go around
  * the ring (cpx.ring) when forced, or under CP_CP_AUTO when their history
  * holds at least cp_ring_bytes per layer: on one node the ring was level
- * with the all-gather at 0.77 MB and 3-5% faster at 3.1 MB
- * (benchmarks/parallel/results/cp_ring_*), and it holds 1/cp of the K/V. */
+ * with the all-gather at 0.77 MB and 3-6% faster at 3.1 MB, with under 1%
+ * of the time in the transfers either way
+ * (benchmarks/parallel/results/cp_ring_*), and it holds 2/cp of the K/V. */
 static void choose_exchange(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, int t0, int T) {
     int32_t *seqs = m->cpx.seqs, *rows_seq = m->cpx.rseq;
     int n = 0;
@@ -628,17 +632,28 @@ static cp_status cp_attention_ring(cp_model_t m, cp_kv_cache_t kv, int l, const 
     const int to = (me + 1) % cp, from = (me + cp - 1) % cp;
     for (int step = 0; step < cp; step++) {
         unsigned char *cur = buf[step & 1];
-        if (step + 1 < cp)
+        const bool pass = step + 1 < cp;
+        if (pass)
             CP_CHECK(cp_comm_sendrecv_start(m->cp_comm, cur, to, buf[(step + 1) & 1], from, 2 * half, CP_DTYPE_I8,
                                             NULL));
+        cp_status st = CP_OK;
         if (nk > 0) {
             /* the block in hand is rank (me - step)'s */
             g.kv_offset = (me + cp - step) % cp;
             g.lse = step == 0 ? lacc : lpart;
-            CP_CHECK(cp_backend_attention(m->be, &g, q, cur, cur + half, step == 0 ? acc : part));
-            if (step > 0) merge_partial(acc, lacc, part, lpart, (size_t)nk * (size_t)nh, hd);
+            st = cp_backend_attention(m->be, &g, q, cur, cur + half, step == 0 ? acc : part);
+            if (st == CP_OK && step > 0) merge_partial(acc, lacc, part, lpart, (size_t)nk * (size_t)nh, hd);
         }
-        if (step + 1 < cp) CP_CHECK(cp_comm_sendrecv_wait(m->cp_comm, NULL));
+        /* never leave with the transfer in flight: it writes into kvfull,
+         * which a later chunk may move and the model's end frees */
+        if (pass && st == CP_OK) {
+            st = cp_comm_sendrecv_wait(m->cp_comm, NULL);
+        } else if (pass) {
+            char why[512];
+            snprintf(why, sizeof(why), "%s", cp_last_error_detail());
+            if (cp_comm_sendrecv_wait(m->cp_comm, NULL) != CP_OK) CP_ERROR(st, "%s", why); /* the first error */
+        }
+        CP_CHECK(st);
     }
     if (!all) scatter_rows(m->s.att, acc, m->cpx.kidx, nk, qd);
     return CP_OK;

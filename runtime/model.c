@@ -393,6 +393,18 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     m->pp_micro = o->pp_micro > 0 ? o->pp_micro : 4 * po.pp;
     m->cp_exchange = o->cp_exchange;
     m->cp_ring_bytes = o->cp_ring_bytes > 0 ? o->cp_ring_bytes : CP_CP_RING_BYTES_DEFAULT;
+    if (m->cp_comm) {
+        /* every cp rank decides each chunk's exchange alone: the inputs of
+         * that decision must be the same on all of them, or some would
+         * all-gather while others pass the ring */
+        double mine[4] = {m->cp_exchange, -m->cp_exchange, m->cp_ring_bytes, -m->cp_ring_bytes}, most[4];
+        CP_CHECK(cp_comm_allreduce(m->cp_comm, mine, most, 4, CP_DTYPE_F64, CP_REDUCE_MAX, NULL));
+        if (most[0] != -most[1] || most[2] != -most[3])
+            return CP_ERROR(CP_ERR_INVALID_ARG,
+                            "the context-parallel ranks were loaded with different exchange options (cp exchange "
+                            "%s here, ring threshold %.0f bytes here); give every rank the same",
+                            cp_cp_exchange_name(m->cp_exchange), m->cp_ring_bytes);
+    }
     m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
     return CP_OK;
 }

@@ -449,6 +449,47 @@ TEST(ModelParallel, ContextParallelExchangeFollowsTheCost) {
     remove(path.c_str());
 }
 
+// Every cp rank decides each chunk's exchange alone, so ranks loaded with
+// different exchange options would call different collectives: the load
+// refuses them on every rank, and the same options on every rank load.
+TEST(ModelParallel, ContextParallelRanksAgreeOnTheExchange) {
+    const int world = cp_comm_size(g_world), rank = cp_comm_rank(g_world);
+    if (world < 2) GTEST_SKIP() << "needs cp ranks";
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 31);
+    std::string path = cptest::write_gguf(tm, "mp_cpagree_" + std::to_string(rank));
+    auto load = [&](int exchange, double ring_bytes) {
+        cp_comm_t cpc = nullptr;
+        EXPECT_EQ(cp_comm_split(g_world, 0, rank, &cpc), CP_OK) << cp_last_error();
+        cp_engine_opts o = {};
+        o.model_path = path.c_str();
+        o.n_threads = 1;
+        o.n_ctx = 64;
+        o.tokens_only = true;
+        o.cp = world;
+        o.cp_exchange = exchange;
+        o.cp_ring_bytes = ring_bytes;
+        o.rank = rank;
+        o.cp_comm = cpc;
+        cp_engine_t e = nullptr;
+        cp_status st = cp_engine_init(&o, &e);
+        std::string msg = st == CP_OK ? "" : cp_last_error_detail();
+        cp_engine_free(e);
+        cp_comm_free(cpc);
+        return std::make_pair(st, msg);
+    };
+    auto r = load(CP_CP_AUTO, 1e6 + rank);
+    EXPECT_EQ(r.first, CP_ERR_INVALID_ARG);
+    EXPECT_NE(r.second.find("loaded with different exchange options"), std::string::npos) << r.second;
+    r = load(rank == 0 ? CP_CP_RING : CP_CP_KV, 0);
+    EXPECT_EQ(r.first, CP_ERR_INVALID_ARG);
+    EXPECT_NE(r.second.find(rank == 0 ? "cp exchange ring here" : "cp exchange kv here"), std::string::npos)
+        << r.second;
+    r = load(CP_CP_RING, 12345);
+    EXPECT_EQ(r.first, CP_OK) << r.second;
+    remove(path.c_str());
+}
+
 // A chunk that mixes a fresh prompt with decode rows of long histories, as
 // a serving step does: the prompt (in two runs, a decode row between them)
 // passes its K/V and the decode rows their queries, both in the one chunk,
