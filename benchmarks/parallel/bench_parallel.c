@@ -209,6 +209,7 @@ typedef struct measure {
     double t_begin, t_end;
     cp_comm_stats tp_stats, pp_stats, cp_stats;
     uint64_t prefill_bytes; /* payload this rank passed during the prefill, all groups */
+    double prefill_comm_s;  /* seconds this rank spent in communicator calls then */
 } measure;
 
 static uint64_t total_bytes(cp_comm_t c) {
@@ -217,6 +218,14 @@ static uint64_t total_bytes(cp_comm_t c) {
     uint64_t n = 0;
     for (int op = 0; op < CP_COMM_OP_COUNT; op++) n += st.bytes[op];
     return n;
+}
+
+static double total_seconds(cp_comm_t c) {
+    cp_comm_stats st;
+    cp_comm_get_stats(c, &st);
+    double s = 0;
+    for (int op = 0; op < CP_COMM_OP_COUNT; op++) s += st.seconds[op];
+    return s;
 }
 
 static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
@@ -228,6 +237,7 @@ static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
     if (m->n_seen == 1) {
         /* the counters were zeroed just before the prompt went in */
         m->prefill_bytes = total_bytes(m->tp) + total_bytes(m->pp) + total_bytes(m->cp);
+        m->prefill_comm_s = total_seconds(m->tp) + total_seconds(m->pp) + total_seconds(m->cp);
         cp_comm_reset_stats(m->tp);
         cp_comm_reset_stats(m->pp);
         cp_comm_reset_stats(m->cp);
@@ -598,9 +608,10 @@ int main(int argc, char **argv) {
         cp_model_get_stats(cp_engine_model(e), &ms);
         fprintf(stderr,
                 "bench_parallel: %s tp=%d pp=%d cp=%d%s: %d threads/rank, prefill %d tokens %.1f ms "
-                "(%.0f bytes per token passed by rank 0), decode %d tokens %.1f ms (rank 0)",
+                "(%.0f bytes per token passed by rank 0, %.1f ms in its communicator calls), decode %d tokens "
+                "%.1f ms (rank 0)",
                 o.name, o.tp, o.pp, o.cp, o.sp ? " sp" : "", threads, o.n_prompt, gs.prefill_s * 1e3,
-                (double)m.prefill_bytes / o.n_prompt, o.n_gen, mine_d[R_DECODE] * 1e3);
+                (double)m.prefill_bytes / o.n_prompt, m.prefill_comm_s * 1e3, o.n_gen, mine_d[R_DECODE] * 1e3);
         if (o.cp > 1)
             fprintf(stderr, ", exchange %s holding at most %.2f MB of K/V per layer", cp_cp_exchange_name(o.cp_exchange),
                     ms.cp_kv_peak_bytes / 1e6);

@@ -2,7 +2,9 @@
 # run_ring.sh - the two forms of passing K/V under context parallelism on a
 # fresh prompt: all-gathered (--cp-exchange kv) against ring attention
 # (--cp-exchange ring), on the default model at cp 2 and cp 4 for prompts of
-# P tokens (bench_parallel, one thread per rank): prefill time, the payload
+# P tokens (bench_parallel, one thread per rank): prefill time, the part of
+# it rank 0 spent inside communicator calls (for a ring step, the start and
+# the wait: what the attention between them did not hide), the payload
 # rank 0 passed per prompt token (as cp_comm.h counts it: the whole gathered
 # buffer for an all-gather, what it sent for a ring step) and the most K/V
 # one layer's exchange held at once. The median prefill of REPS runs.
@@ -30,12 +32,13 @@ for P in $PROMPTS; do
                 line=$("${MPIRUN[@]}" -np "$cp" "$BUILD/bench_parallel" --model "$MODEL" --cp "$cp" --prompt "$P" \
                            --gen 4 --threads 1 --cp-exchange "$x" 2>&1 >/dev/null | grep "exchange $x holding")
                 echo "$line" >&2
-                # "prefill P tokens T ms (B bytes per token ...), ... holding at most M MB of K/V per layer"
-                runs+=("$(echo "$line" | sed -E 's/.*prefill [0-9]+ tokens ([0-9.]+) ms \(([0-9]+) bytes per token.*at most ([0-9.]+) MB.*/\1 \2 \3/')")
+                # "prefill P tokens T ms (B bytes per token passed by rank 0, C ms in its communicator
+                # calls), ... holding at most M MB of K/V per layer"
+                runs+=("$(echo "$line" | sed -E 's/.*prefill [0-9]+ tokens ([0-9.]+) ms \(([0-9]+) bytes per token[^,]*, ([0-9.]+) ms in its communicator calls.*at most ([0-9.]+) MB.*/\1 \2 \3 \4/')")
             done
-            read -r ms bytes mb <<< "$(printf '%s\n' "${runs[@]}" | sort -g | sed -n "$(( (REPS + 1) / 2 ))p")"
+            read -r ms bytes cms mb <<< "$(printf '%s\n' "${runs[@]}" | sort -g | sed -n "$(( (REPS + 1) / 2 ))p")"
             tps=$(awk -v p="$P" -v ms="$ms" 'BEGIN { printf "%.1f", p / (ms / 1000) }')
-            ROWS+=("| $P | $cp | $x | $ms | $tps | $bytes | $mb |")
+            ROWS+=("| $P | $cp | $x | $ms | $tps | $cms | $bytes | $mb |")
         done
     done
 done
@@ -53,8 +56,8 @@ done
     echo
     machine_section
     echo
-    echo "| prompt tokens | cp | exchange | prefill ms | prefill tok/s | bytes per token (rank 0) | K/V held per layer, MB |"
-    echo "|--:|--:|---|--:|--:|--:|--:|"
+    echo "| prompt tokens | cp | exchange | prefill ms | prefill tok/s | of it in communicator calls (rank 0), ms | bytes per token (rank 0) | K/V held per layer, MB |"
+    echo "|--:|--:|---|--:|--:|--:|--:|--:|"
     for r in "${ROWS[@]}"; do echo "$r"; done
     echo
     echo "## Command"
