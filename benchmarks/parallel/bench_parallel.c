@@ -212,20 +212,14 @@ typedef struct measure {
     double prefill_comm_s;  /* seconds this rank spent in communicator calls then */
 } measure;
 
-static uint64_t total_bytes(cp_comm_t c) {
+/* Adds c's payload bytes and seconds, over every operation, to the totals. */
+static void add_totals(cp_comm_t c, uint64_t *bytes, double *seconds) {
     cp_comm_stats st;
     cp_comm_get_stats(c, &st);
-    uint64_t n = 0;
-    for (int op = 0; op < CP_COMM_OP_COUNT; op++) n += st.bytes[op];
-    return n;
-}
-
-static double total_seconds(cp_comm_t c) {
-    cp_comm_stats st;
-    cp_comm_get_stats(c, &st);
-    double s = 0;
-    for (int op = 0; op < CP_COMM_OP_COUNT; op++) s += st.seconds[op];
-    return s;
+    for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
+        *bytes += st.bytes[op];
+        *seconds += st.seconds[op];
+    }
 }
 
 static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
@@ -236,8 +230,11 @@ static bool on_token(void *user, int32_t token, const char *piece, size_t len) {
     m->n_seen++;
     if (m->n_seen == 1) {
         /* the counters were zeroed just before the prompt went in */
-        m->prefill_bytes = total_bytes(m->tp) + total_bytes(m->pp) + total_bytes(m->cp);
-        m->prefill_comm_s = total_seconds(m->tp) + total_seconds(m->pp) + total_seconds(m->cp);
+        m->prefill_bytes = 0;
+        m->prefill_comm_s = 0;
+        add_totals(m->tp, &m->prefill_bytes, &m->prefill_comm_s);
+        add_totals(m->pp, &m->prefill_bytes, &m->prefill_comm_s);
+        add_totals(m->cp, &m->prefill_bytes, &m->prefill_comm_s);
         cp_comm_reset_stats(m->tp);
         cp_comm_reset_stats(m->pp);
         cp_comm_reset_stats(m->cp);
@@ -432,7 +429,12 @@ static cp_status mixed_step(cp_engine_t e, const bench_opts *o, cp_comm_t tp, cp
     }
     if (st != CP_OK) goto done;
     *secs = cp_time_now() - t0;
-    *bytes = (double)(total_bytes(tp) + total_bytes(pp) + total_bytes(cpc));
+    uint64_t moved = 0;
+    double in_calls = 0;
+    add_totals(tp, &moved, &in_calls);
+    add_totals(pp, &moved, &in_calls);
+    add_totals(cpc, &moved, &in_calls);
+    *bytes = (double)moved;
     if (o->logits >= LOGITS_SAMPLE && cp_model_get_plan(m)->last_stage && cp_model_get_plan(m)->tp_rank == 0) {
         cp_model_stats after;
         cp_model_get_stats(m, &after);

@@ -66,6 +66,30 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
     return true;
 }
 
+// What every engine of these tests shares: one thread per rank, a 256-token
+// f32 cache, no tokenizer; the layout and its communicators.
+cp_engine_opts shard_opts(const std::string &model, int tp, int pp, int cp, int rank, cp_comm_t tpc, cp_comm_t ppc,
+                          cp_comm_t cpc) {
+    cp_engine_opts o = {};
+    o.model_path = model.c_str();
+    o.n_threads = 1;
+    // CP_TEST_DEVICE=cuda: every rank on the GPU (ranks sharing one GPU talk
+    // through MPI with host staging)
+    const char *dev = getenv("CP_TEST_DEVICE");
+    if (dev && !strcmp(dev, "cuda")) o.device = CP_DEVICE_CUDA;
+    o.n_ctx = 256;
+    o.kv_f32 = true;
+    o.tokens_only = true;
+    o.tp = tp;
+    o.pp = pp;
+    o.cp = cp;
+    o.rank = rank;
+    o.tp_comm = tpc;
+    o.pp_comm = ppc;
+    o.cp_comm = cpc;
+    return o;
+}
+
 // An engine over tp x cp x pp ranks of the world (1 x 1 x 1: this rank
 // alone); rank = (stage * cp + cp rank) * tp + tp rank.
 struct Sharded {
@@ -81,28 +105,12 @@ struct Sharded {
             EXPECT_EQ(cp_comm_split(g_world, pp > 1 ? col.pp : -1, rank, &ppc), CP_OK) << cp_last_error();
             EXPECT_EQ(cp_comm_split(g_world, cp > 1 ? col.cp : -1, rank, &cpc), CP_OK) << cp_last_error();
         }
-        cp_engine_opts o = {};
-        o.model_path = model.c_str();
-        o.n_threads = 1;
-        // CP_TEST_DEVICE=cuda: every rank on the GPU (ranks sharing one GPU talk
-        // through MPI with host staging)
-        const char *dev = getenv("CP_TEST_DEVICE");
-        if (dev && !strcmp(dev, "cuda")) o.device = CP_DEVICE_CUDA;
-        o.n_ctx = 256;
-        o.kv_f32 = true;
-        o.tokens_only = true;
+        cp_engine_opts o = shard_opts(model, tp, pp, cp, alone ? 0 : rank, tpc, ppc, cpc);
         o.convert_weights = f32_weights;
         o.weight_dtype = CP_DTYPE_F32;
-        o.tp = tp;
-        o.pp = pp;
-        o.cp = cp;
         o.cp_exchange = exchange;
         o.cp_ring_bytes = ring_bytes;
         o.sp = sp;
-        o.rank = alone ? 0 : rank;
-        o.tp_comm = tpc;
-        o.pp_comm = ppc;
-        o.cp_comm = cpc;
         EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
     }
     ~Sharded() {
@@ -461,16 +469,9 @@ TEST(ModelParallel, ContextParallelRanksAgreeOnTheExchange) {
     auto load = [&](int exchange, double ring_bytes) {
         cp_comm_t cpc = nullptr;
         EXPECT_EQ(cp_comm_split(g_world, 0, rank, &cpc), CP_OK) << cp_last_error();
-        cp_engine_opts o = {};
-        o.model_path = path.c_str();
-        o.n_threads = 1;
-        o.n_ctx = 64;
-        o.tokens_only = true;
-        o.cp = world;
+        cp_engine_opts o = shard_opts(path, 1, 1, world, rank, nullptr, nullptr, cpc);
         o.cp_exchange = exchange;
         o.cp_ring_bytes = ring_bytes;
-        o.rank = rank;
-        o.cp_comm = cpc;
         cp_engine_t e = nullptr;
         cp_status st = cp_engine_init(&o, &e);
         std::string msg = st == CP_OK ? "" : cp_last_error_detail();
