@@ -437,6 +437,26 @@ cp_status cp_comm_barrier(cp_comm_t c) {
     return st;
 }
 
+cp_status cp_comm_same_i64(cp_comm_t c, const int64_t *v, int n, int64_t *lo, int64_t *hi, bool *same) {
+    enum { MAX_VALUES = 16 };
+    if (!v || !same || n < 1 || n > MAX_VALUES)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_same_i64: needs 1 to %d values and an answer (n = %d)",
+                        MAX_VALUES, n);
+    int64_t x[2 * MAX_VALUES];
+    for (int i = 0; i < n; i++) {
+        x[i] = v[i];
+        x[n + i] = -v[i]; /* the largest negation is the smallest value */
+    }
+    CP_CHECK(cp_comm_allreduce(c, x, x, 2 * (size_t)n, CP_DTYPE_I64, CP_REDUCE_MAX, NULL));
+    *same = true;
+    for (int i = 0; i < n; i++) {
+        if (x[i] != -x[n + i]) *same = false;
+        if (lo) lo[i] = -x[n + i];
+        if (hi) hi[i] = x[i];
+    }
+    return CP_OK;
+}
+
 cp_status cp_comm_set_timeout(cp_comm_t c, int timeout_ms) {
     if (!c) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_set_timeout: communicator is NULL");
     if (timeout_ms < 0)

@@ -40,7 +40,8 @@ typedef enum cp_reduce_op {
  * Collective calls (every rank of the communicator must make them, in the
  * same order, with matching arguments): cp_comm_init_world, cp_comm_split,
  * cp_comm_allreduce, cp_comm_allgather, cp_comm_allgatherv,
- * cp_comm_reduce_scatter, cp_comm_bcast, cp_comm_barrier, cp_comm_free.
+ * cp_comm_reduce_scatter, cp_comm_bcast, cp_comm_barrier, cp_comm_same_i64,
+ * cp_comm_free.
  * cp_comm_send / cp_comm_recv and the sendrecv pair involve two ranks each;
  * cp_comm_abort one.
  *
@@ -162,6 +163,13 @@ cp_status cp_comm_sendrecv_wait(cp_comm_t c, void *stream);
 /* Returns once every rank of c has called it (or the deadline passed). */
 cp_status cp_comm_barrier(cp_comm_t c);
 
+/* Whether the ranks of c hold the same n values (host memory, n <= 16,
+ * each above INT64_MIN): lo[i] and hi[i] become the smallest and the
+ * largest v[i] over the ranks (hi or lo may be NULL), and *same whether
+ * they are equal for every i. One all-reduce of 2n values, so every rank
+ * gets the same answer and can refuse a setting together. */
+cp_status cp_comm_same_i64(cp_comm_t c, const int64_t *v, int n, int64_t *lo, int64_t *hi, bool *same);
+
 /* ---- statistics ----------------------------------------------------------
  * Every communicator counts, per operation, the calls that passed the
  * argument checks and reached the backend (successful or not), the payload
@@ -174,9 +182,10 @@ cp_status cp_comm_barrier(cp_comm_t c);
  * whole input for reduce-scatter (size x count_per_rank); 0 for barrier.
  * They describe what the algorithm asks to move, not the traffic a
  * backend's algorithm puts on the wire (a ring all-reduce sends about
- * 2 (size-1)/size times the payload per rank). Seconds include waiting for late peers; with NCCL and
- * no deadline a call returns once enqueued, so its time is the enqueue time
- * only. Counting costs two clock reads per call. Counters start at zero and
+ * 2 (size-1)/size times the payload per rank). Seconds include waiting for
+ * late peers; with NCCL and no deadline a call returns once enqueued, so
+ * its time is the enqueue time only. Counting costs two clock reads per
+ * call. cp_comm_same_i64 counts as the all-reduce it makes. Counters start at zero and
  * are per communicator (a split child starts at zero too); they are plain
  * counters, used from the communicator's single calling thread. */
 typedef enum cp_comm_op {

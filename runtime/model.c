@@ -51,9 +51,10 @@ cp_status cp_model_set_observer(cp_model_t m, cp_act_observer fn, void *user) {
 }
 
 static const char *const exchange_names[] = {"auto", "queries", "kv", "ring"}; /* in CP_CP_* order */
+#define N_EXCHANGES ((int)(sizeof(exchange_names) / sizeof(exchange_names[0])))
 
 bool cp_cp_exchange_parse(const char *name, int *out) {
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < N_EXCHANGES; i++)
         if (!strcmp(name, exchange_names[i])) {
             *out = i;
             return true;
@@ -62,7 +63,7 @@ bool cp_cp_exchange_parse(const char *name, int *out) {
 }
 
 const char *cp_cp_exchange_name(int exchange) {
-    return exchange >= 0 && exchange < 4 ? exchange_names[exchange] : "?";
+    return exchange >= 0 && exchange < N_EXCHANGES ? exchange_names[exchange] : "?";
 }
 
 cp_model_groups cp_model_get_groups(cp_model_t m) {
@@ -397,9 +398,11 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
         /* every cp rank decides each chunk's exchange alone: the inputs of
          * that decision must be the same on all of them, or some would
          * all-gather while others pass the ring */
-        double mine[4] = {m->cp_exchange, -m->cp_exchange, m->cp_ring_bytes, -m->cp_ring_bytes}, most[4];
-        CP_CHECK(cp_comm_allreduce(m->cp_comm, mine, most, 4, CP_DTYPE_F64, CP_REDUCE_MAX, NULL));
-        if (most[0] != -most[1] || most[2] != -most[3])
+        int64_t mine[2] = {m->cp_exchange, 0};
+        memcpy(&mine[1], &m->cp_ring_bytes, sizeof(double)); /* positive: equal values have equal bits */
+        bool same;
+        CP_CHECK(cp_comm_same_i64(m->cp_comm, mine, 2, NULL, NULL, &same));
+        if (!same)
             return CP_ERROR(CP_ERR_INVALID_ARG,
                             "the context-parallel ranks were loaded with different exchange options (cp exchange "
                             "%s here, ring threshold %.0f bytes here); give every rank the same",

@@ -90,18 +90,20 @@ cp_status cp_step_link_init(cp_comm_t world, cp_model_t m, cp_kv_cache_t kv, boo
     l->rank = cp_comm_rank(world);
     l->size = cp_comm_size(world);
     /* every rank must address the same blocks: compare the cache sizes */
-    int64_t blocks[2] = {cp_kv_cache_n_blocks(kv), -cp_kv_cache_n_blocks(kv)};
-    cp_status st = cp_comm_allreduce(world, blocks, blocks, 2, CP_DTYPE_I64, CP_REDUCE_MAX, NULL);
+    const int64_t blocks = cp_kv_cache_n_blocks(kv);
+    int64_t lo, hi;
+    bool same;
+    cp_status st = cp_comm_same_i64(world, &blocks, 1, &lo, &hi, &same);
     if (st != CP_OK) {
         free(l);
         return st;
     }
-    if (blocks[0] != -blocks[1]) {
+    if (!same) {
         free(l);
         return CP_ERROR(CP_ERR_INVALID_ARG,
                         "the ranks' KV caches differ (%lld to %lld blocks): start every rank with "
                         "the same --ctx-size, --max-running and --kv-f32",
-                        (long long)-blocks[1], (long long)blocks[0]);
+                        (long long)lo, (long long)hi);
     }
     const cp_plan *p = cp_model_get_plan(m);
     l->pp = p->pp;

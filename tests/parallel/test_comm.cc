@@ -649,6 +649,32 @@ TEST_F(Comm, SendRecvInFlightRules) {
     EXPECT_EQ(y, g_size);
 }
 
+// ---- agreement ----------------------------------------------------------------
+
+// The smallest and largest of each value over the ranks, exactly, and
+// whether all ranks agree: a value that differs by rank makes them
+// disagree, on every rank alike; the same values agree.
+TEST_F(Comm, SameValuesOnEveryRank) {
+    const int64_t v[3] = {7, (int64_t)g_rank * 5 - 2, INT64_MAX};
+    int64_t lo[3], hi[3];
+    bool same = true;
+    ASSERT_EQ(cp_comm_same_i64(g_world, v, 3, lo, hi, &same), CP_OK) << cp_last_error();
+    EXPECT_EQ(same, g_size == 1);
+    EXPECT_EQ(lo[0], 7);
+    EXPECT_EQ(hi[0], 7);
+    EXPECT_EQ(lo[1], -2);
+    EXPECT_EQ(hi[1], (int64_t)(g_size - 1) * 5 - 2);
+    EXPECT_EQ(lo[2], INT64_MAX);
+    EXPECT_EQ(hi[2], INT64_MAX);
+    const int64_t w[2] = {-(INT64_MAX), 0};
+    same = false;
+    ASSERT_EQ(cp_comm_same_i64(g_world, w, 2, nullptr, nullptr, &same), CP_OK) << cp_last_error();
+    EXPECT_TRUE(same);
+    EXPECT_EQ(cp_comm_same_i64(g_world, w, 0, nullptr, nullptr, &same), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(cp_comm_same_i64(g_world, w, 17, nullptr, nullptr, &same), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(cp_comm_same_i64(g_world, w, 2, nullptr, nullptr, nullptr), CP_ERR_INVALID_ARG);
+}
+
 // ---- barrier ------------------------------------------------------------------
 
 TEST_F(Comm, BarrierWaitsForTheLastRank) {
