@@ -18,8 +18,7 @@ OUT=${OUT:-$REPO/benchmarks/parallel/results/$DATE.md}
 RAND_MODEL=$REPO/models/rand-1024x16.Q8_0.gguf
 PY=${PY:-/opt/llamacpp/bin/python}
 
-[ -x "$BENCH" ] || { echo "run.sh: $BENCH not found: build first (cmake --build $BUILD --target bench_parallel)" >&2; exit 1; }
-[ -f "$DEFAULT_MODEL" ] || { echo "run.sh: $DEFAULT_MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
+require bench_parallel
 if [ ! -f "$RAND_MODEL" ]; then
     # the mid-size model of benchmarks/README.md: dim 1024, 16 layers,
     # 16 heads, 4 KV heads, FFN 2816, untied LM head, Q8_0
@@ -108,11 +107,6 @@ run_one "$DEFAULT_MODEL" "SmolLM2-135M-Q4_1" 3 1
         for s in "${SKIPPED[@]}"; do echo "- $s"; done
         echo
     fi
-    echo "## Commands"
-    echo
-    echo '```sh'
-    echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
-    for c in "${CMDS[@]}"; do echo "$c"; done
-    echo '```'
+    command_section Commands "${CMDS[@]}"
 } > "$OUT"
 echo "run.sh: wrote $OUT" >&2

@@ -18,8 +18,7 @@ REPS=${REPS:-3}
 OUT=${OUT:-$REPO/benchmarks/parallel/results/cp_$DATE.md}
 MODEL=$DEFAULT_MODEL
 
-[ -x "$CPAR" ] || { echo "run_cp.sh: $CPAR not found: build first" >&2; exit 1; }
-[ -f "$MODEL" ] || { echo "run_cp.sh: $MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
+require cparallel
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -99,11 +98,7 @@ run_one 6 "tp 3 x cp 2" --tp 3 --cp 2
     echo "|---|---|---|---|---|---|---|"
     for r in "${ROWS[@]}"; do echo "$r"; done
     echo
-    echo "## Command"
-    echo
-    echo '```sh'
-    echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
-    echo "mpirun --oversubscribe --bind-to none -np NP build/cparallel ${ARGS[*]} FLAGS" | sed "s|$REPO/||g; s|$TMP/|/tmp/|g"
-    echo '```'
+    command_section Command "mpirun --oversubscribe --bind-to none -np NP build/cparallel ${ARGS[*]} FLAGS" |
+        sed "s|$REPO/||g; s|$TMP/|/tmp/|g"
 } > "$OUT"
 echo "run_cp.sh: wrote $OUT" >&2

@@ -19,8 +19,7 @@ H=${H:-64}
 P=${P:-16}
 OUT=${OUT:-$REPO/benchmarks/parallel/results/logits_$DATE.md}
 MODEL=$DEFAULT_MODEL
-[ -x "$BUILD/bench_parallel" ] || { echo "run_logits.sh: $BUILD/bench_parallel not found: build first" >&2; exit 1; }
-[ -f "$MODEL" ] || { echo "run_logits.sh: $MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
+require bench_parallel
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
@@ -62,11 +61,6 @@ done
     echo "|---|--:|--:|--:|---|--:|--:|--:|--:|---|"
     for r in "${ROWS[@]}"; do echo "$r"; done
     echo
-    echo "## Command"
-    echo
-    echo '```sh'
-    echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
-    echo "mpirun --oversubscribe --bind-to none -np TP*PP build/bench_parallel --model models/$(basename "$MODEL") --tp TP --pp PP --mixed $S --prompt $H --fresh $P --logits full|top|sample|nucleus"
-    echo '```'
+    command_section Command "mpirun --oversubscribe --bind-to none -np TP*PP build/bench_parallel --model models/$(basename "$MODEL") --tp TP --pp PP --mixed $S --prompt $H --fresh $P --logits full|top|sample|nucleus"
 } > "$OUT"
 echo "run_logits.sh: wrote $OUT" >&2

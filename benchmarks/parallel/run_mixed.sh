@@ -20,10 +20,7 @@ P=${P:-256}
 REPS=${REPS:-1}
 OUT=${OUT:-$REPO/benchmarks/parallel/results/cp_mixed_$DATE.md}
 MODEL=$DEFAULT_MODEL
-for b in bench_parallel bench_comm; do
-    [ -x "$BUILD/$b" ] || { echo "run_mixed.sh: $BUILD/$b not found: build first" >&2; exit 1; }
-done
-[ -f "$MODEL" ] || { echo "run_mixed.sh: $MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
+require bench_parallel bench_comm
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
@@ -61,12 +58,8 @@ COMM=$("${MPIRUN[@]}" -np 2 "$BUILD/bench_comm")
     echo
     echo "$COMM"
     echo
-    echo "## Command"
-    echo
-    echo '```sh'
-    echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
-    echo "mpirun --oversubscribe --bind-to none -np CP build/bench_parallel --model models/$(basename "$MODEL") --cp CP --mixed $S --prompt $H --fresh $P --cp-exchange auto|queries|kv"
-    echo "mpirun --oversubscribe --bind-to none -np 2 build/bench_comm"
-    echo '```'
+    command_section Command \
+        "mpirun --oversubscribe --bind-to none -np CP build/bench_parallel --model models/$(basename "$MODEL") --cp CP --mixed $S --prompt $H --fresh $P --cp-exchange auto|queries|kv" \
+        "mpirun --oversubscribe --bind-to none -np 2 build/bench_comm"
 } > "$OUT"
 echo "run_mixed.sh: wrote $OUT" >&2

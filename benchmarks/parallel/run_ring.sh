@@ -18,8 +18,7 @@ PROMPTS=${PROMPTS:-"1000 4000"}
 REPS=${REPS:-3}
 OUT=${OUT:-$REPO/benchmarks/parallel/results/cp_ring_$DATE.md}
 MODEL=$DEFAULT_MODEL
-[ -x "$BUILD/bench_parallel" ] || { echo "run_ring.sh: $BUILD/bench_parallel not found: build first" >&2; exit 1; }
-[ -f "$MODEL" ] || { echo "run_ring.sh: $MODEL missing: run scripts/fetch_model.sh" >&2; exit 1; }
+require bench_parallel
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
@@ -60,12 +59,8 @@ done
     echo "|--:|--:|---|--:|--:|--:|--:|--:|"
     for r in "${ROWS[@]}"; do echo "$r"; done
     echo
-    echo "## Command"
-    echo
-    echo '```sh'
-    echo "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
-    echo "mpirun --oversubscribe --bind-to none -np CP build/bench_parallel --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\"
-    echo "    --cp CP --prompt P --gen 4 --threads 1 --cp-exchange kv|ring"
-    echo '```'
+    command_section Command \
+        "mpirun --oversubscribe --bind-to none -np CP build/bench_parallel --model models/$(basename "$MODEL") \\" \
+        "    --cp CP --prompt P --gen 4 --threads 1 --cp-exchange kv|ring"
 } > "$OUT"
 echo "run_ring.sh: wrote $OUT" >&2
