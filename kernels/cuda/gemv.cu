@@ -57,13 +57,21 @@ template <typename T> static __device__ __forceinline__ T pick3(int s, T a, T b,
 static __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 /* fp16 / bf16 weights: each lane takes 8 elements (16 bytes) per step, four
- * steps in flight. */
-template <bool BF16, int NT, bool SWI>
+ * steps in flight. S warps share a row (S = 1, 2 or 4; a block holds 4 / S
+ * rows): warp j of a row takes its chunks of 128 x 16 bytes j, j + S, ...,
+ * and the warp after the last full chunk's takes the rest; the S partial
+ * sums meet in shared memory and add in warp order. Products of few rows
+ * (4096 x 4096 or 4096 x 14336 at decode) then have enough warps in flight
+ * to keep the memory busy. */
+template <bool BF16, int NT, bool SWI, int S>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_half_kernel(const gemv_args a, int64_t k, const float *x) {
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (row >= a.total) return;
+    static_assert(S == 1 || S == 2 || S == 4, "warps per row");
+    __shared__ float part[GEMV_WARPS][NT], partu[GEMV_WARPS][NT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j = warp % S; /* this warp's share of its row */
+    const int row = blockIdx.x * (GEMV_WARPS / S) + warp / S;
+    const bool valid = row < a.total; /* no early return: the block meets at a barrier */
     const int seg = SWI ? 0 : (row < a.end0 ? 0 : (row < a.end1 ? 1 : 2));
     const int lr = seg == 0 ? row : row - (seg == 1 ? a.end0 : a.end1);
     const int64_t k8 = k / 8;
@@ -72,8 +80,9 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     float acc[NT], accu[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = accu[t] = 0.0f;
-    int64_t c = lane;
-    for (; c + 96 < k8; c += 128) {
+    const int64_t nfull = k8 / 128; /* chunks of 128 x 16 bytes: 4 loads per lane */
+    for (int64_t q = j; valid && q < nfull; q += S) {
+        const int64_t c = q * 128 + lane;
         uint4 u[4], uu[4];
 #pragma unroll
         for (int s = 0; s < 4; s++) {
@@ -90,37 +99,58 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
                 float xv[8];
                 load_x8(x + (size_t)t * k + (c + 32 * s) * 8, xv);
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    acc[t] = fmaf(wv[j], xv[j], acc[t]);
-                    if (SWI) accu[t] = fmaf(wuv[j], xv[j], accu[t]);
+                for (int e = 0; e < 8; e++) {
+                    acc[t] = fmaf(wv[e], xv[e], acc[t]);
+                    if (SWI) accu[t] = fmaf(wuv[e], xv[e], accu[t]);
                 }
             }
         }
     }
-    for (; c < k8; c += 32) {
-        float wv[8], wuv[8];
-        unpack8(__ldg(wr + c), BF16, wv);
-        if (SWI) unpack8(__ldg(wu + c), BF16, wuv);
+    if (valid && j == (int)(nfull % S))
+        for (int64_t c = nfull * 128 + lane; c < k8; c += 32) {
+            float wv[8], wuv[8];
+            unpack8(__ldg(wr + c), BF16, wv);
+            if (SWI) unpack8(__ldg(wu + c), BF16, wuv);
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            float xv[8];
-            load_x8(x + (size_t)t * k + c * 8, xv);
+            for (int t = 0; t < NT; t++) {
+                float xv[8];
+                load_x8(x + (size_t)t * k + c * 8, xv);
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                acc[t] = fmaf(wv[j], xv[j], acc[t]);
-                if (SWI) accu[t] = fmaf(wuv[j], xv[j], accu[t]);
+                for (int e = 0; e < 8; e++) {
+                    acc[t] = fmaf(wv[e], xv[e], acc[t]);
+                    if (SWI) accu[t] = fmaf(wuv[e], xv[e], accu[t]);
+                }
             }
         }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        acc[t] = warp_sum(acc[t]);
+        if (SWI) accu[t] = warp_sum(accu[t]);
     }
+    if (S > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                part[warp][t] = acc[t];
+                partu[warp][t] = accu[t];
+            }
+        __syncthreads();
+        if (j == 0)
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+#pragma unroll
+                for (int i = 1; i < S; i++) {
+                    acc[t] += part[warp + i][t];
+                    if (SWI) accu[t] += partu[warp + i][t];
+                }
+    }
+    if (!valid || j != 0 || lane != 0) return;
     float *y = pick3(seg, a.y0, a.y1, a.y2);
     const float *bias = pick3(seg, a.b0, a.b1, a.b2);
     const int m = pick3(seg, a.m0, a.m1, a.m2);
 #pragma unroll
-    for (int t = 0; t < NT; t++) {
-        const float s = warp_sum(acc[t]);
-        const float su = SWI ? warp_sum(accu[t]) : 0.0f;
-        if (lane == 0) y[(size_t)t * m + lr] = SWI ? silu_mul(s, su) : s + (bias ? bias[lr] : 0.0f);
-    }
+    for (int t = 0; t < NT; t++)
+        y[(size_t)t * m + lr] = SWI ? silu_mul(acc[t], accu[t]) : acc[t] + (bias ? bias[lr] : 0.0f);
 }
 
 /* Block types: each lane decodes 32 values per step. */
@@ -174,11 +204,24 @@ static cp_status gemv_nt(cp_dtype t, const gemv_args &a, int64_t k, const float 
     const int rows = a.total;
     const unsigned blocks = (unsigned)((rows + GEMV_WARPS - 1) / GEMV_WARPS);
     const int threads = GEMV_WARPS * 32;
-    if (t == CP_DTYPE_BF16)
-        gemv_half_kernel<true, NT, SWI><<<blocks, threads, 0, stream>>>(a, k, x);
-    else if (t == CP_DTYPE_F16)
-        gemv_half_kernel<false, NT, SWI><<<blocks, threads, 0, stream>>>(a, k, x);
-    else {
+    if (t == CP_DTYPE_BF16 || t == CP_DTYPE_F16) {
+        /* warps per row: at least ~16k warps in all where the row has a
+         * full chunk for each (an H100 holds 132 x 64) */
+        const int64_t chunks = k / 8 / 128;
+        const int S = rows <= 4096 && chunks >= 4 ? 4 : (rows <= 8192 && chunks >= 2 ? 2 : 1);
+        const unsigned sb = (unsigned)(((int64_t)rows * S + GEMV_WARPS - 1) / GEMV_WARPS);
+#define CP_GEMV_HALF(B, S_) gemv_half_kernel<B, NT, SWI, S_><<<sb, threads, 0, stream>>>(a, k, x)
+        if (t == CP_DTYPE_BF16) {
+            if (S == 4) CP_GEMV_HALF(true, 4);
+            else if (S == 2) CP_GEMV_HALF(true, 2);
+            else CP_GEMV_HALF(true, 1);
+        } else {
+            if (S == 4) CP_GEMV_HALF(false, 4);
+            else if (S == 2) CP_GEMV_HALF(false, 2);
+            else CP_GEMV_HALF(false, 1);
+        }
+#undef CP_GEMV_HALF
+    } else {
 #define CP_GEMV_CALL(T) gemv_block_kernel<T, NT, SWI><<<blocks, threads, 0, stream>>>(a, k, x)
         switch (t) {
         case CP_DTYPE_Q4_0: CP_GEMV_CALL(CP_DTYPE_Q4_0); break;

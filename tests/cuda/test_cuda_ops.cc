@@ -157,6 +157,13 @@ TEST_F(Cuda, MatmulLargerShapes) {
     check_matmul(CP_DTYPE_Q4_1, 577, 576, 1, false);
     check_matmul(CP_DTYPE_Q4_1, 577, 576, 64, false);
     check_matmul(CP_DTYPE_Q8_0, 1536, 576, 33, false);
+    // fp16/bf16 GEMV rows shared by 4, 2 and 1 warps, with and without a
+    // partial last chunk of 128 x 8 elements
+    check_matmul(CP_DTYPE_BF16, 300, 5416, 1, true);
+    check_matmul(CP_DTYPE_F16, 301, 5416, 2, false);
+    check_matmul(CP_DTYPE_BF16, 5000, 2056, 1, true);
+    check_matmul(CP_DTYPE_F16, 4097, 4096, 2, true);
+    check_matmul(CP_DTYPE_BF16, 9000, 1032, 1, false);
 }
 
 // tolerance of a product through the GEMV kernels (fp32 on exact weights)
@@ -179,10 +186,11 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
                           {{CP_DTYPE_Q4_1, CP_DTYPE_Q4_1, CP_DTYPE_Q4_1}, 3},
                           {{CP_DTYPE_Q4_K, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K}, 1},
                           {{CP_DTYPE_Q8_0, CP_DTYPE_Q8_0, CP_DTYPE_Q8_0}, 17}};
-    const int64_t k = 512, rows[3] = {96, 32, 40};
+    const int64_t rows[3] = {96, 32, 40};
+    for (const int64_t k : {512, 4352}) // 4352: the float GEMV's warps share rows
     for (const Case &c : cases) {
         SCOPED_TRACE(::testing::Message() << cp_dtype_name(c.t[0]) << "/" << cp_dtype_name(c.t[2])
-                                          << " n=" << c.n);
+                                          << " n=" << c.n << " k=" << k);
         auto x = randn((size_t)c.n * k);
         Dev dx(x);
         std::vector<std::vector<uint8_t>> wh(3);
@@ -216,10 +224,11 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
 }
 
 TEST_F(Cuda, MatmulSwigluEqualsItsComposition) {
-    const int64_t k = 256, m = 72;
+    const int64_t m = 72;
+    for (const int64_t k : {256, 4352}) // 4352: the float GEMV's warps share rows
     for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0})
         for (int n : {1, 2, 5, 33}) {
-            SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n);
+            SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n << " k=" << k);
             auto gh = make_weight(t, m, k), uh = make_weight(t, m, k);
             auto x = randn((size_t)n * k);
             cp_tensor gc = cp_tensor_2d(t, m, k, gh.data()), uc = cp_tensor_2d(t, m, k, uh.data());
