@@ -213,7 +213,11 @@ cp_status cp_backend_quantize(cp_backend_t be, cp_dtype t, const float *x, int64
 /* Picks one token per row of logits[n][vocab]; u[n] are uniform random
  * numbers in [0, 1) (host memory), one per row, so the caller owns seeding;
  * out[n] is host memory.
- * Filters apply in the order top-k, top-p, min-p, after temperature. */
+ * Filters apply in the order top-k, top-p, min-p, after temperature. The
+ * CPU picks exactly cp_sample_host's token. The CUDA backend does too for
+ * greedy rows and rows whose top-k keeps at most 256 tokens; rows that
+ * keep more may pick a neighbour where u falls within 1e-6 of the mass
+ * from a boundary between two tokens (its sums run in another order). */
 cp_status cp_backend_sample(cp_backend_t be, const float *logits, int n, int vocab,
                             const cp_sample_params *sp, const float *u, int32_t *out);
 
@@ -270,8 +274,7 @@ cp_status cp_sample_host(const float *logits, int n, int vocab, const cp_sample_
  * then on and sets *reissue: nothing of the step has run, and the caller
  * issues the operations again, directly (a genuine error then recurs and
  * is returned). A backend without graphs (the CPU), a CUDA backend
- * initialised without CP_CUDA_GRAPH=1 in the environment (graphs are
- * opt-in for now) or with CP_CUDA_NO_GRAPH=1, or one whose
+ * initialised with CP_CUDA_NO_GRAPH=1 in the environment, or one whose
  * graphs are switched off reports replay = false and reissue = false: the
  * bracket is a no-op. Neither call synchronises. */
 cp_status cp_backend_graph_begin(cp_backend_t be, uint64_t key, bool *replay);

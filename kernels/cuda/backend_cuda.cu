@@ -61,11 +61,7 @@ typedef struct cp_cuda_backend {
     cudaEvent_t stage_ev[2];
     int *bad;              /* device flag of embed */
     int *bad_host;         /* pinned */
-    int32_t *tok_dev;      /* [max_rows] argmax results */
-    int32_t *tok_host;     /* pinned */
-    int tok_cap;
-    float *host_rows;      /* host copy of logits for the host sampler */
-    size_t host_rows_cap;
+    cp_sampler_cuda_t sampler; /* candidates of cp_backend_sample (sample.cu) */
     int32_t *pos_host;     /* host copy of positions when n_ctx_max is unknown */
     int pos_cap;
     gemm_entry cache[GEMM_CACHE];
@@ -511,38 +507,18 @@ done:
     return st;
 }
 
-/* Greedy rows are picked on the device; sampled rows copy the logits to
- * the host and run the reference sampler (the same choice for the same u). */
+/* Every row is decided on the device (sample.cu): greedy rows by argmax,
+ * top-k / top-p / min-p rows on their best candidates, wide rows by the
+ * whole-row draw; only rows the device cannot decide (u outside [0, 1),
+ * vocabularies over 2^23) copy the row to the host reference. */
 static cp_status cuda_sample(cp_backend_t be, const float *logits, int n, int vocab,
                              const cp_sample_params *sp, const float *u, int32_t *out) {
     cp_cuda_backend *c = ctx_of(be);
-    if (sp->temperature <= 0.0f) {
-        if (n > c->tok_cap) {
-            if (c->tok_dev) cudaFree(c->tok_dev);
-            if (c->tok_host) cudaFreeHost(c->tok_host);
-            c->tok_dev = NULL;
-            c->tok_host = NULL;
-            c->tok_cap = 0;
-            CP_CUDA_CHECK(cudaMalloc(&c->tok_dev, (size_t)n * sizeof(int32_t)));
-            CP_CUDA_CHECK(cudaMallocHost(&c->tok_host, (size_t)n * sizeof(int32_t)));
-            c->tok_cap = n;
-        }
-        CP_CHECK(cp_argmax_cuda(logits, n, vocab, c->tok_dev, c->stream));
-        CP_CUDA_CHECK(cudaMemcpyAsync(c->tok_host, c->tok_dev, (size_t)n * sizeof(int32_t),
-                                      cudaMemcpyDeviceToHost, c->stream));
-        CP_CUDA_CHECK(cudaStreamSynchronize(c->stream));
-        memcpy(out, c->tok_host, (size_t)n * sizeof(int32_t));
-        return CP_OK;
-    }
-    const size_t count = (size_t)n * (size_t)vocab;
-    if (count > c->host_rows_cap) {
-        float *r = (float *)realloc(c->host_rows, count * sizeof(float));
-        if (!r) return CP_ERROR(CP_ERR_OOM, "sample: out of host memory for %zu logits", count);
-        c->host_rows = r;
-        c->host_rows_cap = count;
-    }
-    CP_CHECK(cuda_copy(be, c->host_rows, logits, count * sizeof(float), CP_COPY_DEVICE_TO_HOST));
-    return cp_sample_ref(c->host_rows, n, vocab, sp, u, out);
+    CP_NOT_RECORDING(c, "sample");
+    /* the logits' step has finished and its token ids were in the table */
+    CP_CHECK(cuda_synchronize(be));
+    if (!c->sampler) CP_CHECK(cp_sampler_cuda_init(&c->sampler));
+    return cp_sample_cuda(c->sampler, logits, n, vocab, sp, u, out, c->stream);
 }
 
 /* ---- graphs of repeated steps (cuda_graph.cu) ---- */
@@ -580,20 +556,18 @@ static void cuda_free(cp_backend_t be) {
     c->graphs = NULL;
     for (int i = 0; i < c->n_deferred; i++) cudaFree(c->deferred[i]);
     if (c->stream) cudaStreamSynchronize(c->stream);
+    cp_sampler_cuda_free(c->sampler);
     for (int i = 0; i < GEMM_CACHE; i++) gemm_entry_free(&c->cache[i]);
     if (c->lt) cublasLtDestroy(c->lt);
     cudaFree(c->lt_ws);
     cudaFree(c->work);
     cudaFree(c->bad);
-    cudaFree(c->tok_dev);
     cudaFreeHost(c->bad_host);
-    cudaFreeHost(c->tok_host);
     for (int i = 0; i < 2; i++) {
         if (c->stage[i]) cudaFreeHost(c->stage[i]);
         if (c->stage_ev[i]) cudaEventDestroy(c->stage_ev[i]);
     }
     if (c->stream) cudaStreamDestroy(c->stream);
-    free(c->host_rows);
     free(c->pos_host);
     free(c);
 }
@@ -656,11 +630,10 @@ static cp_status init_ctx(cp_cuda_backend *c) {
     snprintf(c->name, sizeof(c->name), "cuda:%d", c->device);
     c->base.iface.name = c->name;
     CP_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
-    /* Decode graphs are opt-in (CP_CUDA_GRAPH=1) until they have been
-     * validated on a GPU; CP_CUDA_NO_GRAPH=1 forces them off. */
-    const char *g = getenv("CP_CUDA_GRAPH"), *ng = getenv("CP_CUDA_NO_GRAPH");
-    CP_CHECK(cp_cuda_graphs_init(c->stream, g && g[0] == '1' && !(ng && ng[0] == '1'),
-                                 &c->graphs));
+    /* Decode steps are recorded as graphs unless CP_CUDA_NO_GRAPH=1 (for
+     * comparisons and as a way out) */
+    const char *ng = getenv("CP_CUDA_NO_GRAPH");
+    CP_CHECK(cp_cuda_graphs_init(c->stream, !(ng && ng[0] == '1'), &c->graphs));
     CP_CUBLAS_CHECK(cublasLtCreate(&c->lt));
     CP_CUDA_CHECK(cudaMalloc(&c->lt_ws, LT_WORKSPACE_BYTES));
     CP_CUDA_CHECK(cudaMalloc(&c->bad, sizeof(int)));
