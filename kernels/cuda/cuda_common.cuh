@@ -88,6 +88,8 @@ template <> struct cp_qtraits<CP_DTYPE_Q8_0> { enum { bytes = 34, elems = 32 }; 
 template <> struct cp_qtraits<CP_DTYPE_Q4_K> { enum { bytes = 144, elems = 256 }; };
 template <> struct cp_qtraits<CP_DTYPE_Q5_K> { enum { bytes = 176, elems = 256 }; };
 template <> struct cp_qtraits<CP_DTYPE_Q6_K> { enum { bytes = 210, elems = 256 }; };
+template <> struct cp_qtraits<CP_DTYPE_I4_G32> { enum { bytes = 20, elems = 32 }; };
+template <> struct cp_qtraits<CP_DTYPE_I4_G128> { enum { bytes = 68, elems = 128 }; };
 
 /* Decodes the 32 consecutive values c*32 .. c*32+31 of a row (row: its first
  * byte) into v. Same arithmetic as the CPU reference in kernels/cpu/quants.c. */
@@ -234,6 +236,41 @@ template <> __device__ __forceinline__ void dq32<CP_DTYPE_Q6_K>(const uint8_t *r
         v[l] = (l < 16 ? d0 : d1) * (float)x;
     }
 }
+/* Asymmetric 4-bit groups (cparallel's int4/awq output and the regrouped
+ * GPTQ/AWQ checkpoints): value (q - z) * d, element j of a group in the low
+ * nibble of qs[j] and element j + G/2 in the high one. Blocks of 20 and 68
+ * bytes keep their codes 4-byte aligned. */
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_I4_G32>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 20;
+    const float d = ld_f16(b);
+    const int z = b[2];
+    const uint32_t *qs = (const uint32_t *)(b + 4);
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        const uint32_t q = qs[w];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int x = (q >> (8 * j)) & 0xff;
+            v[4 * w + j] = (float)((x & 15) - z) * d;
+            v[4 * w + j + 16] = (float)((x >> 4) - z) * d;
+        }
+    }
+}
+/* Chunk c is quarter c % 4 of group c / 4: quarters 0 and 1 are the low
+ * nibbles of qs[0..32) and qs[32..64), quarters 2 and 3 their high ones. */
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_I4_G128>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + (c >> 2) * 68;
+    const float d = ld_f16(b);
+    const int z = b[2];
+    const int quarter = (int)(c & 3), shift = (quarter >> 1) * 4;
+    const uint32_t *qs = (const uint32_t *)(b + 4 + (quarter & 1) * 32);
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        const uint32_t q = qs[w] >> shift;
+#pragma unroll
+        for (int j = 0; j < 4; j++) v[4 * w + j] = (float)((int)((q >> (8 * j)) & 15) - z) * d;
+    }
+}
 
 /* Element offset of (cache slot of position pos of a sequence whose block
  * table row is bt, kv head kvh). */
@@ -265,6 +302,8 @@ template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(
     case CP_DTYPE_Q4_K: CALL(CP_DTYPE_Q4_K); break;                                                \
     case CP_DTYPE_Q5_K: CALL(CP_DTYPE_Q5_K); break;                                                \
     case CP_DTYPE_Q6_K: CALL(CP_DTYPE_Q6_K); break;                                                \
+    case CP_DTYPE_I4_G32: CALL(CP_DTYPE_I4_G32); break;                                            \
+    case CP_DTYPE_I4_G128: CALL(CP_DTYPE_I4_G128); break;                                          \
     default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t)); \
     }
 

@@ -232,6 +232,8 @@ static cp_status gemv_nt(cp_dtype t, const gemv_args &a, int64_t k, const float 
         case CP_DTYPE_Q4_K: CP_GEMV_CALL(CP_DTYPE_Q4_K); break;
         case CP_DTYPE_Q5_K: CP_GEMV_CALL(CP_DTYPE_Q5_K); break;
         case CP_DTYPE_Q6_K: CP_GEMV_CALL(CP_DTYPE_Q6_K); break;
+        case CP_DTYPE_I4_G32: CP_GEMV_CALL(CP_DTYPE_I4_G32); break;
+        case CP_DTYPE_I4_G128: CP_GEMV_CALL(CP_DTYPE_I4_G128); break;
         default:
             return CP_ERROR(CP_ERR_UNSUPPORTED, "gemv: no kernel for %s", cp_dtype_name(t));
         }

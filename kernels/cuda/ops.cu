@@ -228,6 +228,8 @@ static cp_status rows_cuda(const cp_tensor *w, const int32_t *ids, int64_t row0,
     case CP_DTYPE_Q4_K: CP_ROWS_CALL(CP_DTYPE_Q4_K); break;
     case CP_DTYPE_Q5_K: CP_ROWS_CALL(CP_DTYPE_Q5_K); break;
     case CP_DTYPE_Q6_K: CP_ROWS_CALL(CP_DTYPE_Q6_K); break;
+    case CP_DTYPE_I4_G32: CP_ROWS_CALL(CP_DTYPE_I4_G32); break;
+    case CP_DTYPE_I4_G128: CP_ROWS_CALL(CP_DTYPE_I4_G128); break;
     default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t));
     }
 #undef CP_ROWS_CALL

@@ -140,10 +140,11 @@ void check_matmul(cp_dtype t, int64_t m, int64_t k, int n, bool bias) {
 TEST_F(Cuda, MatmulEveryDtypeAndBatch) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
-                              CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K};
+                              CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
+                              CP_DTYPE_I4_G128};
     for (cp_dtype t : types) {
         const int64_t bs = cp_dtype_block_size(t);
-        const int64_t k = bs == 256 ? 768 : (bs == 32 ? 224 : 200);
+        const int64_t k = bs == 256 ? 768 : (bs == 128 ? 384 : (bs == 32 ? 224 : 200));
         for (int n : {1, 3, 8, 13, 40}) check_matmul(t, 37, k, n, n % 2 == 1);
     }
     // float rows that are not a multiple of 8 take the cuBLASLt path at n = 1
@@ -185,7 +186,9 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
                           {{CP_DTYPE_BF16, CP_DTYPE_BF16, CP_DTYPE_BF16}, 40},
                           {{CP_DTYPE_Q4_1, CP_DTYPE_Q4_1, CP_DTYPE_Q4_1}, 3},
                           {{CP_DTYPE_Q4_K, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K}, 1},
-                          {{CP_DTYPE_Q8_0, CP_DTYPE_Q8_0, CP_DTYPE_Q8_0}, 17}};
+                          {{CP_DTYPE_Q8_0, CP_DTYPE_Q8_0, CP_DTYPE_Q8_0}, 17},
+                          {{CP_DTYPE_I4_G128, CP_DTYPE_I4_G128, CP_DTYPE_I4_G128}, 1},
+                          {{CP_DTYPE_I4_G32, CP_DTYPE_I4_G32, CP_DTYPE_I4_G32}, 12}};
     const int64_t rows[3] = {96, 32, 40};
     for (const int64_t k : {512, 4352}) // 4352: the float GEMV's warps share rows
     for (const Case &c : cases) {
@@ -226,7 +229,8 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
 TEST_F(Cuda, MatmulSwigluEqualsItsComposition) {
     const int64_t m = 72;
     for (const int64_t k : {256, 4352}) // 4352: the float GEMV's warps share rows
-    for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0})
+    for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0,
+                       CP_DTYPE_I4_G128})
         for (int n : {1, 2, 5, 33}) {
             SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n << " k=" << k);
             auto gh = make_weight(t, m, k), uh = make_weight(t, m, k);
@@ -379,10 +383,12 @@ TEST_F(Cuda, ElementwiseAndSoftmax) {
 TEST_F(Cuda, EmbedAndDequantize) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
-                              CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K};
+                              CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
+                              CP_DTYPE_I4_G128};
     for (cp_dtype t : types) {
         SCOPED_TRACE(cp_dtype_name(t));
-        const int64_t rows = 53, cols = cp_dtype_block_size(t) == 256 ? 512 : 96;
+        const int64_t bs = cp_dtype_block_size(t);
+        const int64_t rows = 53, cols = bs == 256 ? 512 : (bs == 128 ? 384 : 96);
         auto wh = make_weight(t, rows, cols);
         cp_tensor wc = cp_tensor_2d(t, rows, cols, wh.data());
         Dev dw(wh);

@@ -998,7 +998,6 @@ TEST(ModelParallel, PipelinedStagesMatchForwardTop) {
 // rank makes (row-parallel linears are made whole, sliced into copies and
 // let go, so they are not kept), and never holds the whole model at once.
 TEST(ModelParallel, HfQuantizedCheckpointsShardAtLoad) {
-    if (on_gpu()) GTEST_SKIP() << "the CUDA backend has no kernels for I4 group types";
     namespace hfq = cptest::hfq;
     const int rank = cp_comm_rank(g_world), world = cp_comm_size(g_world);
     for (bool awq : {true, false}) {
@@ -1025,8 +1024,9 @@ TEST(ModelParallel, HfQuantizedCheckpointsShardAtLoad) {
         cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, blk, blk};
         // F16 weights multiply fp16-rounded activations (2^-11 relative), so
         // TP's other summation order moves a few roundings: 2.4e-4 measured;
-        // a wrong slice gives 1e-1
-        const double tol = awq ? kF32Tol : 2e-3;
+        // a wrong slice gives 1e-1. On the GPU the prompt's GEMMs round the
+        // activations of the I4 products to fp16 too (8.6e-4 measured at tp 2).
+        const double tol = awq && !on_gpu() ? kF32Tol : 2e-3;
         for (const Layout &l : layouts(shape, world))
             if (l.cp == 1) compare(ref, run(dir, prompt, l.tp, l.pp, false), s.vocab, tol, what + " " + l.name());
         auto made = [&](int tp) {
@@ -1037,7 +1037,9 @@ TEST(ModelParallel, HfQuantizedCheckpointsShardAtLoad) {
         };
         cp_plan_opts po = {world, 1, 0, 1};
         cp_plan plan;
-        if (s.n_head_kv % world == 0 && cp_plan_init(&shape, &po, 0, &plan) == CP_OK) {
+        // the made rows a rank keeps on the host (on a GPU they are copied
+        // to device memory and the host keeps none)
+        if (!on_gpu() && s.n_head_kv % world == 0 && cp_plan_init(&shape, &po, 0, &plan) == CP_OK) {
             const cp_model_stats one = made(1), part = made(world);
             ASSERT_GT(one.made_bytes, 0u);
             EXPECT_GT(part.made_bytes, 0u);
