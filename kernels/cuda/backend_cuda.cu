@@ -204,7 +204,7 @@ static bool cuda_supports(cp_backend_t be, cp_dtype t) {
     case CP_DTYPE_F32: case CP_DTYPE_F16: case CP_DTYPE_BF16: case CP_DTYPE_Q4_0:
     case CP_DTYPE_Q4_1: case CP_DTYPE_Q5_0: case CP_DTYPE_Q5_1: case CP_DTYPE_Q8_0:
     case CP_DTYPE_Q4_K: case CP_DTYPE_Q5_K: case CP_DTYPE_Q6_K: case CP_DTYPE_I4_G32:
-    case CP_DTYPE_I4_G128:
+    case CP_DTYPE_I4_G128: case CP_DTYPE_I8_ROW:
         return true;
     default:
         return false;

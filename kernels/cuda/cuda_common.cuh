@@ -271,6 +271,25 @@ template <> __device__ __forceinline__ void dq32<CP_DTYPE_I4_G128>(const uint8_t
         for (int j = 0; j < 4; j++) v[4 * w + j] = (float)((int)((q >> (8 * j)) & 15) - z) * d;
     }
 }
+/* dq32 for a row of cols values: the same, except for int8 rows (I8_ROW),
+ * whose fp32 scale follows the row's cols codes (value q * scale, as the CPU
+ * reference); with cols a multiple of 32 both are 4-byte aligned. */
+template <int T>
+static __device__ __forceinline__ void dq32_row(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
+    (void)cols;
+    dq32<T>(row, c, v);
+}
+template <>
+__device__ __forceinline__ void dq32_row<CP_DTYPE_I8_ROW>(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
+    const float s = *(const float *)(row + cols);
+    const uint32_t *q = (const uint32_t *)(row + c * 32);
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        const uint32_t x = q[w];
+#pragma unroll
+        for (int j = 0; j < 4; j++) v[4 * w + j] = (float)(int8_t)((x >> (8 * j)) & 0xff) * s;
+    }
+}
 
 /* Element offset of (cache slot of position pos of a sequence whose block
  * table row is bt, kv head kvh). */
@@ -304,6 +323,7 @@ template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(
     case CP_DTYPE_Q6_K: CALL(CP_DTYPE_Q6_K); break;                                                \
     case CP_DTYPE_I4_G32: CALL(CP_DTYPE_I4_G32); break;                                            \
     case CP_DTYPE_I4_G128: CALL(CP_DTYPE_I4_G128); break;                                          \
+    case CP_DTYPE_I8_ROW: CALL(CP_DTYPE_I8_ROW); break;                                            \
     default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t)); \
     }
 

@@ -170,8 +170,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     for (int t = 0; t < NT; t++) acc[t] = accu[t] = 0.0f;
     for (int64_t c = lane; c < chunks; c += 32) {
         float v[32], vu[32];
-        dq32<T>(wr, c, v);
-        if (SWI) dq32<T>(wu, c, vu);
+        dq32_row<T>(wr, k, c, v);
+        if (SWI) dq32_row<T>(wu, k, c, vu);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float *xr = x + (size_t)t * k + c * 32;
@@ -234,6 +234,7 @@ static cp_status gemv_nt(cp_dtype t, const gemv_args &a, int64_t k, const float 
         case CP_DTYPE_Q6_K: CP_GEMV_CALL(CP_DTYPE_Q6_K); break;
         case CP_DTYPE_I4_G32: CP_GEMV_CALL(CP_DTYPE_I4_G32); break;
         case CP_DTYPE_I4_G128: CP_GEMV_CALL(CP_DTYPE_I4_G128); break;
+        case CP_DTYPE_I8_ROW: CP_GEMV_CALL(CP_DTYPE_I8_ROW); break;
         default:
             return CP_ERROR(CP_ERR_UNSUPPORTED, "gemv: no kernel for %s", cp_dtype_name(t));
         }

@@ -185,7 +185,7 @@ static __global__ void rows_block_kernel(const uint8_t *data, size_t row_bytes, 
     for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < chunks;
          c += (int64_t)gridDim.x * blockDim.x) {
         float v[32];
-        dq32<T>(row, c, v);
+        dq32_row<T>(row, cols, c, v);
         O *o = out + r * cols + c * 32;
 #pragma unroll
         for (int i = 0; i < 32; i++) o[i] = to_out<O>(v[i]);
@@ -215,6 +215,9 @@ static cp_status rows_cuda(const cp_tensor *w, const int32_t *ids, int64_t row0,
         CP_CUDA_LAUNCH_CHECK();
         return CP_OK;
     }
+    if (cols % 32 != 0) /* block types have 32 or more; int8 rows may not */
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend reads %s rows of a multiple of 32 "
+                        "values, not %lld", cp_dtype_name(t), (long long)cols);
     const int64_t chunks = cols / 32;
     dim3 grid((unsigned)((chunks + 127) / 128 > 64 ? 64 : (chunks + 127) / 128), (unsigned)nrows);
 #define CP_ROWS_CALL(T)                                                                            \
@@ -230,6 +233,7 @@ static cp_status rows_cuda(const cp_tensor *w, const int32_t *ids, int64_t row0,
     case CP_DTYPE_Q6_K: CP_ROWS_CALL(CP_DTYPE_Q6_K); break;
     case CP_DTYPE_I4_G32: CP_ROWS_CALL(CP_DTYPE_I4_G32); break;
     case CP_DTYPE_I4_G128: CP_ROWS_CALL(CP_DTYPE_I4_G128); break;
+    case CP_DTYPE_I8_ROW: CP_ROWS_CALL(CP_DTYPE_I8_ROW); break;
     default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t));
     }
 #undef CP_ROWS_CALL

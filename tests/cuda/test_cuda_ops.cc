@@ -141,10 +141,10 @@ TEST_F(Cuda, MatmulEveryDtypeAndBatch) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
                               CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
-                              CP_DTYPE_I4_G128};
+                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW};
     for (cp_dtype t : types) {
         const int64_t bs = cp_dtype_block_size(t);
-        const int64_t k = bs == 256 ? 768 : (bs == 128 ? 384 : (bs == 32 ? 224 : 200));
+        const int64_t k = bs == 256 ? 768 : (bs == 128 ? 384 : (bs == 32 || t == CP_DTYPE_I8_ROW ? 224 : 200));
         for (int n : {1, 3, 8, 13, 40}) check_matmul(t, 37, k, n, n % 2 == 1);
     }
     // float rows that are not a multiple of 8 take the cuBLASLt path at n = 1
@@ -188,7 +188,8 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
                           {{CP_DTYPE_Q4_K, CP_DTYPE_Q4_K, CP_DTYPE_Q6_K}, 1},
                           {{CP_DTYPE_Q8_0, CP_DTYPE_Q8_0, CP_DTYPE_Q8_0}, 17},
                           {{CP_DTYPE_I4_G128, CP_DTYPE_I4_G128, CP_DTYPE_I4_G128}, 1},
-                          {{CP_DTYPE_I4_G32, CP_DTYPE_I4_G32, CP_DTYPE_I4_G32}, 12}};
+                          {{CP_DTYPE_I4_G32, CP_DTYPE_I4_G32, CP_DTYPE_I4_G32}, 12},
+                          {{CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW}, 2}};
     const int64_t rows[3] = {96, 32, 40};
     for (const int64_t k : {512, 4352}) // 4352: the float GEMV's warps share rows
     for (const Case &c : cases) {
@@ -230,7 +231,7 @@ TEST_F(Cuda, MatmulSwigluEqualsItsComposition) {
     const int64_t m = 72;
     for (const int64_t k : {256, 4352}) // 4352: the float GEMV's warps share rows
     for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0,
-                       CP_DTYPE_I4_G128})
+                       CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW})
         for (int n : {1, 2, 5, 33}) {
             SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n << " k=" << k);
             auto gh = make_weight(t, m, k), uh = make_weight(t, m, k);
@@ -380,11 +381,26 @@ TEST_F(Cuda, ElementwiseAndSoftmax) {
     }
 }
 
+// int8 rows whose width is not a multiple of 32: refused with a message
+// that names the type and the width, never read out of bounds.
+TEST_F(Cuda, Int8RowsOfOddWidthAreAClearError) {
+    const int64_t rows = 5, cols = 48;
+    auto wh = make_weight(CP_DTYPE_I8_ROW, rows, cols);
+    Dev dw(wh), dx(randn(3 * cols)), dy(3 * rows * 4);
+    cp_tensor wd = cp_tensor_2d(CP_DTYPE_I8_ROW, rows, cols, dw.p);
+    wd.device = CP_DEVICE_CUDA;
+    EXPECT_EQ(cp_backend_matmul(g_be, &wd, dx.f(), 3, dy.f(), nullptr), CP_ERR_UNSUPPORTED);
+    EXPECT_NE(std::string(cp_last_error_detail()).find("I8_ROW rows of a multiple of 32 values, not 48"),
+              std::string::npos)
+        << cp_last_error_detail();
+    EXPECT_EQ(cp_backend_synchronize(g_be), CP_OK) << cp_last_error();
+}
+
 TEST_F(Cuda, EmbedAndDequantize) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
                               CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
-                              CP_DTYPE_I4_G128};
+                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW};
     for (cp_dtype t : types) {
         SCOPED_TRACE(cp_dtype_name(t));
         const int64_t bs = cp_dtype_block_size(t);
