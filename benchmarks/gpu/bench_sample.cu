@@ -80,7 +80,15 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (vocab < 1 || reps < 1) return 2;
+    if (vocab < 1 || reps < 1) {
+        fprintf(stderr, "bench_sample: --vocab and --reps must be at least 1\n");
+        return 2;
+    }
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
+        fprintf(stderr, "bench_sample: no CUDA GPU on this machine\n");
+        return 1;
+    }
     const int max_rows = 64, row_counts[] = {1, 8, 64};
     const size_t count = (size_t)max_rows * (size_t)vocab;
     float *h = (float *)malloc(count * sizeof(float) * 2);

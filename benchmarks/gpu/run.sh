@@ -5,7 +5,7 @@
 # same model and GPU. The model is a random-weight Llama-3-8B written by
 # `cparallel synth` (16 GB of bf16; about 20 s on 16 cores).
 #   benchmarks/gpu/run.sh [BIN_DIR (default build)] [OUT_DIR (default benchmarks/gpu/results/raw)]
-# BIN_DIR holds cparallel, bench_gpu and bench_attention; MODEL=DIR reuses a
+# BIN_DIR holds cparallel, bench_gpu, bench_attention and bench_sample; MODEL=DIR reuses a
 # model directory; SKIP_PEER=1 leaves out the PyTorch run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,6 +16,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 [ -f "$MODEL/config.json" ] || "$BIN/cparallel" synth --arch llama3-8b --out "$MODEL" --no-progress
 "$BIN/bench_attention" | tee "$OUT/attention.md"
+"$BIN/bench_sample" | tee "$OUT/sample.md"
 "$BIN/bench_gpu" --model "$MODEL" --json "$OUT/gpu.json" | tee "$OUT/gpu.md"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
   python3 benchmarks/gpu/peer_torch.py --model "$MODEL" --json "$OUT/torch.json" | tee "$OUT/torch.md"
