@@ -153,11 +153,17 @@ TEST(CudaEndToEnd, SyntheticBf16Llama) {
 
 // An engine on the GPU whose backend records decode steps as graphs, or
 // (graphs = false) one created with CP_CUDA_NO_GRAPH=1 that issues every
-// operation from the host. Room for 3 sequences of 512 tokens.
+// operation from the host, whatever CP_CUDA_NO_GRAPH the tests were run
+// with (restored afterwards). Room for 3 sequences of 512 tokens.
 struct GraphEngine {
     cp_engine_t e = nullptr;
     GraphEngine(const std::string &path, bool graphs) {
-        if (!graphs) setenv("CP_CUDA_NO_GRAPH", "1", 1);
+        const char *old = getenv("CP_CUDA_NO_GRAPH");
+        const std::string saved = old ? old : "";
+        if (graphs)
+            unsetenv("CP_CUDA_NO_GRAPH");
+        else
+            setenv("CP_CUDA_NO_GRAPH", "1", 1);
         cp_engine_opts o = {};
         o.model_path = path.c_str();
         o.device = CP_DEVICE_CUDA;
@@ -165,7 +171,10 @@ struct GraphEngine {
         o.n_seq = 3;
         o.tokens_only = true;
         EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
-        if (!graphs) unsetenv("CP_CUDA_NO_GRAPH");
+        if (old)
+            setenv("CP_CUDA_NO_GRAPH", saved.c_str(), 1);
+        else
+            unsetenv("CP_CUDA_NO_GRAPH");
     }
     ~GraphEngine() { cp_engine_free(e); }
     cp_backend_graph_stats stats() const {

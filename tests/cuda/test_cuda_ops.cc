@@ -163,6 +163,7 @@ TEST_F(Cuda, MatmulLargerShapes) {
     check_matmul(CP_DTYPE_BF16, 300, 5416, 1, true);
     check_matmul(CP_DTYPE_F16, 301, 5416, 2, false);
     check_matmul(CP_DTYPE_BF16, 5000, 2056, 1, true);
+    check_matmul(CP_DTYPE_BF16, 5001, 2056, 1, true); // a last block with a row out of range
     check_matmul(CP_DTYPE_F16, 4097, 4096, 2, true);
     check_matmul(CP_DTYPE_BF16, 9000, 1032, 1, false);
 }

@@ -66,13 +66,13 @@ bool collect(void *user, int32_t tok, const char *, size_t) {
     return true;
 }
 
-// What every engine of these tests shares: one thread per rank, a 256-token
 // CP_TEST_DEVICE=cuda: the engines of these tests run on the GPU.
 bool on_gpu() {
     const char *dev = getenv("CP_TEST_DEVICE");
     return dev && !strcmp(dev, "cuda");
 }
 
+// What every engine of these tests shares: one thread per rank, a 256-token
 // f32 cache, no tokenizer; the layout and its communicators.
 cp_engine_opts shard_opts(const std::string &model, int tp, int pp, int cp, int rank, cp_comm_t tpc, cp_comm_t ppc,
                           cp_comm_t cpc) {
