@@ -306,13 +306,11 @@ template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(
     return cols / cp_qtraits<T>::elems * cp_qtraits<T>::bytes;
 }
 
-/* Calls F::template run<T>(args...) for the dtype t; false when t is not one
- * the CUDA backend reads. */
-#define CP_CUDA_DISPATCH_DTYPE(t, CALL)                                                            \
+/* The block types (every type the CUDA backend reads but the float ones):
+ * CALL(T) with T the compile-time constant of t, else the statement(s)
+ * after CALL. One list for the GEMV and the row-decoding kernels. */
+#define CP_CUDA_SWITCH_BLOCK_DTYPE(t, CALL, ...)                                                   \
     switch (t) {                                                                                   \
-    case CP_DTYPE_F32: CALL(CP_DTYPE_F32); break;                                                  \
-    case CP_DTYPE_F16: CALL(CP_DTYPE_F16); break;                                                  \
-    case CP_DTYPE_BF16: CALL(CP_DTYPE_BF16); break;                                                \
     case CP_DTYPE_Q4_0: CALL(CP_DTYPE_Q4_0); break;                                                \
     case CP_DTYPE_Q4_1: CALL(CP_DTYPE_Q4_1); break;                                                \
     case CP_DTYPE_Q5_0: CALL(CP_DTYPE_Q5_0); break;                                                \
@@ -324,7 +322,7 @@ template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(
     case CP_DTYPE_I4_G32: CALL(CP_DTYPE_I4_G32); break;                                            \
     case CP_DTYPE_I4_G128: CALL(CP_DTYPE_I4_G128); break;                                          \
     case CP_DTYPE_I8_ROW: CALL(CP_DTYPE_I8_ROW); break;                                            \
-    default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t)); \
+    default: __VA_ARGS__;                                                                          \
     }
 
 #endif /* CP_CUDA_COMMON_CUH */

@@ -223,21 +223,9 @@ static cp_status gemv_nt(cp_dtype t, const gemv_args &a, int64_t k, const float 
 #undef CP_GEMV_HALF
     } else {
 #define CP_GEMV_CALL(T) gemv_block_kernel<T, NT, SWI><<<blocks, threads, 0, stream>>>(a, k, x)
-        switch (t) {
-        case CP_DTYPE_Q4_0: CP_GEMV_CALL(CP_DTYPE_Q4_0); break;
-        case CP_DTYPE_Q4_1: CP_GEMV_CALL(CP_DTYPE_Q4_1); break;
-        case CP_DTYPE_Q5_0: CP_GEMV_CALL(CP_DTYPE_Q5_0); break;
-        case CP_DTYPE_Q5_1: CP_GEMV_CALL(CP_DTYPE_Q5_1); break;
-        case CP_DTYPE_Q8_0: CP_GEMV_CALL(CP_DTYPE_Q8_0); break;
-        case CP_DTYPE_Q4_K: CP_GEMV_CALL(CP_DTYPE_Q4_K); break;
-        case CP_DTYPE_Q5_K: CP_GEMV_CALL(CP_DTYPE_Q5_K); break;
-        case CP_DTYPE_Q6_K: CP_GEMV_CALL(CP_DTYPE_Q6_K); break;
-        case CP_DTYPE_I4_G32: CP_GEMV_CALL(CP_DTYPE_I4_G32); break;
-        case CP_DTYPE_I4_G128: CP_GEMV_CALL(CP_DTYPE_I4_G128); break;
-        case CP_DTYPE_I8_ROW: CP_GEMV_CALL(CP_DTYPE_I8_ROW); break;
-        default:
-            return CP_ERROR(CP_ERR_UNSUPPORTED, "gemv: no kernel for %s", cp_dtype_name(t));
-        }
+        CP_CUDA_SWITCH_BLOCK_DTYPE(t, CP_GEMV_CALL,
+                                   return CP_ERROR(CP_ERR_UNSUPPORTED, "gemv: no kernel for %s",
+                                                   cp_dtype_name(t)))
 #undef CP_GEMV_CALL
     }
     CP_CUDA_LAUNCH_CHECK();

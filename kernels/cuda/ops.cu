@@ -222,20 +222,9 @@ static cp_status rows_cuda(const cp_tensor *w, const int32_t *ids, int64_t row0,
     dim3 grid((unsigned)((chunks + 127) / 128 > 64 ? 64 : (chunks + 127) / 128), (unsigned)nrows);
 #define CP_ROWS_CALL(T)                                                                            \
     rows_block_kernel<T, O><<<grid, 128, 0, stream>>>(data, rb, cols, ids, row0, w->ne[1], out, bad)
-    switch (t) {
-    case CP_DTYPE_Q4_0: CP_ROWS_CALL(CP_DTYPE_Q4_0); break;
-    case CP_DTYPE_Q4_1: CP_ROWS_CALL(CP_DTYPE_Q4_1); break;
-    case CP_DTYPE_Q5_0: CP_ROWS_CALL(CP_DTYPE_Q5_0); break;
-    case CP_DTYPE_Q5_1: CP_ROWS_CALL(CP_DTYPE_Q5_1); break;
-    case CP_DTYPE_Q8_0: CP_ROWS_CALL(CP_DTYPE_Q8_0); break;
-    case CP_DTYPE_Q4_K: CP_ROWS_CALL(CP_DTYPE_Q4_K); break;
-    case CP_DTYPE_Q5_K: CP_ROWS_CALL(CP_DTYPE_Q5_K); break;
-    case CP_DTYPE_Q6_K: CP_ROWS_CALL(CP_DTYPE_Q6_K); break;
-    case CP_DTYPE_I4_G32: CP_ROWS_CALL(CP_DTYPE_I4_G32); break;
-    case CP_DTYPE_I4_G128: CP_ROWS_CALL(CP_DTYPE_I4_G128); break;
-    case CP_DTYPE_I8_ROW: CP_ROWS_CALL(CP_DTYPE_I8_ROW); break;
-    default: return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s", cp_dtype_name(t));
-    }
+    CP_CUDA_SWITCH_BLOCK_DTYPE(t, CP_ROWS_CALL,
+                               return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend cannot read %s",
+                                               cp_dtype_name(t)))
 #undef CP_ROWS_CALL
     CP_CUDA_LAUNCH_CHECK();
     return CP_OK;
