@@ -198,17 +198,13 @@ static cp_status cuda_synchronize(cp_backend_t be) {
     return CP_OK;
 }
 
+/* The float types and the block types the kernels decode. */
 static bool cuda_supports(cp_backend_t be, cp_dtype t) {
     (void)be;
-    switch (t) {
-    case CP_DTYPE_F32: case CP_DTYPE_F16: case CP_DTYPE_BF16: case CP_DTYPE_Q4_0:
-    case CP_DTYPE_Q4_1: case CP_DTYPE_Q5_0: case CP_DTYPE_Q5_1: case CP_DTYPE_Q8_0:
-    case CP_DTYPE_Q4_K: case CP_DTYPE_Q5_K: case CP_DTYPE_Q6_K: case CP_DTYPE_I4_G32:
-    case CP_DTYPE_I4_G128: case CP_DTYPE_I8_ROW:
-        return true;
-    default:
-        return false;
-    }
+    if (t == CP_DTYPE_F32 || t == CP_DTYPE_F16 || t == CP_DTYPE_BF16) return true;
+#define CP_READS(T) return true
+    CP_CUDA_SWITCH_BLOCK_DTYPE(t, CP_READS, return false)
+#undef CP_READS
 }
 
 /* ---- GEMM through cuBLASLt ---- */
