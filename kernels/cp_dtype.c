@@ -89,18 +89,6 @@ bool cp_dtype_is_quantized(cp_dtype t) {
     return i ? i->quantized : false;
 }
 
-static uint32_t f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static float bits_f32(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 float cp_fp16_to_fp32(cp_fp16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     const uint32_t exp = (h >> 10) & 0x1fu;
@@ -110,12 +98,12 @@ float cp_fp16_to_fp32(cp_fp16_t h) {
         float v = (float)man * 0x1p-24f;
         return sign ? -v : v;
     }
-    if (exp == 31) return bits_f32(sign | 0x7f800000u | (man << 13)); /* inf, NaN payload kept */
-    return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));       /* rebias 15 -> 127 */
+    if (exp == 31) return cp_bits_f32(sign | 0x7f800000u | (man << 13)); /* inf, NaN payload kept */
+    return cp_bits_f32(sign | ((exp + 112u) << 23) | (man << 13));       /* rebias 15 -> 127 */
 }
 
 cp_fp16_t cp_fp32_to_fp16(float f) {
-    const uint32_t x = f32_bits(f);
+    const uint32_t x = cp_f32_bits(f);
     const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
     uint32_t ax = x & 0x7fffffffu;
     if (ax > 0x7f800000u) /* NaN: keep the top payload bits, force quiet so it stays NaN */
@@ -140,43 +128,18 @@ cp_fp16_t cp_fp32_to_fp16(float f) {
 }
 
 float cp_bf16_to_fp32(cp_bf16_t h) {
-    return bits_f32((uint32_t)h << 16);
+    return cp_bits_f32((uint32_t)h << 16);
 }
 
 cp_bf16_t cp_fp32_to_bf16(float f) {
-    const uint32_t x = f32_bits(f);
+    const uint32_t x = cp_f32_bits(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (cp_bf16_t)((x >> 16) | 0x40u); /* quiet NaN */
     return (cp_bf16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
 /* E4M3: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent field 0 is
- * subnormal (m / 8 * 2^-6); 0x7f and 0xff are NaN; no infinities. */
-float cp_e4m3_to_fp32(uint8_t v) {
-    const int e = (v >> 3) & 0xf, m = v & 7;
-    float a;
-    if (e == 0xf && m == 7) return bits_f32(0x7fc00000u | ((uint32_t)(v & 0x80) << 24));
-    if (e == 0)
-        a = (float)m * 0x1p-9f;
-    else
-        a = bits_f32((uint32_t)(e + 120) << 23 | (uint32_t)m << 20); /* rebias 7 -> 127 */
-    return (v & 0x80) ? -a : a;
-}
+ * subnormal (m / 8 * 2^-6); 0x7f and 0xff are NaN; no infinities. The
+ * arithmetic is inline in cp_dtype.h, shared with the CUDA kernels. */
+float cp_e4m3_to_fp32(uint8_t v) { return cp_e4m3_decode(v); }
 
-uint8_t cp_fp32_to_e4m3(float f) {
-    const uint32_t x = f32_bits(f);
-    const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
-    uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);  /* NaN */
-    if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu); /* >= 448 (and inf): saturate */
-    if (ax >= 0x3c800000u) {                                /* normal (>= 2^-6) */
-        ax += 0x7ffffu + ((ax >> 20) & 1u);                 /* RNE to 3 mantissa bits */
-        return (uint8_t)(sign | ((ax >> 20) - (120u << 3)));
-    }
-    /* subnormal or zero: round(|f| * 2^9) to nearest even, 0..8 (8 is the
-     * smallest normal, whose code follows naturally); the scaling is exact */
-    const float a = bits_f32(ax) * 512.0f;
-    uint32_t q = (uint32_t)a;
-    const float rem = a - (float)q;
-    if (rem > 0.5f || (rem == 0.5f && (q & 1u))) q++;
-    return (uint8_t)(sign | q);
-}
+uint8_t cp_fp32_to_e4m3(float f) { return cp_e4m3_encode(f); }

@@ -135,6 +135,58 @@ static inline float cp_row_scale(const void *row, int64_t n) {
 uint8_t cp_fp32_to_e4m3(float f);
 float cp_e4m3_to_fp32(uint8_t v);
 
+/* The same two conversions as inline code that the CUDA kernels compile
+ * too, so the CPU reference and the device round every value alike (the
+ * functions above are these). They assume denormals are not flushed. */
+#ifdef __CUDACC__
+#define CP_HD __host__ __device__
+#else
+#define CP_HD
+#endif
+static inline CP_HD uint32_t cp_f32_bits(float f) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(f);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+#endif
+}
+static inline CP_HD float cp_bits_f32(uint32_t u) {
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(u);
+#else
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+/* Code bits placed in an fp32 (exponent field e, mantissa m << 20) are the
+ * value times 2^-120, subnormal codes included: one multiply, no branch but
+ * the NaN codes. */
+static inline CP_HD float cp_e4m3_decode(uint8_t v) {
+    const float a = cp_bits_f32((uint32_t)(v & 0x80u) << 24 | (uint32_t)(v & 0x7fu) << 20) * 0x1p120f;
+    return (v & 0x7fu) == 0x7fu ? cp_bits_f32(0x7fc00000u | (uint32_t)(v & 0x80u) << 24) : a;
+}
+static inline CP_HD uint8_t cp_e4m3_encode(float f) {
+    const uint32_t x = cp_f32_bits(f);
+    const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);  /* NaN */
+    if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu); /* >= 448 (and inf): saturate */
+    if (ax >= 0x3c800000u) {                                /* normal (>= 2^-6) */
+        ax += 0x7ffffu + ((ax >> 20) & 1u);                 /* RNE to 3 mantissa bits */
+        return (uint8_t)(sign | ((ax >> 20) - (120u << 3)));
+    }
+    /* subnormal or zero: round(|f| * 2^9) to nearest even, 0..8 (8 is the
+     * smallest normal, whose code follows naturally); the scaling is exact */
+    const float a = cp_bits_f32(ax) * 512.0f;
+    uint32_t q = (uint32_t)a;
+    const float rem = a - (float)q;
+    if (rem > 0.5f || (rem == 0.5f && (q & 1u))) q++;
+    return (uint8_t)(sign | q);
+}
+
 /* fp16 / bf16 scalar conversions (round to nearest even). */
 float cp_fp16_to_fp32(cp_fp16_t h);
 cp_fp16_t cp_fp32_to_fp16(float f);
