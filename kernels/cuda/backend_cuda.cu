@@ -3,7 +3,9 @@
  * bf16 operands with fp32 accumulation and output, the bias fused as an
  * epilogue, algorithms cached per shape); decode-sized products through the
  * GEMV kernels; quantized weights are decoded to fp16 tiles for large
- * batches. Host copies of weights go through pinned staging buffers. */
+ * batches, except FP8 rows (W8A8), whose E4M3 codes go to the FP8 tensor
+ * cores as they are (fp8.cu quantizes the activations). Host copies of
+ * weights go through pinned staging buffers. */
 #include <cublasLt.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,16 +39,24 @@ static const char *cublas_status_str(cublasStatus_t s) {
 }
 
 /* One cached GEMM configuration: descriptors and the heuristic's algorithm
- * for a shape, operand types and pointer alignments. */
+ * for a shape, operand types, leading dimensions, pointer alignments and
+ * epilogue. */
 typedef struct gemm_entry {
     bool used;
     cudaDataType_t at, bt;
-    int64_t m, n, k, ldd;
-    int align, has_bias;
+    int64_t m, n, k, lda, ldd;
+    int align, has_bias, vec_scale;
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, d;
     cublasLtMatmulAlgo_t algo;
 } gemm_entry;
+
+/* How the products of F8_ROW weights (W8A8) run at batches beyond the GEMV:
+ * FP8 tensor cores with both scales applied by cuBLASLt (outer-vector
+ * scaling), FP8 tensor cores with the scales applied by a kernel after, or
+ * (GPUs before sm_89) fp16 tensor cores on the codes, exact in fp16. Each
+ * call falls to the next when cuBLASLt has no algorithm for the shape. */
+typedef enum { F8_VEC = 0, F8_SCALAR = 1, F8_F16 = 2 } f8_mode;
 
 typedef struct cp_cuda_backend {
     struct cp_backend base;
@@ -67,6 +77,7 @@ typedef struct cp_cuda_backend {
     gemm_entry cache[GEMM_CACHE];
     int cache_next;
     bool no_flash;         /* CP_CUDA_NO_FLASH=1: the split kernel for every attention */
+    f8_mode f8;            /* the first W8A8 GEMM form tried (CP_CUDA_FP8=vec|scalar|f16) */
     int64_t embed_rows;    /* an embedding ran since the last synchronisation: check bad */
     cp_cuda_graphs *graphs;  /* recorded steps (cuda_graph.h) */
     void *deferred[8];       /* device frees asked for while recording, done at graph_end */
@@ -225,10 +236,21 @@ static void gemm_entry_free(gemm_entry *e) {
     memset(e, 0, sizeof(*e));
 }
 
-static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, cudaDataType_t at,
-                                 cudaDataType_t bt, int64_t m, int64_t n, int64_t k, int64_t ldd,
-                                 int align, int has_bias) {
+/* One cuBLASLt product d[n][ldd] (first m of each row) = b[n][k] . a^T,
+ * a [m] rows of lda elements of type at. */
+typedef struct lt_args {
+    cudaDataType_t at, bt;
+    const void *a, *b;
+    float *d;
+    int64_t m, n, k, lda, ldd;
+    const float *bias;                /* fp32, fused as the epilogue; NULL: none */
+    const float *scale_a, *scale_b;   /* fp32 [m] and [n] (outer-vector scaling); NULL: none */
+} lt_args;
+
+static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, const lt_args *g, int align) {
     memset(e, 0, sizeof(*e));
+    const bool fp8 = g->at == CUDA_R_8F_E4M3;
+    const int has_bias = g->bias != NULL, vec_scale = g->scale_a != NULL;
     const cublasComputeType_t ct = CUBLAS_COMPUTE_32F;
     CP_CUBLAS_CHECK(cublasLtMatmulDescCreate(&e->desc, ct, CUDA_R_32F));
     e->used = true; /* from here on gemm_entry_free releases what exists */
@@ -241,10 +263,18 @@ static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, cudaDataType
         const cudaDataType_t biast = CUDA_R_32F;
         CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &biast, sizeof(biast)));
     }
-    /* column-major views: W [m][k] row-major is k x m (op T), x is k x n, y is m x n (ld ldd) */
-    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->a, at, (uint64_t)k, (uint64_t)m, k));
-    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->b, bt, (uint64_t)k, (uint64_t)n, k));
-    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->d, CUDA_R_32F, (uint64_t)m, (uint64_t)n, ldd));
+    if (vec_scale) {
+        const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
+        /* the heuristic sees the pointers it will be given */
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g->scale_a, sizeof(g->scale_a)));
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g->scale_b, sizeof(g->scale_b)));
+    }
+    /* column-major views: W [m][lda] row-major is k x m (op T), x is k x n, y is m x n (ld ldd) */
+    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->a, g->at, (uint64_t)g->k, (uint64_t)g->m, g->lda));
+    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->b, g->bt, (uint64_t)g->k, (uint64_t)g->n, g->k));
+    CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->d, CUDA_R_32F, (uint64_t)g->m, (uint64_t)g->n, g->ldd));
     cublasLtMatmulPreference_t pref;
     CP_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     size_t ws = LT_WORKSPACE_BYTES;
@@ -259,39 +289,42 @@ static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, cudaDataType
     cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(c->lt, e->desc, e->a, e->b, e->d, e->d, pref,
                                                       1, &res, &nres);
     cublasLtMatmulPreferenceDestroy(pref);
+    /* an FP8 form without an algorithm is CP_ERR_UNSUPPORTED: the caller
+     * tries the next form */
     if (s != CUBLAS_STATUS_SUCCESS || nres == 0)
-        return CP_ERROR(CP_ERR_CUBLAS,
+        return CP_ERROR(fp8 ? CP_ERR_UNSUPPORTED : CP_ERR_CUBLAS,
                         "cuBLASLt has no algorithm for a %lld x %lld x %lld GEMM (types %d/%d, "
-                        "alignment %d): %s",
-                        (long long)m, (long long)n, (long long)k, (int)at, (int)bt, align,
+                        "lda %lld, alignment %d%s): %s",
+                        (long long)g->m, (long long)g->n, (long long)g->k, (int)g->at, (int)g->bt,
+                        (long long)g->lda, align, vec_scale ? ", vector scales" : "",
                         cublas_status_str(s));
     e->algo = res.algo;
-    e->at = at;
-    e->bt = bt;
-    e->m = m;
-    e->n = n;
-    e->k = k;
-    e->ldd = ldd;
+    e->at = g->at;
+    e->bt = g->bt;
+    e->m = g->m;
+    e->n = g->n;
+    e->k = g->k;
+    e->lda = g->lda;
+    e->ldd = g->ldd;
     e->align = align;
     e->has_bias = has_bias;
+    e->vec_scale = vec_scale;
     return CP_OK;
 }
 
-/* d[n][ldd] (first m of each row) = b[n][k] . a^T with a [m][k] of type at. */
-static cp_status lt_gemm(cp_cuda_backend *c, cudaDataType_t at, const void *a, cudaDataType_t bt,
-                         const void *b, float *d, int64_t m, int64_t n, int64_t k, int64_t ldd,
-                         const float *bias) {
-    int align = ptr_align(a);
-    int ab = ptr_align(b), ad = ptr_align(d);
+static cp_status lt_run(cp_cuda_backend *c, const lt_args *g) {
+    int align = ptr_align(g->a);
+    const int ab = ptr_align(g->b), ad = ptr_align(g->d);
     if (ab < align) align = ab;
     if (ad < align) align = ad;
-    if (bias && ptr_align(bias) < align) align = ptr_align(bias);
-    const int has_bias = bias != NULL;
+    if (g->bias && ptr_align(g->bias) < align) align = ptr_align(g->bias);
+    const int has_bias = g->bias != NULL, vec_scale = g->scale_a != NULL;
     gemm_entry *e = NULL;
     for (int i = 0; i < GEMM_CACHE; i++) {
         gemm_entry *x = &c->cache[i];
-        if (x->used && x->at == at && x->bt == bt && x->m == m && x->n == n && x->k == k &&
-            x->ldd == ldd && x->align == align && x->has_bias == has_bias) {
+        if (x->used && x->at == g->at && x->bt == g->bt && x->m == g->m && x->n == g->n &&
+            x->k == g->k && x->lda == g->lda && x->ldd == g->ldd && x->align == align &&
+            x->has_bias == has_bias && x->vec_scale == vec_scale) {
             e = x;
             break;
         }
@@ -300,19 +333,33 @@ static cp_status lt_gemm(cp_cuda_backend *c, cudaDataType_t at, const void *a, c
         e = &c->cache[c->cache_next];
         c->cache_next = (c->cache_next + 1) % GEMM_CACHE;
         gemm_entry_free(e);
-        cp_status st = gemm_entry_make(c, e, at, bt, m, n, k, ldd, align, has_bias);
+        cp_status st = gemm_entry_make(c, e, g, align);
         if (st != CP_OK) {
             gemm_entry_free(e);
             return st;
         }
     }
-    if (bias)
+    if (g->bias)
         CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                       &bias, sizeof(bias)));
+                                                       &g->bias, sizeof(g->bias)));
+    if (vec_scale) {
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                       &g->scale_a, sizeof(g->scale_a)));
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                       &g->scale_b, sizeof(g->scale_b)));
+    }
     const float alpha = 1.0f, beta = 0.0f;
-    CP_CUBLAS_CHECK(cublasLtMatmul(c->lt, e->desc, &alpha, a, e->a, b, e->b, &beta, d, e->d, d, e->d,
-                                   &e->algo, c->lt_ws, LT_WORKSPACE_BYTES, c->stream));
+    CP_CUBLAS_CHECK(cublasLtMatmul(c->lt, e->desc, &alpha, g->a, e->a, g->b, e->b, &beta, g->d, e->d,
+                                   g->d, e->d, &e->algo, c->lt_ws, LT_WORKSPACE_BYTES, c->stream));
     return CP_OK;
+}
+
+/* d[n][ldd] (first m of each row) = b[n][k] . a^T with a [m][k] of type at. */
+static cp_status lt_gemm(cp_cuda_backend *c, cudaDataType_t at, const void *a, cudaDataType_t bt,
+                         const void *b, float *d, int64_t m, int64_t n, int64_t k, int64_t ldd,
+                         const float *bias) {
+    const lt_args g = {at, bt, a, b, d, m, n, k, k, ldd, bias, NULL, NULL};
+    return lt_run(c, &g);
 }
 
 /* decode-sized products read the weight once in the GEMV kernels; for
@@ -322,11 +369,101 @@ static bool gemv_rows_ok(cp_dtype t, int n) {
     return t != CP_DTYPE_F32 && n <= (half_w ? 2 : 8);
 }
 
+#define ALIGN256(b) (((size_t)(b) + 255) & ~(size_t)255)
+
+/* Rows of a k-wide weight decoded per fp16 tile: the whole matrix, or as
+ * many rows (a multiple of 64) as DEQ_TILE_BYTES holds. */
+static int64_t tile_rows(int64_t m, int64_t k) {
+    int64_t tile = m;
+    if ((size_t)m * (size_t)k * 2 > DEQ_TILE_BYTES) {
+        tile = (int64_t)(DEQ_TILE_BYTES / ((size_t)k * 2));
+        tile = tile >= 64 ? tile / 64 * 64 : (tile > 0 ? tile : 1);
+    }
+    return tile;
+}
+
+/* ---- F8_ROW: W8A8 ---- */
+
+static cp_status f8_check_width(const cp_tensor *w) {
+    if (w->ne[0] % 32 != 0)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend reads %s rows of a multiple of 32 "
+                        "values, not %lld", cp_dtype_name(w->dtype), (long long)w->ne[0]);
+    return CP_OK;
+}
+
+/* The activations as the CPU reference sees them (each token's E4M3 codes
+ * times its scale), at the start of the work buffer, for the GEMV kernels. */
+static cp_status f8_dequant_acts(cp_cuda_backend *c, const float *x, int n, int64_t k, float **out) {
+    CP_CHECK(ensure_work(c, (size_t)n * (size_t)k * sizeof(float)));
+    *out = (float *)c->work;
+    return cp_f8_quantize_act_cuda(x, n, k, CP_F8_ACT_DEQUANT, c->work, NULL, c->stream);
+}
+
+/* y = x . w^T for F8_ROW w beyond the GEMV: a product of codes, then both
+ * scales (and the bias). The work buffer holds the activations' codes, their
+ * scales [n], the weight's scales [m], and in the fp16 form a tile of the
+ * weight's codes. */
+static cp_status f8_gemm(cp_cuda_backend *c, const cp_tensor *w, const float *x, int n, float *y,
+                         const float *bias) {
+    const int64_t k = w->ne[0], m = w->ne[1];
+    const size_t sxb = ALIGN256((size_t)n * 4), swb = ALIGN256((size_t)m * 4);
+    f8_mode form = c->f8;
+    if (k % 16 != 0 || w->nb[1] % 16 != 0) form = F8_F16; /* FP8 operands need 16-byte rows */
+    if (form != F8_F16) {
+        const size_t qb = ALIGN256((size_t)n * (size_t)k);
+        CP_CHECK(ensure_work(c, qb + sxb + swb));
+        uint8_t *q = (uint8_t *)c->work;
+        float *sx = (float *)(q + qb), *sw = (float *)((char *)sx + sxb);
+        CP_CHECK(cp_f8_quantize_act_cuda(x, n, k, CP_F8_ACT_CODES, q, sx, c->stream));
+        CP_CHECK(cp_f8_row_scales_cuda(w, 0, m, sw, c->stream));
+        for (; form != F8_F16; form = (f8_mode)(form + 1)) {
+            const bool vec = form == F8_VEC;
+            const lt_args g = {CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, w->data, q, y, m, n, k,
+                               (int64_t)w->nb[1], m, NULL, vec ? sw : NULL, vec ? sx : NULL};
+            const cp_status st = lt_run(c, &g);
+            if (st == CP_ERR_UNSUPPORTED) continue; /* no algorithm: the next form */
+            CP_CHECK(st);
+            return cp_f8_epilogue_cuda(y, n, m, m, vec ? NULL : sx, vec ? NULL : sw, bias, c->stream);
+        }
+    }
+    /* fp16 tensor cores on the codes (exact in fp16), products in fp32 */
+    const size_t qb = ALIGN256((size_t)n * (size_t)k * 2);
+    const int64_t tile = tile_rows(m, k);
+    CP_CHECK(ensure_work(c, qb + sxb + swb + (size_t)tile * (size_t)k * 2));
+    void *q = c->work;
+    float *sx = (float *)((char *)q + qb), *sw = (float *)((char *)sx + sxb);
+    void *wt = (char *)sw + swb;
+    CP_CHECK(cp_f8_quantize_act_cuda(x, n, k, CP_F8_ACT_CODES_F16, q, sx, c->stream));
+    CP_CHECK(cp_f8_row_scales_cuda(w, 0, m, sw, c->stream));
+    for (int64_t r0 = 0; r0 < m; r0 += tile) {
+        const int64_t rows = m - r0 < tile ? m - r0 : tile;
+        CP_CHECK(cp_f8_codes_f16_cuda(w, r0, rows, wt, c->stream));
+        CP_CHECK(lt_gemm(c, CUDA_R_16F, wt, CUDA_R_16F, q, y + r0, rows, n, k, m, NULL));
+    }
+    return cp_f8_epilogue_cuda(y, n, m, m, sx, sw, bias, c->stream);
+}
+
+/* count F8_ROW products of one x: decode-sized batches through the GEMV
+ * kernels on the activations quantized once, larger ones through f8_gemm. */
+static cp_status f8_matmul(cp_cuda_backend *c, int count, const cp_tensor *const *w, const float *x,
+                           int n, float *const *y, const float *const *bias) {
+    for (int i = 0; i < count; i++) CP_CHECK(f8_check_width(w[i]));
+    if (gemv_rows_ok(CP_DTYPE_F8_ROW, n)) {
+        float *xq;
+        CP_CHECK(f8_dequant_acts(c, x, n, w[0]->ne[0], &xq));
+        const cp_status st = cp_gemv_group_cuda(count, w, xq, n, y, bias, c->stream);
+        if (st != CP_ERR_UNSUPPORTED) return st;
+    }
+    for (int i = 0; i < count; i++) CP_CHECK(f8_gemm(c, w[i], x, n, y[i], bias ? bias[i] : NULL));
+    return CP_OK;
+}
+
 static cp_status cuda_matmul(cp_backend_t be, const cp_tensor *w, const float *x, int n, float *y,
                              const float *bias) {
     cp_cuda_backend *c = ctx_of(be);
     const cp_dtype t = w->dtype;
     const int64_t k = w->ne[0], m = w->ne[1];
+    if (t == CP_DTYPE_F8_ROW) return f8_matmul(c, 1, &w, x, n, &y, &bias);
     if (gemv_rows_ok(t, n)) {
         cp_status st = cp_gemv_cuda(w, x, n, y, bias, c->stream);
         if (st != CP_ERR_UNSUPPORTED) return st;
@@ -334,13 +471,9 @@ static cp_status cuda_matmul(cp_backend_t be, const cp_tensor *w, const float *x
     if (t == CP_DTYPE_F32) return lt_gemm(c, CUDA_R_32F, w->data, CUDA_R_32F, x, y, m, n, k, m, bias);
     const bool bf16 = t == CP_DTYPE_BF16;
     const cudaDataType_t ht = bf16 ? CUDA_R_16BF : CUDA_R_16F;
-    const size_t xh_bytes = (((size_t)n * (size_t)k * 2) + 255) & ~(size_t)255;
+    const size_t xh_bytes = ALIGN256((size_t)n * (size_t)k * 2);
     const bool quant = t != CP_DTYPE_F16 && t != CP_DTYPE_BF16;
-    int64_t tile = m;
-    if (quant && (size_t)m * (size_t)k * 2 > DEQ_TILE_BYTES) {
-        tile = (int64_t)(DEQ_TILE_BYTES / ((size_t)k * 2));
-        tile = tile >= 64 ? tile / 64 * 64 : (tile > 0 ? tile : 1);
-    }
+    const int64_t tile = tile_rows(m, k);
     CP_CHECK(ensure_work(c, xh_bytes + (quant ? (size_t)tile * (size_t)k * 2 : 0)));
     void *xh = c->work;
     CP_CHECK(cp_convert_f32_cuda(xh, x, (size_t)n * (size_t)k, bf16, c->stream));
@@ -364,6 +497,7 @@ static cp_status cuda_matmul_group(cp_backend_t be, int count, const cp_tensor *
     const cp_dtype t = w[0]->dtype;
     bool same = true;
     for (int i = 1; i < count; i++) same = same && w[i]->dtype == t;
+    if (same && t == CP_DTYPE_F8_ROW) return f8_matmul(c, count, w, x, n, y, bias);
     if (same && gemv_rows_ok(t, n)) {
         cp_status st = cp_gemv_group_cuda(count, w, x, n, y, bias, c->stream);
         if (st != CP_ERR_UNSUPPORTED) return st;
@@ -387,7 +521,14 @@ static cp_status cuda_matmul_swiglu(cp_backend_t be, const cp_tensor *wg, const 
                                     const float *x, int n, float *out, float *up) {
     cp_cuda_backend *c = ctx_of(be);
     if (wg->dtype == wu->dtype && n <= 2 && gemv_rows_ok(wg->dtype, n)) {
-        cp_status st = cp_gemv_swiglu_cuda(wg, wu, x, n, out, c->stream);
+        const float *xg = x;
+        if (wg->dtype == CP_DTYPE_F8_ROW) { /* W8A8: the activations quantized per token */
+            CP_CHECK(f8_check_width(wg));
+            float *xq;
+            CP_CHECK(f8_dequant_acts(c, x, n, wg->ne[0], &xq));
+            xg = xq;
+        }
+        cp_status st = cp_gemv_swiglu_cuda(wg, wu, xg, n, out, c->stream);
         if (st != CP_ERR_UNSUPPORTED) return st;
     }
     const cp_tensor *ws[2] = {wg, wu};
@@ -625,6 +766,7 @@ static cp_status init_ctx(cp_cuda_backend *c) {
     cudaDeviceProp prop;
     CP_CUDA_CHECK(cudaGetDeviceProperties(&prop, c->device));
     snprintf(c->name, sizeof(c->name), "cuda:%d", c->device);
+    if (prop.major * 10 + prop.minor < 89) c->f8 = F8_F16;
     c->base.iface.name = c->name;
     CP_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
     /* Decode steps are recorded as graphs unless CP_CUDA_NO_GRAPH=1 (for
@@ -659,6 +801,11 @@ extern "C" cp_status cp_backend_cuda_init(int device, cp_backend_t *out) {
     c->device = device;
     const char *nf = getenv("CP_CUDA_NO_FLASH");
     c->no_flash = nf && nf[0] == '1';
+    /* CP_CUDA_FP8=scalar or f16: start W8A8 GEMMs at that form (for
+     * comparisons and as a way out); GPUs before sm_89 have no FP8 tensor
+     * cores (init_ctx) */
+    const char *f8 = getenv("CP_CUDA_FP8");
+    c->f8 = f8 && !strcmp(f8, "f16") ? F8_F16 : (f8 && !strcmp(f8, "scalar") ? F8_SCALAR : F8_VEC);
     /* CP_CUDA_UNFUSED=all or a list of swiglu,group,norm,rope: run those
      * fused operations as their compositions (for comparisons) */
     const char *uf = getenv("CP_CUDA_UNFUSED");

@@ -60,6 +60,29 @@ cp_status cp_gemv_group_cuda(int count, const cp_tensor *const *w, const float *
 cp_status cp_gemv_swiglu_cuda(const cp_tensor *wg, const cp_tensor *wu, const float *x, int n,
                               float *out, cudaStream_t stream);
 
+/* ---- fp8.cu: the W8A8 path of F8_ROW weights ---- */
+/* Per token row of x[n][k]: scale sx[i] = amax / 448 and codes
+ * e4m3(x * 448 / amax), bit-equal to the CPU reference's
+ * (cp_quantize_ref F8_ROW). out receives, by mode: */
+enum {
+    CP_F8_ACT_DEQUANT = 0,   /* float [n][k]: e4m3(code) * sx (the reference's activations) */
+    CP_F8_ACT_CODES = 1,     /* uint8 [n][k]: the E4M3 codes */
+    CP_F8_ACT_CODES_F16 = 2  /* fp16 [n][k]: e4m3(code), exact, without sx */
+};
+cp_status cp_f8_quantize_act_cuda(const float *x, int n, int64_t k, int mode, void *out, float *sx,
+                                  cudaStream_t stream);
+/* sw[r] = the scale of row row0 + r of the F8_ROW (or I8_ROW) tensor w. */
+cp_status cp_f8_row_scales_cuda(const cp_tensor *w, int64_t row0, int64_t nrows, float *sw,
+                                cudaStream_t stream);
+/* Rows row0 .. row0 + nrows of F8_ROW w as fp16 codes [nrows][cols]
+ * without their scales (exact); cols % 4 == 0. */
+cp_status cp_f8_codes_f16_cuda(const cp_tensor *w, int64_t row0, int64_t nrows, void *out,
+                               cudaStream_t stream);
+/* y[i][j] = y[i][j] * sx[i] * sw[j] + bias[j] over n rows of m (stride
+ * ldd); NULL vectors are left out. */
+cp_status cp_f8_epilogue_cuda(float *y, int n, int64_t m, int64_t ldd, const float *sx,
+                              const float *sw, const float *bias, cudaStream_t stream);
+
 /* ---- attention.cu ---- */
 cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, const float *v, void *k_cache,
                            void *v_cache, cudaStream_t stream);

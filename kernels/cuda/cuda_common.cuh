@@ -271,9 +271,10 @@ template <> __device__ __forceinline__ void dq32<CP_DTYPE_I4_G128>(const uint8_t
         for (int j = 0; j < 4; j++) v[4 * w + j] = (float)((int)((q >> (8 * j)) & 15) - z) * d;
     }
 }
-/* dq32 for a row of cols values: the same, except for int8 rows (I8_ROW),
- * whose fp32 scale follows the row's cols codes (value q * scale, as the CPU
- * reference); with cols a multiple of 32 both are 4-byte aligned. */
+/* dq32 for a row of cols values: the same, except for int8 and fp8 rows
+ * (I8_ROW, F8_ROW), whose fp32 scale follows the row's cols codes (value
+ * code * scale, as the CPU reference); with cols a multiple of 32 both are
+ * 4-byte aligned. */
 template <int T>
 static __device__ __forceinline__ void dq32_row(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
     (void)cols;
@@ -288,6 +289,20 @@ __device__ __forceinline__ void dq32_row<CP_DTYPE_I8_ROW>(const uint8_t *row, in
         const uint32_t x = q[w];
 #pragma unroll
         for (int j = 0; j < 4; j++) v[4 * w + j] = (float)(int8_t)((x >> (8 * j)) & 0xff) * s;
+    }
+}
+/* F8_ROW: E4M3 codes, the fp32 scale after the row's cols codes; value
+ * e4m3(q) * scale, the CPU reference's to_float (cp_e4m3_decode is the
+ * inline code behind cp_e4m3_to_fp32). */
+template <>
+__device__ __forceinline__ void dq32_row<CP_DTYPE_F8_ROW>(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
+    const float s = *(const float *)(row + cols);
+    const uint32_t *q = (const uint32_t *)(row + c * 32);
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        const uint32_t x = q[w];
+#pragma unroll
+        for (int j = 0; j < 4; j++) v[4 * w + j] = cp_e4m3_decode((uint8_t)(x >> (8 * j))) * s;
     }
 }
 
@@ -322,6 +337,7 @@ template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(
     case CP_DTYPE_I4_G32: CALL(CP_DTYPE_I4_G32); break;                                            \
     case CP_DTYPE_I4_G128: CALL(CP_DTYPE_I4_G128); break;                                          \
     case CP_DTYPE_I8_ROW: CALL(CP_DTYPE_I8_ROW); break;                                            \
+    case CP_DTYPE_F8_ROW: CALL(CP_DTYPE_F8_ROW); break;                                            \
     default: __VA_ARGS__;                                                                          \
     }
 

@@ -30,8 +30,13 @@ bool have_gpu() {
 
 struct Engine {
     cp_engine_t e = nullptr;
-    Engine(const std::string &path, cp_device dev, bool tokens_only) {
+    // convert: the weight type every matrix is converted to at load (F32:
+    // none)
+    Engine(const std::string &path, cp_device dev, bool tokens_only,
+           cp_dtype convert = CP_DTYPE_F32) {
         cp_engine_opts o = {};
+        o.convert_weights = convert != CP_DTYPE_F32;
+        o.weight_dtype = convert;
         o.model_path = path.c_str();
         o.n_threads = 0;
         o.device = dev;
@@ -125,6 +130,63 @@ TEST(CudaEndToEnd, DefaultModelMatchesTheCpuReference) {
         EXPECT_EQ(tg, tc) << "max |dlogit| " << max_abs;
         printf("[ prompt of %zu ] max |dlogit| %.4g, relative %.3g\n", pr.size(), max_abs, rel);
     }
+}
+
+// Mean over rows of KL(softmax(p) || softmax(q)), logits [rows][vocab].
+double mean_kl(const std::vector<float> &p, const std::vector<float> &q, int vocab) {
+    const size_t rows = p.size() / vocab;
+    double sum = 0;
+    for (size_t r = 0; r < rows; r++) {
+        const float *a = p.data() + r * vocab, *b = q.data() + r * vocab;
+        const double ma = *std::max_element(a, a + vocab), mb = *std::max_element(b, b + vocab);
+        double za = 0, zb = 0;
+        for (int j = 0; j < vocab; j++) {
+            za += std::exp(a[j] - ma);
+            zb += std::exp(b[j] - mb);
+        }
+        const double la = ma + std::log(za), lb = mb + std::log(zb);
+        for (int j = 0; j < vocab; j++) sum += std::exp(a[j] - la) * ((a[j] - la) - (b[j] - lb));
+    }
+    return sum / (double)rows;
+}
+
+// The default model converted at load to FP8 rows (W8A8): prompt GEMMs on
+// the FP8 tensor cores (or fp16 ones on the codes), decode through the GEMV
+// on activations quantized per token. Per-token E4M3 activations (3
+// mantissa bits) make the model chaotic to tiny differences: a value near a
+// rounding boundary moves a whole step, and the next layers spread it. On
+// the CPU alone, the fast kernels against the reference (the same codes,
+// sums in another order) differ by 12% in logits (relative) with 88% top-1
+// agreement on this prompt, KL 0.041, while fp8 against the unquantized
+// model is KL 0.10. So the bound is on KL: the GPU's fp8 model is closer to
+// the CPU's fp8 model than that is to the unquantized one. The op tests
+// (Fp8ActivationsEqualTheReferenceBitForBit, Fp8GemmFormsEqualTheReference)
+// hold the tight bounds.
+TEST(CudaEndToEnd, DefaultModelInFp8MatchesTheCpuReference) {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    const char *path = getenv("CP_TEST_MODEL");
+    if (!path || access(path, R_OK) != 0) GTEST_SKIP() << "default model not present";
+    Engine base(path, CP_DEVICE_CPU, false), cpu(path, CP_DEVICE_CPU, false, CP_DTYPE_F8_ROW),
+        gpu(path, CP_DEVICE_CUDA, false, CP_DTYPE_F8_ROW);
+    ASSERT_TRUE(base.e && cpu.e && gpu.e);
+    const int vocab = cp_model_get_config(cp_engine_model(cpu.e))->n_vocab;
+    const std::vector<int32_t> pr = {1, 9690, 198, 2683, 359, 253, 5356, 5646, 28};
+    auto tc = greedy(cpu.e, pr, 32), tg = greedy(gpu.e, pr, 32);
+    EXPECT_EQ(tg.size(), 32u);
+    std::vector<int32_t> all = pr;
+    all.insert(all.end(), tc.begin(), tc.end());
+    std::vector<float> lb(all.size() * vocab), lc(lb.size()), lg(lb.size());
+    ASSERT_EQ(cp_engine_logits(base.e, all.data(), (int)all.size(), lb.data()), CP_OK);
+    ASSERT_EQ(cp_engine_logits(cpu.e, all.data(), (int)all.size(), lc.data()), CP_OK);
+    ASSERT_EQ(cp_engine_logits(gpu.e, all.data(), (int)all.size(), lg.data()), CP_OK)
+        << cp_last_error();
+    for (float v : lg) ASSERT_TRUE(std::isfinite(v));
+    const double kl_dev = mean_kl(lc, lg, vocab), kl_q = mean_kl(lb, lc, vocab);
+    printf("[ fp8 ] KL(CPU fp8 || GPU fp8) %.4g, KL(unquantized || CPU fp8) %.4g; greedy tokens "
+           "equal for %ld of 32\n",
+           kl_dev, kl_q,
+           (long)(std::mismatch(tg.begin(), tg.end(), tc.begin(), tc.end()).first - tg.begin()));
+    EXPECT_LT(kl_dev, kl_q);
 }
 
 TEST(CudaEndToEnd, SyntheticBf16Llama) {

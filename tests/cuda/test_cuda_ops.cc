@@ -112,6 +112,21 @@ struct MatmulCase {
     int64_t m, k;
 };
 
+// tolerance of a product through the GEMV kernels (fp32 on exact weights)
+// or through cuBLASLt (activations rounded to the operand type). F8_ROW is
+// W8A8 on both sides, so the device sees the reference's own quantized
+// activations: beyond the GEMV its GEMMs sum products of codes (exact) in
+// fp32 or in the FP8 tensor cores' accumulators, then scale; 1e-3 is far
+// below the ~3% that quantizing the activations differently (or not at
+// all) would cost.
+double product_tol(cp_dtype t, int64_t k, int n) {
+    const bool half = t == CP_DTYPE_F16 || t == CP_DTYPE_BF16;
+    const bool gemv = n <= (half ? 2 : 8) && t != CP_DTYPE_F32 && (!half || k % 8 == 0);
+    if (gemv || t == CP_DTYPE_F32) return 1e-5;
+    if (t == CP_DTYPE_F8_ROW) return 1e-3;
+    return t == CP_DTYPE_BF16 ? 1e-2 : 2e-3;
+}
+
 void check_matmul(cp_dtype t, int64_t m, int64_t k, int n, bool bias) {
     SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " m=" << m << " k=" << k << " n=" << n
                                       << " bias=" << bias);
@@ -128,23 +143,18 @@ void check_matmul(cp_dtype t, int64_t m, int64_t k, int n, bool bias) {
     ASSERT_EQ(cp_backend_matmul(g_be, &wd, dx.f(), n, dy.f(), bias ? db.f() : nullptr), CP_OK)
         << cp_last_error();
     auto y = dy.get<float>((size_t)n * m);
-    // n <= 8: fp32 GEMV on the exact weights; larger batches round the
-    // activations to the GEMM operand type
-    const bool half = t == CP_DTYPE_F16 || t == CP_DTYPE_BF16;
-    const bool gemv = n <= (half ? 2 : 8) && t != CP_DTYPE_F32 && (!half || k % 8 == 0);
-    double tol = 1e-5;
-    if (!gemv) tol = t == CP_DTYPE_F32 ? 1e-5 : (t == CP_DTYPE_BF16 ? 1e-2 : 2e-3);
-    EXPECT_LT(rel_err(y, ref), tol);
+    EXPECT_LT(rel_err(y, ref), product_tol(t, k, n));
 }
 
 TEST_F(Cuda, MatmulEveryDtypeAndBatch) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
                               CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
-                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW};
+                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW};
     for (cp_dtype t : types) {
         const int64_t bs = cp_dtype_block_size(t);
-        const int64_t k = bs == 256 ? 768 : (bs == 128 ? 384 : (bs == 32 || t == CP_DTYPE_I8_ROW ? 224 : 200));
+        const bool rows = t == CP_DTYPE_I8_ROW || t == CP_DTYPE_F8_ROW;
+        const int64_t k = bs == 256 ? 768 : (bs == 128 ? 384 : (bs == 32 || rows ? 224 : 200));
         for (int n : {1, 3, 8, 13, 40}) check_matmul(t, 37, k, n, n % 2 == 1);
     }
     // float rows that are not a multiple of 8 take the cuBLASLt path at n = 1
@@ -168,15 +178,6 @@ TEST_F(Cuda, MatmulLargerShapes) {
     check_matmul(CP_DTYPE_BF16, 9000, 1032, 1, false);
 }
 
-// tolerance of a product through the GEMV kernels (fp32 on exact weights)
-// or through cuBLASLt (activations rounded to the operand type)
-double product_tol(cp_dtype t, int64_t k, int n) {
-    const bool half = t == CP_DTYPE_F16 || t == CP_DTYPE_BF16;
-    const bool gemv = n <= (half ? 2 : 8) && t != CP_DTYPE_F32 && (!half || k % 8 == 0);
-    if (gemv || t == CP_DTYPE_F32) return 1e-5;
-    return t == CP_DTYPE_BF16 ? 1e-2 : 2e-3;
-}
-
 TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
     struct Case {
         cp_dtype t[3];
@@ -190,7 +191,9 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
                           {{CP_DTYPE_Q8_0, CP_DTYPE_Q8_0, CP_DTYPE_Q8_0}, 17},
                           {{CP_DTYPE_I4_G128, CP_DTYPE_I4_G128, CP_DTYPE_I4_G128}, 1},
                           {{CP_DTYPE_I4_G32, CP_DTYPE_I4_G32, CP_DTYPE_I4_G32}, 12},
-                          {{CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW}, 2}};
+                          {{CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW}, 2},
+                          {{CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW}, 3},
+                          {{CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW}, 21}};
     const int64_t rows[3] = {96, 32, 40};
     for (const int64_t k : {512, 4352}) // 4352: the float GEMV's warps share rows
     for (const Case &c : cases) {
@@ -232,7 +235,7 @@ TEST_F(Cuda, MatmulSwigluEqualsItsComposition) {
     const int64_t m = 72;
     for (const int64_t k : {256, 4352}) // 4352: the float GEMV's warps share rows
     for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0,
-                       CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW})
+                       CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW})
         for (int n : {1, 2, 5, 33}) {
             SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n << " k=" << k);
             auto gh = make_weight(t, m, k), uh = make_weight(t, m, k);
@@ -382,26 +385,118 @@ TEST_F(Cuda, ElementwiseAndSoftmax) {
     }
 }
 
-// int8 rows whose width is not a multiple of 32: refused with a message
-// that names the type and the width, never read out of bounds.
-TEST_F(Cuda, Int8RowsOfOddWidthAreAClearError) {
-    const int64_t rows = 5, cols = 48;
-    auto wh = make_weight(CP_DTYPE_I8_ROW, rows, cols);
-    Dev dw(wh), dx(randn(3 * cols)), dy(3 * rows * 4);
-    cp_tensor wd = cp_tensor_2d(CP_DTYPE_I8_ROW, rows, cols, dw.p);
-    wd.device = CP_DEVICE_CUDA;
-    EXPECT_EQ(cp_backend_matmul(g_be, &wd, dx.f(), 3, dy.f(), nullptr), CP_ERR_UNSUPPORTED);
-    EXPECT_NE(std::string(cp_last_error_detail()).find("I8_ROW rows of a multiple of 32 values, not 48"),
-              std::string::npos)
-        << cp_last_error_detail();
-    EXPECT_EQ(cp_backend_synchronize(g_be), CP_OK) << cp_last_error();
+// int8 and fp8 rows whose width is not a multiple of 32: refused with a
+// message that names the type and the width, never read out of bounds.
+TEST_F(Cuda, RowTypesOfOddWidthAreAClearError) {
+    for (cp_dtype t : {CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW})
+        for (int n : {1, 3, 20}) {
+            SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n);
+            const int64_t rows = 5, cols = 48;
+            auto wh = make_weight(t, rows, cols);
+            Dev dw(wh), dx(randn((size_t)n * cols)), dy((size_t)n * rows * 4);
+            cp_tensor wd = cp_tensor_2d(t, rows, cols, dw.p);
+            wd.device = CP_DEVICE_CUDA;
+            EXPECT_EQ(cp_backend_matmul(g_be, &wd, dx.f(), n, dy.f(), nullptr), CP_ERR_UNSUPPORTED);
+            const std::string want = std::string(cp_dtype_name(t)) + " rows of a multiple of 32 values, not 48";
+            EXPECT_NE(std::string(cp_last_error_detail()).find(want), std::string::npos)
+                << cp_last_error_detail();
+            EXPECT_EQ(cp_backend_synchronize(g_be), CP_OK) << cp_last_error();
+        }
+}
+
+#ifdef CP_HAVE_CUDA
+// The device quantizes activations per token exactly as the CPU reference
+// (cp_quantize_ref F8_ROW): the same codes and scale, bit for bit, for
+// values at every magnitude, rows of zeros, and rows holding inf or NaN.
+TEST_F(Cuda, Fp8ActivationsEqualTheReferenceBitForBit) {
+    const int64_t k = 4099; // odd: the threads' last pass is partial
+    const int n = 7;
+    std::vector<float> x = randn((size_t)n * k);
+    std::uniform_real_distribution<float> e(-30.0f, 30.0f);
+    for (int64_t i = 0; i < k; i++) x[(size_t)k + i] *= std::exp2(e(rng())); // every magnitude
+    for (int64_t i = 0; i < k; i++) x[2 * (size_t)k + i] = 0.0f;
+    x[3 * (size_t)k + 17] = INFINITY;
+    x[4 * (size_t)k + 5] = NAN;
+    for (int64_t i = 0; i < k; i++) x[5 * (size_t)k + i] = std::ldexp((float)(i % 64) - 32.0f, -140); // subnormal
+    const size_t rb = cp_dtype_row_size(CP_DTYPE_F8_ROW, k);
+    std::vector<uint8_t> ref((size_t)n * rb);
+    ASSERT_EQ(cp_quantize_ref(CP_DTYPE_F8_ROW, x.data(), n, k, ref.data()), CP_OK);
+    Dev dx(x), dq((size_t)n * k), ds((size_t)n * 4), dd((size_t)n * k * 4);
+    ASSERT_EQ(cp_f8_quantize_act_cuda(dx.f(), n, k, CP_F8_ACT_CODES, dq.p, ds.f(), nullptr), CP_OK);
+    ASSERT_EQ(cp_f8_quantize_act_cuda(dx.f(), n, k, CP_F8_ACT_DEQUANT, dd.p, nullptr, nullptr), CP_OK);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); // the legacy stream above, then the backend's
+    auto q = dq.get<uint8_t>((size_t)n * k);
+    auto sc = ds.get<float>((size_t)n);
+    auto dqv = dd.get<float>((size_t)n * k);
+    cp_tensor wc = cp_tensor_2d(CP_DTYPE_F8_ROW, n, k, ref.data());
+    std::vector<float> deq((size_t)n * k);
+    ASSERT_EQ(cp_dequantize_ref(&wc, 0, n, deq.data()), CP_OK);
+    for (int r = 0; r < n; r++) {
+        SCOPED_TRACE(r);
+        EXPECT_EQ(std::memcmp(q.data() + (size_t)r * k, ref.data() + (size_t)r * rb, (size_t)k), 0);
+        EXPECT_EQ(std::memcmp(&sc[(size_t)r], ref.data() + (size_t)r * rb + k, 4), 0) << sc[(size_t)r];
+        int differ = 0; // the dequantized values: equal bits, or NaN on both sides (the
+                        // device's NaN results carry no payload)
+        for (int64_t i = 0; i < k; i++) {
+            const float a = dqv[(size_t)r * k + i], b = deq[(size_t)r * k + i];
+            differ += std::isnan(a) ? !std::isnan(b) : std::memcmp(&a, &b, 4) != 0;
+        }
+        EXPECT_EQ(differ, 0);
+    }
+}
+#endif
+
+// Each form of the W8A8 GEMM (FP8 tensor cores with the scales in cuBLASLt
+// or in a kernel after, fp16 tensor cores on the codes) against the CPU
+// reference, on backends started with CP_CUDA_FP8 set to that form (the
+// default tries them in that order; a GPU without FP8 runs the last).
+TEST_F(Cuda, Fp8GemmFormsEqualTheReference) {
+    const char *old = getenv("CP_CUDA_FP8");
+    const std::string saved = old ? old : "";
+    for (const char *form : {"vec", "scalar", "f16"}) {
+        setenv("CP_CUDA_FP8", form, 1);
+        cp_backend_t be = nullptr;
+        ASSERT_EQ(cp_backend_cuda_init(0, &be), CP_OK) << cp_last_error();
+        for (const MatmulCase &mc : {MatmulCase{CP_DTYPE_F8_ROW, 1000, 512}, MatmulCase{CP_DTYPE_F8_ROW, 77, 4096},
+                                     MatmulCase{CP_DTYPE_F8_ROW, 2048, 96}})
+            for (int n : {9, 64, 130}) {
+                SCOPED_TRACE(::testing::Message() << form << " m=" << mc.m << " k=" << mc.k << " n=" << n);
+                auto wh = make_weight(mc.t, mc.m, mc.k);
+                auto x = randn((size_t)n * mc.k, 3.0f);
+                auto b = randn((size_t)mc.m);
+                cp_tensor wc = cp_tensor_2d(mc.t, mc.m, mc.k, wh.data());
+                std::vector<float> ref((size_t)n * mc.m);
+                ASSERT_EQ(cp_matmul_ref(&wc, x.data(), n, ref.data(), n % 2 ? b.data() : nullptr), CP_OK);
+                void *pw, *px, *pb, *py;
+                ASSERT_EQ(cp_backend_alloc(be, wh.size(), &pw), CP_OK);
+                ASSERT_EQ(cp_backend_alloc(be, x.size() * 4, &px), CP_OK);
+                ASSERT_EQ(cp_backend_alloc(be, b.size() * 4, &pb), CP_OK);
+                ASSERT_EQ(cp_backend_alloc(be, ref.size() * 4, &py), CP_OK);
+                cp_backend_copy(be, pw, wh.data(), wh.size(), CP_COPY_HOST_TO_DEVICE);
+                cp_backend_copy(be, px, x.data(), x.size() * 4, CP_COPY_HOST_TO_DEVICE);
+                cp_backend_copy(be, pb, b.data(), b.size() * 4, CP_COPY_HOST_TO_DEVICE);
+                std::vector<float> y(ref.size(), NAN);
+                cp_backend_copy(be, py, y.data(), y.size() * 4, CP_COPY_HOST_TO_DEVICE);
+                cp_tensor wd = cp_tensor_2d(mc.t, mc.m, mc.k, pw);
+                wd.device = CP_DEVICE_CUDA;
+                EXPECT_EQ(cp_backend_matmul(be, &wd, (float *)px, n, (float *)py, n % 2 ? (float *)pb : nullptr),
+                          CP_OK)
+                    << cp_last_error();
+                EXPECT_EQ(cp_backend_copy(be, y.data(), py, y.size() * 4, CP_COPY_DEVICE_TO_HOST), CP_OK);
+                EXPECT_LT(rel_err(y, ref), product_tol(mc.t, mc.k, n));
+                for (void *p : {pw, px, pb, py}) cp_backend_dealloc(be, p);
+            }
+        cp_backend_free(be);
+    }
+    if (old) setenv("CP_CUDA_FP8", saved.c_str(), 1);
+    else unsetenv("CP_CUDA_FP8");
 }
 
 TEST_F(Cuda, EmbedAndDequantize) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
                               CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
-                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW};
+                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW};
     for (cp_dtype t : types) {
         SCOPED_TRACE(cp_dtype_name(t));
         const int64_t bs = cp_dtype_block_size(t);
