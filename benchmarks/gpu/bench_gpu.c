@@ -1,12 +1,14 @@
 /* bench_gpu.c - the model on one GPU against the GPU's own limits, measured
  * in the same run: a device-to-device copy (bytes read + written per
- * second) and a cuBLASLt bf16 GEMM (8192^3, random data) give the two
- * ceilings; then prefill of a long prompt (TFLOP/s against the GEMM peak)
+ * second) and cuBLASLt bf16 and E4M3 GEMMs (8192^3, random data) give the
+ * ceilings; then prefill of a long prompt (TFLOP/s against the GEMM peak
+ * of its operands: E4M3 for weights converted to fp8, else bf16)
  * and decode at several batch sizes (tokens/s; at batch 1 the model
  * bandwidth utilisation = bytes read per token / time per token / copy
  * bandwidth), each batch with decode steps replayed as CUDA graphs and
- * issued op by op (unless CP_CUDA_NO_GRAPH=1: op by op only). Prints
- * Markdown tables; --json writes the numbers. */
+ * issued op by op (unless CP_CUDA_NO_GRAPH=1: op by op only). --convert
+ * converts every matrix at load (fp8: the W8A8 path). Prints Markdown
+ * tables; --json writes the numbers. */
 #include "cp_runtime.h"
 
 #include <cublasLt.h>
@@ -56,8 +58,11 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* Random bits for device buffers (never zeros: they run faster). */
-static void fill_random(void *dev, size_t bytes, uint64_t seed, int bf16) {
+/* Random bits for device buffers (never zeros: they run faster): raw
+ * (kind 0), bf16 in [-1, 1) (1), or E4M3 pairs in [-8, 8) without NaN
+ * codes (2). */
+enum { FILL_RAW = 0, FILL_BF16 = 1, FILL_E4M3 = 2 };
+static void fill_random(void *dev, size_t bytes, uint64_t seed, int kind) {
     size_t n = bytes / 2;
     uint16_t *h = malloc(bytes);
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
@@ -67,7 +72,10 @@ static void fill_random(void *dev, size_t bytes, uint64_t seed, int bf16) {
         s ^= s << 17;
         /* bf16 in [-1, 1): sign, exponent 120..126, random mantissa */
         uint16_t v = (uint16_t)(((s >> 20) & 0x8000) | ((120 + (s >> 40) % 7) << 7) | (s & 0x7f));
-        h[i] = bf16 ? v : (uint16_t)s;
+        /* E4M3: sign, exponent field 4..10, any mantissa */
+        uint16_t lo = (uint16_t)(((s >> 8) & 0x80) | ((4 + (s >> 24) % 7) << 3) | (s & 7));
+        uint16_t hi = (uint16_t)(((s >> 9) & 0x80) | ((4 + (s >> 32) % 7) << 3) | ((s >> 3) & 7));
+        h[i] = kind == FILL_BF16 ? v : (kind == FILL_E4M3 ? (uint16_t)(lo | hi << 8) : (uint16_t)s);
     }
     CK(cudaMemcpy(dev, h, bytes, cudaMemcpyHostToDevice));
     free(h);
@@ -79,7 +87,7 @@ static double copy_bandwidth(void) {
     void *a, *b;
     CK(cudaMalloc(&a, bytes));
     CK(cudaMalloc(&b, bytes));
-    fill_random(a, bytes, 1, 0);
+    fill_random(a, bytes, 1, FILL_RAW);
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
@@ -98,39 +106,44 @@ static double copy_bandwidth(void) {
     return 2.0 * (double)bytes / median(t, 10);
 }
 
-/* FLOP/s of a cuBLASLt bf16 GEMM m x n x k (fp32 accumulation, bf16 out). */
-static double gemm_peak(int m, int n, int k) {
+/* FLOP/s of a cuBLASLt GEMM m x n x k with fp32 accumulation: bf16
+ * operands and output, or (fp8) E4M3 operands and fp32 output, the form the
+ * W8A8 weights (F8_ROW) run in; 0 when cuBLASLt has no algorithm. */
+static double gemm_peak(int m, int n, int k, int fp8) {
     cublasLtHandle_t lt;
     CKB(cublasLtCreate(&lt));
     void *A, *B, *C, *ws;
     const size_t wsb = (size_t)32 << 20;
-    CK(cudaMalloc(&A, (size_t)m * k * 2));
-    CK(cudaMalloc(&B, (size_t)k * n * 2));
-    CK(cudaMalloc(&C, (size_t)m * n * 2));
+    const size_t ab = fp8 ? 1 : 2, cb = fp8 ? 4 : 2;
+    CK(cudaMalloc(&A, (size_t)m * k * ab));
+    CK(cudaMalloc(&B, (size_t)k * n * ab));
+    CK(cudaMalloc(&C, (size_t)m * n * cb));
     CK(cudaMalloc(&ws, wsb));
-    fill_random(A, (size_t)m * k * 2, 2, 1);
-    fill_random(B, (size_t)k * n * 2, 3, 1);
+    fill_random(A, (size_t)m * k * ab, 2, fp8 ? FILL_E4M3 : FILL_BF16);
+    fill_random(B, (size_t)k * n * ab, 3, fp8 ? FILL_E4M3 : FILL_BF16);
+    const cudaDataType_t ot = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF, dt = fp8 ? CUDA_R_32F : CUDA_R_16BF;
     cublasLtMatmulDesc_t desc;
     CKB(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     CKB(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     CKB(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
     cublasLtMatrixLayout_t la, lb, lc;
-    CKB(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, k, m, k));
-    CKB(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, n, k));
-    CKB(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, m, n, m));
+    CKB(cublasLtMatrixLayoutCreate(&la, ot, k, m, k));
+    CKB(cublasLtMatrixLayoutCreate(&lb, ot, k, n, k));
+    CKB(cublasLtMatrixLayoutCreate(&lc, dt, m, n, m));
     cublasLtMatmulPreference_t pref;
     CKB(cublasLtMatmulPreferenceCreate(&pref));
     CKB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
     cublasLtMatmulHeuristicResult_t res;
     int nres = 0;
-    CKB(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &nres));
+    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &nres);
+    if (hs != CUBLAS_STATUS_SUCCESS || nres == 0) nres = 0;
     float alpha = 1, beta = 0;
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
     double t[10];
-    for (int i = -3; i < 10; i++) {
+    for (int i = -3; i < 10 && nres > 0; i++) {
         CK(cudaEventRecord(e0, 0));
         CKB(cublasLtMatmul(lt, desc, &alpha, A, la, B, lb, &beta, C, lc, C, lc, &res.algo, ws, wsb, 0));
         CK(cudaEventRecord(e1, 0));
@@ -149,7 +162,7 @@ static double gemm_peak(int m, int n, int k) {
     cudaFree(B);
     cudaFree(C);
     cudaFree(ws);
-    return 2.0 * m * n * (double)k / median(t, 10);
+    return nres > 0 ? 2.0 * m * n * (double)k / median(t, 10) : 0.0;
 }
 
 typedef struct bench {
@@ -238,7 +251,7 @@ static double decode(bench *b, int B, int gen) {
 }
 
 int main(int argc, char **argv) {
-    const char *model = NULL, *json = NULL, *batches = "1,8,32,64";
+    const char *model = NULL, *json = NULL, *batches = "1,8,32,64", *convert = NULL;
     int n_prompt = 2048, gen = 64;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
@@ -246,11 +259,25 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--batches") && i + 1 < argc) batches = argv[++i];
         else if (!strcmp(argv[i], "--prompt") && i + 1 < argc) n_prompt = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--gen") && i + 1 < argc) gen = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--convert") && i + 1 < argc) convert = argv[++i];
         else {
             fprintf(stderr, "usage: bench_gpu --model PATH [--prompt 2048] [--gen 64] "
-                            "[--batches 1,8,32,64] [--json FILE]\n");
+                            "[--batches 1,8,32,64] [--convert fp8|int8|int4|q8_0|q4_k] [--json FILE]\n");
             return 2;
         }
+    }
+    /* --convert: every matrix converted at load, as `cparallel --convert` */
+    static const struct {
+        const char *name;
+        cp_dtype t;
+    } conv[] = {{"fp8", CP_DTYPE_F8_ROW}, {"int8", CP_DTYPE_I8_ROW}, {"int4", CP_DTYPE_I4_G128},
+                {"q8_0", CP_DTYPE_Q8_0}, {"q4_k", CP_DTYPE_Q4_K}};
+    cp_dtype conv_t = CP_DTYPE_BF16;
+    for (size_t i = 0; convert && i < sizeof(conv) / sizeof(conv[0]); i++)
+        if (!strcmp(convert, conv[i].name)) conv_t = conv[i].t;
+    if (convert && conv_t == CP_DTYPE_BF16) {
+        fprintf(stderr, "bench_gpu: unknown --convert '%s' (fp8, int8, int4, q8_0 or q4_k)\n", convert);
+        return 2;
     }
     if (!model || n_prompt < 1 || gen < 2) {
         fprintf(stderr, "bench_gpu: --model is required\n");
@@ -259,11 +286,16 @@ int main(int argc, char **argv) {
     struct cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     const double bw = copy_bandwidth();
-    const double peak = gemm_peak(8192, 8192, 8192);
+    const double peak_bf16 = gemm_peak(8192, 8192, 8192, 0);
+    const double peak_fp8 = gemm_peak(8192, 8192, 8192, 1);
+    /* prefill is measured against the tensor-core peak of its own operands */
+    const double peak = conv_t == CP_DTYPE_F8_ROW && peak_fp8 > 0 ? peak_fp8 : peak_bf16;
     printf("device: %s, %d SMs\n\n", prop.name, prop.multiProcessorCount);
     printf("| ceiling | measured |\n|---|---|\n");
     printf("| device copy (read + write) | %.0f GB/s |\n", bw / 1e9);
-    printf("| cuBLASLt bf16 GEMM 8192^3 | %.0f TFLOP/s |\n\n", peak / 1e12);
+    printf("| cuBLASLt bf16 GEMM 8192^3 | %.0f TFLOP/s |\n", peak_bf16 / 1e12);
+    if (peak_fp8 > 0) printf("| cuBLASLt E4M3 GEMM 8192^3 (fp32 out) | %.0f TFLOP/s |\n\n", peak_fp8 / 1e12);
+    else printf("| cuBLASLt E4M3 GEMM | no algorithm on this GPU |\n\n");
     fflush(stdout);
 
     bench b = {0};
@@ -276,7 +308,8 @@ int main(int argc, char **argv) {
         p++;
     }
     cp_engine_opts eo = {.model_path = model, .device = CP_DEVICE_CUDA, .n_ctx = n_prompt + 16,
-                         .n_seq = 1, .tokens_only = true};
+                         .n_seq = 1, .tokens_only = true, .convert_weights = convert != NULL,
+                         .weight_dtype = conv_t};
     double t0 = now();
     CKS(cp_engine_init(&eo, &b.e));
     const double load_s = now() - t0;
@@ -291,13 +324,13 @@ int main(int argc, char **argv) {
     const cp_model_config *c = b.c;
     /* bytes a decode step reads: every weight but the embedding table (one
      * row of it) when the head is a separate matrix */
-    const size_t embd_bytes = (size_t)c->n_vocab * (size_t)c->dim * 2;
+    const size_t embd_bytes = (size_t)c->n_vocab * cp_dtype_row_size(conv_t, c->dim);
     const size_t read_bytes = ms.weight_bytes - (c->tied_embeddings ? 0 : embd_bytes);
     const double matmul_params = (double)ms.n_params - (c->tied_embeddings ? 0 : (double)c->n_vocab * c->dim);
-    printf("model: %s: %d layers, dim %d, %lld parameters, %.2f GB of weights; loaded in %.1f s "
+    printf("model: %s%s%s: %d layers, dim %d, %lld parameters, %.2f GB of weights; loaded in %.1f s "
            "(%.1f GB/s)\n\n",
-           model, c->n_layer, c->dim, (long long)ms.n_params, ms.weight_bytes / 1e9, load_s,
-           ms.weight_bytes / 1e9 / load_s);
+           model, convert ? " converted to " : "", convert ? cp_dtype_name(conv_t) : "", c->n_layer,
+           c->dim, (long long)ms.n_params, ms.weight_bytes / 1e9, load_s, ms.weight_bytes / 1e9 / load_s);
 
     const double tp = prefill(&b, n_prompt, 5);
     const double attn_flop = 2.0 * (double)n_prompt * n_prompt * c->head_dim * c->n_head * c->n_layer;
@@ -309,11 +342,12 @@ int main(int argc, char **argv) {
 
     FILE *jf = json ? fopen(json, "w") : NULL;
     if (jf)
-        fprintf(jf, "{\"device\": \"%s\", \"copy_GBps\": %.1f, \"gemm_TFLOPs\": %.1f, "
+        fprintf(jf, "{\"device\": \"%s\", \"weights\": \"%s\", \"copy_GBps\": %.1f, "
+                    "\"gemm_TFLOPs\": %.1f, \"gemm_fp8_TFLOPs\": %.1f, "
                     "\"weight_bytes\": %zu, \"read_bytes_per_token\": %zu, \"prefill_tokens\": %d, "
                     "\"prefill_s\": %.6f, \"prefill_TFLOPs\": %.1f, \"decode\": [",
-                prop.name, bw / 1e9, peak / 1e12, ms.weight_bytes, read_bytes, n_prompt, tp,
-                pf_flop / tp / 1e12);
+                prop.name, convert ? cp_dtype_name(conv_t) : "as stored", bw / 1e9, peak_bf16 / 1e12,
+                peak_fp8 / 1e12, ms.weight_bytes, read_bytes, n_prompt, tp, pf_flop / tp / 1e12);
     /* graphs on and off on the same backend: the A/B of one model load */
     cp_backend_t be = cp_engine_backend(b.e);
     cp_backend_graph_stats gs;

@@ -18,6 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$BIN/bench_attention" | tee "$OUT/attention.md"
 "$BIN/bench_sample" | tee "$OUT/sample.md"
 "$BIN/bench_gpu" --model "$MODEL" --json "$OUT/gpu.json" | tee "$OUT/gpu.md"
+# the same model converted to fp8 rows at load: W8A8 on the FP8 tensor cores
+"$BIN/bench_gpu" --model "$MODEL" --convert fp8 --json "$OUT/gpu_fp8.json" | tee "$OUT/gpu_fp8.md"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
   python3 benchmarks/gpu/peer_torch.py --model "$MODEL" --json "$OUT/torch.json" | tee "$OUT/torch.md"
 fi
