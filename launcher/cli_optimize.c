@@ -17,8 +17,9 @@
 
 /* A chapter of the Python tutorial from Debian's python3-doc (English prose
  * nobody on this project wrote), or NULL when it is not installed. The
- * evaluation text is "appetite"; AWQ calibrates on "controlflow", so that
- * the evaluation is not on the text the scales fit. */
+ * evaluation text is four other chapters (cli_eval_text_pick); calibration
+ * runs on "controlflow", so that the evaluation is not on the text the
+ * scales or scores fit. */
 const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap) {
     static const char *const versions[] = {"python3.11", "python3.12", "python3.13", "python3"};
     if (!path || cap == 0) return NULL;
@@ -27,6 +28,70 @@ const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap) {
         if (access(path, R_OK) == 0) return path;
     }
     return NULL;
+}
+
+int cli_eval_text_pick(const char *cmd, bool no_eval, const char *file, cli_eval_text *out) {
+    static const char *const chapters[CLI_EVAL_CHAPTERS] = {"appetite", "interpreter", "introduction",
+                                                            "datastructures"};
+    memset(out, 0, sizeof(*out));
+    if (no_eval) return 0;
+    if (file) {
+        out->paths[out->n++] = file;
+        return 0;
+    }
+    for (int i = 0; i < CLI_EVAL_CHAPTERS; i++)
+        if (cli_tutorial_chapter(chapters[i], out->bufs[out->n], sizeof(out->bufs[0])))
+            out->paths[out->n] = out->bufs[out->n], out->n++;
+    if (out->n == 0) {
+        fprintf(stderr, "cparallel %s: error: no evaluation text: give --eval-text FILE (or install "
+                        "python3-doc, or skip the check with --no-eval)\n", cmd);
+        return 2;
+    }
+    return 0;
+}
+
+/* The files of t joined by newlines into *out (*len bytes), as cli_read_file. */
+static bool read_eval_text(const char *cmd, const cli_eval_text *t, char **out, size_t *len) {
+    *out = NULL;
+    *len = 0;
+    for (int i = 0; i < t->n; i++) {
+        char *body = NULL;
+        size_t n = 0;
+        if (!cli_read_file(cmd, "evaluation text", t->paths[i], 256, &body, &n)) {
+            free(*out);
+            *out = NULL;
+            return false;
+        }
+        char *joined = realloc(*out, *len + n + 2);
+        if (!joined) {
+            free(body);
+            free(*out);
+            *out = NULL;
+            fprintf(stderr, "cparallel %s: error: out of memory for the evaluation text\n", cmd);
+            return false;
+        }
+        *out = joined;
+        if (i > 0) (*out)[(*len)++] = '\n';
+        memcpy(*out + *len, body, n);
+        *len += n;
+        (*out)[*len] = '\0';
+        free(body);
+    }
+    return true;
+}
+
+/* "FILE", or the files' names and the directory of the first. */
+static void describe_eval_text(const cli_eval_text *t) {
+    if (t->n == 1) {
+        printf("%s", t->paths[0]);
+        return;
+    }
+    for (int i = 0; i < t->n; i++) {
+        const char *base = strrchr(t->paths[i], '/');
+        printf("%s%s", i ? ", " : "", base ? base + 1 : t->paths[i]);
+    }
+    const char *slash = strrchr(t->paths[0], '/');
+    if (slash) printf(" in %.*s", (int)(slash - t->paths[0]), t->paths[0]);
 }
 
 void cli_job_defaults(cli_job *j) {
@@ -183,11 +248,11 @@ out:
 }
 
 /* Measures the written model against the original; 0 when it may be kept. */
-int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant, const char *text, int ctx,
-                int max_tokens, double max_increase, bool force, double *increase) {
+int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant, const cli_eval_text *text,
+                int ctx, int max_tokens, double max_increase, bool force, double *increase) {
     size_t len = 0;
     char *body = NULL;
-    if (!cli_read_file(cmd, "evaluation text", text, 256, &body, &len)) return 1;
+    if (!read_eval_text(cmd, text, &body, &len)) return 1;
     cp_engine_t r = job_engine(j, orig, ctx, true, "cannot load the original model"), m = NULL;
     int32_t *ids = NULL;
     size_t n = 0;
@@ -197,6 +262,7 @@ int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant
         cli_report_error("cannot tokenize the evaluation text");
         goto out;
     }
+    const size_t n_text = n;
     if (max_tokens > 0 && n > (size_t)max_tokens) n = (size_t)max_tokens;
     cp_eval_opts o = {.ctx = ctx};
     cp_eval_result res;
@@ -207,9 +273,19 @@ int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant
     *increase = res.ppl / res.ref_ppl - 1;
     int32_t verdict = *increase > max_increase && !force ? 3 : 0;
     if (j->lead) {
-        printf("evaluation text   %s: %zu tokens, windows of %d\n", text, n, res.ctx);
-        printf("perplexity        original %.4f, %s %.4f (%+.2f%%; bound %+.2f%%)\n", res.ref_ppl,
-               !strcmp(cmd, "quantize") ? "quantized" : "pruned", res.ppl, 100 * *increase, 100 * max_increase);
+        printf("evaluation text   ");
+        describe_eval_text(text);
+        printf(": %zu of %zu tokens, windows of %d\n", n, n_text, res.ctx);
+        char interval[96] = "too few tokens for an interval";
+        if (res.ratio_hi > 0)
+            snprintf(interval, sizeof(interval), "95%% interval %+.2f%% .. %+.2f%%", 100 * (res.ratio_lo - 1),
+                     100 * (res.ratio_hi - 1));
+        printf("perplexity        original %.4f, %s %.4f (%+.2f%%, %s; bound %+.2f%%)\n", res.ref_ppl,
+               !strcmp(cmd, "quantize") ? "quantized" : "pruned", res.ppl, 100 * *increase, interval,
+               100 * max_increase);
+        if (res.ratio_hi > 0 && res.ratio_lo - 1 <= max_increase && max_increase <= res.ratio_hi - 1)
+            printf("uncertain         the bound lies inside the interval: more text (--eval-text, "
+                   "--eval-tokens) would settle the verdict\n");
         printf("KL(orig || new)   mean %.5f  median %.5f  p99 %.5f  max %.5f  nats/token\n", res.kl_mean,
                res.kl_p50, res.kl_p99, res.kl_max);
         printf("top-1 agreement   %.2f%%\n", 100 * res.top1);
@@ -233,7 +309,7 @@ out:
 
 int cli_job_finish(const char *cmd, cli_job *j, const char *orig, const char *tmp, const char *out,
                    const cli_gate *gate) {
-    if (gate->text) {
+    if (gate->text && gate->text->n > 0) {
         double increase = 0;
         const int rc = cli_measure(cmd, j, orig, tmp, gate->text, gate->ctx, gate->max_tokens,
                                    gate->max_increase_pct / 100.0, gate->force, &increase);

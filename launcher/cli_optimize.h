@@ -11,8 +11,23 @@
 
 /* A chapter of the Python tutorial from Debian's python3-doc (English prose
  * nobody on this project wrote) into path[cap], or NULL when it is not
- * installed. Evaluation uses "appetite"; calibration "controlflow". */
+ * installed. Evaluation uses the chapters of cli_eval_text_pick;
+ * calibration "controlflow". */
 const char *cli_tutorial_chapter(const char *chapter, char *path, size_t cap);
+
+/* The text the accuracy gate scores: one file, or by default the chapters
+ * of the Python tutorial the quality table scores (appetite, interpreter,
+ * introduction, datastructures: benchmarks/quality), those installed,
+ * joined by newlines in that order. n = 0: no measurement. */
+#define CLI_EVAL_CHAPTERS 4
+typedef struct cli_eval_text {
+    const char *paths[CLI_EVAL_CHAPTERS];
+    int n;
+    char bufs[CLI_EVAL_CHAPTERS][256];
+} cli_eval_text;
+/* file (NULL: the default chapters), or none with no_eval. 0, or 2 after
+ * printing why there is no text. */
+int cli_eval_text_pick(const char *cmd, bool no_eval, const char *file, cli_eval_text *out);
 
 /* The ranks a model-rewriting command runs over (mpirun -np tp x cp x pp):
  * the calibration and the measurement shard the model over them like
@@ -80,18 +95,19 @@ void cli_write_progress(void *user, size_t done, size_t total);
 int cli_calibrate(const char *cmd, cli_job *j, const char *model, const char *calib, int tokens,
                   cp_act_stats **out);
 
-/* Measures the model at cand against orig on the text (perplexity, KL,
- * top-1 agreement, printed by rank 0), both sharded over the job's ranks;
- * *increase gets the relative perplexity rise. Collective; every rank
- * returns rank 0's verdict: 0 when it may be kept, 3 when the rise exceeds
- * max_increase (a fraction) and !force, 1 on errors. */
-int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *cand, const char *text, int ctx,
-                int max_tokens, double max_increase, bool force, double *increase);
+/* Measures the model at cand against orig on the first max_tokens tokens
+ * of the text (perplexity with its 95% interval, KL, top-1 agreement,
+ * printed by rank 0), both sharded over the job's ranks; *increase gets the
+ * relative perplexity rise. Collective; every rank returns rank 0's
+ * verdict: 0 when it may be kept, 3 when the rise exceeds max_increase (a
+ * fraction) and !force, 1 on errors. */
+int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *cand, const cli_eval_text *text,
+                int ctx, int max_tokens, double max_increase, bool force, double *increase);
 
-/* The accuracy gate of a rewritten model: evaluation text (NULL: no
- * measurement, nothing checked), its windows, and the bound. */
+/* The accuracy gate of a rewritten model: evaluation text (NULL or none:
+ * no measurement, nothing checked), its windows, and the bound. */
 typedef struct cli_gate {
-    const char *text;
+    const cli_eval_text *text;
     int ctx, max_tokens;
     double max_increase_pct;
     bool force;

@@ -171,6 +171,10 @@ int cp_cli_eval(int argc, char **argv) {
                    "\"kl_p50\":%.6g,\"kl_p99\":%.6g,\"kl_max\":%.6g,\"top1\":%.6f",
                    res.ref_ppl, res.ppl / res.ref_ppl - 1, res.kl_mean, res.kl_p50,
                    res.kl_p99, res.kl_max, res.top1);
+            if (res.ratio_hi > 0)
+                printf(",\"ppl_increase_95\":[%.6f,%.6f]", res.ratio_lo - 1, res.ratio_hi - 1);
+            else
+                printf(",\"ppl_increase_95\":null");
         }
         printf(",\"seconds\":%.3f}\n", res.seconds);
     } else {
@@ -181,8 +185,13 @@ int cp_cli_eval(int argc, char **argv) {
         printf("perplexity        %.4f  (%.4f nats per token over %lld predictions)\n", res.ppl,
                res.nll, (long long)res.n_scored);
         if (r) {
-            printf("reference         %s: perplexity %.4f, model %+.2f%%\n", reference, res.ref_ppl,
+            printf("reference         %s: perplexity %.4f, model %+.2f%%", reference, res.ref_ppl,
                    100 * (res.ppl / res.ref_ppl - 1));
+            if (res.ratio_hi > 0)
+                printf(" (95%% interval %+.2f%% .. %+.2f%%)\n", 100 * (res.ratio_lo - 1),
+                       100 * (res.ratio_hi - 1));
+            else
+                printf(" (too few tokens for an interval)\n");
             printf("KL(ref || model)  mean %.5f  median %.5f  p99 %.5f  max %.5f  nats/token\n",
                    res.kl_mean, res.kl_p50, res.kl_p99, res.kl_max);
             printf("top-1 agreement   %.2f%%\n", 100 * res.top1);

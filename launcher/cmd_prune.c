@@ -122,7 +122,8 @@ static bool write_pruned(const char *in, const char *tmp, const char *out, cp_pr
 int cp_cli_prune(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL, *method = "wanda",
                *sparsity = NULL;
-    char text_buf[256], calib_buf[256];
+    char calib_buf[256];
+    cli_eval_text eval_text;
     int ctx = 512, max_tokens = 4096, calib_tokens = 1024, drop = 0, heads = 0, ffn = 0;
     float max_increase = 5.0f;
     bool force = false, no_eval = false, no_progress = false;
@@ -148,7 +149,7 @@ int cp_cli_prune(int argc, char **argv) {
          "calibration text (default: another chapter of the Python tutorial)", NULL},
         {"calib-tokens", 0, CLI_INT, &calib_tokens, 2, 1 << 24, "N", "calibrate on N tokens (1024)", NULL},
         {"eval-text", 0, CLI_STR, &text, 0, -1, "FILE",
-         "text the accuracy is measured on (default: the Python tutorial of python3-doc)", NULL},
+         "text the accuracy is measured on (default: four chapters of the Python tutorial, python3-doc)", NULL},
         {"eval-ctx", 0, CLI_INT, &ctx, 2, 1 << 20, "N", "tokens per evaluation window (512)", NULL},
         {"eval-tokens", 0, CLI_INT, &max_tokens, 2, 1 << 30, "N", "score at most N tokens of the text (4096)",
          NULL},
@@ -206,11 +207,7 @@ int cp_cli_prune(int argc, char **argv) {
                 type);
         return 2;
     }
-    if (!no_eval && !text && !(text = cli_tutorial_chapter("appetite", text_buf, sizeof(text_buf)))) {
-        fprintf(stderr, "cparallel prune: error: no evaluation text: give --eval-text FILE (or install "
-                        "python3-doc, or skip the check with --no-eval)\n");
-        return 2;
-    }
+    if ((rc = cli_eval_text_pick("prune", no_eval, text, &eval_text))) return rc;
     const bool need_calib = (zeroing && po.method == CP_PRUNE_WANDA) || drop || heads || ffn;
     if (need_calib && !calib && !(calib = cli_tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
         fprintf(stderr, "cparallel prune: error: wanda and structured pruning need calibration text: give "
@@ -226,6 +223,6 @@ int cp_cli_prune(int argc, char **argv) {
     const bool ok = !job.lead || write_pruned(in, tmp, out, &po, stats, type ? &t : NULL, no_progress, &job);
     cp_act_stats_free(stats);
     if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
-    const cli_gate gate = {no_eval ? NULL : text, ctx, max_tokens, max_increase, force};
+    const cli_gate gate = {&eval_text, ctx, max_tokens, max_increase, force};
     return cli_job_finish("prune", &job, in, tmp, out, &gate);
 }

@@ -50,7 +50,8 @@ static int awq_search(cli_job *j, const char *in, cp_dtype t, const cp_act_stats
 
 int cp_cli_quantize(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *type = NULL, *text = NULL, *calib = NULL;
-    char text_buf[256], calib_buf[256];
+    char calib_buf[256];
+    cli_eval_text eval_text;
     int ctx = 512, max_tokens = 4096, calib_tokens = 1024;
     float max_increase = 5.0f;
     bool force = false, no_eval = false, no_progress = false;
@@ -67,7 +68,7 @@ int cp_cli_quantize(int argc, char **argv) {
          "awq: calibration text (default: another chapter of the Python tutorial)", NULL},
         {"calib-tokens", 0, CLI_INT, &calib_tokens, 2, 1 << 24, "N", "awq: calibrate on N tokens (1024)", NULL},
         {"eval-text", 0, CLI_STR, &text, 0, -1, "FILE",
-         "text the accuracy is measured on (default: the Python tutorial of python3-doc)", NULL},
+         "text the accuracy is measured on (default: four chapters of the Python tutorial, python3-doc)", NULL},
         {"eval-ctx", 0, CLI_INT, &ctx, 2, 1 << 20, "N", "tokens per evaluation window (512)",
          NULL},
         {"eval-tokens", 0, CLI_INT, &max_tokens, 2, 1 << 30, "N",
@@ -99,11 +100,7 @@ int cp_cli_quantize(int argc, char **argv) {
                         CLI_CONVERT_TYPES ")\n", type);
         return 2;
     }
-    if (!no_eval && !text && !(text = cli_tutorial_chapter("appetite", text_buf, sizeof(text_buf)))) {
-        fprintf(stderr, "cparallel quantize: error: no evaluation text: give --eval-text FILE "
-                        "(or install python3-doc, or skip the check with --no-eval)\n");
-        return 2;
-    }
+    if ((rc = cli_eval_text_pick("quantize", no_eval, text, &eval_text))) return rc;
     if (awq && !calib && !(calib = cli_tutorial_chapter("controlflow", calib_buf, sizeof(calib_buf)))) {
         fprintf(stderr, "cparallel quantize: error: awq needs calibration text: give --calib FILE "
                         "(or install python3-doc)\n");
@@ -147,6 +144,6 @@ int cp_cli_quantize(int argc, char **argv) {
     cp_act_stats_free(stats);
     cp_awq_scales_free(scales);
     if (!cli_job_written(&job, ok)) return cli_job_end(&job, 1, true);
-    const cli_gate gate = {no_eval ? NULL : text, ctx, max_tokens, max_increase, force};
+    const cli_gate gate = {&eval_text, ctx, max_tokens, max_increase, force};
     return cli_job_finish("quantize", &job, in, tmp, out, &gate);
 }

@@ -24,6 +24,9 @@ typedef struct cp_eval_opts {
     void *progress_user;
 } cp_eval_opts;
 
+#define CP_EVAL_BATCH 32
+#define CP_EVAL_MIN_BATCHES 5
+
 typedef struct cp_eval_result {
     int64_t n_scored; /* tokens predicted (every token but the first) */
     int n_windows;
@@ -34,6 +37,14 @@ typedef struct cp_eval_result {
     double ref_nll, ref_ppl;
     double kl_mean, kl_p50, kl_p99, kl_max; /* KL(ref || model), nats per token */
     double top1;                            /* share of positions with the same argmax */
+    /* A 95% interval of ppl / ref_ppl: exp(mean d +- t * se), d the
+     * per-token difference of the two negative log-likelihoods and se its
+     * standard error from the means of consecutive batches of
+     * CP_EVAL_BATCH scored tokens (neighbouring tokens' d are correlated;
+     * batches far less), t Student's for batches - 1 degrees of freedom.
+     * 0 and 0 with fewer than CP_EVAL_MIN_BATCHES whole batches. */
+    double ratio_lo, ratio_hi;
+    int n_batches;
     double seconds;
 } cp_eval_result;
 

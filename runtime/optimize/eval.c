@@ -38,6 +38,38 @@ static double quantile(const double *sorted, int64_t n, double q) {
     return sorted[i] * (1 - f) + sorted[i + 1] * f;
 }
 
+/* Two-sided 95% quantile of Student's t with df degrees of freedom. */
+static double t95(int df) {
+    static const double t[30] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306,
+                                 2.262,  2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+                                 2.110,  2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+                                 2.060,  2.056, 2.052, 2.048, 2.045, 2.042};
+    if (df < 1) return INFINITY;
+    if (df <= 30) return t[df - 1];
+    return df <= 60 ? 2.000 : (df <= 120 ? 1.980 : 1.960);
+}
+
+/* The interval of cp_eval_result from the per-token differences d[n]. */
+static void ratio_interval(const double *d, int64_t n, cp_eval_result *out) {
+    const int64_t nb = n / CP_EVAL_BATCH;
+    out->n_batches = (int)nb;
+    if (nb < CP_EVAL_MIN_BATCHES) return;
+    double mean = 0, sb = 0, sbb = 0;
+    for (int64_t i = 0; i < n; i++) mean += d[i];
+    mean /= (double)n;
+    for (int64_t b = 0; b < nb; b++) {
+        double m = 0;
+        for (int i = 0; i < CP_EVAL_BATCH; i++) m += d[b * CP_EVAL_BATCH + i];
+        m /= CP_EVAL_BATCH;
+        sb += m;
+        sbb += m * m;
+    }
+    const double bm = sb / (double)nb, var = (sbb - (double)nb * bm * bm) / (double)(nb - 1);
+    const double half = t95((int)nb - 1) * sqrt(var > 0 ? var : 0) / sqrt((double)nb);
+    out->ratio_lo = exp(mean - half);
+    out->ratio_hi = exp(mean + half);
+}
+
 cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, size_t n,
                        const cp_eval_opts *opts, cp_eval_result *out) {
     if (!m || !tokens || !out) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_eval_text: NULL argument");
@@ -76,12 +108,13 @@ cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, si
     float *zm = ref ? malloc((size_t)ctx * V * sizeof(float)) : NULL;
     float *zr = ref ? malloc((size_t)ctx * V * sizeof(float)) : NULL;
     double *kl = ref ? malloc(n * sizeof(double)) : NULL;
+    double *dn = ref ? malloc(n * sizeof(double)) : NULL; /* per-token nll(m) - nll(ref) */
     /* alone: per row its best logit and id, log-sum-exp, next token's logit */
     float *bv = malloc((size_t)ctx * sizeof(float)), *tl = malloc((size_t)ctx * sizeof(float));
     int32_t *bi = malloc((size_t)ctx * sizeof(int32_t));
     double *lse = malloc((size_t)ctx * sizeof(double));
     uint8_t *need = malloc((size_t)ctx);
-    if ((ref && (!zm || !zr || !kl)) || !bv || !tl || !bi || !lse || !need) {
+    if ((ref && (!zm || !zr || !kl || !dn)) || !bv || !tl || !bi || !lse || !need) {
         st = CP_ERROR(CP_ERR_OOM, "out of memory for the logits of a %d-token window (%d tokens "
                       "of vocabulary)", ctx, V);
         goto done;
@@ -122,6 +155,7 @@ cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, si
             const float *b = zr + row * (size_t)V;
             double lr = lse_argmax(b, V, &ar);
             ref_nll -= (double)b[tokens[t]] - lr;
+            dn[scored] = ((double)b[tokens[t]] - lr) - ((double)a[tokens[t]] - lm);
             double d = 0;
             for (int v = 0; v < V; v++) {
                 double lpr = (double)b[v] - lr, lpm = (double)a[v] - lm;
@@ -144,6 +178,7 @@ cp_status cp_eval_text(cp_engine_t m, cp_engine_t ref, const int32_t *tokens, si
     if (ref) {
         out->ref_nll = ref_nll / (double)scored;
         out->ref_ppl = exp(out->ref_nll);
+        ratio_interval(dn, scored, out);
         double sum = 0;
         for (int64_t i = 0; i < scored; i++)
             sum += kl[i];
@@ -159,6 +194,7 @@ done:
     free(zm);
     free(zr);
     free(kl);
+    free(dn);
     free(bv);
     free(tl);
     free(bi);

@@ -81,6 +81,7 @@ struct Ref {
     double nll = 0, ref_nll = 0, kl = 0;
     int64_t n = 0, agree = 0;
     int windows = 0;
+    std::vector<double> d; // per scored token: its nll under m minus under r
 };
 
 // The sliding window written out plainly: windows [b, b + ctx) every stride
@@ -102,6 +103,7 @@ Ref reference(cp_engine_t m, cp_engine_t r, const std::vector<int32_t> &t, int c
             std::vector<double> lr = log_softmax(zr, V, (int)(i - 1 - b));
             out.nll -= lm[t[i]];
             out.ref_nll -= lr[t[i]];
+            out.d.push_back(lr[t[i]] - lm[t[i]]);
             double d = 0;
             for (int v = 0; v < V; v++) d += std::exp(lr[v]) * (lr[v] - lm[v]);
             out.kl += d;
@@ -151,6 +153,52 @@ TEST(Eval, MatchesADirectComputation) {
         EXPECT_EQ(alone.n_scored, res.n_scored);
         EXPECT_EQ(alone.nll, res.nll);
     }
+}
+
+// The 95% interval of the perplexity ratio from batch means, written out
+// with its own Student t quantiles; it holds the ratio itself.
+TEST(Eval, IntervalOfThePerplexityRatio) {
+    EnginePtr m = make_engine(), r = make_engine(true);
+    NEED(m);
+    ASSERT_TRUE(r);
+    const std::vector<int32_t> one = text_tokens(m.get());
+    std::vector<int32_t> t;
+    for (int i = 0; i < 3; i++) t.insert(t.end(), one.begin(), one.end());
+    const int ctx = 64, stride = 32;
+    Ref ref = reference(m.get(), r.get(), t, ctx, stride);
+    cp_eval_opts o = {};
+    o.ctx = ctx;
+    o.stride = stride;
+    cp_eval_result res;
+    ASSERT_EQ(cp_eval_text(m.get(), r.get(), t.data(), t.size(), &o, &res), CP_OK) << cp_last_error();
+    const int nb = (int)(ref.d.size() / CP_EVAL_BATCH);
+    ASSERT_GE(nb, CP_EVAL_MIN_BATCHES);
+    EXPECT_EQ(res.n_batches, nb);
+    std::vector<double> means(nb, 0.0);
+    for (int b = 0; b < nb; b++) {
+        for (int i = 0; i < CP_EVAL_BATCH; i++) means[b] += ref.d[(size_t)b * CP_EVAL_BATCH + i];
+        means[b] /= CP_EVAL_BATCH;
+    }
+    double mb = 0, var = 0;
+    for (double x : means) mb += x / nb;
+    for (double x : means) var += (x - mb) * (x - mb) / (nb - 1);
+    const double tq[] = {2.776, 2.571, 2.447, 2.365, 2.306, 2.262}; // df 4..9
+    ASSERT_LE(nb - 1, 9);
+    const double half = tq[nb - 1 - 4] * std::sqrt(var / nb), mean = (ref.nll - ref.ref_nll) / ref.n;
+    EXPECT_NEAR(res.ratio_lo, std::exp(mean - half), 1e-9);
+    EXPECT_NEAR(res.ratio_hi, std::exp(mean + half), 1e-9);
+    const double ratio = res.ppl / res.ref_ppl;
+    EXPECT_LT(res.ratio_lo, ratio);
+    EXPECT_GT(res.ratio_hi, ratio);
+    // against itself the interval closes on 1
+    ASSERT_EQ(cp_eval_text(m.get(), m.get(), t.data(), t.size(), &o, &res), CP_OK);
+    EXPECT_DOUBLE_EQ(res.ratio_lo, 1.0);
+    EXPECT_DOUBLE_EQ(res.ratio_hi, 1.0);
+    // too little text for an interval: none
+    ASSERT_EQ(cp_eval_text(m.get(), r.get(), t.data(), 100, &o, &res), CP_OK);
+    EXPECT_EQ(res.n_batches, 3);
+    EXPECT_EQ(res.ratio_lo, 0.0);
+    EXPECT_EQ(res.ratio_hi, 0.0);
 }
 
 TEST(Eval, OneWindowAndAModelAgainstItself) {
