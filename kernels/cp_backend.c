@@ -110,8 +110,9 @@ static cp_status check_attn_device(cp_backend_t be, const cp_attn_params *p, con
         return CP_ERROR(CP_ERR_UNSUPPORTED,
                         "%s: context parallelism (--cp) runs on the CPU backend only, not on %s", op,
                         cp_backend_name(be));
-    if (cp_kv_quantized(p->kv_dtype) && cp_backend_device(be) != CP_DEVICE_CPU)
-        return CP_ERROR(CP_ERR_UNSUPPORTED, "%s: a %s KV cache runs on the CPU backend only, not on %s", op,
+    if (cp_kv_quantized(p->kv_dtype) && cp_backend_device(be) != CP_DEVICE_CPU &&
+        cp_backend_device(be) != CP_DEVICE_CUDA)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "%s: a %s KV cache runs on the CPU and CUDA backends, not on %s", op,
                         cp_dtype_name(p->kv_dtype), cp_backend_name(be));
     return CP_OK;
 }

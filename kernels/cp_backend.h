@@ -82,7 +82,7 @@ typedef struct cp_attn_params {
     float *lse;
 } cp_attn_params;
 
-/* K/V caches of quantized rows (the CPU backend only): each (position, KV
+/* K/V caches of quantized rows (the CPU and CUDA backends): each (position, KV
  * head) row of head_dim values is stored as one I8_ROW (int8, symmetric) or
  * F8_ROW (FP8 E4M3) row with its scale, cp_dtype_row_size(t, head_dim)
  * bytes, instead of head_dim F32 / F16 values. */

@@ -12,8 +12,9 @@ cp_status cp_kv_cache_init(cp_model_t m, const cp_kv_cache_opts *o, cp_kv_cache_
     if (o->dtype != CP_DTYPE_F32 && o->dtype != CP_DTYPE_F16 && !cp_kv_quantized(o->dtype))
         return CP_ERROR(CP_ERR_UNSUPPORTED, "KV cache type %s is not supported (f32, f16, int8, fp8)",
                         cp_dtype_name(o->dtype) ? cp_dtype_name(o->dtype) : "?");
-    if (cp_kv_quantized(o->dtype) && cp_backend_device(m->be) != CP_DEVICE_CPU)
-        return CP_ERROR(CP_ERR_UNSUPPORTED, "a %s KV cache runs on the CPU backend only, not on %s",
+    if (cp_kv_quantized(o->dtype) && cp_backend_device(m->be) != CP_DEVICE_CPU &&
+        cp_backend_device(m->be) != CP_DEVICE_CUDA)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "a %s KV cache runs on the CPU and CUDA backends, not on %s",
                         o->dtype == CP_DTYPE_I8_ROW ? "int8" : "fp8", cp_backend_name(m->be));
     const cp_model_config *c = &m->cfg;
     const int cp = m->plan.cp > 1 ? m->plan.cp : 1;

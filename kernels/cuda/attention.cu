@@ -2,17 +2,39 @@
  * shape the fused prefill kernel does not take): one block per (token, query
  * head, context split); each warp scores 32 keys at once (a lane per key),
  * keeps an online softmax, and accumulates V with coalesced loads; splits
- * are merged by a second kernel. CPU twin: cp_attention_ref. */
+ * are merged by a second kernel. Caches hold fp16, fp32, or quantized rows
+ * (I8_ROW / F8_ROW: head_dim codes and a 16-byte trailer whose first 4
+ * bytes are the row's fp32 scale), written with the CPU reference's
+ * arithmetic. CPU twins: cp_kv_store_ref, cp_attention_ref. */
 #include "cp_cuda_ops.h"
 #include "cuda_common.cuh"
+
+#include <float.h>
 
 #define ATT_WARPS 4
 #define ATT_MAX_NI 8 /* head_dim <= 256 */
 
+/* Offset, in cache elements, of the row of (position pos, kv head kvh):
+ * rows of `row` elements (head_dim for fp16/fp32 caches; head_dim + the
+ * trailer, in bytes, for quantized ones). */
 static __device__ __forceinline__ size_t kv_offset(const int32_t *bt, int block_size,
-                                                   int n_head_kv, int head_dim, int pos, int kvh) {
+                                                   int n_head_kv, int row, int pos, int kvh) {
     const size_t slot = (size_t)bt[pos / block_size] * block_size + (size_t)(pos % block_size);
-    return (slot * n_head_kv + kvh) * (size_t)head_dim;
+    return (slot * n_head_kv + kvh) * (size_t)row;
+}
+
+/* Elements of one cache row of dtype t (cache elements: bytes for the
+ * quantized rows). */
+static int kv_row_elems(cp_dtype t, int head_dim) {
+    return cp_kv_quantized(t) ? (int)cp_dtype_row_size(t, head_dim) : head_dim;
+}
+
+/* Quantized rows need their fp32 scale 4-byte aligned. */
+static cp_status kv_check_quantized(const cp_attn_params *p, const char *op) {
+    if (cp_kv_quantized(p->kv_dtype) && p->head_dim % 4 != 0)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "%s: a %s KV cache on the GPU needs head_dim a multiple of 4, not %d",
+                        op, cp_dtype_name(p->kv_dtype), p->head_dim);
+    return CP_OK;
 }
 
 /* ---- kv_store ---- */
@@ -40,12 +62,61 @@ static __global__ void kv_store_kernel(int n_tok, int n_head_kv, int head_dim, i
     }
 }
 
+/* Quantized rows: a warp per (token, kv head) row of K or V, as the CPU
+ * reference's from_float: amax (infinite -> FLT_MAX), I8_ROW codes
+ * rint(x * 127 / amax) within +-127 and scale amax / 127, F8_ROW codes
+ * e4m3(x * 448 / amax) and scale amax / 448; then the trailer (the scale,
+ * 12 zero bytes). */
+template <bool F8>
+static __global__ void kv_store_q_kernel(int n_tok, int n_head_kv, int head_dim, int block_size,
+                                         int max_blocks, const int32_t *seq, const int32_t *pos,
+                                         const int32_t *tables, const float *k, const float *v,
+                                         uint8_t *kc, uint8_t *vc) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int64_t rows = (int64_t)n_tok * n_head_kv;
+    const int rb = head_dim + CP_ROW_TRAILER;
+    for (int64_t r = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); r < 2 * rows;
+         r += (int64_t)gridDim.x * warps) {
+        const bool is_v = r >= rows;
+        const int64_t rr = is_v ? r - rows : r;
+        const int t = (int)(rr / n_head_kv), h = (int)(rr % n_head_kv);
+        const float *x = (is_v ? v : k) + ((size_t)t * n_head_kv + h) * (size_t)head_dim;
+        uint8_t *row = (is_v ? vc : kc) +
+                       kv_offset(tables + (size_t)seq[t] * max_blocks, block_size, n_head_kv, rb, pos[t], h);
+        float a = 0.0f;
+        for (int d = lane; d < head_dim; d += 32) a = fmaxf(a, fabsf(x[d]));
+        a = warp_max(a);
+        if (!isfinite(a)) a = FLT_MAX;
+        const float qmax = F8 ? 448.0f : 127.0f;
+        const float s = a / qmax, inv = a > 0.0f ? qmax / a : 0.0f;
+        for (int d = lane; d < head_dim; d += 32) {
+            if (F8) {
+                row[d] = cp_e4m3_encode(x[d] * inv);
+            } else {
+                const float q = rintf(x[d] * inv);
+                row[d] = (uint8_t)(int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : (int)q);
+            }
+        }
+        if (lane == 0) *(float *)(row + head_dim) = s;
+        else if (lane < CP_ROW_TRAILER / 4) *(uint32_t *)(row + head_dim + 4 * lane) = 0u;
+    }
+}
+
 extern "C" cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, const float *v,
                                       void *k_cache, void *v_cache, cudaStream_t stream) {
     const int64_t total = (int64_t)p->n_tok * p->n_head_kv * p->head_dim;
     int64_t blocks = (total + 255) / 256;
     if (blocks > 8192) blocks = 8192;
-    if (p->kv_dtype == CP_DTYPE_F16)
+    CP_CHECK(kv_check_quantized(p, "kv_store"));
+    if (cp_kv_quantized(p->kv_dtype)) {
+        const int64_t rows = 2 * (int64_t)p->n_tok * p->n_head_kv; /* 8 warps a block */
+        int64_t qb = (rows + 7) / 8;
+        if (qb > 8192) qb = 8192;
+#define CP_KVQ_CALL(F8)                                                                                kv_store_q_kernel<F8><<<(unsigned)qb, 256, 0, stream>>>(                                               p->n_tok, p->n_head_kv, p->head_dim, p->block_size, p->max_blocks, p->seq_of_tok,                  p->pos_of_tok, p->block_tables, k, v, (uint8_t *)k_cache, (uint8_t *)v_cache)
+        if (p->kv_dtype == CP_DTYPE_F8_ROW) CP_KVQ_CALL(true);
+        else CP_KVQ_CALL(false);
+#undef CP_KVQ_CALL
+    } else if (p->kv_dtype == CP_DTYPE_F16)
         kv_store_kernel<__half><<<(unsigned)blocks, 256, 0, stream>>>(
             p->n_tok, p->n_head_kv, p->head_dim, p->block_size, p->max_blocks, p->seq_of_tok,
             p->pos_of_tok, p->block_tables, k, v, (__half *)k_cache, (__half *)v_cache);
@@ -61,6 +132,15 @@ extern "C" cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, c
 
 static __device__ __forceinline__ float cache_elem(const __half *c, size_t i) { return __half2float(c[i]); }
 static __device__ __forceinline__ float cache_elem(const float *c, size_t i) { return c[i]; }
+/* quantized rows: int8_t for I8_ROW, uint8_t for F8_ROW codes */
+static __device__ __forceinline__ float cache_elem(const int8_t *c, size_t i) { return (float)c[i]; }
+static __device__ __forceinline__ float cache_elem(const uint8_t *c, size_t i) { return cp_e4m3_decode(c[i]); }
+
+/* The scale of the row starting at r: 1 for fp16/fp32 rows. */
+static __device__ __forceinline__ float row_scale(const __half *, int) { return 1.0f; }
+static __device__ __forceinline__ float row_scale(const float *, int) { return 1.0f; }
+static __device__ __forceinline__ float row_scale(const int8_t *r, int hd) { return *(const float *)(r + hd); }
+static __device__ __forceinline__ float row_scale(const uint8_t *r, int hd) { return *(const float *)(r + hd); }
 
 /* q . K row (head_dim elements at kr), q in shared memory. */
 static __device__ __forceinline__ float dot_row(const float *q, const __half *kr, int hd) {
@@ -97,11 +177,25 @@ static __device__ __forceinline__ float dot_row(const float *q, const float *kr,
     return s;
 }
 
+/* q . (codes x scale) of a quantized row, four codes per load (hd % 4 == 0). */
+template <typename C>
+static __device__ __forceinline__ float dot_row_q(const float *q, const C *kr, int hd) {
+    float s = 0.0f;
+    for (int d = 0; d < hd; d += 4) {
+        const uint32_t u = *(const uint32_t *)(kr + d);
+#pragma unroll
+        for (int j = 0; j < 4; j++) s = fmaf(q[d + j], cache_elem((const C *)&u, (size_t)j), s);
+    }
+    return s * row_scale(kr, hd);
+}
+static __device__ __forceinline__ float dot_row(const float *q, const int8_t *kr, int hd) { return dot_row_q(q, kr, hd); }
+static __device__ __forceinline__ float dot_row(const float *q, const uint8_t *kr, int hd) { return dot_row_q(q, kr, hd); }
+
 /* grid (n_split, n_head, n_tok). Writes out directly when n_split == 1,
  * else the unnormalised partial o and (max, sum) of its split to work. */
 template <typename KV, int NI>
 static __global__ void __launch_bounds__(ATT_WARPS * 32)
-    attn_paged_kernel(int n_head, int n_head_kv, int head_dim, int block_size, int max_blocks,
+    attn_paged_kernel(int n_head, int n_head_kv, int head_dim, int kv_row, int block_size, int max_blocks,
                       float scale, const int32_t *seq_of_tok, const int32_t *pos_of_tok,
                       const int32_t *tables, const float *q, const KV *kc, const KV *vc, float *out,
                       int split_len, float *work_o, float2 *work_ml) {
@@ -124,11 +218,12 @@ static __global__ void __launch_bounds__(ATT_WARPS * 32)
     for (int i = 0; i < NI; i++) acc[i] = 0.0f;
     for (int jt = j0 + warp * 32; jt < j1; jt += ATT_WARPS * 32) {
         const int j = jt + lane;
-        float s = -INFINITY;
+        float s = -INFINITY, vsc = 0.0f;
         size_t off = 0;
         if (j < j1) {
-            off = kv_offset(bt, block_size, n_head_kv, hd, j, kvh);
+            off = kv_offset(bt, block_size, n_head_kv, kv_row, j, kvh);
             s = dot_row(qs, kc + off, hd);
+            vsc = row_scale(vc + off, hd);
         }
         const float tmax = warp_max(s);
         const float mn = fmaxf(m, tmax);
@@ -141,7 +236,7 @@ static __global__ void __launch_bounds__(ATT_WARPS * 32)
         const int nk = min(32, j1 - jt);
 #pragma unroll 4
         for (int kk = 0; kk < nk; kk++) {
-            const float pk = __shfl_sync(0xffffffffu, p, kk);
+            const float pk = __shfl_sync(0xffffffffu, p, kk) * __shfl_sync(0xffffffffu, vsc, kk);
             const size_t ok = __shfl_sync(0xffffffffu, off, kk);
 #pragma unroll
             for (int i = 0; i < NI; i++) {
@@ -221,6 +316,8 @@ extern "C" cp_status cp_attention_paged_cuda(const cp_attn_params *p, int max_po
     if (p->head_dim > ATT_MAX_NI * 32)
         return CP_ERROR(CP_ERR_UNSUPPORTED, "attention: head_dim %d > %d", p->head_dim,
                         ATT_MAX_NI * 32);
+    CP_CHECK(kv_check_quantized(p, "attention"));
+    const int kv_row = kv_row_elems(p->kv_dtype, p->head_dim);
     const int len = split_len_for(p, max_pos);
     const int n_split = (max_pos + 1 + len - 1) / len;
     const size_t rows = (size_t)p->n_tok * p->n_head * n_split;
@@ -233,13 +330,21 @@ extern "C" cp_status cp_attention_paged_cuda(const cp_attn_params *p, int max_po
     const int ni = (p->head_dim + 31) / 32;
 #define CP_ATT_CALL(KV, NI)                                                                        \
     attn_paged_kernel<KV, NI><<<grid, ATT_WARPS * 32, 0, stream>>>(                                \
-        p->n_head, p->n_head_kv, p->head_dim, p->block_size, p->max_blocks, p->scale,              \
+        p->n_head, p->n_head_kv, p->head_dim, kv_row, p->block_size, p->max_blocks, p->scale,      \
         p->seq_of_tok, p->pos_of_tok, p->block_tables, q, (const KV *)k_cache,                     \
         (const KV *)v_cache, out, len, work_o, work_ml)
     if (p->kv_dtype == CP_DTYPE_F16) {
         if (ni <= 2) CP_ATT_CALL(__half, 2);
         else if (ni <= 4) CP_ATT_CALL(__half, 4);
         else CP_ATT_CALL(__half, 8);
+    } else if (p->kv_dtype == CP_DTYPE_I8_ROW) {
+        if (ni <= 2) CP_ATT_CALL(int8_t, 2);
+        else if (ni <= 4) CP_ATT_CALL(int8_t, 4);
+        else CP_ATT_CALL(int8_t, 8);
+    } else if (p->kv_dtype == CP_DTYPE_F8_ROW) {
+        if (ni <= 2) CP_ATT_CALL(uint8_t, 2);
+        else if (ni <= 4) CP_ATT_CALL(uint8_t, 4);
+        else CP_ATT_CALL(uint8_t, 8);
     } else {
         if (ni <= 2) CP_ATT_CALL(float, 2);
         else if (ni <= 4) CP_ATT_CALL(float, 4);

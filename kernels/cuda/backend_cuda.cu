@@ -544,7 +544,13 @@ static cp_status cuda_add_rmsnorm(cp_backend_t be, float *x, const float *delta,
 
 static cp_status cuda_rope_store(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
                                  float *q, float *k, const float *v, void *k_cache, void *v_cache) {
-    return cp_rope_store_cuda(rp, p, q, k, v, k_cache, v_cache, ctx_of(be)->stream);
+    cudaStream_t s = ctx_of(be)->stream;
+    if (cp_kv_quantized(p->kv_dtype)) { /* a row's scale needs the whole rotated row first */
+        CP_CHECK(cp_rope_cuda(q, p->pos_of_tok, p->n_tok, p->n_head, rp, s));
+        CP_CHECK(cp_rope_cuda(k, p->pos_of_tok, p->n_tok, p->n_head_kv, rp, s));
+        return cp_kv_store_cuda(p, k, v, k_cache, v_cache, s);
+    }
+    return cp_rope_store_cuda(rp, p, q, k, v, k_cache, v_cache, s);
 }
 
 /* ---- the other ops ---- */

@@ -32,11 +32,14 @@ struct Engine {
     cp_engine_t e = nullptr;
     // convert: the weight type every matrix is converted to at load (F32:
     // none)
+    // kv: CP_DTYPE_I8_ROW or CP_DTYPE_F8_ROW for a quantized cache (F32:
+    // the default fp16 one)
     Engine(const std::string &path, cp_device dev, bool tokens_only,
-           cp_dtype convert = CP_DTYPE_F32) {
+           cp_dtype convert = CP_DTYPE_F32, cp_dtype kv = CP_DTYPE_F32) {
         cp_engine_opts o = {};
         o.convert_weights = convert != CP_DTYPE_F32;
         o.weight_dtype = convert;
+        o.kv_dtype = kv;
         o.model_path = path.c_str();
         o.n_threads = 0;
         o.device = dev;
@@ -187,6 +190,43 @@ TEST(CudaEndToEnd, DefaultModelInFp8MatchesTheCpuReference) {
            kl_dev, kl_q,
            (long)(std::mismatch(tg.begin(), tg.end(), tc.begin(), tc.end()).first - tg.begin()));
     EXPECT_LT(kl_dev, kl_q);
+}
+
+// --kv-type int8 and fp8 on the GPU: the cache's rows are quantized on the
+// device as on the CPU, so the GPU's quantized-cache model stays much
+// closer to the CPU's (KL) than quantizing the cache moved the CPU's from
+// its fp16 cache; greedy tokens and logits as in the fp16 test otherwise.
+TEST(CudaEndToEnd, DefaultModelWithQuantizedCacheMatchesTheCpu) {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    const char *path = getenv("CP_TEST_MODEL");
+    if (!path || access(path, R_OK) != 0) GTEST_SKIP() << "default model not present";
+    Engine base(path, CP_DEVICE_CPU, false);
+    ASSERT_TRUE(base.e);
+    const int vocab = cp_model_get_config(cp_engine_model(base.e))->n_vocab;
+    const std::vector<int32_t> pr = {504, 3458, 282, 4649, 314, 3575, 30, 378};
+    for (cp_dtype kv : {CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW}) {
+        SCOPED_TRACE(cp_dtype_name(kv));
+        Engine cpu(path, CP_DEVICE_CPU, false, CP_DTYPE_F32, kv), gpu(path, CP_DEVICE_CUDA, false, CP_DTYPE_F32, kv);
+        ASSERT_TRUE(cpu.e && gpu.e);
+        auto tc = greedy(cpu.e, pr, 32), tg = greedy(gpu.e, pr, 32);
+        std::vector<int32_t> all = pr;
+        all.insert(all.end(), tc.begin(), tc.end());
+        std::vector<float> lb(all.size() * vocab), lc(lb.size()), lg(lb.size());
+        ASSERT_EQ(cp_engine_logits(base.e, all.data(), (int)all.size(), lb.data()), CP_OK);
+        ASSERT_EQ(cp_engine_logits(cpu.e, all.data(), (int)all.size(), lc.data()), CP_OK);
+        ASSERT_EQ(cp_engine_logits(gpu.e, all.data(), (int)all.size(), lg.data()), CP_OK) << cp_last_error();
+        double max_abs, rel;
+        int bad;
+        compare_logits(lg, lc, vocab, &max_abs, &rel, &bad, 0.5);
+        const double kl_dev = mean_kl(lc, lg, vocab), kl_q = mean_kl(lb, lc, vocab);
+        printf("[ kv %s ] GPU vs CPU: max |dlogit| %.4g, relative %.3g, KL %.3g; the quantized cache vs "
+               "fp16 on the CPU: KL %.3g; greedy tokens equal for %ld of 32\n",
+               cp_dtype_name(kv), max_abs, rel, kl_dev, kl_q,
+               (long)(std::mismatch(tg.begin(), tg.end(), tc.begin(), tc.end()).first - tg.begin()));
+        EXPECT_LT(kl_dev, kl_q);
+        EXPECT_EQ(bad, 0) << "an argmax differs where the CPU's top two are more than 0.5 apart";
+        EXPECT_EQ(tg.size(), 32u);
+    }
 }
 
 TEST(CudaEndToEnd, SyntheticBf16Llama) {

@@ -274,7 +274,7 @@ TEST_F(Cuda, AddRmsnormEqualsItsComposition) {
 TEST_F(Cuda, RopeStoreEqualsItsComposition) {
     const int n_tok = 13, n_head = 6, n_kv = 2, hd = 64, bs = 7;
     for (int mode = 0; mode < 2; mode++)
-        for (cp_dtype kvt : {CP_DTYPE_F16, CP_DTYPE_F32}) {
+        for (cp_dtype kvt : {CP_DTYPE_F16, CP_DTYPE_F32, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW}) {
             SCOPED_TRACE(::testing::Message() << "mode " << mode << " " << cp_dtype_name(kvt));
             std::vector<int32_t> pos(n_tok), seq(n_tok);
             for (int t = 0; t < n_tok; t++) {
@@ -287,8 +287,10 @@ TEST_F(Cuda, RopeStoreEqualsItsComposition) {
             cp_rope_params rp = {(cp_rope_mode)mode, hd, 48, 10000.0f, 1.0f, nullptr};
             auto q = randn((size_t)n_tok * n_head * hd), k = randn((size_t)n_tok * n_kv * hd),
                  v = randn((size_t)n_tok * n_kv * hd);
+            const bool quant = kvt == CP_DTYPE_I8_ROW || kvt == CP_DTYPE_F8_ROW;
             const size_t esz = kvt == CP_DTYPE_F16 ? 2 : 4;
-            const size_t cache_bytes = (size_t)n_blocks * bs * n_kv * hd * esz;
+            const size_t row_bytes = quant ? cp_dtype_row_size(kvt, hd) : hd * esz;
+            const size_t cache_bytes = (size_t)n_blocks * bs * n_kv * row_bytes;
             std::vector<uint8_t> kc(cache_bytes, 0), vc(cache_bytes, 0);
             cp_attn_params ph = {n_tok, n_head, n_kv, hd, bs, max_blocks, 0.125f, kvt,
                                  seq.data(), pos.data(), tables.data(), 0, 0};
@@ -306,14 +308,23 @@ TEST_F(Cuda, RopeStoreEqualsItsComposition) {
                 << cp_last_error();
             EXPECT_LT(rel_err(dq.get<float>(q.size()), qr), 1e-6);
             auto as_float = [&](const std::vector<uint8_t> &c) {
-                std::vector<float> f(c.size() / esz);
+                const size_t rows = c.size() / row_bytes;
+                std::vector<float> f(rows * hd);
+                if (quant) { // the rows' values (codes x scale)
+                    cp_tensor t = cp_tensor_2d(kvt, (int64_t)rows, hd, (void *)c.data());
+                    EXPECT_EQ(cp_dequantize_ref(&t, 0, (int64_t)rows, f.data()), CP_OK);
+                    return f;
+                }
                 for (size_t i = 0; i < f.size(); i++) {
                     if (esz == 4) memcpy(&f[i], &c[4 * i], 4);
                     else f[i] = cp_fp16_to_fp32((uint16_t)(c[2 * i] | (c[2 * i + 1] << 8)));
                 }
                 return f;
             };
-            EXPECT_LT(rel_err(as_float(dkc.get<uint8_t>(cache_bytes)), as_float(kc)), 1e-4);
+            // the device rotates K in another order (1e-6): a quantized
+            // code may round the other way where a value lies on a
+            // boundary, one step of 127 (int8) or 3 mantissa bits (fp8)
+            EXPECT_LT(rel_err(as_float(dkc.get<uint8_t>(cache_bytes)), as_float(kc)), quant ? 2e-3 : 1e-4);
             EXPECT_TRUE(dvc.get<uint8_t>(cache_bytes) == vc);
         }
 }
@@ -559,8 +570,9 @@ void check_attention(const AttnCase &c) {
         for (int b = 0; b < (c.seq_len[s] + c.new_tok[s] + c.block_size - 1) / c.block_size; b++)
             tables[(size_t)s * max_blocks + b] = perm[next++];
     const int kv_dim = c.n_head_kv * c.hd;
-    const size_t esz = c.kv == CP_DTYPE_F16 ? 2 : 4;
-    const size_t cache_elems = (size_t)n_blocks * c.block_size * kv_dim;
+    const bool quant = c.kv == CP_DTYPE_I8_ROW || c.kv == CP_DTYPE_F8_ROW;
+    const size_t row_bytes = quant ? cp_dtype_row_size(c.kv, c.hd) : (size_t)c.hd * (c.kv == CP_DTYPE_F16 ? 2 : 4);
+    const size_t cache_bytes = (size_t)n_blocks * c.block_size * c.n_head_kv * row_bytes;
     // history: every position of every sequence stored once (position order)
     std::vector<int32_t> hseq, hpos, seq, pos;
     for (int s = 0; s < n_seq; s++)
@@ -574,7 +586,7 @@ void check_attention(const AttnCase &c) {
             seq.push_back(s);
             pos.push_back(c.seq_len[s] + p);
         }
-    std::vector<uint8_t> kc_h(cache_elems * esz, 0), vc_h(cache_elems * esz, 0);
+    std::vector<uint8_t> kc_h(cache_bytes, 0), vc_h(cache_bytes, 0);
     Dev dkc(kc_h), dvc(vc_h), dtab(tables);
     auto store = [&](const std::vector<int32_t> &sq, const std::vector<int32_t> &ps,
                      std::vector<float> *kh, std::vector<float> *vh) {
@@ -595,7 +607,8 @@ void check_attention(const AttnCase &c) {
     std::vector<float> k1, v1, k2, v2;
     store(hseq, hpos, &k1, &v1);
     store(seq, pos, &k2, &v2);
-    // the device cache equals the reference cache bit for bit
+    // the device cache equals the reference cache bit for bit (quantized
+    // rows too: the same arithmetic)
     EXPECT_TRUE(dkc.get<uint8_t>(kc_h.size()) == kc_h);
     EXPECT_TRUE(dvc.get<uint8_t>(vc_h.size()) == vc_h);
 
@@ -614,7 +627,8 @@ void check_attention(const AttnCase &c) {
         ph.block_tables = tables.data();
         std::vector<float> ref(q.size());
         ASSERT_EQ(cp_attention_ref(&ph, q.data(), kc_h.data(), vc_h.data(), ref.data()), CP_OK);
-        // q is rounded to fp16 by the fused kernel (n_tok >= 16, fp16 cache)
+        // q is rounded to fp16 by the fused kernel (n_tok >= 16, fp16 cache);
+        // quantized rows are read as the reference reads them, in fp32
         const double tol = c.kv == CP_DTYPE_F16 ? 2e-3 : 1e-5;
         EXPECT_LT(rel_err(dout.get<float>(q.size()), ref), tol) << "hint " << hint;
     }
@@ -624,6 +638,17 @@ TEST_F(Cuda, AttentionDecodeLongContextSplits) {
     check_attention({32, 8, 128, 16, CP_DTYPE_F16, {3000}, {1}});
     check_attention({9, 3, 64, 16, CP_DTYPE_F32, {1500, 7, 40}, {1, 1, 1}});
     check_attention({4, 4, 80, 7, CP_DTYPE_F16, {700, 0}, {1, 2}});
+}
+
+// Caches of int8 and fp8 rows (--kv-type int8|fp8): stored as the CPU
+// stores them and attended in fp32, in decode splits, prompts and mixes.
+TEST_F(Cuda, AttentionOnQuantizedCaches) {
+    for (cp_dtype kv : {CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW}) {
+        check_attention({32, 8, 128, 16, kv, {3000}, {1}});
+        check_attention({9, 3, 64, 16, kv, {1500, 7, 40}, {1, 1, 1}});
+        check_attention({8, 2, 128, 7, kv, {45, 300, 0}, {30, 1, 70}});
+        check_attention({4, 2, 96, 16, kv, {5}, {40}});
+    }
 }
 
 TEST_F(Cuda, AttentionPrefillAndMixedBatches) {
