@@ -112,7 +112,10 @@ extern "C" cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, c
         const int64_t rows = 2 * (int64_t)p->n_tok * p->n_head_kv; /* 8 warps a block */
         int64_t qb = (rows + 7) / 8;
         if (qb > 8192) qb = 8192;
-#define CP_KVQ_CALL(F8)                                                                                kv_store_q_kernel<F8><<<(unsigned)qb, 256, 0, stream>>>(                                               p->n_tok, p->n_head_kv, p->head_dim, p->block_size, p->max_blocks, p->seq_of_tok,                  p->pos_of_tok, p->block_tables, k, v, (uint8_t *)k_cache, (uint8_t *)v_cache)
+#define CP_KVQ_CALL(F8)                                                                            \
+    kv_store_q_kernel<F8><<<(unsigned)qb, 256, 0, stream>>>(                                       \
+        p->n_tok, p->n_head_kv, p->head_dim, p->block_size, p->max_blocks, p->seq_of_tok,          \
+        p->pos_of_tok, p->block_tables, k, v, (uint8_t *)k_cache, (uint8_t *)v_cache)
         if (p->kv_dtype == CP_DTYPE_F8_ROW) CP_KVQ_CALL(true);
         else CP_KVQ_CALL(false);
 #undef CP_KVQ_CALL

@@ -268,8 +268,10 @@ static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, const lt_arg
         CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
         CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
         /* the heuristic sees the pointers it will be given */
-        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g->scale_a, sizeof(g->scale_a)));
-        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g->scale_b, sizeof(g->scale_b)));
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                       &g->scale_a, sizeof(g->scale_a)));
+        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                       &g->scale_b, sizeof(g->scale_b)));
     }
     /* column-major views: W [m][lda] row-major is k x m (op T), x is k x n, y is m x n (ld ldd) */
     CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->a, g->at, (uint64_t)g->k, (uint64_t)g->m, g->lda));
