@@ -90,6 +90,7 @@ template <> struct cp_qtraits<CP_DTYPE_Q5_K> { enum { bytes = 176, elems = 256 }
 template <> struct cp_qtraits<CP_DTYPE_Q6_K> { enum { bytes = 210, elems = 256 }; };
 template <> struct cp_qtraits<CP_DTYPE_I4_G32> { enum { bytes = 20, elems = 32 }; };
 template <> struct cp_qtraits<CP_DTYPE_I4_G128> { enum { bytes = 68, elems = 128 }; };
+template <> struct cp_qtraits<CP_DTYPE_S24_Q8> { enum { bytes = 24, elems = 32 }; };
 
 /* Decodes the 32 consecutive values c*32 .. c*32+31 of a row (row: its first
  * byte) into v. Same arithmetic as the CPU reference in kernels/cpu/quants.c. */
@@ -271,6 +272,28 @@ template <> __device__ __forceinline__ void dq32<CP_DTYPE_I4_G128>(const uint8_t
         for (int j = 0; j < 4; j++) v[4 * w + j] = (float)((int)((q >> (8 * j)) & 15) - z) * d;
     }
 }
+/* 2:4 sparse int8 (S24_Q8, kernels/cp_dtype.h): {fp16 d; u16 0; u32 mask;
+ * int8 qs[16]}; in group g of 4 elements, the r-th set bit of nibble g
+ * (r < 2) holds qs[2g + r] * d, every other element 0 (the rule of
+ * cp_cpu_s24_q8_to_float, so a malformed mask reads nothing outside its
+ * block). Bytewise loads: a block is only 2-byte aligned in general. */
+template <> __device__ __forceinline__ void dq32<CP_DTYPE_S24_Q8>(const uint8_t *row, int64_t c, float v[32]) {
+    const uint8_t *b = row + c * 24;
+    const float d = ld_f16(b);
+    const uint32_t mask = ld_u32_bytes(b + 4);
+#pragma unroll
+    for (int g = 0; g < 8; g++) {
+        const uint32_t nib = (mask >> (4 * g)) & 15u;
+        const float q0 = (float)(int8_t)b[8 + 2 * g], q1 = (float)(int8_t)b[9 + 2 * g];
+        int r = 0;
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            const bool kept = ((nib >> p) & 1u) && r < 2;
+            v[4 * g + p] = kept ? d * (r == 0 ? q0 : q1) : 0.0f;
+            r += kept;
+        }
+    }
+}
 /* dq32 for a row of cols values: the same, except for int8 and fp8 rows
  * (I8_ROW, F8_ROW), whose fp32 scale follows the row's cols codes (value
  * code * scale, as the CPU reference); with cols a multiple of 32 both are
@@ -338,6 +361,7 @@ template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(
     case CP_DTYPE_I4_G128: CALL(CP_DTYPE_I4_G128); break;                                          \
     case CP_DTYPE_I8_ROW: CALL(CP_DTYPE_I8_ROW); break;                                            \
     case CP_DTYPE_F8_ROW: CALL(CP_DTYPE_F8_ROW); break;                                            \
+    case CP_DTYPE_S24_Q8: CALL(CP_DTYPE_S24_Q8); break;                                            \
     default: __VA_ARGS__;                                                                          \
     }
 

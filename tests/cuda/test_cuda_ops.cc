@@ -150,7 +150,7 @@ TEST_F(Cuda, MatmulEveryDtypeAndBatch) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
                               CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
-                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW};
+                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_S24_Q8};
     for (cp_dtype t : types) {
         const int64_t bs = cp_dtype_block_size(t);
         const bool rows = t == CP_DTYPE_I8_ROW || t == CP_DTYPE_F8_ROW;
@@ -193,7 +193,9 @@ TEST_F(Cuda, MatmulGroupEqualsSeparateProducts) {
                           {{CP_DTYPE_I4_G32, CP_DTYPE_I4_G32, CP_DTYPE_I4_G32}, 12},
                           {{CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW, CP_DTYPE_I8_ROW}, 2},
                           {{CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW}, 3},
-                          {{CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW}, 21}};
+                          {{CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_F8_ROW}, 21},
+                          {{CP_DTYPE_S24_Q8, CP_DTYPE_S24_Q8, CP_DTYPE_S24_Q8}, 1},
+                          {{CP_DTYPE_S24_Q8, CP_DTYPE_S24_Q8, CP_DTYPE_S24_Q8}, 40}};
     const int64_t rows[3] = {96, 32, 40};
     for (const int64_t k : {512, 4352}) // 4352: the float GEMV's warps share rows
     for (const Case &c : cases) {
@@ -235,7 +237,7 @@ TEST_F(Cuda, MatmulSwigluEqualsItsComposition) {
     const int64_t m = 72;
     for (const int64_t k : {256, 4352}) // 4352: the float GEMV's warps share rows
     for (cp_dtype t : {CP_DTYPE_BF16, CP_DTYPE_F16, CP_DTYPE_Q4_1, CP_DTYPE_Q4_K, CP_DTYPE_Q8_0,
-                       CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW})
+                       CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_S24_Q8})
         for (int n : {1, 2, 5, 33}) {
             SCOPED_TRACE(::testing::Message() << cp_dtype_name(t) << " n=" << n << " k=" << k);
             auto gh = make_weight(t, m, k), uh = make_weight(t, m, k);
@@ -507,7 +509,7 @@ TEST_F(Cuda, EmbedAndDequantize) {
     const cp_dtype types[] = {CP_DTYPE_F32,  CP_DTYPE_F16,  CP_DTYPE_BF16, CP_DTYPE_Q4_0,
                               CP_DTYPE_Q4_1, CP_DTYPE_Q5_0, CP_DTYPE_Q5_1, CP_DTYPE_Q8_0,
                               CP_DTYPE_Q4_K, CP_DTYPE_Q5_K, CP_DTYPE_Q6_K, CP_DTYPE_I4_G32,
-                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW};
+                              CP_DTYPE_I4_G128, CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW, CP_DTYPE_S24_Q8};
     for (cp_dtype t : types) {
         SCOPED_TRACE(cp_dtype_name(t));
         const int64_t bs = cp_dtype_block_size(t);
