@@ -131,13 +131,17 @@ static inline float cp_row_scale(const void *row, int64_t n) {
 
 /* FP8 E4M3 (the OCP "fn" variant: bias 7, no infinities, 0x7f/0xff NaN,
  * largest finite 448). Encoding rounds to nearest even and saturates: finite
- * values and infinities beyond +-448 give +-448, NaN gives 0x7f (sign kept). */
+ * values and infinities beyond +-448 give +-448, NaN gives 0x7f whatever
+ * its sign (a NaN's sign is not portable: x86 makes 0 x inf negative, a
+ * GPU positive). */
 uint8_t cp_fp32_to_e4m3(float f);
 float cp_e4m3_to_fp32(uint8_t v);
 
 /* The same two conversions as inline code that the CUDA kernels compile
  * too, so the CPU reference and the device round every value alike (the
- * functions above are these). They assume denormals are not flushed. */
+ * functions above are these). Both are exact whether or not the process
+ * flushes subnormals: decoding never makes one, and encoding reads one only
+ * where the code is 0 either way. */
 #ifdef __CUDACC__
 #define CP_HD __host__ __device__
 #else
@@ -161,18 +165,23 @@ static inline CP_HD float cp_bits_f32(uint32_t u) {
     return f;
 #endif
 }
-/* Code bits placed in an fp32 (exponent field e, mantissa m << 20) are the
- * value times 2^-120, subnormal codes included: one multiply, no branch but
- * the NaN codes. */
+/* Normal codes: the code bits placed in an fp32 (exponent field e, mantissa
+ * m << 20) are the value times 2^-120, one exact multiply; subnormal codes
+ * (e = 0) are m x 2^-9 (not through an fp32 subnormal, which a process with
+ * flush-to-zero would read as 0); the NaN codes give NaN. Selects, no
+ * branches on the device. */
 static inline CP_HD float cp_e4m3_decode(uint8_t v) {
-    const float a = cp_bits_f32((uint32_t)(v & 0x80u) << 24 | (uint32_t)(v & 0x7fu) << 20) * 0x1p120f;
-    return (v & 0x7fu) == 0x7fu ? cp_bits_f32(0x7fc00000u | (uint32_t)(v & 0x80u) << 24) : a;
+    const uint32_t sign = (uint32_t)(v & 0x80u) << 24;
+    const float normal = cp_bits_f32(sign | (uint32_t)(v & 0x7fu) << 20) * 0x1p120f;
+    const float sub = cp_bits_f32(sign | cp_f32_bits((float)(v & 7u) * 0x1p-9f));
+    const float a = (v & 0x78u) ? normal : sub;
+    return (v & 0x7fu) == 0x7fu ? cp_bits_f32(0x7fc00000u | sign) : a;
 }
 static inline CP_HD uint8_t cp_e4m3_encode(float f) {
     const uint32_t x = cp_f32_bits(f);
     const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
     uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return (uint8_t)(sign | 0x7fu);  /* NaN */
+    if (ax > 0x7f800000u) return 0x7fu;                     /* NaN, unsigned */
     if (ax >= 0x43e00000u) return (uint8_t)(sign | 0x7eu); /* >= 448 (and inf): saturate */
     if (ax >= 0x3c800000u) {                                /* normal (>= 2^-6) */
         ax += 0x7ffffu + ((ax >> 20) & 1u);                 /* RNE to 3 mantissa bits */
@@ -186,6 +195,7 @@ static inline CP_HD uint8_t cp_e4m3_encode(float f) {
     if (rem > 0.5f || (rem == 0.5f && (q & 1u))) q++;
     return (uint8_t)(sign | q);
 }
+#undef CP_HD
 
 /* fp16 / bf16 scalar conversions (round to nearest even). */
 float cp_fp16_to_fp32(cp_fp16_t h);

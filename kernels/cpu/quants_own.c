@@ -35,14 +35,20 @@ void cp_cpu_i8_row_to_float(const void *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = (float)q[i] * s;
 }
 
-/* Symmetric: scale = amax / 127, codes round(x / scale) in -127..127. */
+/* The factor a row is multiplied by before rounding: qmax / amax, at most
+ * FLT_MAX (a row whose largest value is below ~1e-36 would make it inf,
+ * and 0 x inf a NaN code); 0 for a row of zeros. */
+static float row_inv(float amax, float qmax) { return amax > 0 ? fminf(qmax / amax, FLT_MAX) : 0.0f; }
+
+/* Symmetric: scale = amax / 127, codes round(x / scale) in -127..127 (NaN
+ * -> 0). */
 void cp_cpu_i8_row_from_float(const float *x, void *dst, int64_t n) {
     int8_t *q = dst;
     const float amax = row_amax(x, n);
-    const float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+    const float s = amax / 127.0f, inv = row_inv(amax, 127.0f);
     for (int64_t i = 0; i < n; i++) {
         float v = rintf(x[i] * inv);
-        q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : (int)v);
+        q[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v == v ? (int)v : 0);
     }
     put_trailer(dst, n, s);
 }
@@ -65,11 +71,12 @@ void cp_cpu_f8_row_to_float(const void *src, float *dst, int64_t n) {
 
 /* scale = amax / 448 and codes e4m3(x * (448 / amax)): every step is one
  * correctly rounded fp32 operation, so any IEEE implementation (the CUDA
- * kernels included) gives the same bytes. */
+ * kernels included) gives the same bytes. (A NaN value gives the NaN code;
+ * the row's scale ignores it.) */
 void cp_cpu_f8_row_from_float(const float *x, void *dst, int64_t n) {
     uint8_t *q = dst;
     const float amax = row_amax(x, n);
-    const float s = amax / 448.0f, inv = amax > 0 ? 448.0f / amax : 0.0f;
+    const float s = amax / 448.0f, inv = row_inv(amax, 448.0f);
     for (int64_t i = 0; i < n; i++) q[i] = cp_fp32_to_e4m3(x[i] * inv);
     put_trailer(dst, n, s);
 }

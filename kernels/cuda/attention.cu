@@ -63,10 +63,10 @@ static __global__ void kv_store_kernel(int n_tok, int n_head_kv, int head_dim, i
 }
 
 /* Quantized rows: a warp per (token, kv head) row of K or V, as the CPU
- * reference's from_float: amax (infinite -> FLT_MAX), I8_ROW codes
- * rint(x * 127 / amax) within +-127 and scale amax / 127, F8_ROW codes
- * e4m3(x * 448 / amax) and scale amax / 448; then the trailer (the scale,
- * 12 zero bytes). */
+ * reference's from_float: amax (infinite -> FLT_MAX), the factor qmax /
+ * amax at most FLT_MAX, I8_ROW codes rint(x * 127 / amax) within +-127 (NaN
+ * -> 0) and scale amax / 127, F8_ROW codes e4m3(x * 448 / amax) and scale
+ * amax / 448; then the trailer (the scale, 12 zero bytes). */
 template <bool F8>
 static __global__ void kv_store_q_kernel(int n_tok, int n_head_kv, int head_dim, int block_size,
                                          int max_blocks, const int32_t *seq, const int32_t *pos,
@@ -88,13 +88,13 @@ static __global__ void kv_store_q_kernel(int n_tok, int n_head_kv, int head_dim,
         a = warp_max(a);
         if (!isfinite(a)) a = FLT_MAX;
         const float qmax = F8 ? 448.0f : 127.0f;
-        const float s = a / qmax, inv = a > 0.0f ? qmax / a : 0.0f;
+        const float s = a / qmax, inv = a > 0.0f ? fminf(qmax / a, FLT_MAX) : 0.0f;
         for (int d = lane; d < head_dim; d += 32) {
             if (F8) {
                 row[d] = cp_e4m3_encode(x[d] * inv);
             } else {
                 const float q = rintf(x[d] * inv);
-                row[d] = (uint8_t)(int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : (int)q);
+                row[d] = (uint8_t)(int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : q == q ? (int)q : 0);
             }
         }
         if (lane == 0) *(float *)(row + head_dim) = s;

@@ -18,6 +18,9 @@
 #include "cuda_graph.h"
 
 #define CP_CUBLAS_CHECK(expr) CP_FOREIGN_CHECK_GEN(expr, CUBLAS_STATUS_SUCCESS, CP_ERR_CUBLAS, cublas_status_str)
+/* FP8 GEMMs with per-row and per-column scales (outer-vector scaling) came
+ * with cuBLAS 12.9 */
+#define CP_LT_OUTER_VEC (CUBLAS_VERSION >= 120900)
 
 #define LT_WORKSPACE_BYTES ((size_t)32 << 20)
 #define STAGE_BYTES ((size_t)16 << 20)   /* each of the two pinned staging buffers */
@@ -264,14 +267,21 @@ static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, const lt_arg
         CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &biast, sizeof(biast)));
     }
     if (vec_scale) {
+#if CP_LT_OUTER_VEC
+        /* a library that does not take these is CP_ERR_UNSUPPORTED: the
+         * caller tries the next form */
         const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
-        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
-        /* the heuristic sees the pointers it will be given */
-        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                                                       &g->scale_a, sizeof(g->scale_a)));
-        CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                                                       &g->scale_b, sizeof(g->scale_b)));
+        if (cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)) ||
+            cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)) ||
+            /* the heuristic sees the pointers it will be given */
+            cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g->scale_a,
+                                           sizeof(g->scale_a)) ||
+            cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g->scale_b,
+                                           sizeof(g->scale_b)))
+            return CP_ERROR(CP_ERR_UNSUPPORTED, "this cuBLASLt takes no outer-vector scales");
+#else
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "built with a cuBLASLt older than 12.9: no outer-vector scales");
+#endif
     }
     /* column-major views: W [m][lda] row-major is k x m (op T), x is k x n, y is m x n (ld ldd) */
     CP_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->a, g->at, (uint64_t)g->k, (uint64_t)g->m, g->lda));
@@ -332,14 +342,17 @@ static cp_status lt_run(cp_cuda_backend *c, const lt_args *g) {
         }
     }
     if (!e) {
+        /* a slot is taken only by a configuration that works */
+        gemm_entry made;
+        cp_status st = gemm_entry_make(c, &made, g, align);
+        if (st != CP_OK) {
+            gemm_entry_free(&made);
+            return st;
+        }
         e = &c->cache[c->cache_next];
         c->cache_next = (c->cache_next + 1) % GEMM_CACHE;
         gemm_entry_free(e);
-        cp_status st = gemm_entry_make(c, e, g, align);
-        if (st != CP_OK) {
-            gemm_entry_free(e);
-            return st;
-        }
+        *e = made;
     }
     if (g->bias)
         CP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
@@ -351,9 +364,13 @@ static cp_status lt_run(cp_cuda_backend *c, const lt_args *g) {
                                                        &g->scale_b, sizeof(g->scale_b)));
     }
     const float alpha = 1.0f, beta = 0.0f;
-    CP_CUBLAS_CHECK(cublasLtMatmul(c->lt, e->desc, &alpha, g->a, e->a, g->b, e->b, &beta, g->d, e->d,
-                                   g->d, e->d, &e->algo, c->lt_ws, LT_WORKSPACE_BYTES, c->stream));
-    return CP_OK;
+    const cublasStatus_t ms = cublasLtMatmul(c->lt, e->desc, &alpha, g->a, e->a, g->b, e->b, &beta, g->d,
+                                             e->d, g->d, e->d, &e->algo, c->lt_ws, LT_WORKSPACE_BYTES, c->stream);
+    if (ms == CUBLAS_STATUS_SUCCESS) return CP_OK;
+    /* an FP8 form refused at run time: the caller tries the next one */
+    return CP_ERROR(ms == CUBLAS_STATUS_NOT_SUPPORTED && g->at == CUDA_R_8F_E4M3 ? CP_ERR_UNSUPPORTED : CP_ERR_CUBLAS,
+                    "cublasLtMatmul (%lld x %lld x %lld): %s (%d)", (long long)g->m, (long long)g->n,
+                    (long long)g->k, cublas_status_str(ms), (int)ms);
 }
 
 /* d[n][ldd] (first m of each row) = b[n][k] . a^T with a [m][k] of type at. */
@@ -423,7 +440,12 @@ static cp_status f8_gemm(cp_cuda_backend *c, const cp_tensor *w, const float *x,
             const lt_args g = {CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, w->data, q, y, m, n, k,
                                (int64_t)w->nb[1], m, NULL, vec ? sw : NULL, vec ? sx : NULL};
             const cp_status st = lt_run(c, &g);
-            if (st == CP_ERR_UNSUPPORTED) continue; /* no algorithm: the next form */
+            if (st == CP_ERR_UNSUPPORTED) {
+                /* no algorithm: the next form; outer-vector scaling is the
+                 * library's and the GPU's, not the shape's: never tried again */
+                if (vec) c->f8 = F8_SCALAR;
+                continue;
+            }
             CP_CHECK(st);
             return cp_f8_epilogue_cuda(y, n, m, m, vec ? NULL : sx, vec ? NULL : sw, bias, c->stream);
         }
@@ -754,6 +776,11 @@ static const struct cp_backend_graph_i cuda_graph_iface = {
     /* .get_stats = */ cuda_graph_get_stats,
 };
 
+extern "C" const char *cp_cuda_fp8_form(cp_backend_t be) {
+    static const char *const names[] = {"vec", "scalar", "f16"};
+    return be && cp_backend_device(be) == CP_DEVICE_CUDA ? names[ctx_of(be)->f8] : "none";
+}
+
 extern "C" cp_status cp_backend_cuda_device_count(int *count) {
     *count = 0;
     int n = 0;
@@ -775,6 +802,7 @@ static cp_status init_ctx(cp_cuda_backend *c) {
     CP_CUDA_CHECK(cudaGetDeviceProperties(&prop, c->device));
     snprintf(c->name, sizeof(c->name), "cuda:%d", c->device);
     if (prop.major * 10 + prop.minor < 89) c->f8 = F8_F16;
+    else if (!CP_LT_OUTER_VEC && c->f8 == F8_VEC) c->f8 = F8_SCALAR;
     c->base.iface.name = c->name;
     CP_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
     /* Decode steps are recorded as graphs unless CP_CUDA_NO_GRAPH=1 (for

@@ -83,6 +83,11 @@ cp_status cp_f8_codes_f16_cuda(const cp_tensor *w, int64_t row0, int64_t nrows, 
 cp_status cp_f8_epilogue_cuda(float *y, int n, int64_t m, int64_t ldd, const float *sx,
                               const float *sw, const float *bias, cudaStream_t stream);
 
+/* The W8A8 GEMM form a CUDA backend starts at now: "vec" (FP8 with the
+ * scales in cuBLASLt), "scalar" (FP8, the scales in a kernel), "f16"; a form
+ * without a cuBLASLt algorithm moves it on ("none" for other backends). */
+const char *cp_cuda_fp8_form(cp_backend_t be);
+
 /* ---- attention.cu ---- */
 cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, const float *v, void *k_cache,
                            void *v_cache, cudaStream_t stream);

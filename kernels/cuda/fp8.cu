@@ -12,9 +12,10 @@
 #define F8_THREADS 256
 
 /* One block per token row: amax (infinite -> FLT_MAX, as row_amax of
- * kernels/cpu/quants_own.c), scale = amax / 448, codes e4m3(x * 448 / amax);
- * every step one correctly rounded fp32 operation, so the codes equal the
- * CPU reference's bit for bit. */
+ * kernels/cpu/quants_own.c), scale = amax / 448, codes e4m3(x * 448 / amax)
+ * with the factor at most FLT_MAX (row_inv there); every step one correctly
+ * rounded fp32 operation, so the codes equal the CPU reference's bit for
+ * bit. */
 template <int MODE>
 static __global__ void __launch_bounds__(F8_THREADS)
     f8_quant_kernel(const float *x, int64_t k, void *out, float *sx) {
@@ -25,7 +26,7 @@ static __global__ void __launch_bounds__(F8_THREADS)
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) a = fmaxf(a, fabsf(xr[i]));
     a = block_max(a, red);
     if (!isfinite(a)) a = FLT_MAX;
-    const float s = a / 448.0f, inv = a > 0.0f ? 448.0f / a : 0.0f;
+    const float s = a / 448.0f, inv = a > 0.0f ? fminf(448.0f / a, FLT_MAX) : 0.0f;
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
         const uint8_t q = cp_e4m3_encode(xr[i] * inv);
         if (MODE == CP_F8_ACT_DEQUANT) ((float *)out)[r * k + i] = cp_e4m3_decode(q) * s;
@@ -110,8 +111,9 @@ static __global__ void f8_epilogue_kernel(float *y, int n, int64_t m, int64_t ld
         float *yr = y + i * ldd;
         for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < m;
              j += (int64_t)gridDim.x * blockDim.x) {
-            float v = yr[j] * a;
-            if (sw) v *= sw[j];
+            float v = yr[j];
+            if (sw) v *= sw[j]; /* the weight's scale first, as the CPU's dot products */
+            v *= a;
             if (bias) v += bias[j];
             yr[j] = v;
         }

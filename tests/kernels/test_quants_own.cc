@@ -13,9 +13,14 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include "cp_backend.h"
 #include "cp_dtype.h"
 #include "cpu/cpu_quants.h"
+#include "cpu/cpu_ref.h"
 #include "cpu/quants_simd.h"
 
 namespace {
@@ -83,7 +88,7 @@ double e4m3_value(int c) {
 /* Round to nearest by search over the 127 non-negative finite codes, ties
  * to the even code, saturating at 448. */
 uint8_t e4m3_ref(double f) {
-    if (std::isnan(f)) return std::signbit(f) ? 0xff : 0x7f;
+    if (std::isnan(f)) return 0x7f; // whatever the sign
     const uint8_t sign = std::signbit(f) ? 0x80 : 0;
     const double a = std::fabs(f);
     if (a >= 448.0) return sign | 0x7e;
@@ -186,7 +191,8 @@ TEST(OwnTypesE4M3, EncodeRandomSaturationAndNaN) {
     EXPECT_EQ(cp_fp32_to_e4m3(1e30f), 0x7e);
     EXPECT_EQ(cp_fp32_to_e4m3(INFINITY), 0x7e);
     EXPECT_EQ(cp_fp32_to_e4m3(-INFINITY), 0xfe);
-    EXPECT_EQ(cp_fp32_to_e4m3(NAN) & 0x7f, 0x7f);
+    EXPECT_EQ(cp_fp32_to_e4m3(NAN), 0x7f);
+    EXPECT_EQ(cp_fp32_to_e4m3(-NAN), 0x7f) << "a NaN's sign is not portable: dropped";
     EXPECT_EQ(cp_fp32_to_e4m3(0.0f), 0x00);
     EXPECT_EQ(cp_fp32_to_e4m3(-0.0f), 0x80);
     EXPECT_EQ(cp_fp32_to_e4m3(std::ldexp(1.0f, -11)), 0x00) << "a quarter of the smallest subnormal";
@@ -276,6 +282,50 @@ TEST_P(OwnRoundTrip, ZeroConstantAndTinyRows) {
     }
     EXPECT_LE(std::sqrt(se / sx), 0.2);
 }
+
+/* Rows far below 1e-36 (the factor qmax / amax would overflow: 0 x inf is
+ * NaN) keep their zeros at code 0 and decode to finite values no larger
+ * than the row's; a NaN value of an int8 row is code 0, of an fp8 row the
+ * NaN code, and neither touches the others. */
+TEST(OwnTypesRows, TinyRowsAndNaN) {
+    for (cp_dtype t : {CP_DTYPE_I8_ROW, CP_DTYPE_F8_ROW}) {
+        SCOPED_TRACE(cp_dtype_name(t));
+        const int64_t n = 64;
+        std::vector<float> x((size_t)n);
+        for (int64_t i = 0; i < n; i++) x[(size_t)i] = std::ldexp((float)(i % 16) - 8.0f, -140);
+        std::vector<uint8_t> q(cp_dtype_row_size(t, n));
+        ASSERT_EQ(cp_quantize_ref(t, x.data(), 1, n, q.data()), CP_OK);
+        std::vector<float> y((size_t)n);
+        cp_tensor w = cp_tensor_2d(t, 1, n, q.data());
+        ASSERT_EQ(cp_dequantize_ref(&w, 0, 1, y.data()), CP_OK);
+        for (int64_t i = 0; i < n; i++) {
+            ASSERT_TRUE(std::isfinite(y[(size_t)i])) << i;
+            ASSERT_LE(std::fabs(y[(size_t)i]), std::ldexp(8.0f, -140)) << i;
+            if (x[(size_t)i] == 0.0f) ASSERT_EQ(q[(size_t)i] & 0x7f, 0) << i;
+        }
+        std::vector<float> v = {1.0f, NAN, -2.0f, 0.5f};
+        std::vector<uint8_t> r(cp_dtype_row_size(t, 4));
+        ASSERT_EQ(cp_quantize_ref(t, v.data(), 1, 4, r.data()), CP_OK);
+        EXPECT_EQ(r[1], t == CP_DTYPE_I8_ROW ? 0 : 0x7f);
+        EXPECT_EQ(cp_row_scale(r.data(), 4), t == CP_DTYPE_I8_ROW ? 2.0f / 127.0f : 2.0f / 448.0f);
+    }
+}
+
+/* Decoding does not go through fp32 subnormals, so a process that flushes
+ * them (x86 MXCSR DAZ/FTZ, as -ffast-math binaries set at start-up) still
+ * decodes the subnormal codes. */
+#if defined(__x86_64__) && defined(__SSE__)
+TEST(OwnTypesE4M3, SubnormalCodesUnderFlushToZero) {
+    const unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040); /* FTZ | DAZ */
+    float got[8];
+    for (int m = 0; m < 8; m++) got[m] = cp_e4m3_to_fp32((uint8_t)m);
+    const float neg = cp_e4m3_to_fp32(0x83);
+    _mm_setcsr(saved);
+    for (int m = 0; m < 8; m++) EXPECT_EQ(got[m], std::ldexp((float)m, -9)) << m;
+    EXPECT_EQ(neg, -std::ldexp(3.0f, -9));
+}
+#endif
 
 INSTANTIATE_TEST_SUITE_P(Types, OwnRoundTrip, testing::ValuesIn(cases()), case_name);
 
