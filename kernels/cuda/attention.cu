@@ -135,9 +135,13 @@ extern "C" cp_status cp_kv_store_cuda(const cp_attn_params *p, const float *k, c
 
 static __device__ __forceinline__ float cache_elem(const __half *c, size_t i) { return __half2float(c[i]); }
 static __device__ __forceinline__ float cache_elem(const float *c, size_t i) { return c[i]; }
-/* quantized rows: int8_t for I8_ROW, uint8_t for F8_ROW codes */
-static __device__ __forceinline__ float cache_elem(const int8_t *c, size_t i) { return (float)c[i]; }
-static __device__ __forceinline__ float cache_elem(const uint8_t *c, size_t i) { return cp_e4m3_decode(c[i]); }
+/* quantized rows: int8_t for I8_ROW, uint8_t for F8_ROW codes (row_code) */
+static __device__ __forceinline__ float cache_elem(const int8_t *c, size_t i) {
+    return row_code<CP_DTYPE_I8_ROW>((uint8_t)c[i]);
+}
+static __device__ __forceinline__ float cache_elem(const uint8_t *c, size_t i) {
+    return row_code<CP_DTYPE_F8_ROW>(c[i]);
+}
 
 /* The scale of the row starting at r: 1 for fp16/fp32 rows. */
 static __device__ __forceinline__ float row_scale(const __half *, int) { return 1.0f; }

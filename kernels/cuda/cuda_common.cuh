@@ -303,30 +303,29 @@ static __device__ __forceinline__ void dq32_row(const uint8_t *row, int64_t cols
     (void)cols;
     dq32<T>(row, c, v);
 }
-template <>
-__device__ __forceinline__ void dq32_row<CP_DTYPE_I8_ROW>(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
+/* The rows' codes: int8 (I8_ROW) or E4M3 (F8_ROW; cp_e4m3_decode is the
+ * inline code behind the CPU's cp_e4m3_to_fp32). */
+template <int T> static __device__ __forceinline__ float row_code(uint8_t b);
+template <> __device__ __forceinline__ float row_code<CP_DTYPE_I8_ROW>(uint8_t b) { return (float)(int8_t)b; }
+template <> __device__ __forceinline__ float row_code<CP_DTYPE_F8_ROW>(uint8_t b) { return cp_e4m3_decode(b); }
+template <int T>
+static __device__ __forceinline__ void dq32_scaled_row(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
     const float s = *(const float *)(row + cols);
     const uint32_t *q = (const uint32_t *)(row + c * 32);
 #pragma unroll
     for (int w = 0; w < 8; w++) {
         const uint32_t x = q[w];
 #pragma unroll
-        for (int j = 0; j < 4; j++) v[4 * w + j] = (float)(int8_t)((x >> (8 * j)) & 0xff) * s;
+        for (int j = 0; j < 4; j++) v[4 * w + j] = row_code<T>((uint8_t)(x >> (8 * j))) * s;
     }
 }
-/* F8_ROW: E4M3 codes, the fp32 scale after the row's cols codes; value
- * e4m3(q) * scale, the CPU reference's to_float (cp_e4m3_decode is the
- * inline code behind cp_e4m3_to_fp32). */
+template <>
+__device__ __forceinline__ void dq32_row<CP_DTYPE_I8_ROW>(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
+    dq32_scaled_row<CP_DTYPE_I8_ROW>(row, cols, c, v);
+}
 template <>
 __device__ __forceinline__ void dq32_row<CP_DTYPE_F8_ROW>(const uint8_t *row, int64_t cols, int64_t c, float v[32]) {
-    const float s = *(const float *)(row + cols);
-    const uint32_t *q = (const uint32_t *)(row + c * 32);
-#pragma unroll
-    for (int w = 0; w < 8; w++) {
-        const uint32_t x = q[w];
-#pragma unroll
-        for (int j = 0; j < 4; j++) v[4 * w + j] = cp_e4m3_decode((uint8_t)(x >> (8 * j))) * s;
-    }
+    dq32_scaled_row<CP_DTYPE_F8_ROW>(row, cols, c, v);
 }
 
 /* Element offset of (cache slot of position pos of a sequence whose block
