@@ -41,14 +41,25 @@ static const char *cublas_status_str(cublasStatus_t s) {
     }
 }
 
-/* One cached GEMM configuration: descriptors and the heuristic's algorithm
- * for a shape, operand types, leading dimensions, pointer alignments and
- * epilogue. */
-typedef struct gemm_entry {
-    bool used;
+/* What a cached GEMM configuration is made for: shape, operand types,
+ * leading dimensions, pointer alignment and epilogue. */
+typedef struct gemm_key {
     cudaDataType_t at, bt;
     int64_t m, n, k, lda, ldd;
     int align, has_bias, vec_scale;
+} gemm_key;
+
+static bool gemm_key_eq(const gemm_key *x, const gemm_key *y) {
+    return x->at == y->at && x->bt == y->bt && x->m == y->m && x->n == y->n && x->k == y->k &&
+           x->lda == y->lda && x->ldd == y->ldd && x->align == y->align && x->has_bias == y->has_bias &&
+           x->vec_scale == y->vec_scale;
+}
+
+/* One cached GEMM configuration: its key, descriptors and the heuristic's
+ * algorithm. */
+typedef struct gemm_entry {
+    bool used;
+    gemm_key key;
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, d;
     cublasLtMatmulAlgo_t algo;
@@ -250,10 +261,10 @@ typedef struct lt_args {
     const float *scale_a, *scale_b;   /* fp32 [m] and [n] (outer-vector scaling); NULL: none */
 } lt_args;
 
-static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, const lt_args *g, int align) {
+static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, const lt_args *g, const gemm_key *key) {
     memset(e, 0, sizeof(*e));
     const bool fp8 = g->at == CUDA_R_8F_E4M3;
-    const int has_bias = g->bias != NULL, vec_scale = g->scale_a != NULL;
+    const int has_bias = key->has_bias, vec_scale = key->vec_scale, align = key->align;
     const cublasComputeType_t ct = CUBLAS_COMPUTE_32F;
     CP_CUBLAS_CHECK(cublasLtMatmulDescCreate(&e->desc, ct, CUDA_R_32F));
     e->used = true; /* from here on gemm_entry_free releases what exists */
@@ -311,16 +322,7 @@ static cp_status gemm_entry_make(cp_cuda_backend *c, gemm_entry *e, const lt_arg
                         (long long)g->lda, align, vec_scale ? ", vector scales" : "",
                         cublas_status_str(s));
     e->algo = res.algo;
-    e->at = g->at;
-    e->bt = g->bt;
-    e->m = g->m;
-    e->n = g->n;
-    e->k = g->k;
-    e->lda = g->lda;
-    e->ldd = g->ldd;
-    e->align = align;
-    e->has_bias = has_bias;
-    e->vec_scale = vec_scale;
+    e->key = *key;
     return CP_OK;
 }
 
@@ -330,21 +332,15 @@ static cp_status lt_run(cp_cuda_backend *c, const lt_args *g) {
     if (ab < align) align = ab;
     if (ad < align) align = ad;
     if (g->bias && ptr_align(g->bias) < align) align = ptr_align(g->bias);
-    const int has_bias = g->bias != NULL, vec_scale = g->scale_a != NULL;
+    const int vec_scale = g->scale_a != NULL;
+    const gemm_key key = {g->at, g->bt, g->m, g->n, g->k, g->lda, g->ldd, align, g->bias != NULL, vec_scale};
     gemm_entry *e = NULL;
-    for (int i = 0; i < GEMM_CACHE; i++) {
-        gemm_entry *x = &c->cache[i];
-        if (x->used && x->at == g->at && x->bt == g->bt && x->m == g->m && x->n == g->n &&
-            x->k == g->k && x->lda == g->lda && x->ldd == g->ldd && x->align == align &&
-            x->has_bias == has_bias && x->vec_scale == vec_scale) {
-            e = x;
-            break;
-        }
-    }
+    for (int i = 0; i < GEMM_CACHE && !e; i++)
+        if (c->cache[i].used && gemm_key_eq(&c->cache[i].key, &key)) e = &c->cache[i];
     if (!e) {
         /* a slot is taken only by a configuration that works */
         gemm_entry made;
-        cp_status st = gemm_entry_make(c, &made, g, align);
+        cp_status st = gemm_entry_make(c, &made, g, &key);
         if (st != CP_OK) {
             gemm_entry_free(&made);
             return st;
@@ -401,14 +397,23 @@ static int64_t tile_rows(int64_t m, int64_t k) {
     return tile;
 }
 
-/* ---- F8_ROW: W8A8 ---- */
-
-static cp_status f8_check_width(const cp_tensor *w) {
-    if (w->ne[0] % 32 != 0)
-        return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend reads %s rows of a multiple of 32 "
-                        "values, not %lld", cp_dtype_name(w->dtype), (long long)w->ne[0]);
+/* y[n][m] (+ bias) = xh[n][k] . w^T on fp16 tensor cores, w decoded tile
+ * by tile (tile rows of w) into the fp16 buffer wt by decode (the rows
+ * dequantized, or FP8 rows' bare codes); xh fp16. */
+typedef cp_status (*f16_decoder)(const cp_tensor *w, int64_t row0, int64_t nrows, void *out,
+                                  cudaStream_t stream);
+static cp_status tiled_f16_gemm(cp_cuda_backend *c, const cp_tensor *w, f16_decoder decode, const void *xh,
+                                int n, float *y, const float *bias, void *wt, int64_t tile) {
+    const int64_t k = w->ne[0], m = w->ne[1];
+    for (int64_t r0 = 0; r0 < m; r0 += tile) {
+        const int64_t rows = m - r0 < tile ? m - r0 : tile;
+        CP_CHECK(decode(w, r0, rows, wt, c->stream));
+        CP_CHECK(lt_gemm(c, CUDA_R_16F, wt, CUDA_R_16F, xh, y + r0, rows, n, k, m, bias ? bias + r0 : NULL));
+    }
     return CP_OK;
 }
+
+/* ---- F8_ROW: W8A8 ---- */
 
 /* The activations as the CPU reference sees them (each token's E4M3 codes
  * times its scale), at the start of the work buffer, for the GEMV kernels. */
@@ -459,11 +464,7 @@ static cp_status f8_gemm(cp_cuda_backend *c, const cp_tensor *w, const float *x,
     void *wt = (char *)sw + swb;
     CP_CHECK(cp_f8_quantize_act_cuda(x, n, k, CP_F8_ACT_CODES_F16, q, sx, c->stream));
     CP_CHECK(cp_f8_row_scales_cuda(w, 0, m, sw, c->stream));
-    for (int64_t r0 = 0; r0 < m; r0 += tile) {
-        const int64_t rows = m - r0 < tile ? m - r0 : tile;
-        CP_CHECK(cp_f8_codes_f16_cuda(w, r0, rows, wt, c->stream));
-        CP_CHECK(lt_gemm(c, CUDA_R_16F, wt, CUDA_R_16F, q, y + r0, rows, n, k, m, NULL));
-    }
+    CP_CHECK(tiled_f16_gemm(c, w, cp_f8_codes_f16_cuda, q, n, y, NULL, wt, tile));
     return cp_f8_epilogue_cuda(y, n, m, m, sx, sw, bias, c->stream);
 }
 
@@ -471,7 +472,7 @@ static cp_status f8_gemm(cp_cuda_backend *c, const cp_tensor *w, const float *x,
  * kernels on the activations quantized once, larger ones through f8_gemm. */
 static cp_status f8_matmul(cp_cuda_backend *c, int count, const cp_tensor *const *w, const float *x,
                            int n, float *const *y, const float *const *bias) {
-    for (int i = 0; i < count; i++) CP_CHECK(f8_check_width(w[i]));
+    for (int i = 0; i < count; i++) CP_CHECK(cuda_check_row_width(w[i]->dtype, w[i]->ne[0]));
     if (gemv_rows_ok(CP_DTYPE_F8_ROW, n)) {
         float *xq;
         CP_CHECK(f8_dequant_acts(c, x, n, w[0]->ne[0], &xq));
@@ -502,14 +503,7 @@ static cp_status cuda_matmul(cp_backend_t be, const cp_tensor *w, const float *x
     void *xh = c->work;
     CP_CHECK(cp_convert_f32_cuda(xh, x, (size_t)n * (size_t)k, bf16, c->stream));
     if (!quant) return lt_gemm(c, ht, w->data, ht, xh, y, m, n, k, m, bias);
-    void *wt = (char *)c->work + xh_bytes;
-    for (int64_t r0 = 0; r0 < m; r0 += tile) {
-        const int64_t rows = m - r0 < tile ? m - r0 : tile;
-        CP_CHECK(cp_dequantize_f16_cuda(w, r0, rows, wt, c->stream));
-        CP_CHECK(lt_gemm(c, CUDA_R_16F, wt, CUDA_R_16F, xh, y + r0, rows, n, k, m,
-                         bias ? bias + r0 : NULL));
-    }
-    return CP_OK;
+    return tiled_f16_gemm(c, w, cp_dequantize_f16_cuda, xh, n, y, bias, (char *)c->work + xh_bytes, tile);
 }
 
 /* ---- fused operations ---- */
@@ -547,7 +541,7 @@ static cp_status cuda_matmul_swiglu(cp_backend_t be, const cp_tensor *wg, const 
     if (wg->dtype == wu->dtype && n <= 2 && gemv_rows_ok(wg->dtype, n)) {
         const float *xg = x;
         if (wg->dtype == CP_DTYPE_F8_ROW) { /* W8A8: the activations quantized per token */
-            CP_CHECK(f8_check_width(wg));
+            CP_CHECK(cuda_check_row_width(wg->dtype, wg->ne[0]));
             float *xq;
             CP_CHECK(f8_dequant_acts(c, x, n, wg->ne[0], &xq));
             xg = xq;

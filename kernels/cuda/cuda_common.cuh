@@ -338,6 +338,15 @@ static __device__ __forceinline__ size_t kv_slot(const int32_t *bt, int block_si
 static __device__ __forceinline__ void store_kv(__half *c, size_t i, float v) { c[i] = __float2half_rn(v); }
 static __device__ __forceinline__ void store_kv(float *c, size_t i, float v) { c[i] = v; }
 
+/* The block types' rows hold 32 values or more; int8 / fp8 rows (I8_ROW,
+ * F8_ROW) may hold any number, and the kernels read them 32 at a time. */
+static inline cp_status cuda_check_row_width(cp_dtype t, int64_t cols) {
+    if (cols % 32 != 0)
+        return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend reads %s rows of a multiple of 32 "
+                        "values, not %lld", cp_dtype_name(t), (long long)cols);
+    return CP_OK;
+}
+
 /* Row bytes of cols elements of a block type T. */
 template <int T> static __host__ __device__ __forceinline__ int64_t row_bytes_t(int64_t cols) {
     return cols / cp_qtraits<T>::elems * cp_qtraits<T>::bytes;

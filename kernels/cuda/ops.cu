@@ -215,9 +215,7 @@ static cp_status rows_cuda(const cp_tensor *w, const int32_t *ids, int64_t row0,
         CP_CUDA_LAUNCH_CHECK();
         return CP_OK;
     }
-    if (cols % 32 != 0) /* block types have 32 or more; int8 rows may not */
-        return CP_ERROR(CP_ERR_UNSUPPORTED, "the CUDA backend reads %s rows of a multiple of 32 "
-                        "values, not %lld", cp_dtype_name(t), (long long)cols);
+    CP_CHECK(cuda_check_row_width(t, cols));
     const int64_t chunks = cols / 32;
     dim3 grid((unsigned)((chunks + 127) / 128 > 64 ? 64 : (chunks + 127) / 128), (unsigned)nrows);
 #define CP_ROWS_CALL(T)                                                                            \
