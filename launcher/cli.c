@@ -2,6 +2,7 @@
 #include "cli.h"
 
 #include "cp_common.h"
+#include "cp_eval.h"
 
 #include <errno.h>
 #include <math.h>
@@ -305,4 +306,12 @@ bool cli_read_file(const char *cmd, const char *what, const char *path, unsigned
     *out = buf;
     if (len) *len = n;
     return true;
+}
+
+const char *cli_ppl_interval(const struct cp_eval_result *r, char *buf, size_t cap) {
+    if (r->ratio_hi > 0)
+        snprintf(buf, cap, "95%% interval %+.2f%% .. %+.2f%%", 100 * (r->ratio_lo - 1), 100 * (r->ratio_hi - 1));
+    else
+        snprintf(buf, cap, "too few tokens for an interval");
+    return buf;
 }

@@ -111,6 +111,12 @@ int cli_par_check(const char *cmd, cli_par *p);
  * tp, pp and cp come with ranks_engine_opts). */
 void cli_par_apply(const cli_par *p, cp_engine_opts *eo);
 
+/* "95% interval +a% .. +b%" of an evaluation's perplexity ratio against
+ * its reference (cp_eval.h), or "too few tokens for an interval", into
+ * buf[cap]; returns buf. */
+struct cp_eval_result;
+const char *cli_ppl_interval(const struct cp_eval_result *r, char *buf, size_t cap);
+
 /* Prints s to stdout as a JSON string literal (quotes, backslashes and
  * control characters escaped: paths may hold them). */
 void cli_json_str(const char *s);

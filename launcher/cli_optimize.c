@@ -276,13 +276,10 @@ int cli_measure(const char *cmd, cli_job *j, const char *orig, const char *quant
         printf("evaluation text   ");
         describe_eval_text(text);
         printf(": %zu of %zu tokens, windows of %d\n", n, n_text, res.ctx);
-        char interval[96] = "too few tokens for an interval";
-        if (res.ratio_hi > 0)
-            snprintf(interval, sizeof(interval), "95%% interval %+.2f%% .. %+.2f%%", 100 * (res.ratio_lo - 1),
-                     100 * (res.ratio_hi - 1));
+        char interval[96];
         printf("perplexity        original %.4f, %s %.4f (%+.2f%%, %s; bound %+.2f%%)\n", res.ref_ppl,
-               !strcmp(cmd, "quantize") ? "quantized" : "pruned", res.ppl, 100 * *increase, interval,
-               100 * max_increase);
+               !strcmp(cmd, "quantize") ? "quantized" : "pruned", res.ppl, 100 * *increase,
+               cli_ppl_interval(&res, interval, sizeof(interval)), 100 * max_increase);
         if (res.ratio_hi > 0 && res.ratio_lo - 1 <= max_increase && max_increase <= res.ratio_hi - 1)
             printf("uncertain         the bound lies inside the interval: more text (--eval-text, "
                    "--eval-tokens) would settle the verdict\n");

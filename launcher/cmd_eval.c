@@ -185,13 +185,9 @@ int cp_cli_eval(int argc, char **argv) {
         printf("perplexity        %.4f  (%.4f nats per token over %lld predictions)\n", res.ppl,
                res.nll, (long long)res.n_scored);
         if (r) {
-            printf("reference         %s: perplexity %.4f, model %+.2f%%", reference, res.ref_ppl,
-                   100 * (res.ppl / res.ref_ppl - 1));
-            if (res.ratio_hi > 0)
-                printf(" (95%% interval %+.2f%% .. %+.2f%%)\n", 100 * (res.ratio_lo - 1),
-                       100 * (res.ratio_hi - 1));
-            else
-                printf(" (too few tokens for an interval)\n");
+            char interval[96];
+            printf("reference         %s: perplexity %.4f, model %+.2f%% (%s)\n", reference, res.ref_ppl,
+                   100 * (res.ppl / res.ref_ppl - 1), cli_ppl_interval(&res, interval, sizeof(interval)));
             printf("KL(ref || model)  mean %.5f  median %.5f  p99 %.5f  max %.5f  nats/token\n",
                    res.kl_mean, res.kl_p50, res.kl_p99, res.kl_max);
             printf("top-1 agreement   %.2f%%\n", 100 * res.top1);
