@@ -128,6 +128,62 @@ cp_status cp_comm_init_world(cp_comm_kind kind, int timeout_ms, cp_comm_t *out) 
     return CP_OK;
 }
 
+static cp_status check_usable(cp_comm_t c, const char *op);
+
+cp_status cp_comm_nccl_create(int n, cp_comm_t const *hosts, int device, cp_comm_t *outs) {
+    if (n < 0 || (n > 0 && (!hosts || !outs)))
+        return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_nccl_create: bad arguments");
+    for (int i = 0; i < n; i++) outs[i] = NULL;
+    for (int i = 0; i < n; i++) {
+        if (!hosts[i]) continue;
+        CP_CHECK(check_usable(hosts[i], "nccl_create"));
+        if (hosts[i]->kind == CP_COMM_NCCL)
+            return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_nccl_create: %s is already an NCCL communicator",
+                            hosts[i]->label);
+    }
+#ifdef CP_HAVE_NCCL
+    /* first every host copy (so that a group that fails to start NCCL
+     * cannot leave another group's host collective waiting), then the
+     * NCCL communicators; each is tried, the first failure is returned */
+    enum { MAX_GROUPS = 8 };
+    if (n > MAX_GROUPS) return CP_ERROR(CP_ERR_INVALID_ARG, "cp_comm_nccl_create: more than %d groups", MAX_GROUPS);
+    cp_comm_t boots[MAX_GROUPS] = {NULL};
+    for (int i = 0; i < n; i++) {
+        if (!hosts[i]) continue;
+        cp_status st = cp_comm_split(hosts[i], 0, hosts[i]->rank, &boots[i]);
+        if (st != CP_OK) {
+            for (int k = 0; k < i; k++) cp_comm_free(boots[k]);
+            return st;
+        }
+        boots[i]->timeout_ms = hosts[i]->timeout_ms;
+    }
+    cp_status first = CP_OK;
+    char why[512] = "";
+    for (int i = 0; i < n; i++) {
+        if (!boots[i]) continue;
+        cp_status st = cp_comm_nccl_create_on(boots[i], device, &outs[i]); /* owns boots[i] */
+        if (st == CP_OK) {
+            snprintf(outs[i]->label, sizeof(outs[i]->label), "nccl(%.40s)", hosts[i]->label);
+        } else if (first == CP_OK) {
+            first = st;
+            snprintf(why, sizeof(why), "%s", cp_last_error_detail());
+        }
+    }
+    if (first == CP_OK) return CP_OK;
+    for (int i = 0; i < n; i++) {
+        cp_comm_free(outs[i]);
+        outs[i] = NULL;
+    }
+    return CP_ERROR(first, "%s", why);
+#else
+    (void)device;
+    return n == 0 ? CP_OK
+                  : CP_ERROR(CP_ERR_UNSUPPORTED,
+                             "this build has no NCCL support: build on a machine with the CUDA toolkit and NCCL "
+                             "(CP_ENABLE_CUDA=ON, CP_ENABLE_NCCL=ON)");
+#endif
+}
+
 int cp_comm_rank(cp_comm_t c) {
     return c ? c->rank : -1;
 }
@@ -142,6 +198,26 @@ int cp_comm_local_size(cp_comm_t c) {
 }
 const char *cp_comm_kind_name(cp_comm_t c) {
     return c ? c->iface->name : "none";
+}
+
+bool cp_comm_built(cp_comm_kind kind) {
+    switch (kind) {
+    case CP_COMM_AUTO:
+    case CP_COMM_SELF: return true;
+    case CP_COMM_MPI:
+#ifdef CP_HAVE_MPI
+        return true;
+#else
+        return false;
+#endif
+    case CP_COMM_NCCL:
+#ifdef CP_HAVE_NCCL
+        return true;
+#else
+        return false;
+#endif
+    }
+    return false;
 }
 
 /* ---- argument checks ----------------------------------------------------- */

@@ -79,6 +79,9 @@ cp_status cp_comm_mpi_world_create(int timeout_ms, cp_comm_t *out);
  * exchange the unique id and the node-local ranks; ownership of boot passes
  * to the new communicator, also on failure. */
 cp_status cp_comm_nccl_world_create(cp_comm_t boot, int timeout_ms, cp_comm_t *out);
+/* An NCCL communicator over the ranks of boot (as above, owned from the
+ * call on) on GPU `device` of this process, with boot's deadline. */
+cp_status cp_comm_nccl_create_on(cp_comm_t boot, int device, cp_comm_t *out);
 
 #ifdef __cplusplus
 }

@@ -362,11 +362,63 @@ static cp_status nc_split(cp_comm_t c, int color, int key, cp_comm_t *out) {
     return wrap(child, boot, nc->device, "split", dl, out);
 }
 
+/* The communicator over boot's ranks on GPU `device` (made current); takes
+ * ownership of boot, also on failure. Every rank first prepares (its GPU,
+ * rank 0 the unique id), then all learn whether all could, so that no rank
+ * waits in NCCL's initialisation for one that will never come. */
+static cp_status create_on(cp_comm_t boot, int device, const char *label, cp_comm_t *out) {
+    *out = NULL;
+    cp_status st = CP_OK;
+    double dl = deadline_of(boot);
+    ncclUniqueId id;
+    memset(&id, 0, sizeof(id));
+    cp_status mine = CP_OK;
+    int ndev = 0; /* left untouched when the call fails */
+    cudaError_t e = cudaGetDeviceCount(&ndev);
+    if (e == cudaSuccess && (device < 0 || device >= ndev)) {
+        mine = CP_ERROR(CP_ERR_INVALID_ARG, "an NCCL communicator on GPU %d of rank %d: this process has %d GPU(s)",
+                        device, boot->rank, ndev);
+    } else if (e == cudaSuccess && (e = cudaSetDevice(device)) == cudaSuccess) {
+        if (boot->rank == 0) {
+            ncclResult_t r = ncclGetUniqueId(&id);
+            if (r != ncclSuccess) mine = CP_ERROR(CP_ERR_NCCL, "ncclGetUniqueId failed: %s", ncclGetErrorString(r));
+        }
+    }
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        mine = CP_ERROR(CP_ERR_CUDA, "an NCCL communicator on GPU %d of rank %d: %s", device, boot->rank,
+                        cudaGetErrorString(e));
+    }
+    char why[256] = "";
+    if (mine != CP_OK) snprintf(why, sizeof(why), "%s", cp_last_error_detail());
+    int32_t ready = mine == CP_OK, all_ready = 0;
+    CP_CHECK_GOTO(cp_comm_allreduce(boot, &ready, &all_ready, 1, CP_DTYPE_I32, CP_REDUCE_MIN, NULL), st, fail);
+    if (!all_ready) {
+        st = mine != CP_OK ? CP_ERROR(mine, "%s", why)
+                           : CP_ERROR(CP_ERR_NCCL, "another rank of the group could not prepare NCCL (see its message)");
+        goto fail;
+    }
+    CP_CHECK_GOTO(cp_comm_bcast(boot, &id, sizeof(id), CP_DTYPE_I8, 0, NULL), st, fail);
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    ncclComm_t comm = NULL;
+    ncclResult_t r = ncclCommInitRankConfig(&comm, boot->size, id, boot->rank, &cfg);
+    if (r != ncclSuccess && r != ncclInProgress) {
+        if (comm) ncclCommAbort(comm);
+        st = CP_ERROR(CP_ERR_NCCL, "ncclCommInitRankConfig failed on rank %d of %d: %s", boot->rank,
+                      boot->size, ncclGetErrorString(r));
+        goto fail;
+    }
+    return wrap(comm, boot, device, label, dl, out);
+fail:
+    cp_comm_free(boot);
+    return st;
+}
+
 cp_status cp_comm_nccl_world_create(cp_comm_t boot, int timeout_ms, cp_comm_t *out) {
     *out = NULL;
     cp_status st = CP_OK;
     boot->timeout_ms = timeout_ms;
-    double dl = deadline_of(boot);
     int ndev = 0; /* left untouched when the call fails */
     cudaError_t e = cudaGetDeviceCount(&ndev);
     if (e != cudaSuccess || ndev == 0) {
@@ -383,39 +435,14 @@ cp_status cp_comm_nccl_world_create(cp_comm_t boot, int timeout_ms, cp_comm_t *o
                       boot->local_size, ndev, ndev);
         goto fail;
     }
-    int device = boot->local_rank;
-    e = cudaSetDevice(device);
-    if (e != cudaSuccess) {
-        st = CP_ERROR(CP_ERR_CUDA, "cudaSetDevice(%d) failed on rank %d: %s", device, boot->rank,
-                      cudaGetErrorString(e));
-        goto fail;
-    }
-    ncclUniqueId id;
-    memset(&id, 0, sizeof(id));
-    if (boot->rank == 0) {
-        ncclResult_t r = ncclGetUniqueId(&id);
-        if (r != ncclSuccess) {
-            st = CP_ERROR(CP_ERR_NCCL, "ncclGetUniqueId failed: %s", ncclGetErrorString(r));
-            goto fail;
-        }
-    }
-    /* When rank 0 failed above it returns at once, and the other ranks time
-     * out in this broadcast with a message naming rank 0. */
-    CP_CHECK_GOTO(cp_comm_bcast(boot, &id, sizeof(id), CP_DTYPE_I8, 0, NULL), st, fail);
-    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
-    cfg.blocking = 0;
-    ncclComm_t comm = NULL;
-    ncclResult_t r = ncclCommInitRankConfig(&comm, boot->size, id, boot->rank, &cfg);
-    if (r != ncclSuccess && r != ncclInProgress) {
-        if (comm) ncclCommAbort(comm);
-        st = CP_ERROR(CP_ERR_NCCL, "ncclCommInitRankConfig failed on rank %d of %d: %s", boot->rank,
-                      boot->size, ncclGetErrorString(r));
-        goto fail;
-    }
-    return wrap(comm, boot, device, "world", dl, out);
+    return create_on(boot, boot->local_rank, "world", out);
 fail:
     cp_comm_free(boot);
     return st;
+}
+
+cp_status cp_comm_nccl_create_on(cp_comm_t boot, int device, cp_comm_t *out) {
+    return create_on(boot, device, "nccl", out);
 }
 
 #else

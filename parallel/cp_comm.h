@@ -91,6 +91,23 @@ typedef enum cp_reduce_op {
  * CP_ERR_NCCL, CP_ERR_TIMEOUT, CP_ERR_INVALID_ARG, CP_ERR_OOM. */
 cp_status cp_comm_init_world(cp_comm_kind kind, int timeout_ms, cp_comm_t *out);
 
+/* NCCL twins of host communicators (MPI or SELF): outs[i] is an NCCL
+ * communicator over the ranks of hosts[i] in the same order, on GPU
+ * `device` of this process (made current on the calling thread), with
+ * hosts[i]'s deadline (NULL hosts[i]: NULL outs[i]; n <= 8). For groups
+ * whose device buffers move over NCCL while their host messages stay on
+ * the hosts. Collective over each host in turn: a copy of every host is
+ * made first (the unique ids go over the copies), then each NCCL
+ * communicator is started, and every one is tried even after a failure,
+ * so that the ranks of each group meet whatever another group did; a
+ * failure leaves the hosts usable. Each rank must name a GPU of its own
+ * (NCCL refuses two ranks on one GPU). All or nothing: on error every
+ * outs[i] is NULL and the first failure is returned. The outs are the
+ * caller's and must be freed before their hosts. Errors:
+ * CP_ERR_UNSUPPORTED (no NCCL in this build), CP_ERR_INVALID_ARG (a host is
+ * NCCL itself, no such GPU), CP_ERR_CUDA, CP_ERR_NCCL, CP_ERR_TIMEOUT. */
+cp_status cp_comm_nccl_create(int n, cp_comm_t const *hosts, int device, cp_comm_t *outs);
+
 /* Rank and size of this process in c; local_rank/local_size count the ranks
  * of c on the same node. Return -1 for a NULL c. */
 int cp_comm_rank(cp_comm_t c);
@@ -99,6 +116,11 @@ int cp_comm_local_rank(cp_comm_t c);
 int cp_comm_local_size(cp_comm_t c);
 /* "self", "mpi" or "nccl" ("none" for NULL). Static storage. */
 const char *cp_comm_kind_name(cp_comm_t c);
+
+/* Whether this build contains the backend of kind (AUTO and SELF always;
+ * MPI and NCCL when compiled in). Says nothing of whether it can start
+ * here (NCCL also needs a GPU per rank). Local call. */
+bool cp_comm_built(cp_comm_kind kind);
 
 /* Collective over c: ranks with the same color >= 0 form a new communicator,
  * ordered by key (ties by rank in c); a rank passing a negative color gets

@@ -1043,6 +1043,81 @@ TEST_F(Comm, UnavailableBackendsFailCleanly) {
 
 // ---- NCCL: runs on GPU machines; elsewhere it must fail with a clear error --------------
 
+// An NCCL twin of a host group (what the launcher makes for the TP and
+// pipeline groups when every rank has a GPU): the twin moves device
+// buffers over the group's ranks in the group's order; where it cannot
+// start, the call fails with a message naming the GPU and the host group
+// stays usable.
+TEST_F(Comm, NcclTwinOfAHostGroup) {
+#ifdef CP_HAVE_MPI
+    EXPECT_TRUE(cp_comm_built(CP_COMM_MPI));
+#else
+    EXPECT_FALSE(cp_comm_built(CP_COMM_MPI));
+#endif
+#ifdef CP_HAVE_NCCL
+    EXPECT_TRUE(cp_comm_built(CP_COMM_NCCL));
+#else
+    EXPECT_FALSE(cp_comm_built(CP_COMM_NCCL));
+#endif
+    EXPECT_TRUE(cp_comm_built(CP_COMM_SELF));
+    cp_comm_t twin = nullptr;
+    EXPECT_EQ(cp_comm_nccl_create(1, nullptr, 0, &twin), CP_ERR_INVALID_ARG);
+    EXPECT_EQ(cp_comm_nccl_create(0, nullptr, 0, nullptr), CP_OK); // nothing to make
+    // the group of even and the group of odd ranks, the latter in reverse
+    cp_comm_t host = nullptr;
+    ASSERT_EQ(cp_comm_split(g_world, g_rank % 2, g_rank % 2 ? -g_rank : g_rank, &host), CP_OK) << cp_last_error();
+    CommPtr host_guard(host);
+#ifndef CP_HAVE_NCCL
+    EXPECT_EQ(cp_comm_nccl_create(1, &host, 0, &twin), CP_ERR_UNSUPPORTED);
+    EXPECT_EQ(twin, nullptr);
+    EXPECT_NE(std::string(cp_last_error_detail()).find("NCCL"), std::string::npos) << cp_last_error_detail();
+#else
+    int ndev = 0;
+    const bool have_gpu = cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 0;
+    if (!have_gpu) {
+        // a NULL group beside it gets no twin, and the failure none either
+        cp_comm_t hosts[2] = {host, nullptr}, twins[2] = {nullptr, nullptr};
+        EXPECT_NE(cp_comm_nccl_create(2, hosts, 0, twins), CP_OK);
+        EXPECT_EQ(twins[0], nullptr);
+        EXPECT_EQ(twins[1], nullptr);
+        EXPECT_EQ(twin, nullptr);
+        EXPECT_NE(std::string(cp_last_error_detail()).find("GPU"), std::string::npos) << cp_last_error_detail();
+    }
+#endif
+    // the host group still works
+    int32_t one = 1, n = 0;
+    ASSERT_EQ(cp_comm_allreduce(host, &one, &n, 1, CP_DTYPE_I32, CP_REDUCE_SUM, nullptr), CP_OK) << cp_last_error();
+    EXPECT_EQ(n, cp_comm_size(host));
+#ifdef CP_HAVE_NCCL
+    if (!have_gpu) GTEST_SKIP() << "no CUDA device: checked the error path only";
+    if (cp_comm_local_size(g_world) > ndev) GTEST_SKIP() << "more ranks than GPUs on this node";
+    cp_comm_t hosts[2] = {host, g_world}, twins[2] = {nullptr, nullptr};
+    ASSERT_EQ(cp_comm_nccl_create(2, hosts, cp_comm_local_rank(g_world), twins), CP_OK) << cp_last_error();
+    twin = twins[0];
+    CommPtr world_twin_guard(twins[1]);
+    EXPECT_EQ(cp_comm_size(twins[1]), g_size);
+    EXPECT_EQ(cp_comm_rank(twins[1]), g_rank);
+    CommPtr twin_guard(twin);
+    EXPECT_STREQ(cp_comm_kind_name(twin), "nccl");
+    EXPECT_EQ(cp_comm_size(twin), cp_comm_size(host));
+    EXPECT_EQ(cp_comm_rank(twin), cp_comm_rank(host));
+    EXPECT_EQ(cp_comm_get_timeout(twin), cp_comm_get_timeout(host));
+    cp_comm_t again = nullptr;
+    EXPECT_EQ(cp_comm_nccl_create(1, &twin, 0, &again), CP_ERR_INVALID_ARG);
+    // each rank sends its rank in the group: the all-gather is the group's order
+    const int size = cp_comm_size(twin);
+    int32_t *d = nullptr;
+    ASSERT_EQ(cudaMalloc(&d, (size_t)(size + 1) * sizeof(int32_t)), cudaSuccess);
+    const int32_t mine = cp_comm_rank(host);
+    ASSERT_EQ(cudaMemcpy(d + size, &mine, sizeof mine, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cp_comm_allgather(twin, d + size, d, 1, CP_DTYPE_I32, nullptr), CP_OK) << cp_last_error();
+    std::vector<int32_t> got((size_t)size, -1);
+    ASSERT_EQ(cudaMemcpy(got.data(), d, (size_t)size * sizeof(int32_t), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int r = 0; r < size; r++) EXPECT_EQ(got[(size_t)r], r);
+    cudaFree(d);
+#endif
+}
+
 #ifdef CP_HAVE_NCCL
 TEST_F(Comm, NcclWorld) {
     int ndev = 0; // left untouched when the driver is missing
