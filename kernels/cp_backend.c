@@ -16,6 +16,7 @@ void cp_backend_free(cp_backend_t be) {
 const char *cp_backend_name(cp_backend_t be) { return be->iface.name; }
 cp_device cp_backend_device(cp_backend_t be) { return be->iface.device; }
 int cp_backend_n_threads(cp_backend_t be) { return be->iface.n_threads ? be->iface.n_threads(be) : 1; }
+void *cp_backend_stream(cp_backend_t be) { return be->iface.stream ? be->iface.stream(be) : NULL; }
 
 bool cp_backend_supports(cp_backend_t be, cp_dtype t) { return be->iface.supports(be, t); }
 

@@ -121,12 +121,23 @@ cp_status cp_backend_cuda_init(int device, cp_backend_t *out);
  * this build has no CUDA or no driver answers). */
 cp_status cp_backend_cuda_device_count(int *count);
 
+/* The 16-byte UUID of CUDA device `device` as this process numbers it (so
+ * processes that see different devices, e.g. through CUDA_VISIBLE_DEVICES,
+ * can tell whether they share one). CP_ERR_UNSUPPORTED without CUDA,
+ * CP_ERR_INVALID_ARG for a device that does not exist. */
+cp_status cp_backend_cuda_device_uuid(int device, uint8_t uuid[16]);
+
 /* Frees the backend and everything it allocated internally. NULL is a no-op. */
 void cp_backend_free(cp_backend_t be);
 
 const char *cp_backend_name(cp_backend_t be);
 cp_device cp_backend_device(cp_backend_t be);
 int cp_backend_n_threads(cp_backend_t be);
+/* The queue the backend's operations are ordered on, for work issued beside
+ * them (a cudaStream_t for CUDA, so that a device communicator's transfers
+ * follow the operation that wrote their buffer); NULL for the CPU, whose
+ * operations have completed when they return. */
+void *cp_backend_stream(cp_backend_t be);
 
 /* Device memory. cp_backend_dealloc(be, NULL) is a no-op. */
 cp_status cp_backend_alloc(cp_backend_t be, size_t bytes, void **out);

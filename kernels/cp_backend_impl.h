@@ -53,6 +53,8 @@ struct cp_backend_i {
                              int dim, float eps, float *out);
     cp_status (*rope_store)(cp_backend_t be, const cp_rope_params *rp, const cp_attn_params *p,
                             float *q, float *k, const float *v, void *k_cache, void *v_cache);
+    /* optional: the queue the operations are ordered on (NULL: none) */
+    void *(*stream)(cp_backend_t be);
 };
 
 /* Optional graphs of repeated steps (cp_backend.h, cp_backend_graph_*):

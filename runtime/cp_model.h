@@ -77,6 +77,17 @@ typedef struct cp_model_load_opts {
     struct cp_comm *tp_comm;
     struct cp_comm *pp_comm;
     struct cp_comm *cp_comm;
+    /* Optional device-memory twins of tp_comm and pp_comm: the same ranks
+     * in the same order, taking buffers of the backend's memory (NCCL for
+     * a CUDA backend; any communicator for the CPU). When given they carry
+     * the activations (TP's all-reduces, SP's reduce-scatters and
+     * all-gathers, the hidden states between stages) straight from the
+     * backend's buffers, ordered on its stream (cp_backend_stream), while
+     * tp_comm and pp_comm keep the small host messages (sampling, logits,
+     * tokens). NULL: the activations go over tp_comm / pp_comm, through
+     * host staging buffers on a device backend. */
+    struct cp_comm *tp_dev_comm;
+    struct cp_comm *pp_dev_comm;
     /* When convert is set, every matrix weight is converted at load time to
      * convert_dtype (F32, F16, BF16 or a block type the backend can write),
      * e.g. to run a quantized file unquantized. */

@@ -41,6 +41,7 @@ typedef struct cp_engine_opts {
     bool sp;                   /* sequence parallelism for prompts (needs tp > 1) */
     int pp_micro;              /* pipeline micro-batches per batch (0: 4 x pp; see cp_model_load_opts) */
     struct cp_comm *tp_comm, *pp_comm, *cp_comm;
+    struct cp_comm *tp_dev_comm, *pp_dev_comm; /* optional (see cp_model_load_opts) */
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;
 } cp_engine_opts;

@@ -101,6 +101,8 @@ cp_status cp_engine_init(const cp_engine_opts *o, cp_engine_t *out) {
                              .tp_comm = o->tp_comm,
                              .pp_comm = o->pp_comm,
                              .cp_comm = o->cp_comm,
+                             .tp_dev_comm = o->tp_dev_comm,
+                             .pp_dev_comm = o->pp_dev_comm,
                              .convert = o->convert_weights,
                              .convert_dtype = o->weight_dtype,
                              .progress = o->progress,

@@ -42,12 +42,14 @@ static cp_status check_batch(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b) 
 }
 
 /* ---- collectives on activations ----------------------------------------
- * NCCL takes device buffers; MPI takes host memory. With a device backend
- * and a host communicator (MPI, e.g. ranks sharing one GPU) each call goes
- * through two host staging buffers, sized once for the largest message. */
+ * A device-memory twin of the group (m->tp_dev / m->pp_dev: NCCL for a
+ * device backend) moves the backend's buffers directly, ordered on its
+ * stream. Otherwise the host group does: MPI takes host memory, so with a
+ * device backend each call goes through two host staging buffers, sized
+ * once for the largest message. */
 
-static bool staged(cp_model_t m, cp_comm_t c) {
-    return cp_backend_device(m->be) != CP_DEVICE_CPU && strcmp(cp_comm_kind_name(c), "nccl") != 0;
+static bool staged(cp_model_t m) {
+    return cp_backend_device(m->be) != CP_DEVICE_CPU;
 }
 
 static cp_status stage_reserve(cp_model_t m) {
@@ -71,7 +73,9 @@ static cp_status to_device(cp_model_t m, float *dst, const float *src, size_t n)
 }
 
 static cp_status act_allreduce(cp_model_t m, float *buf, size_t n) {
-    if (!staged(m, m->tp_comm)) return cp_comm_allreduce(m->tp_comm, buf, buf, n, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
+    if (m->tp_dev)
+        return cp_comm_allreduce(m->tp_dev, buf, buf, n, CP_DTYPE_F32, CP_REDUCE_SUM, cp_backend_stream(m->be));
+    if (!staged(m)) return cp_comm_allreduce(m->tp_comm, buf, buf, n, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
     CP_CHECK(stage_reserve(m));
     CP_CHECK(to_host(m, m->stage_a, buf, n));
     CP_CHECK(cp_comm_allreduce(m->tp_comm, m->stage_a, m->stage_a, n, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
@@ -79,8 +83,10 @@ static cp_status act_allreduce(cp_model_t m, float *buf, size_t n) {
 }
 
 static cp_status act_reduce_scatter(cp_model_t m, const float *send, float *recv, size_t per) {
-    if (!staged(m, m->tp_comm))
-        return cp_comm_reduce_scatter(m->tp_comm, send, recv, per, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
+    if (m->tp_dev)
+        return cp_comm_reduce_scatter(m->tp_dev, send, recv, per, CP_DTYPE_F32, CP_REDUCE_SUM,
+                                      cp_backend_stream(m->be));
+    if (!staged(m)) return cp_comm_reduce_scatter(m->tp_comm, send, recv, per, CP_DTYPE_F32, CP_REDUCE_SUM, NULL);
     CP_CHECK(stage_reserve(m));
     CP_CHECK(to_host(m, m->stage_a, send, per * (size_t)m->plan.tp));
     CP_CHECK(cp_comm_reduce_scatter(m->tp_comm, m->stage_a, m->stage_b, per, CP_DTYPE_F32, CP_REDUCE_SUM, NULL));
@@ -88,7 +94,8 @@ static cp_status act_reduce_scatter(cp_model_t m, const float *send, float *recv
 }
 
 static cp_status act_allgather(cp_model_t m, const float *send, float *recv, size_t per) {
-    if (!staged(m, m->tp_comm)) return cp_comm_allgather(m->tp_comm, send, recv, per, CP_DTYPE_F32, NULL);
+    if (m->tp_dev) return cp_comm_allgather(m->tp_dev, send, recv, per, CP_DTYPE_F32, cp_backend_stream(m->be));
+    if (!staged(m)) return cp_comm_allgather(m->tp_comm, send, recv, per, CP_DTYPE_F32, NULL);
     CP_CHECK(stage_reserve(m));
     CP_CHECK(to_host(m, m->stage_a, send, per));
     CP_CHECK(cp_comm_allgather(m->tp_comm, m->stage_a, m->stage_b, per, CP_DTYPE_F32, NULL));
@@ -96,14 +103,16 @@ static cp_status act_allgather(cp_model_t m, const float *send, float *recv, siz
 }
 
 static cp_status act_send(cp_model_t m, const float *buf, size_t n, int peer) {
-    if (!staged(m, m->pp_comm)) return cp_comm_send(m->pp_comm, buf, n, CP_DTYPE_F32, peer, NULL);
+    if (m->pp_dev) return cp_comm_send(m->pp_dev, buf, n, CP_DTYPE_F32, peer, cp_backend_stream(m->be));
+    if (!staged(m)) return cp_comm_send(m->pp_comm, buf, n, CP_DTYPE_F32, peer, NULL);
     CP_CHECK(stage_reserve(m));
     CP_CHECK(to_host(m, m->stage_a, buf, n));
     return cp_comm_send(m->pp_comm, m->stage_a, n, CP_DTYPE_F32, peer, NULL);
 }
 
 static cp_status act_recv(cp_model_t m, float *buf, size_t n, int peer) {
-    if (!staged(m, m->pp_comm)) return cp_comm_recv(m->pp_comm, buf, n, CP_DTYPE_F32, peer, NULL);
+    if (m->pp_dev) return cp_comm_recv(m->pp_dev, buf, n, CP_DTYPE_F32, peer, cp_backend_stream(m->be));
+    if (!staged(m)) return cp_comm_recv(m->pp_comm, buf, n, CP_DTYPE_F32, peer, NULL);
     CP_CHECK(stage_reserve(m));
     CP_CHECK(cp_comm_recv(m->pp_comm, m->stage_a, n, CP_DTYPE_F32, peer, NULL));
     return to_device(m, buf, m->stage_a, n);
@@ -222,7 +231,7 @@ static cp_status lm_head_rows(cp_model_t m, int i, int k, float *rows) {
     if (!m->tp_comm)
         return cp_backend_copy(be, rows, m->logits, (size_t)k * vocab * sizeof(float), CP_COPY_DEVICE_TO_HOST);
     const float *mine = m->logits;
-    if (staged(m, m->tp_comm)) {
+    if (staged(m)) { /* the host group gathers them */
         CP_CHECK(stage_reserve(m));
         CP_CHECK(to_host(m, m->stage_a, m->logits, (size_t)k * vl));
         mine = m->stage_a;

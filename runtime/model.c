@@ -371,6 +371,32 @@ static int row_block(cp_model_t m, bool attn, bool ffn) {
     return rb;
 }
 
+/* A device-memory twin (cp_model_load_opts.tp_dev_comm / pp_dev_comm) must
+ * hold the ranks of its host group in the same order and take the
+ * backend's memory: NCCL's device buffers for a device backend, host
+ * memory (any other kind) for the CPU. */
+static cp_status check_dev_comm(cp_model_t m, const char *group, cp_comm_t host, cp_comm_t dev) {
+    if (host && strcmp(cp_comm_kind_name(host), "nccl") == 0)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "the %s-parallel communicator carries host messages and cannot be NCCL; give NCCL "
+                        "as its device communicator and an MPI group over the same ranks as the communicator",
+                        group);
+    if (!dev || !host) return CP_OK; /* a group of one rank needs none */
+    if (cp_comm_size(dev) != cp_comm_size(host) || cp_comm_rank(dev) != cp_comm_rank(host))
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "the %s-parallel device communicator (rank %d of %d) does not match its host group "
+                        "(rank %d of %d): it must hold the same ranks in the same order",
+                        group, cp_comm_rank(dev), cp_comm_size(dev), cp_comm_rank(host), cp_comm_size(host));
+    const bool nccl = strcmp(cp_comm_kind_name(dev), "nccl") == 0;
+    const bool device = cp_backend_device(m->be) != CP_DEVICE_CPU;
+    if (nccl != device)
+        return CP_ERROR(CP_ERR_INVALID_ARG,
+                        "the %s-parallel device communicator is %s, but the %s backend needs %s",
+                        group, cp_comm_kind_name(dev), cp_backend_name(m->be),
+                        device ? "NCCL (device buffers)" : "a host-memory communicator");
+    return CP_OK;
+}
+
 static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
     const cp_model_config *c = &m->cfg;
     cp_plan_shape s = {c->n_layer,  c->n_head,  c->n_head_kv,           c->head_dim,
@@ -409,6 +435,10 @@ static cp_status make_plan(cp_model_t m, const cp_model_load_opts *o) {
                             cp_cp_exchange_name(m->cp_exchange), m->cp_ring_bytes);
     }
     m->pp_comm = po.pp > 1 ? o->pp_comm : NULL;
+    CP_CHECK(check_dev_comm(m, "tensor", m->tp_comm, o->tp_dev_comm));
+    CP_CHECK(check_dev_comm(m, "pipeline", m->pp_comm, o->pp_dev_comm));
+    m->tp_dev = m->tp_comm ? o->tp_dev_comm : NULL;
+    m->pp_dev = m->pp_comm ? o->pp_dev_comm : NULL;
     return CP_OK;
 }
 

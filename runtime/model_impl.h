@@ -55,6 +55,7 @@ struct cp_model {
     /* this rank's share (the whole model on a single rank) */
     cp_plan plan;
     cp_comm_t tp_comm, pp_comm;  /* borrowed; NULL on a single rank */
+    cp_comm_t tp_dev, pp_dev;    /* borrowed device-memory twins for activations; NULL: none */
     cp_comm_t cp_comm;           /* borrowed; NULL without context parallelism */
     /* context parallelism (host buffers, made at the first batch): the
      * chunk's rows by owner (rank-major, each owner's rows padded to

@@ -1169,6 +1169,7 @@ static const struct cp_backend_i cpu_iface = {
     /* .matmul_swiglu = */ NULL,
     /* .add_rmsnorm = */ NULL,
     /* .rope_store = */ NULL,
+    /* .stream = */ NULL,
 };
 
 /* Upper bound on the thread count, far above any socket's core count; it

@@ -707,6 +707,10 @@ static void cuda_graph_get_stats(cp_backend_t be, cp_backend_graph_stats *out) {
     cp_cuda_graphs_stats(ctx_of(be)->graphs, out);
 }
 
+static void *cuda_stream(cp_backend_t be) {
+    return (void *)ctx_of(be)->stream;
+}
+
 static int cuda_n_threads(cp_backend_t be) {
     (void)be;
     return 1;
@@ -761,6 +765,7 @@ static const struct cp_backend_i cuda_iface = {
     /* .matmul_swiglu = */ cuda_matmul_swiglu,
     /* .add_rmsnorm = */ cuda_add_rmsnorm,
     /* .rope_store = */ cuda_rope_store,
+    /* .stream = */ cuda_stream,
 };
 
 static const struct cp_backend_graph_i cuda_graph_iface = {
@@ -787,6 +792,18 @@ extern "C" cp_status cp_backend_cuda_device_count(int *count) {
         return CP_ERROR(CP_ERR_UNSUPPORTED, "no usable CUDA device: %s", cudaGetErrorString(e));
     }
     *count = n;
+    return CP_OK;
+}
+
+extern "C" cp_status cp_backend_cuda_device_uuid(int device, uint8_t uuid[16]) {
+    memset(uuid, 0, 16);
+    int n = 0;
+    CP_CHECK(cp_backend_cuda_device_count(&n));
+    if (device < 0 || device >= n)
+        return CP_ERROR(CP_ERR_INVALID_ARG, "CUDA device %d does not exist (this machine has %d)", device, n);
+    cudaDeviceProp prop;
+    CP_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    memcpy(uuid, prop.uuid.bytes, 16);
     return CP_OK;
 }
 

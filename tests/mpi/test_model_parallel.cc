@@ -19,6 +19,7 @@
 #include "common/tiny_model.h"
 
 extern "C" {
+#include "cp_backend.h"
 #include "cp_comm.h"
 #include "cp_plan.h"
 #include "cp_quantize.h"
@@ -128,12 +129,9 @@ struct Sharded {
     Sharded &operator=(const Sharded &) = delete;
 };
 
-// Runs the prompt on the model sharded tp x cp x pp.
-RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
-           bool sp = false, int cp = 1, int exchange = CP_CP_AUTO, double ring_bytes = 0) {
+// Runs the prompt on engine e (NULL: an empty result) of model.
+RunOut run_on(cp_engine_t e, const std::string &model, const std::vector<int32_t> &prompt) {
     RunOut r;
-    Sharded sh(model, tp, pp, f32_weights, sp, cp, exchange, ring_bytes);
-    cp_engine_t e = sh.e;
     if (e) {
         int vocab = cp_model_get_config(cp_engine_model(e))->n_vocab;
         r.logits.assign(prompt.size() * (size_t)vocab, NAN);
@@ -161,6 +159,13 @@ RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp,
         r.resident = mapped_rss(model);
     }
     return r;
+}
+
+// Runs the prompt on the model sharded tp x cp x pp.
+RunOut run(const std::string &model, const std::vector<int32_t> &prompt, int tp, int pp, bool f32_weights,
+           bool sp = false, int cp = 1, int exchange = CP_CP_AUTO, double ring_bytes = 0) {
+    Sharded sh(model, tp, pp, f32_weights, sp, cp, exchange, ring_bytes);
+    return run_on(sh.e, model, prompt);
 }
 
 // The largest difference of two sets of logit rows of the same size, each
@@ -735,6 +740,105 @@ TEST(ModelParallel, DefaultModelMatchesSingleRank) {
             compare(ref_f, run(model, prompt, tp, pp, true, true), vocab, kF32Tol, what + " sp (F32)");
         }
     }
+}
+
+// Device-memory twins of the TP and pipeline groups (tp_dev_comm /
+// pp_dev_comm: NCCL between GPUs, what `--comm auto` gives ranks that each
+// have a GPU) carry every activation collective, and the host groups keep
+// only the host messages (sampling, logits). On the CPU the twins are more
+// MPI groups over the same ranks, whose sums are deterministic, so the run
+// equals the one without twins bit for bit; under CP_TEST_DEVICE=cuda they
+// are NCCL (a GPU per rank needed), which sums in its own order: within the
+// F32 tolerance. A twin over other ranks is refused by name.
+TEST(ModelParallel, DeviceTwinsCarryTheActivations) {
+    const cptest::TinySpec s = stress_spec();
+    cptest::TinyModel tm = cptest::make_model(s, 3030);
+    const int world = cp_comm_size(g_world), rank = cp_comm_rank(g_world);
+    int device = 0;
+    if (on_gpu()) {
+        int count = 0;
+        cp_backend_cuda_device_count(&count);
+        if (count < cp_comm_local_size(g_world))
+            GTEST_SKIP() << cp_comm_local_size(g_world) << " ranks share " << count
+                         << " GPU(s) here: NCCL needs a GPU per rank";
+        device = cp_comm_local_rank(g_world);
+    }
+    std::string path = cptest::write_gguf(tm, "mp_twin_" + std::to_string(rank));
+    cp_plan_shape shape = {s.n_layer, s.n_head, s.n_head_kv, s.dim / s.n_head, s.ffn, s.vocab, 1};
+    auto prompt = prompt_ids(21, s.vocab);
+
+    for (const Layout &l : layouts(shape, world)) {
+        if (l.cp > 1) continue;
+        SCOPED_TRACE(l.name());
+        const bool sp = l.tp > 1;
+        const RunOut ref = run(path, prompt, l.tp, l.pp, false, sp);
+        const cp_plan_colors col = cp_plan_group_colors(rank, l.tp, 1);
+        cp_comm_t tpc = nullptr, ppc = nullptr, tpd = nullptr, ppd = nullptr;
+        ASSERT_EQ(cp_comm_split(g_world, l.tp > 1 ? col.tp : -1, rank, &tpc), CP_OK) << cp_last_error();
+        ASSERT_EQ(cp_comm_split(g_world, l.pp > 1 ? col.pp : -1, rank, &ppc), CP_OK) << cp_last_error();
+        if (on_gpu()) {
+            cp_comm_t hosts[2] = {tpc, ppc}, twins[2] = {nullptr, nullptr};
+            EXPECT_EQ(cp_comm_nccl_create(2, hosts, device, twins), CP_OK) << cp_last_error();
+            tpd = twins[0];
+            ppd = twins[1];
+        } else {
+            ASSERT_EQ(cp_comm_split(g_world, l.tp > 1 ? col.tp : -1, rank, &tpd), CP_OK) << cp_last_error();
+            ASSERT_EQ(cp_comm_split(g_world, l.pp > 1 ? col.pp : -1, rank, &ppd), CP_OK) << cp_last_error();
+        }
+        cp_engine_opts o = shard_opts(path, l.tp, l.pp, 1, rank, tpc, ppc, nullptr);
+        o.device_id = device;
+        o.sp = sp;
+        o.tp_dev_comm = tpd;
+        o.pp_dev_comm = ppd;
+        cp_engine_t e = nullptr;
+        EXPECT_EQ(cp_engine_init(&o, &e), CP_OK) << cp_last_error();
+        const RunOut tw = run_on(e, path, prompt);
+        if (on_gpu()) {
+            compare(ref, tw, s.vocab, kF32Tol, l.name() + " over NCCL twins");
+        } else {
+            EXPECT_TRUE(tw.logits == ref.logits) << "logits differ from the run without twins";
+            EXPECT_EQ(tw.greedy, ref.greedy);
+            EXPECT_EQ(tw.topk, ref.topk);
+            EXPECT_EQ(tw.nucleus, ref.nucleus);
+        }
+        cp_comm_stats th, td, ph, pd;
+        cp_comm_get_stats(tpc, &th);
+        cp_comm_get_stats(tpd, &td);
+        cp_comm_get_stats(ppc, &ph);
+        cp_comm_get_stats(ppd, &pd);
+        if (tpc) {
+            EXPECT_GT(td.calls[CP_COMM_OP_ALLREDUCE], 0u);
+            EXPECT_GT(td.calls[CP_COMM_OP_REDUCE_SCATTER], 0u);
+            EXPECT_GT(td.calls[CP_COMM_OP_ALLGATHER], 0u);
+            EXPECT_EQ(th.calls[CP_COMM_OP_ALLREDUCE] + th.calls[CP_COMM_OP_REDUCE_SCATTER], 0u)
+                << "activations went over the host group";
+            if (rank / l.tp == l.pp - 1) /* the last stage samples */
+                EXPECT_GT(th.calls[CP_COMM_OP_ALLGATHER], 0u) << "sampling stays on the host group";
+        }
+        if (ppc) {
+            EXPECT_GT(pd.calls[CP_COMM_OP_SEND] + pd.calls[CP_COMM_OP_RECV], 0u);
+            EXPECT_EQ(ph.calls[CP_COMM_OP_SEND] + ph.calls[CP_COMM_OP_RECV], 0u)
+                << "hidden states went over the host group";
+        }
+        cp_engine_free(e);
+        // a twin that is not its group: each rank alone as the TP twin
+        if (tpc && !on_gpu()) {
+            cp_comm_t alone = nullptr;
+            ASSERT_EQ(cp_comm_split(g_world, rank, rank, &alone), CP_OK) << cp_last_error();
+            o.tp_dev_comm = alone;
+            o.pp_dev_comm = nullptr;
+            e = nullptr;
+            EXPECT_EQ(cp_engine_init(&o, &e), CP_ERR_INVALID_ARG);
+            EXPECT_NE(strstr(cp_last_error(), "does not match its host group"), nullptr) << cp_last_error();
+            cp_engine_free(e);
+            cp_comm_free(alone);
+        }
+        cp_comm_free(tpd);
+        cp_comm_free(ppd);
+        cp_comm_free(tpc);
+        cp_comm_free(ppc);
+    }
+    remove(path.c_str());
 }
 
 // cp_model_forward_top across ranks (what the server asks for): each row's
