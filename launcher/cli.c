@@ -220,6 +220,18 @@ int cli_par_check(const char *cmd, cli_par *p) {
                 cmd, p->exchange_name);
         return 2;
     }
+    p->comm = CP_COMM_AUTO;
+    if (p->comm_name) {
+        if (strcmp(p->comm_name, "nccl") == 0)
+            p->comm = CP_COMM_NCCL;
+        else if (strcmp(p->comm_name, "mpi") == 0)
+            p->comm = CP_COMM_MPI;
+        else if (strcmp(p->comm_name, "auto") != 0) {
+            fprintf(stderr, "cparallel %s: error: invalid value '%s' for --comm (expected auto, nccl or mpi)\n", cmd,
+                    p->comm_name);
+            return 2;
+        }
+    }
     return 0;
 }
 

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cp_comm.h"
 #include "cp_runtime.h"
 #include "cp_tensor.h"
 
@@ -74,6 +75,8 @@ typedef struct cli_par {
     bool sp;
     const char *exchange_name; /* --cp-exchange as given (NULL: auto) */
     int exchange;              /* CP_CP_*, set by cli_par_check */
+    const char *comm_name;     /* --comm as given (NULL: auto) */
+    cp_comm_kind comm;         /* CP_COMM_AUTO, _MPI or _NCCL, set by cli_par_check */
 } cli_par;
 
 /* tp = pp = cp = 1, everything else off. */
@@ -98,12 +101,16 @@ void cli_par_defaults(cli_par *p);
     {"cp-exchange", 0, CLI_STR, &(p)->exchange_name, 0, -1, "HOW",                                             \
      "what the cp ranks pass in attention: auto (default: the smaller per sequence, K/V for a fresh "        \
      "prompt, queries for decode; K/V of long histories around the ring), queries, kv (all-gathered) or "   \
-     "ring (K/V passed around the ring)", NULL}
+     "ring (K/V passed around the ring)", NULL},                                                              \
+    {"comm", 0, CLI_STR, &(p)->comm_name, 0, -1, "HOW",                                                        \
+     "how ranks on GPUs pass activations: auto (default: NCCL when every rank has a GPU of its own, else "   \
+     "MPI through host memory), nccl (an error when it cannot start) or mpi", NULL}
 
 #define CLI_PAR_OPTS(p) CLI_LAYOUT_OPTS(p), CLI_RUN_PAR_OPTS(p)
 
 /* Checks what the table cannot (--sp needs --tp 2 or more, --pp-edge-layers
- * --pp 3 or more, --cp-exchange a known name) and sets p->exchange. 0, or 2
+ * --pp 3 or more, --cp-exchange and --comm known names) and sets
+ * p->exchange and p->comm. 0, or 2
  * after printing cmd's usage error. */
 int cli_par_check(const char *cmd, cli_par *p);
 

@@ -121,7 +121,10 @@ int cli_job_start(cli_job *j) {
         return rc;
     }
     j->lead = j->rk.rank == 0;
-    ranks_node_defaults(&j->rk, j->dev, &j->threads, &j->device_id);
+    if (ranks_node_defaults(&j->rk, j->dev, j->par.comm, &j->threads, &j->device_id)) {
+        ranks_free(&j->rk);
+        return 1;
+    }
     return 0;
 }
 

@@ -151,7 +151,11 @@ int cp_cli_distill(int argc, char **argv) {
         cp_distill_prompts_free(ps);
         return 1; /* every rank stops here: no collective is left waiting */
     }
-    ranks_node_defaults(&rk, dev, &threads, &device_id);
+    if (ranks_node_defaults(&rk, dev, par.comm, &threads, &device_id)) {
+        ranks_free(&rk);
+        cp_distill_prompts_free(ps);
+        return 1;
+    }
     cli_progress lp = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, teacher, dev, device_id, threads, ctx, par.tp, par.pp);
     cli_par_apply(&par, &eo);

@@ -98,7 +98,11 @@ int cp_cli_eval(int argc, char **argv) {
         return rc;
     }
     const bool lead = rk.rank == 0;
-    ranks_node_defaults(&rk, dev, &threads, &device_id);
+    if (ranks_node_defaults(&rk, dev, par.comm, &threads, &device_id)) {
+        ranks_free(&rk);
+        free(body);
+        return 1;
+    }
     cli_progress lp = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, par.tp, par.pp);
     cli_par_apply(&par, &eo); /* the reference's engine copies these */

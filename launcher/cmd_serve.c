@@ -203,7 +203,11 @@ int cp_cli_serve(int argc, char **argv) {
     hook_ctx hc = {.hooks = hooks, .region = region, .rk = &rk};
     char lost[800] = ""; /* a follower: why it lost the job */
     const bool lead = rk.rank == 0;
-    ranks_node_defaults(&rk, dev, &threads, &device_id);
+    if (ranks_node_defaults(&rk, dev, par.comm, &threads, &device_id)) {
+        ranks_free(&rk);
+        cp_hooks_free(hooks);
+        return 1;
+    }
     signal(SIGPIPE, SIG_IGN);
     /* mpirun and Slurm signal every rank: rank 0 drains and then stops the
      * followers, which must live until then */

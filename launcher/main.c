@@ -128,7 +128,11 @@ static int cmd_generate(int argc, char **argv) {
         return 1;
     }
 
-    ranks_node_defaults(&rk, dev, &threads, &device_id);
+    if (ranks_node_defaults(&rk, dev, par.comm, &threads, &device_id)) {
+        ranks_free(&rk);
+        free(file_text);
+        return 1;
+    }
     cli_progress ps = {isatty(2), -1};
     cp_engine_opts eo = ranks_engine_opts(&rk, model, dev, device_id, threads, ctx, par.tp, par.pp);
     cli_par_apply(&par, &eo);

@@ -10,6 +10,7 @@
 
 typedef struct ranks {
     cp_comm_t world, tp, pp, cp;
+    cp_comm_t tp_dev, pp_dev; /* NCCL twins of tp and pp for activations on GPUs (NULL: none) */
     int rank, size;
     int n_cp;       /* context-parallel ranks per stage and TP slot */
     int64_t *peers; /* [size][2] {pid, host hash} after ranks_learn_peers, else NULL */
@@ -25,8 +26,16 @@ int ranks_init(ranks *r, int tp, int pp, int cp, int timeout_ms);
 void ranks_free(ranks *r);
 
 /* Ranks sharing a node share its cores (when *threads is 0) and take its
- * GPUs in turn by node-local rank (when dev is CUDA and *device_id < 0). */
-void ranks_node_defaults(const ranks *r, cp_device dev, int *threads, int *device_id);
+ * GPUs in turn by node-local rank (when dev is CUDA and *device_id < 0).
+ * Then, collectively, the device communicators: with dev CUDA and how
+ * CP_COMM_AUTO, NCCL twins of the TP and pipeline groups (tp_dev, pp_dev)
+ * when this build has NCCL and no two ranks of a node run on the same GPU
+ * (told by the GPUs' UUIDs, so CUDA_VISIBLE_DEVICES per rank works), else
+ * none: the activations then pass through host memory over MPI, and rank 0
+ * says why in one line when the ranks run on GPUs. An NCCL start that fails
+ * falls back likewise, with a warning. how CP_COMM_NCCL makes each of these
+ * an error; CP_COMM_MPI never tries. Returns 0, or 1 after printing why. */
+int ranks_node_defaults(ranks *r, cp_device dev, cp_comm_kind how, int *threads, int *device_id);
 
 /* The engine options of this rank that every command running a model
  * across the ranks shares (model, device, threads, context, the tp x cp x pp

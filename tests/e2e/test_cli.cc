@@ -394,6 +394,35 @@ TEST(Cli, MultiRankGenerateEqualsSingleRank) {
     EXPECT_EQ(cp.out, one_f32.out);
 }
 
+// --comm picks how ranks on GPUs pass activations. On the CPU there is no
+// choice to make: auto and mpi run as before, nccl is one clear error (from
+// one rank) and a non-zero exit, never a hang; an unknown value is a usage
+// error.
+TEST(Cli, CommChoiceIsCheckedAndExplained) {
+    if (!have_model()) GTEST_SKIP() << "default model not present";
+    Result bad = run("generate --model " + model() + " --prompt Hi -n 2 --comm tcp");
+    EXPECT_EQ(bad.code, 2);
+    EXPECT_NE(bad.err.find("invalid value 'tcp' for --comm (expected auto, nccl or mpi)"), std::string::npos)
+        << bad.err;
+    if (mpirun(2).empty()) GTEST_SKIP() << "mpirun not installed";
+    std::string args = "generate --no-progress --model " + model() + " --prompt 'The capital of France is' "
+                       "--temperature 0 -n 8 --pp 2";
+    Result one = run_mpi(2, args);
+    ASSERT_EQ(one.code, 0) << one.err;
+    for (const char *how : {"auto", "mpi"}) {
+        Result r = run_mpi(2, args + " --comm " + how);
+        ASSERT_EQ(r.code, 0) << how << ": " << r.err;
+        EXPECT_EQ(r.out, one.out) << how;
+    }
+    Result nccl = run_mpi(2, args + " --comm nccl");
+    EXPECT_NE(nccl.code, 0);
+    const std::string why = "cparallel: error: rank 0: --comm nccl: the ranks run on the CPU (NCCL needs --device cuda)";
+    const size_t at = nccl.err.find(why);
+    EXPECT_NE(at, std::string::npos) << nccl.err;
+    EXPECT_EQ(nccl.err.find(why, at + 1), std::string::npos) << "said once: " << nccl.err;
+    EXPECT_TRUE(nccl.out.empty()) << nccl.out;
+}
+
 // --pp-edge-layers under mpirun: stages of 8, 14 and 8 layers generate what
 // one rank does (pipeline stages run one rank's operations in its order)
 // and eval scores the same perplexity; a discount that would leave a stage
