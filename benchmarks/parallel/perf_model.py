@@ -3,23 +3,38 @@
 
 Predicts the time of one decode step (one token, one sequence) of a
 Llama-family model split over TP GPUs, by default Llama-2-70B (80 layers,
-dim 8192, 64 heads, 8 KV heads, FFN 28672, vocab 32000) in fp16 with TP=8
+dim 8192, 64 heads, 8 KV heads, FFN 28672, vocab 32000) in bf16 with TP=8
 on an 8x H100 SXM node (NVLink 4 + NVSwitch), from
 
-  (a) per-GPU kernel times: a GEMV at batch 1 streams this rank's weights
-      once, so its time is bytes / achievable HBM bandwidth; attention reads
-      this rank's KV cache; every kernel also pays a fixed overhead (launch
-      gap, tail), and the FLOPs are checked against the tensor-core peak;
+  (a) per-GPU kernel times. By default (--kernels measured) the ones this
+      runtime measured on one H100 (benchmarks/gpu/results/h100_2026-11-24,
+      Llama-3-8B shapes, bf16): a GEMV launch takes bytes / R + F, with R
+      and F fitted to the Nsight Compute times of its four product groups,
+      and the rest of a layer (norms, RoPE, KV store, attention at a short
+      context, adds, the gaps between kernels) takes what the measured step
+      left beyond its GEMVs, with and without CUDA graphs. --kernels
+      published uses a fraction of the HBM peak and a fixed cost per kernel
+      from published studies instead. Attention over the context adds this
+      rank's KV bytes at a published fraction of the peak.
   (b) NCCL collectives: t = latency + bus_bytes / busbw (the Hockney form
-      nccl-tests uses: an all-reduce moves 2 (n-1)/n of the buffer per rank,
-      an all-gather (n-1)/n of the gathered buffer).
+      nccl-tests uses: an all-reduce moves 2 (n-1)/n of the buffer per rank).
+
+Two runtimes are predicted:
+  built   this runtime as it is: the activations cross the TP group in fp32,
+          a step with collectives is not recorded as a CUDA graph (one
+          rank's is), and with a collective deadline (the default) the host
+          waits for each collective to finish before it issues the next
+          kernels, so the GPU idles for a launch after every one;
+  target  the same kernels with the step recorded as one graph (NCCL calls
+          included), bf16 activations and no host wait per collective.
 
 Each input has a nominal value and a pessimistic/optimistic one; the low and
 high token rates take every input at its pessimistic or optimistic end.
 Standard library only. Inputs and their sources: README.md next to this file.
 
-  python3 perf_model.py                    # the default prediction
-  python3 perf_model.py --gpu-bw 2900      # with a measured single-GPU GB/s
+  python3 perf_model.py                    # the default prediction (built)
+  python3 perf_model.py --runtime target   # without the known overheads
+  python3 perf_model.py --gpu-bw 2900      # another GEMV streaming rate, GB/s
   python3 perf_model.py --check 11.8       # compare a measured ms/token
 """
 
@@ -72,6 +87,36 @@ PEAK_TFLOPS = 989.0
 # the token to the host and the host's loop (estimate).
 SAMPLING_US = (30.0, 15.0, 8.0)
 
+#
+# ---- measured on one H100 SXM 80GB by this runtime (2026-11-24) -------------
+# benchmarks/gpu/results/h100_2026-11-24/README.md, Llama-3-8B shapes, bf16,
+# batch 1, ncu --clock-control none: per group of the step, launches / time /
+# bytes read: QKV (grouped) 32 / 665 us / 1.61 GB; o and down 64 / 1948 us /
+# 4.84 GB; gate/up with SwiGLU 32 / 2559 us / 7.52 GB; LM head 1 / 340 us /
+# 1.05 GB. A launch taking bytes / R + F fits QKV and gate/up exactly with
+# R = 3.12 TB/s and F = 4.7 us, the LM head to 1 %, o and down 5 % fast;
+# fitting o and down instead gives R = 2.93 TB/s (the pessimistic end).
+GEMV_RATE_GBS = (2930.0, 3120.0, 3170.0)
+GEMV_FIXED_US = (6.0, 4.7, 4.0)
+# The step took 6.17 ms with graphs and 6.54 ms without, its GEMVs 5.51 ms:
+# the rest of each of the 32 layers (2 RMSNorms, RoPE + KV store, attention
+# over ~20 positions, residual adds, the gaps between kernels; argmax is in
+# it too) took 20.6 us with graphs and 32.2 us without. The ends: +-20 %.
+OTHER_LAYER_US_GRAPH = (24.7, 20.6, 16.5)
+OTHER_LAYER_US_NOGRAPH = (38.6, 32.2, 25.8)
+#
+# ---- this runtime's collectives (runtime/forward.c, parallel/comm_nccl.c) ---
+# With a deadline (--collective-timeout, 60 s by default) each NCCL call
+# waits on the host until the stream has passed it, and only then are the
+# next kernels issued: the GPU idles for the host to notice (it polls) and
+# for the next launch to reach the GPU. Estimate, not measured: a launch
+# takes 4-8 us from the call to the kernel's start when the queue is empty.
+HOST_WAIT_US = (10.0, 6.0, 3.0)
+# Sampling across TP ranks: each rank's best candidates go to the host and
+# two MPI all-gathers of 4 x tp bytes (shared memory) merge them; the
+# chosen token goes back up. Estimate.
+SAMPLING_TP_US = (40.0, 20.0, 12.0)
+
 # Llama-2-70B (config.json of meta-llama/Llama-2-70b-hf).
 LLAMA2_70B = dict(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672, vocab=32000)
 
@@ -92,44 +137,66 @@ def ag_us(total_bytes, n, lat_us, busbw_gbs):
     return lat_us + total_bytes * (n - 1) / n / (busbw_gbs * 1e3)
 
 
+def rank_shapes(m, tp):
+    """(rows, cols) of the GEMV launches of one layer on one rank, in this
+    runtime's order: grouped QKV, O, gate/up fused with SwiGLU, down; and
+    the KV heads the rank holds (replicated when tp exceeds them)."""
+    hd = m["dim"] // m["heads"]
+    kv_l = m["kv_heads"] // tp if m["kv_heads"] % tp == 0 else 1
+    q_l = m["heads"] // tp
+    return ([((q_l + 2 * kv_l) * hd, m["dim"]), (m["dim"], q_l * hd),
+             (2 * m["ffn"] // tp, m["dim"]), (m["dim"], m["ffn"] // tp)], kv_l, hd)
+
+
 def breakdown(a, which):
     """Per-token times in microseconds for one end of the ranges."""
     m = a.model
     tp = a.tp
-    hd = m["dim"] // m["heads"]
-    kv_l = max(1, m["kv_heads"] // tp)  # KV heads per rank (replicated when tp > kv_heads)
+    built = a.runtime == "built"
+    graph = not built or tp == 1  # one rank records its decode steps as graphs
+    launches, kv_l, hd = rank_shapes(m, tp)
     wb = a.weight_bytes
-    # weights this rank streams per layer (elements): Q, O: dim x dim/tp;
-    # K, V: dim x kv_l*hd; gate, up, down: dim x ffn/tp
-    per_layer = (2 * m["dim"] * m["dim"] // tp + 2 * m["dim"] * kv_l * hd
-                 + 3 * m["dim"] * m["ffn"] // tp)
+    per_layer = sum(r * c for r, c in launches)  # weights this rank streams per layer
     lm_head = m["vocab"] // tp * m["dim"]
-    bw = (a.gpu_bw if a.gpu_bw else HBM_PEAK_GBS * BW_FRACTION[which]) * 1e3  # bytes/us
-    attn_bw = HBM_PEAK_GBS * ATTN_BW_FRACTION[which] * 1e3
-    if a.gpu_bw:  # a measured streaming number: scale the attention share alike
-        attn_bw = a.gpu_bw * 1e3 * ATTN_BW_FRACTION[which] / BW_FRACTION[NOM]
-    lat, busbw = AR_LATENCY_US[which], AR_BUSBW_GBS[which]
-    if a.ar_latency_us is not None:
-        lat = a.ar_latency_us
     L = m["layers"]
+    attn_bw = HBM_PEAK_GBS * ATTN_BW_FRACTION[which] * 1e3  # bytes/us
     t = {}
-    t["weights"] = L * per_layer * wb / bw
+    if a.kernels == "measured":
+        rate = (a.gpu_bw if a.gpu_bw else GEMV_RATE_GBS[which]) * 1e3
+        fixed = GEMV_FIXED_US[which]
+        t["weights"] = L * per_layer * wb / rate
+        t["gemv_fixed"] = L * len(launches) * fixed
+        other = OTHER_LAYER_US_GRAPH[which] if graph else OTHER_LAYER_US_NOGRAPH[which]
+        t["other_kernels"] = L * other
+        t["lm_head"] = lm_head * wb / rate + fixed
+        bw = rate
+    else:
+        bw = (a.gpu_bw if a.gpu_bw else HBM_PEAK_GBS * BW_FRACTION[which]) * 1e3
+        if a.gpu_bw:  # a measured streaming number: scale the attention share alike
+            attn_bw = a.gpu_bw * 1e3 * ATTN_BW_FRACTION[which] / BW_FRACTION[NOM]
+        t["weights"] = L * per_layer * wb / bw
+        t["gemv_fixed"] = 0.0
+        t["other_kernels"] = L * KERNELS_PER_LAYER * KERNEL_OVERHEAD_US[which]
+        t["lm_head"] = lm_head * wb / bw + KERNEL_OVERHEAD_US[which]
     flops = 2.0 * (L * per_layer + lm_head)
     t["compute_floor"] = flops / (PEAK_TFLOPS * 1e6)  # overlapped with the reads
     kv_bytes = L * 2 * a.ctx * kv_l * hd * a.kv_bytes  # K and V of every position
     t["attention"] = kv_bytes / attn_bw
-    t["kernel_overhead"] = L * KERNELS_PER_LAYER * KERNEL_OVERHEAD_US[which]
-    msg = m["dim"] * a.act_bytes
-    t["allreduce"] = 2 * L * ar_us(msg, tp, lat, busbw)
-    t["embed_allreduce"] = ar_us(msg, tp, lat, busbw)  # vocabulary-parallel embedding
-    t["lm_head"] = lm_head * wb / bw + KERNEL_OVERHEAD_US[which]
-    t["logits_gather"] = ag_us(m["vocab"] * 4, tp, lat, busbw)  # fp32 logits
-    t["sampling"] = SAMPLING_US[which]
-    t["total"] = (max(t["weights"], t["compute_floor"]) + t["attention"] + t["kernel_overhead"]
-                  + t["allreduce"] + t["embed_allreduce"] + t["lm_head"] + t["logits_gather"]
-                  + t["sampling"])
+    lat, busbw = AR_LATENCY_US[which], AR_BUSBW_GBS[which]
+    if a.ar_latency_us is not None:
+        lat = a.ar_latency_us
+    act = a.act_bytes if a.act_bytes else (4 if built else 2)
+    msg = m["dim"] * act
+    n_coll = 2 * L + 1 if tp > 1 else 0  # two per layer and the vocabulary-parallel embedding
+    t["allreduce"] = n_coll * ar_us(msg, tp, lat, busbw)
+    t["host_wait"] = n_coll * HOST_WAIT_US[which] if built else 0.0
+    t["sampling"] = SAMPLING_TP_US[which] if tp > 1 else SAMPLING_US[which]
+    t["total"] = (max(t["weights"], t["compute_floor"]) + t["gemv_fixed"] + t["other_kernels"]
+                  + t["attention"] + t["allreduce"] + t["host_wait"] + t["lm_head"] + t["sampling"])
     t["_per_layer_bytes"] = per_layer * wb
     t["_msg"] = msg
+    t["_act"] = act
+    t["_n_coll"] = n_coll
     t["_ar_one"] = ar_us(msg, tp, lat, busbw)
     t["_bw"] = bw
     return t
@@ -144,12 +211,17 @@ def main(argv=None):
                     help="bytes per weight: 2 fp16/bf16 (default), 1 fp8/int8, "
                          "0.5625 Q4_1-like")
     ap.add_argument("--kv-bytes", type=float, default=2.0, help="bytes per KV element (default 2)")
-    ap.add_argument("--act-bytes", type=int, default=2,
-                    help="bytes per all-reduced activation (default 2; this runtime's CPU "
-                         "path sends fp32 = 4)")
+    ap.add_argument("--runtime", choices=("built", "target"), default="built",
+                    help="built: this runtime as it is (fp32 activations, no graph around "
+                         "collectives, a host wait per collective); target: without those")
+    ap.add_argument("--kernels", choices=("measured", "published"), default="measured",
+                    help="per-GPU kernel times: this runtime's H100 measurement (default) or "
+                         "fractions of the HBM peak from published studies")
+    ap.add_argument("--act-bytes", type=int, default=0,
+                    help="bytes per all-reduced activation (default: 4 built, 2 target)")
     ap.add_argument("--gpu-bw", type=float, default=None, metavar="GB/S",
-                    help="measured single-GPU streaming bandwidth (GB/s) replacing "
-                         "peak x fraction at every end of the range")
+                    help="single-GPU GEMV streaming rate (GB/s) replacing the measured or "
+                         "published one at every end of the range")
     ap.add_argument("--ar-latency-us", type=float, default=None,
                     help="measured small-message all-reduce latency (us) at every end")
     ap.add_argument("--layers", type=int, default=LLAMA2_70B["layers"])
@@ -172,24 +244,32 @@ def main(argv=None):
     L = m["layers"]
     print(f"Decode step at batch 1: {L} layers, dim {m['dim']}, {m['heads']}/{m['kv_heads']} "
           f"heads, FFN {m['ffn']}, vocab {m['vocab']}, TP={a.tp}, {a.weight_bytes:g} B/weight, "
-          f"context {a.ctx}")
-    bw_src = (f"measured {a.gpu_bw:g} GB/s" if a.gpu_bw else
-              f"{HBM_PEAK_GBS:g} GB/s x {BW_FRACTION[NOM]:.2f} "
-              f"(range {BW_FRACTION[LOW]:.2f}-{BW_FRACTION[HIGH]:.2f})")
-    print(f"HBM streaming bandwidth: {bw_src}; weights per layer and rank "
-          f"{nom['_per_layer_bytes'] / 1e6:.1f} MB")
-    print(f"all-reduce of {m['dim']} x {a.act_bytes} B = {nom['_msg'] / 1024:.0f} KiB: "
-          f"{nom['_ar_one']:.1f} us each (range {hi['_ar_one']:.1f}-{lo['_ar_one']:.1f})")
+          f"context {a.ctx}; runtime {a.runtime}, kernels {a.kernels}")
+    if a.kernels == "measured":
+        src = (f"{a.gpu_bw:g} GB/s given" if a.gpu_bw else
+               f"{GEMV_RATE_GBS[NOM]:g} GB/s (range {GEMV_RATE_GBS[LOW]:g}-{GEMV_RATE_GBS[HIGH]:g})")
+        src += f" + {GEMV_FIXED_US[NOM]:g} us per launch, measured on one H100"
+    else:
+        src = (f"{a.gpu_bw:g} GB/s given" if a.gpu_bw else
+               f"{HBM_PEAK_GBS:g} GB/s x {BW_FRACTION[NOM]:.2f} "
+               f"(range {BW_FRACTION[LOW]:.2f}-{BW_FRACTION[HIGH]:.2f})")
+    print(f"GEMV streaming: {src}; weights per layer and rank {nom['_per_layer_bytes'] / 1e6:.1f} MB")
+    if nom["_n_coll"]:
+        print(f"all-reduce of {m['dim']} x {nom['_act']} B = {nom['_msg'] / 1024:.0f} KiB: "
+              f"{nom['_ar_one']:.1f} us each (range {hi['_ar_one']:.1f}-{lo['_ar_one']:.1f})")
     print()
+    other = ("other kernels of a layer, measured (%s)" % ("no graph" if a.runtime == "built" and a.tp > 1
+                                                            else "graph")
+             if a.kernels == "measured" else "kernel overheads (%d kernels/layer)" % KERNELS_PER_LAYER)
     rows = [
         ("weights read (GEMV, %d layers)" % L, "weights"),
         ("compute at tensor-core peak (overlaps the reads)", "compute_floor"),
+        ("GEMV fixed cost per launch", "gemv_fixed"),
+        (other, "other_kernels"),
         ("attention KV reads", "attention"),
-        ("kernel overheads (%d kernels/layer)" % KERNELS_PER_LAYER, "kernel_overhead"),
-        ("2 x %d all-reduces" % L, "allreduce"),
-        ("embedding all-reduce", "embed_allreduce"),
+        ("%d all-reduces" % nom["_n_coll"], "allreduce"),
+        ("host wait after each collective", "host_wait"),
         ("LM head GEMV", "lm_head"),
-        ("logits all-gather (fp32)", "logits_gather"),
         ("sampling + token to host", "sampling"),
     ]
     w = max(len(r[0]) for r in rows) + 2
@@ -203,10 +283,16 @@ def main(argv=None):
     print(f"predicted: {ms:.2f} ms/token = {1e3 / ms:.1f} tokens/s "
           f"(bounds {1e6 / lo['total']:.1f} - {1e6 / hi['total']:.1f} tokens/s, "
           f"{hi['total'] / 1e3:.2f} - {lo['total'] / 1e3:.2f} ms)")
-    comm = nom["allreduce"] + nom["embed_allreduce"] + nom["logits_gather"]
+    comm = nom["allreduce"] + nom["host_wait"]
     print(f"communication: {comm / 1e3:.2f} ms/token ({100 * comm / nom['total']:.0f}% of the "
           f"step); weight streaming alone bounds the rate at "
           f"{1e6 / (nom['weights'] + nom['lm_head']):.0f} tokens/s")
+    other_rt = "target" if a.runtime == "built" else "built"
+    b = argparse.Namespace(**vars(a))
+    b.runtime = other_rt
+    o = breakdown(b, NOM)
+    print(f"the {other_rt} runtime, same inputs: {o['total'] / 1e3:.2f} ms/token = "
+          f"{1e6 / o['total']:.1f} tokens/s")
     if a.check is not None:
         if a.check <= 0:
             sys.exit("perf_model.py: --check needs a positive ms/token")
