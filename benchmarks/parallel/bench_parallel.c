@@ -33,7 +33,7 @@ static void usage(FILE *f) {
                "  --prompt N     prompt tokens prefilled before the measured decode (default 32)\n"
                "  --gen N        decode steps measured (default 32)\n"
                "  --threads N    CPU threads per rank (default: cores / ranks on the node, >= 1)\n"
-               "  --cp-exchange auto|queries|kv  what cp ranks pass in attention (default auto)\n"
+               "  --cp-exchange auto|queries|kv|ring  what cp ranks pass in attention (default auto)\n"
                "  --sp           sequence parallelism for the prompt inside the TP group\n"
                "  --mixed S      instead: one serving step of S sequences decoding after --prompt\n"
                "                 tokens of history each, batched with a fresh prompt of --fresh\n"
@@ -150,21 +150,45 @@ static void print_headers(FILE *main_out, FILE *ops_out) {
  * rank pass to each operation, from the layout alone (see forward.c).
  * - tp > 1: the first stage all-reduces the embedding (dim floats), every
  *   layer the attention and the FFN outputs (dim floats each); the last
- *   stage samples from per-rank candidates: greedy all-gathers one value
- *   and one id per rank (2 calls of tp x 4 bytes).
+ *   stage samples from per-rank candidates: greedy all-gathers each rank's
+ *   best candidate with its partial sums (one call of tp x TOP_PACK_BYTES).
  * - pp > 1: a stage receives dim floats from the previous one and sends dim
  *   floats to the next; the sampled token id (4 bytes) is broadcast from the
  *   last stage.
  * - cp > 1: a step's token belongs to cp rank pos % cp, and only that rank's
  *   TP group and stage chain run the TP reductions and the pipeline
  *   send/recv above; every cp rank takes part in each layer's attention
- *   exchange (all-gather of the queries, n_head_l x head_dim floats per
- *   rank; all-reduce of the log-sum-exp maxima, cp x n_head_l floats;
- *   reduce-scatter of the weighted partial outputs, cp x n_head_l x
- *   (head_dim + 1) floats), and the last stage all-reduces the token's
- *   hidden state (dim floats) so that every cp rank samples it. */
-static void predict(const cp_model_config *c, const cp_plan *p, int n_prompt, int n_gen, uint64_t calls[],
-                    uint64_t bytes[]) {
+ *   exchange, chosen per step as runtime/forward.c (choose_exchange) does
+ *   for a chunk of one sequence: with the history of len = pos + 1
+ *   positions, passing K/V moves len x kvb bytes (kvb: K and V of one
+ *   position, this rank's KV heads, the cache's type) in one collective,
+ *   passing queries q_b = 4 n_head_l (2 head_dim + 2) bytes in three, and
+ *   under auto the lighter wins once each collective counts CALL_BYTES:
+ *   - queries: all-gather of the queries (n_head_l x head_dim floats per
+ *     rank), all-reduce of the log-sum-exp maxima (cp x n_head_l floats),
+ *     reduce-scatter of the weighted partial outputs (cp x n_head_l x
+ *     (head_dim + 1) floats);
+ *   - K/V all-gathered: one all-gatherv of the history's rows (len x kvb);
+ *   - K/V around the ring (forced, or under auto from ring_bytes of
+ *     history): cp - 1 sendrecvs of every rank's block, ceil(len / bs)
+ *     blocks of bs / cp positions (kvb each);
+ *   and the last stage all-reduces the token's hidden state (dim floats)
+ *   so that every cp rank samples it. */
+#define CALL_BYTES 16384.0 /* forward.c's CPX_CALL_BYTES */
+/* forward.c's candidate pack of one row for k = 1 (greedy): CP_TOP_WORDS(1)
+ * 32-bit words (value and id, the log-sum-exp and temperature partial sums,
+ * the target's logit) */
+#define TOP_PACK_BYTES ((2 * 1 + 9) * 4)
+
+typedef struct cp_layout {
+    int exchange;      /* CP_CP_* the engine was given */
+    int block_size;    /* of the KV cache */
+    size_t kv_elem;    /* bytes per cached value */
+    double ring_bytes; /* CP_CP_AUTO: histories this large go around the ring */
+} cp_layout;
+
+static void predict(const cp_model_config *c, const cp_plan *p, const cp_layout *x, int n_prompt, int n_gen,
+                    uint64_t calls[], uint64_t bytes[]) {
     memset(calls, 0, sizeof(uint64_t) * CP_COMM_OP_COUNT);
     memset(bytes, 0, sizeof(uint64_t) * CP_COMM_OP_COUNT);
     const uint64_t layers = (uint64_t)(p->layer_end - p->layer_begin), f = sizeof(float);
@@ -177,8 +201,8 @@ static void predict(const cp_model_config *c, const cp_plan *p, int n_prompt, in
     if (tp > 1) {
         calls[CP_COMM_OP_ALLREDUCE] += owned * (2 * layers + (first ? 1 : 0));
         bytes[CP_COMM_OP_ALLREDUCE] += owned * (2 * layers + (first ? 1 : 0)) * dim * f;
-        calls[CP_COMM_OP_ALLGATHER] += last ? 2 * steps : 0;
-        bytes[CP_COMM_OP_ALLGATHER] += last ? 2 * steps * tp * 4 : 0;
+        calls[CP_COMM_OP_ALLGATHER] += last ? steps : 0;
+        bytes[CP_COMM_OP_ALLGATHER] += last ? steps * tp * TOP_PACK_BYTES : 0;
     }
     if (p->pp > 1) {
         calls[CP_COMM_OP_SEND] += last ? 0 : owned;
@@ -188,14 +212,33 @@ static void predict(const cp_model_config *c, const cp_plan *p, int n_prompt, in
         calls[CP_COMM_OP_BCAST] += steps;
         bytes[CP_COMM_OP_BCAST] += steps * 4;
     }
-    if (cp > 1) {
-        calls[CP_COMM_OP_ALLGATHER] += steps * layers;
-        bytes[CP_COMM_OP_ALLGATHER] += steps * layers * cp * nh * hd * f;
-        calls[CP_COMM_OP_ALLREDUCE] += steps * layers + (last ? steps : 0);
-        bytes[CP_COMM_OP_ALLREDUCE] += steps * layers * cp * nh * f + (last ? steps * dim * f : 0);
-        calls[CP_COMM_OP_REDUCE_SCATTER] += steps * layers;
-        bytes[CP_COMM_OP_REDUCE_SCATTER] += steps * layers * cp * nh * (hd + 1) * f;
+    if (cp <= 1) return;
+    const uint64_t sb = (uint64_t)(p->kv_head_end - p->kv_head_begin) * hd * x->kv_elem; /* K or V of a position */
+    const double kvb = 2.0 * (double)sb, qb = (double)(nh * hd + nh * (hd + 1) + nh) * 4.0;
+    const uint64_t bs = (uint64_t)x->block_size, slots = bs / cp;
+    for (int i = 0; i < n_gen; i++) {
+        const uint64_t len = (uint64_t)(n_prompt + i) + 1;
+        bool kv = x->exchange == CP_CP_KV || x->exchange == CP_CP_RING;
+        if (x->exchange == CP_CP_AUTO) kv = CALL_BYTES + (double)len * kvb <= 3 * CALL_BYTES + qb;
+        const bool ring = kv && (x->exchange == CP_CP_RING ||
+                                 (x->exchange == CP_CP_AUTO && (double)len * kvb >= x->ring_bytes));
+        if (ring) {
+            calls[CP_COMM_OP_SENDRECV] += (cp - 1) * layers;
+            bytes[CP_COMM_OP_SENDRECV] += (cp - 1) * layers * 2 * ((len + bs - 1) / bs) * slots * sb;
+        } else if (kv) {
+            calls[CP_COMM_OP_ALLGATHERV] += layers;
+            bytes[CP_COMM_OP_ALLGATHERV] += layers * len * 2 * sb;
+        } else {
+            calls[CP_COMM_OP_ALLGATHER] += layers;
+            bytes[CP_COMM_OP_ALLGATHER] += layers * cp * nh * hd * f;
+            calls[CP_COMM_OP_ALLREDUCE] += layers;
+            bytes[CP_COMM_OP_ALLREDUCE] += layers * cp * nh * f;
+            calls[CP_COMM_OP_REDUCE_SCATTER] += layers;
+            bytes[CP_COMM_OP_REDUCE_SCATTER] += layers * cp * nh * (hd + 1) * f;
+        }
     }
+    calls[CP_COMM_OP_ALLREDUCE] += last ? steps : 0;
+    bytes[CP_COMM_OP_ALLREDUCE] += last ? steps * dim * f : 0;
 }
 
 /* ---- measuring --------------------------------------------------------------- */
@@ -586,7 +629,9 @@ int main(int argc, char **argv) {
     int64_t mine_i[R_INTS];
     double mine_d[R_DBLS];
     uint64_t pc[CP_COMM_OP_COUNT], pb[CP_COMM_OP_COUNT];
-    predict(cfg, cp_model_get_plan(cp_engine_model(e)), o.n_prompt, o.n_gen, pc, pb);
+    const cp_layout lay = {o.cp_exchange, cp_kv_cache_block_size(cp_engine_kv(e)), sizeof(uint16_t) /* f16 cache */,
+                           CP_CP_RING_BYTES_DEFAULT};
+    predict(cfg, cp_model_get_plan(cp_engine_model(e)), &lay, o.n_prompt, o.n_gen, pc, pb);
     for (int op = 0; op < CP_COMM_OP_COUNT; op++) {
         mine_i[R_CALLS + op] = (int64_t)(m.tp_stats.calls[op] + m.pp_stats.calls[op] + m.cp_stats.calls[op]);
         mine_i[R_BYTES + op] = (int64_t)(m.tp_stats.bytes[op] + m.pp_stats.bytes[op] + m.cp_stats.bytes[op]);
