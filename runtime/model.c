@@ -378,8 +378,8 @@ static int row_block(cp_model_t m, bool attn, bool ffn) {
 static cp_status check_dev_comm(cp_model_t m, const char *group, cp_comm_t host, cp_comm_t dev) {
     if (host && strcmp(cp_comm_kind_name(host), "nccl") == 0)
         return CP_ERROR(CP_ERR_INVALID_ARG,
-                        "the %s-parallel communicator carries host messages and cannot be NCCL; give NCCL "
-                        "as its device communicator and an MPI group over the same ranks as the communicator",
+                        "the %s-parallel communicator carries host messages and cannot be NCCL: pass an MPI "
+                        "group of its ranks there and the NCCL one as its device communicator",
                         group);
     if (!dev || !host) return CP_OK; /* a group of one rank needs none */
     if (cp_comm_size(dev) != cp_comm_size(host) || cp_comm_rank(dev) != cp_comm_rank(host))
