@@ -20,6 +20,10 @@ struct cp_comm;
 
 enum { CP_CP_AUTO = 0, CP_CP_QUERIES = 1, CP_CP_KV = 2, CP_CP_RING = 3 };
 #define CP_CP_RING_BYTES_DEFAULT (1024.0 * 1024.0)
+/* What the exchange choice counts one collective as beyond its bytes: its
+ * latency times the bandwidth, 2-6 KiB between two ranks of one node
+ * (benchmarks/parallel/bench_comm), tens of KiB between nodes. */
+#define CP_CP_CALL_BYTES 16384.0
 /* The exchange named "auto", "queries", "kv" or "ring" into *out; false
  * otherwise. */
 bool cp_cp_exchange_parse(const char *name, int *out);

@@ -380,18 +380,13 @@ static size_t kv_pos_bytes(cp_model_t m, cp_kv_cache_t kv) {
 /* Positions p < len with p % cp == r. */
 static int held(int len, int cp, int r) { return len > r ? (len - 1 - r) / cp + 1 : 0; }
 
-/* What one collective costs beyond its bytes, counted in bytes: its latency
- * times the bandwidth, 2-6 KiB between two ranks of one node
- * (benchmarks/parallel/bench_comm), tens of KiB between nodes. */
-#define CPX_CALL_BYTES 16384.0
-
 /* Which sequences of chunk [t0, t0+T) of b pass K/V and which pass queries
  * (cpx.runs and cpx.kvrow), the same on every cp rank, which all see the
  * whole batch. Passing a sequence's K/V moves its length (history
  * included) x 2 rows of the cache; passing its queries moves its rows x
  * (query + partial output + log-sum-exp). Under CP_CP_AUTO each sequence
  * takes the lighter, unless sending the whole chunk one way costs less
- * once every collective is counted CPX_CALL_BYTES (passing K/V is one
+ * once every collective is counted CP_CP_CALL_BYTES (passing K/V is one
  * all-gather per layer, passing queries three collectives): a fresh prompt
  * passes K/V, a decode step queries, and a chunk that mixes a long prompt
  * with decode rows of long histories splits. The K/V sequences go around
@@ -423,7 +418,7 @@ static void choose_exchange(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, i
     /* 0: every sequence passes queries, 1: K/V, 2: each the lighter */
     int how = m->cp_exchange == CP_CP_KV || m->cp_exchange == CP_CP_RING ? 1 : 0;
     if (m->cp_exchange == CP_CP_AUTO) {
-        double split = 0, all_kv = CPX_CALL_BYTES, all_q = 3 * CPX_CALL_BYTES;
+        double split = 0, all_kv = CP_CP_CALL_BYTES, all_q = 3 * CP_CP_CALL_BYTES;
         bool some_kv = false, some_q = false;
         for (int i = 0; i < n; i++) {
             const double k = seqs[3 * i + 1] * kv_bytes, q = seqs[3 * i + 2] * q_bytes;
@@ -433,7 +428,7 @@ static void choose_exchange(cp_model_t m, cp_kv_cache_t kv, const cp_batch *b, i
             some_kv |= k <= q;
             some_q |= k > q;
         }
-        split += (some_kv ? CPX_CALL_BYTES : 0) + (some_q ? 3 * CPX_CALL_BYTES : 0);
+        split += (some_kv ? CP_CP_CALL_BYTES : 0) + (some_q ? 3 * CP_CP_CALL_BYTES : 0);
         how = split < all_kv && split < all_q ? 2 : all_kv <= all_q ? 1 : 0;
     }
     int n_runs = 0;

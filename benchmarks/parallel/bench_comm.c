@@ -6,7 +6,7 @@
  * operation, the latency (the smallest size's time), the bandwidth (the
  * largest size's bytes per rank over its time, 2 MiB) and their product: the bytes
  * a call's latency is worth, which the exchange choice of forward.c counts
- * per collective (CPX_CALL_BYTES). */
+ * per collective (CP_CP_CALL_BYTES in cp_model.h). */
 #include "cp_comm.h"
 #include "cp_common.h"
 

@@ -163,7 +163,7 @@ static void print_headers(FILE *main_out, FILE *ops_out) {
  *   positions, passing K/V moves len x kvb bytes (kvb: K and V of one
  *   position, this rank's KV heads, the cache's type) in one collective,
  *   passing queries q_b = 4 n_head_l (2 head_dim + 2) bytes in three, and
- *   under auto the lighter wins once each collective counts CALL_BYTES:
+ *   under auto the lighter wins once each collective counts CP_CP_CALL_BYTES:
  *   - queries: all-gather of the queries (n_head_l x head_dim floats per
  *     rank), all-reduce of the log-sum-exp maxima (cp x n_head_l floats),
  *     reduce-scatter of the weighted partial outputs (cp x n_head_l x
@@ -174,7 +174,6 @@ static void print_headers(FILE *main_out, FILE *ops_out) {
  *     blocks of bs / cp positions (kvb each);
  *   and the last stage all-reduces the token's hidden state (dim floats)
  *   so that every cp rank samples it. */
-#define CALL_BYTES 16384.0 /* forward.c's CPX_CALL_BYTES */
 /* forward.c's candidate pack of one row for k = 1 (greedy): CP_TOP_WORDS(1)
  * 32-bit words (value and id, the log-sum-exp and temperature partial sums,
  * the target's logit) */
@@ -219,7 +218,7 @@ static void predict(const cp_model_config *c, const cp_plan *p, const cp_layout 
     for (int i = 0; i < n_gen; i++) {
         const uint64_t len = (uint64_t)(n_prompt + i) + 1;
         bool kv = x->exchange == CP_CP_KV || x->exchange == CP_CP_RING;
-        if (x->exchange == CP_CP_AUTO) kv = CALL_BYTES + (double)len * kvb <= 3 * CALL_BYTES + qb;
+        if (x->exchange == CP_CP_AUTO) kv = CP_CP_CALL_BYTES + (double)len * kvb <= 3 * CP_CP_CALL_BYTES + qb;
         const bool ring = kv && (x->exchange == CP_CP_RING ||
                                  (x->exchange == CP_CP_AUTO && (double)len * kvb >= x->ring_bytes));
         if (ring) {
